@@ -1,0 +1,46 @@
+#pragma once
+// Input checks shared by the kernels: messages are written for the user of the Python API.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace fasteval {
+
+inline void check_logits_2d(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.dim() == 2, op, ": expected logits of shape (N, C), got ", logits.dim(), " dims ",
+              logits.sizes());
+  TORCH_CHECK(logits.size(1) > 0, op, ": the number of classes C must be positive, got shape ",
+              logits.sizes());
+  const auto st = logits.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+              ": logits must be float32, bfloat16 or float16, got ", st);
+}
+
+inline void check_target_1d(const at::Tensor& target, int64_t n, const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+              ": target must hold class indices as int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == n, op, ": expected target of shape (", n,
+              ",) to match logits ", logits.sizes(), ", got ", target.sizes());
+  TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(),
+              " but logits are on ", logits.device());
+}
+
+// Returns a contiguous float32 copy of weight (or an undefined tensor).
+inline at::Tensor checked_weight(const std::optional<at::Tensor>& weight, int64_t num_classes,
+                                 const at::Tensor& logits, const char* op) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  const auto& w = *weight;
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == num_classes, op, ": weight must have shape (", num_classes,
+              ",), got ", w.sizes());
+  TORCH_CHECK(at::isFloatingType(w.scalar_type()), op, ": weight must be a floating tensor, got ",
+              w.scalar_type());
+  TORCH_CHECK(w.device() == logits.device(), op, ": weight is on ", w.device(), " but logits are on ",
+              logits.device());
+  return w.to(at::kFloat).contiguous();
+}
+
+// Logits with unit stride along the class dimension (rows may be strided).
+inline at::Tensor class_contiguous(const at::Tensor& logits) {
+  return logits.stride(1) == 1 ? logits : logits.contiguous();
+}
+
+}  // namespace fasteval

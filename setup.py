@@ -1,0 +1,166 @@
+"""Build script for fasteval.
+
+CPU kernels are always built; CUDA kernels are built when torch has CUDA and nvcc is found, or when
+FASTEVAL_FORCE_CUDA=1. Switches (environment variables):
+
+  FASTEVAL_NO_EXT=1        pure-Python install (every op runs on the pure-torch reference)
+  FASTEVAL_FORCE_CUDA=1    build the CUDA kernels even if no GPU is visible (needs nvcc / CUDA_HOME)
+  FASTEVAL_CPU_SIMD=avx2|default
+                           SIMD level of the CPU kernels; default: avx2 when the build machine has
+                           AVX2 and FMA, else portable code
+  TORCH_CUDA_ARCH_LIST     CUDA architectures (torch's own switch), e.g. "9.0" or "8.0;9.0"
+  MAX_JOBS                 parallel compile jobs (torch's own switch)
+  DEBUG=1                  -O0 -g, no vectorisation flags beyond the SIMD level
+
+If the extension fails to compile, the package is still installed (pure Python) and
+`python -m fasteval info` says why.
+"""
+import glob
+import os
+import subprocess
+import sys
+import traceback
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _cpu_has_avx2():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return " avx2" in flags and " fma" in flags
+    except OSError:
+        return False
+
+
+def _git_commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                       stderr=subprocess.DEVNULL, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def _write_build_info(**info):
+    path = os.path.join(ROOT, "fasteval", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time.\n")
+        for k, v in sorted(info.items()):
+            f.write(f"{k} = {v!r}\n")
+
+
+def _extensions():
+    """Returns (ext_modules, cmdclass, build_info)."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    debug = _flag("DEBUG")
+    simd = os.environ.get("FASTEVAL_CPU_SIMD", "avx2" if _cpu_has_avx2() else "default").lower()
+    if simd not in ("avx2", "default"):
+        raise SystemExit(f"FASTEVAL_CPU_SIMD must be 'avx2' or 'default', got {simd!r}")
+
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-fdiagnostics-color=always", "-DPy_LIMITED_API=0x03090000"]
+    if simd == "avx2":
+        # at::vec::Vectorized is only vectorized when CPU_CAPABILITY says so: without these macros it
+        # silently falls back to scalar code.
+        cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    else:
+        cxx += ["-DCPU_CAPABILITY=DEFAULT"]
+
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    use_cuda = (_flag("FASTEVAL_FORCE_CUDA") or torch.cuda.is_available()) and torch.version.cuda is not None \
+        and CUDA_HOME is not None
+    if _flag("FASTEVAL_FORCE_CUDA") and not use_cuda:
+        raise SystemExit("FASTEVAL_FORCE_CUDA=1 but torch has no CUDA (torch.version.cuda is None) or "
+                         "CUDA_HOME/nvcc was not found")
+
+    info = dict(version=VERSION, commit=_git_commit(), torch_version=torch.__version__,
+                cpu_simd=simd, with_cuda=use_cuda, cuda_version=None, cuda_arch_list=None, debug=debug)
+    extension = CppExtension
+    kwargs = {}
+    if use_cuda:
+        extension = CUDAExtension
+        sources += cuda_sources
+        nvcc = ["-O3" if not debug else "-O0", "-std=c++17", "--use_fast_math", "-lineinfo",
+                "-DPy_LIMITED_API=0x03090000"]
+        if debug:
+            nvcc += ["-g", "-G"]
+        kwargs["extra_compile_args"] = {"cxx": cxx + ["-DFASTEVAL_WITH_CUDA"], "nvcc": nvcc + ["-DFASTEVAL_WITH_CUDA"]}
+        info["cuda_version"] = torch.version.cuda
+        info["cuda_arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "auto (visible GPUs)")
+    else:
+        kwargs["extra_compile_args"] = {"cxx": cxx}
+    kwargs["extra_link_args"] = [] if debug else ["-Wl,-O1"]
+
+    ext = extension("fasteval._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+                    py_limited_api=True, **kwargs)
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass, info
+
+
+
+def main():
+    ext_modules, cmdclass, info = [], {}, dict(version=VERSION, commit=_git_commit(), torch_version=None,
+                                               cpu_simd=None, with_cuda=False, cuda_version=None,
+                                               cuda_arch_list=None, debug=False)
+    build_error = None
+    if _flag("FASTEVAL_NO_EXT"):
+        build_error = "built with FASTEVAL_NO_EXT=1 (pure-Python install)"
+    else:
+        try:
+            ext_modules, cmdclass, info = _extensions()
+        except SystemExit:
+            raise
+        except Exception as e:  # torch missing at build time, etc.
+            build_error = f"extension not configured: {type(e).__name__}: {e}"
+
+    if cmdclass:
+        base = cmdclass["build_ext"]
+
+        class build_ext(base):
+            def run(self):
+                try:
+                    super().run()
+                except Exception as e:
+                    if _flag("FASTEVAL_FORCE_CUDA") or _flag("FASTEVAL_STRICT_BUILD"):
+                        raise
+                    traceback.print_exc()
+                    msg = f"compilation failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    print(f"fasteval: {msg}; installing the pure-Python package", file=sys.stderr)
+                    _write_build_info(**dict(info, build_error=msg))
+                    self.extensions = []
+
+        cmdclass["build_ext"] = build_ext
+    _write_build_info(**dict(info, build_error=build_error))
+
+    setup(
+        name="fasteval",
+        version=VERSION,
+        description="Fast, exact model evaluation for PyTorch: fused cross-entropy, confusion matrices, metrics",
+        packages=find_packages(include=["fasteval", "fasteval.*"]),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+        python_requires=">=3.9",
+        install_requires=["torch>=2.4"],
+        extras_require={
+            "test": ["pytest", "hypothesis", "numpy", "expecttest", "scikit-learn", "pytest-benchmark"],
+            "bench": ["pytest-benchmark", "torchmetrics", "scikit-learn", "matplotlib"],
+            "plot": ["matplotlib"],
+            "progress": ["tqdm"],
+        },
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()
