@@ -5,7 +5,7 @@
 
 extern "C" {
 // Importing fasteval._C runs the static registrations below; the module itself is empty.
-PyObject* PyInit__C(void) {
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",  // name

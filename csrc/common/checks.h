@@ -44,3 +44,10 @@ inline at::Tensor class_contiguous(const at::Tensor& logits) {
 }
 
 }  // namespace fasteval
+
+#include <ATen/Dispatch.h>
+// Dispatches over the logits dtypes the kernels support (float32, bfloat16, float16); float64 and
+// others are rejected by check_logits_2d before this point.
+#define FASTEVAL_DISPATCH_LOGITS_TYPES(TYPE, NAME, ...)                \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))

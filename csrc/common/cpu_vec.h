@@ -1,0 +1,135 @@
+#pragma once
+// SIMD helpers for the CPU kernels, built on at::vec::Vectorized.
+//
+// at::vec is only vectorized when the translation unit is compiled with the CPU_CAPABILITY macros
+// (setup.py passes -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma when the build machine has
+// AVX2); otherwise Vectorized<float> is a portable 8-lane array and the same code runs as scalar loops.
+//
+// Everything works on "chunks" of kChunk logits converted to two float vectors, so that float32,
+// bfloat16 and float16 rows go through the same code with fp32 arithmetic.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+
+namespace fasteval {
+namespace cpu {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kVecWidth = fVec::size();
+constexpr int64_t kChunk = 2 * kVecWidth;
+
+inline const char* simd_level() {
+#if defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
+#elif defined(CPU_CAPABILITY_AVX512)
+  return "avx512";
+#else
+  return "default";
+#endif
+}
+
+struct Chunk {
+  fVec lo, hi;
+};
+
+// Loads kChunk elements (or the first n, zero-filled beyond) of any supported dtype as floats.
+template <typename T>
+struct ChunkLoader;
+
+template <>
+struct ChunkLoader<float> {
+  static inline Chunk load(const float* p) { return {fVec::loadu(p), fVec::loadu(p + kVecWidth)}; }
+  static inline Chunk load(const float* p, int64_t n) {
+    if (n > kVecWidth) return {fVec::loadu(p), fVec::loadu(p + kVecWidth, n - kVecWidth)};
+    return {fVec::loadu(p, n), fVec(0.f)};
+  }
+  static inline void store(float* p, const Chunk& c) {
+    c.lo.store(p);
+    c.hi.store(p + kVecWidth);
+  }
+  static inline void store(float* p, const Chunk& c, int64_t n) {
+    if (n > kVecWidth) {
+      c.lo.store(p);
+      c.hi.store(p + kVecWidth, n - kVecWidth);
+    } else {
+      c.lo.store(p, n);
+    }
+  }
+};
+
+template <typename T>
+struct ChunkLoader16 {
+  using bVec = at::vec::Vectorized<T>;
+  static_assert(bVec::size() == kChunk, "16-bit vector must hold exactly one chunk");
+  static inline Chunk load(const T* p) {
+    auto [lo, hi] = at::vec::convert_to_float<T>(bVec::loadu(p));
+    return {lo, hi};
+  }
+  static inline Chunk load(const T* p, int64_t n) {
+    auto [lo, hi] = at::vec::convert_to_float<T>(bVec::loadu(p, n));
+    return {lo, hi};
+  }
+  static inline void store(T* p, const Chunk& c) { at::vec::convert_from_float<T>(c.lo, c.hi).store(p); }
+  static inline void store(T* p, const Chunk& c, int64_t n) {
+    at::vec::convert_from_float<T>(c.lo, c.hi).store(p, n);
+  }
+};
+template <>
+struct ChunkLoader<c10::BFloat16> : ChunkLoader16<c10::BFloat16> {};
+template <>
+struct ChunkLoader<c10::Half> : ChunkLoader16<c10::Half> {};
+
+#define FASTEVAL_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// exp(x) for a float vector, ~1e-6 relative error (the polynomial of Vectorized<float>::exp_u20),
+// forced inline: the at::vec member is too large for GCC to inline on its own and would be called
+// through the PLT once per vector. exp(-inf) = 0; NaN inputs are not propagated (callers track NaN
+// through the row max).
+FASTEVAL_ALWAYS_INLINE fVec fast_exp(const fVec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2 = _mm256_set1_ps(0.693147180559945309f);
+  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);  // ln(FLT_MIN)
+  const __m256 hi = _mm256_set1_ps(88.72283935546875f);   // ln(FLT_MAX)
+  const __m256 v = x;
+  const __m256 underflow = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
+  __m256 s = _mm256_max_ps(_mm256_min_ps(v, hi), lo);
+  // n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2]
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(s, log2e, _mm256_set1_ps(0.5f)));
+  const __m256 r = _mm256_fnmadd_ps(n, ln2, s);
+  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
+  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
+  // 2^(n-1) * 2 keeps the exponent field in range at the top end (n = 128).
+  __m256i e = _mm256_cvtps_epi32(_mm256_sub_ps(n, _mm256_set1_ps(1.f)));
+  e = _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23);
+  __m256 scale = _mm256_blendv_ps(_mm256_castsi256_ps(e), _mm256_setzero_ps(), underflow);
+  return _mm256_mul_ps(_mm256_mul_ps(p, scale), _mm256_set1_ps(2.f));
+#else
+  return x.exp_u20();
+#endif
+}
+
+inline fVec neg_inf_vec() { return fVec(-std::numeric_limits<float>::infinity()); }
+
+// Replaces the lanes at and beyond n (of a chunk) with `fill`.
+inline Chunk mask_tail(const Chunk& c, int64_t n, const fVec& fill) {
+  if (n > kVecWidth) return {c.lo, fVec::set(fill, c.hi, n - kVecWidth)};
+  return {fVec::set(fill, c.lo, n), fill};
+}
+
+inline float hmax(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+inline float hsum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, v);
+}
+
+}  // namespace cpu
+}  // namespace fasteval
