@@ -67,7 +67,7 @@ def _extensions():
         raise SystemExit(f"FASTEVAL_CPU_SIMD must be 'avx2' or 'default', got {simd!r}")
 
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fdiagnostics-color=always", "-Wno-unknown-pragmas",
+    cxx += ["-std=c++20", "-fdiagnostics-color=always", "-Wno-unknown-pragmas",
             "-fvisibility=hidden", "-fno-semantic-interposition"]
     if simd == "avx2":
         # at::vec::Vectorized is only vectorized when CPU_CAPABILITY says so: without these macros it
@@ -91,7 +91,7 @@ def _extensions():
     if use_cuda:
         extension = CUDAExtension
         sources += cuda_sources
-        nvcc = ["-O3" if not debug else "-O0", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        nvcc = ["-O3" if not debug else "-O0", "-std=c++20", "--use_fast_math", "-lineinfo"]
         if debug:
             nvcc += ["-g", "-G"]
         kwargs["extra_compile_args"] = {"cxx": cxx + ["-DFASTEVAL_WITH_CUDA"], "nvcc": nvcc + ["-DFASTEVAL_WITH_CUDA"]}
