@@ -60,7 +60,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         >>> logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
         >>> target = torch.tensor([0, 2])
         >>> round(fasteval.cross_entropy(logits, target).item(), 4)
-        0.1349
+        0.1755
         >>> torch.allclose(fasteval.cross_entropy(logits, target),
         ...                torch.nn.functional.cross_entropy(logits, target))
         True

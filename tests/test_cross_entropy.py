@@ -1,0 +1,378 @@
+"""fasteval.cross_entropy and fasteval::softmax_cross_entropy against torch and the reference."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fasteval
+from fasteval import _loader, reference
+
+from conftest import DEVICES, requires_kernel
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def make_case(shape, dtype=torch.float32, device="cpu", ignore_frac=0.0, ignore_index=-100, seed=0,
+              scale=3.0, target_dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    c = shape[0] if len(shape) == 1 else shape[1]
+    tshape = () if len(shape) == 1 else (shape[0],) + tuple(shape[2:])
+    t = torch.randint(0, c, tshape, generator=g)
+    if ignore_frac > 0 and t.dim() > 0:
+        mask = torch.rand(tshape, generator=g) < ignore_frac
+        t = torch.where(mask, torch.full_like(t, ignore_index), t)
+    return x.to(device), t.to(target_dtype).to(device)
+
+
+def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False):
+    """(logits, target, weight, ignore_index, label_smoothing) tuples for the op itself."""
+    out = []
+    for (n, c), ls, weighted, tdt in itertools.product([(5, 1), (7, 10), (3, 1000), (0, 4)], [0.0, 0.2],
+                                                       [False, True], [torch.int64, torch.int32]):
+        x, t = make_case((n, c), dtype, device, ignore_frac=0.3 if n else 0.0, target_dtype=tdt)
+        w = torch.rand(c, device=device) + 0.1 if weighted else None
+        out.append((x.requires_grad_(requires_grad), t, w, -100, ls))
+    return out
+
+
+def torch_ce(x, t, **kw):
+    return F.cross_entropy(x, t.long(), **kw)
+
+
+def tol(dtype):
+    return dict(rtol=2e-5, atol=2e-5) if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity of the public function with F.cross_entropy, values and gradients
+# --------------------------------------------------------------------------------------------------
+SHAPES = [(10,), (1, 10), (16, 1), (16, 2), (16, 7), (33, 10), (8, 1000), (4, 32000), (3, 5, 4, 2), (2, 7, 3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1}, {"weight": True},
+                                  {"weight": True, "label_smoothing": 0.3}, {"ignore": True},
+                                  {"ignore": True, "weight": True, "label_smoothing": 0.05}], ids=str)
+def test_matches_torch_fp32(device, shape, reduction, opts):
+    c = shape[0] if len(shape) == 1 else shape[1]
+    ignore = opts.get("ignore", False) and len(shape) > 1
+    x, t = make_case(shape, device=device, ignore_frac=0.3 if ignore else 0.0, seed=len(shape) * 100 + c)
+    kw = dict(reduction=reduction, label_smoothing=opts.get("label_smoothing", 0.0))
+    if opts.get("weight"):
+        kw["weight"] = torch.rand(c, device=device, generator=None) + 0.5
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    a = fasteval.cross_entropy(xa, t, **kw)
+    b = torch_ce(xb, t, **kw)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    torch.testing.assert_close(a, b, **tol(torch.float32), equal_nan=True)
+    g = torch.randn_like(b)
+    (a * g).sum().backward()
+    (b * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("c", [1, 2, 7, 10, 1000, 32000])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_low_precision_against_fp32_on_rounded_inputs(device, dtype, c, label_smoothing):
+    n = 64 if c <= 1000 else 6
+    x, t = make_case((n, c), dtype, device, ignore_frac=0.2, seed=c)
+    ref = torch_ce(x.float(), t, reduction="none", label_smoothing=label_smoothing)
+    # The per-row fp32 loss of the op: accumulated in fp32, so as close as fp32 arithmetic allows.
+    loss_rows, _ = fasteval._ops.softmax_cross_entropy(x, t, None, -100, label_smoothing)
+    torch.testing.assert_close(loss_rows, ref, rtol=2e-5, atol=2e-5)
+    # Public API in the input dtype: at least as close to the fp32 truth as torch's own low-precision path.
+    ours = fasteval.cross_entropy(x, t, reduction="none", label_smoothing=label_smoothing).float()
+    theirs = torch_ce(x, t, reduction="none", label_smoothing=label_smoothing).float()
+    assert (ours - ref).abs().max() <= (theirs - ref).abs().max() + 1e-6
+    for red in ("mean", "sum"):
+        ours = fasteval.cross_entropy(x, t, reduction=red, label_smoothing=label_smoothing).float()
+        ref_red = torch_ce(x.float(), t, reduction=red, label_smoothing=label_smoothing)
+        torch.testing.assert_close(ours, ref_red, rtol=8e-3, atol=1e-3)
+    # Gradient in the input dtype against the fp32 gradient on the same rounded inputs.
+    xa = x.clone().requires_grad_()
+    fasteval.cross_entropy(xa, t, label_smoothing=label_smoothing).backward()
+    xr = x.float().requires_grad_()
+    torch_ce(xr, t, label_smoothing=label_smoothing).backward()
+    assert xa.grad.dtype == dtype
+    torch.testing.assert_close(xa.grad.float(), xr.grad, rtol=1e-2, atol=1e-4 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    base = torch.randn(40, 2 * 37, device=device)
+    t = torch.randint(0, 37, (20,), device=device)
+    variants = [base[::2, ::2], base[::2, :37], base[1::2, 5:42], base[:37, :20].t()]
+    for x in variants:
+        assert not x.is_contiguous()
+        xa = x.detach().requires_grad_()
+        a = fasteval.cross_entropy(xa, t[: x.shape[0]], reduction="none", label_smoothing=0.1)
+        b = torch_ce(x, t[: x.shape[0]], reduction="none", label_smoothing=0.1)
+        torch.testing.assert_close(a, b, **tol(torch.float32))
+        a.sum().backward()
+        xb = x.detach().clone().requires_grad_()
+        torch_ce(xb, t[: x.shape[0]], reduction="none", label_smoothing=0.1).sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)
+    # Non-contiguous target and a (N, C, d) input whose class dim is strided.
+    tt = torch.randint(0, 37, (20, 2), device=device)[:, 0]
+    x = torch.randn(20, 37, device=device)
+    torch.testing.assert_close(fasteval.cross_entropy(x, tt), torch_ce(x, tt), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_target(device):
+    x, t = make_case((50, 13), device=device, ignore_frac=0.2, target_dtype=torch.int32)
+    torch.testing.assert_close(fasteval.cross_entropy(x, t), torch_ce(x, t), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_all_rows_ignored(device, weighted):
+    x = torch.randn(6, 5, device=device, requires_grad=True)
+    t = torch.full((6,), 3, device=device)
+    w = torch.rand(5, device=device) if weighted else None
+    for red in ("none", "mean", "sum"):
+        a = fasteval.cross_entropy(x, t, weight=w, ignore_index=3, reduction=red, label_smoothing=0.1)
+        b = torch_ce(x, t, weight=w, ignore_index=3, reduction=red, label_smoothing=0.1)
+        torch.testing.assert_close(a, b, equal_nan=True)
+    a = fasteval.cross_entropy(x, t, ignore_index=3, reduction="sum")
+    a.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    for c in (1, 5):
+        x = torch.randn(0, c, device=device, requires_grad=True)
+        t = torch.zeros(0, dtype=torch.long, device=device)
+        for red in ("none", "mean", "sum"):
+            a = fasteval.cross_entropy(x, t, reduction=red)
+            b = torch_ce(x, t, reduction=red)
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, equal_nan=True)
+        fasteval.cross_entropy(x, t, reduction="sum").backward()
+        assert x.grad.shape == (0, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_logits_as_torch(device):
+    x = torch.randn(6, 8, device=device)
+    x[0, 3] = float("nan")
+    x[1, 2] = float("inf")
+    x[2, :] = float("-inf")
+    x[3, 5] = float("-inf")  # target logit -inf with a finite max: loss +inf
+    x[4, 1] = float("-inf")  # a -inf that is not the target: finite loss
+    t = torch.tensor([3, 2, 0, 5, 0, 1], device=device)
+    for ls in (0.0, 0.1):
+        a = fasteval.cross_entropy(x, t, reduction="none", label_smoothing=ls)
+        b = torch_ce(x, t, reduction="none", label_smoothing=ls)
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_offsets_are_stable(device):
+    x, t = make_case((32, 100), device=device)
+    for off in (-1e4, 1e4):
+        a = fasteval.cross_entropy(x + off, t, reduction="none", label_smoothing=0.1)
+        b = torch_ce((x + off).double(), t, reduction="none", label_smoothing=0.1).float()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-3)
+
+
+def test_module_twin():
+    x, t = make_case((20, 6), ignore_frac=0.2)
+    w = torch.rand(6)
+    for kw in ({}, {"weight": w, "label_smoothing": 0.2, "reduction": "sum"}, {"ignore_index": 2}):
+        if "ignore_index" in kw:
+            x, t = make_case((20, 6), ignore_frac=0.2, ignore_index=2)
+        a = fasteval.CrossEntropyLoss(**kw)(x, t)
+        b = torch.nn.CrossEntropyLoss(**kw)(x, t)
+        torch.testing.assert_close(a, b, **tol(torch.float32))
+    m = fasteval.CrossEntropyLoss(weight=w)
+    assert "weight" in dict(m.named_buffers())
+
+
+def test_float64_uses_reference_and_matches():
+    x, t = make_case((9, 4), dtype=torch.float64, ignore_frac=0.2)
+    torch.testing.assert_close(fasteval.cross_entropy(x, t, label_smoothing=0.3),
+                               torch_ce(x, t, label_smoothing=0.3))
+
+
+def test_gradcheck_float64():
+    x, t = make_case((5, 7), dtype=torch.float64, ignore_frac=0.3, seed=3)
+    w = torch.rand(7, dtype=torch.float64) + 0.5
+    for kw in ({}, {"label_smoothing": 0.2}, {"weight": w, "label_smoothing": 0.1}):
+        for red in ("none", "mean", "sum"):
+            assert torch.autograd.gradcheck(
+                lambda inp: fasteval.cross_entropy(inp, t, reduction=red, **kw), (x.clone().requires_grad_(),))
+
+
+# --------------------------------------------------------------------------------------------------
+# The compiled op against the reference
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_kernel_matches_reference(device, dtype):
+    if not _loader.has_kernel("softmax_cross_entropy", device):
+        pytest.skip(f"no compiled kernel for {device}")
+    op = torch.ops.fasteval.softmax_cross_entropy
+    bwd = torch.ops.fasteval.softmax_cross_entropy_backward
+    for x, t, w, ii, ls in sample_inputs(device, dtype):
+        loss, lse = op(x, t, w, ii, ls)
+        rloss, rlse = reference.softmax_cross_entropy(x, t, w, ii, ls)
+        torch.testing.assert_close(loss, rloss, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(lse, rlse, rtol=2e-5, atol=2e-5)
+        g = torch.randn(x.shape[0], device=device)
+        grad = bwd(g, x, t, w, lse, ii, ls)
+        rgrad = reference.softmax_cross_entropy_backward(g, x, t, w, rlse, ii, ls)
+        assert grad.dtype == x.dtype
+        torch.testing.assert_close(grad.float(), rgrad.float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    if not _loader.has_kernel("softmax_cross_entropy", device):
+        pytest.skip(f"no compiled kernel for {device}")
+    for args in sample_inputs(device, torch.float32, requires_grad=True):
+        torch.library.opcheck(torch.ops.fasteval.softmax_cross_entropy.default, args)
+    for x, t, w, ii, ls in sample_inputs(device, torch.float32)[:8]:
+        lse = torch.ops.fasteval.softmax_cross_entropy(x, t, w, ii, ls)[1]
+        g = torch.randn(x.shape[0], device=device)
+        torch.library.opcheck(torch.ops.fasteval.softmax_cross_entropy_backward.default, (g, x, t, w, lse, ii, ls))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_loss_may_be_expanded(device):
+    if not _loader.has_kernel("softmax_cross_entropy", device):
+        pytest.skip(f"no compiled kernel for {device}")
+    x, t = make_case((9, 11), device=device)
+    lse = torch.ops.fasteval.softmax_cross_entropy(x, t, None, -100, 0.0)[1]
+    g = torch.tensor(0.5, device=device).expand(9)
+    grad = torch.ops.fasteval.softmax_cross_entropy_backward(g, x, t, None, lse, -100, 0.0)
+    torch.testing.assert_close(grad, reference.softmax_cross_entropy_backward(g, x, t, None, lse, -100, 0.0))
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+
+    def step(x, t, w):
+        return fasteval.cross_entropy(x, t, weight=w, label_smoothing=0.1) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    x, t = make_case((16, 12), ignore_frac=0.2)
+    w = torch.rand(12)
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    a = compiled(xa, t, w)
+    b = step(xb, t, w)
+    torch.testing.assert_close(a, b, **tol(torch.float32))
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [-1, 5, 1 << 40])
+def test_target_out_of_range_raises_on_cpu(bad):
+    x = torch.randn(4, 5)
+    t = torch.tensor([0, 1, bad, 2])
+    with pytest.raises(IndexError, match="out of bounds"):
+        fasteval.cross_entropy(x, t)
+    with pytest.raises(IndexError):
+        F.cross_entropy(x, t)  # torch raises the same type
+    if _loader.has_kernel("softmax_cross_entropy", "cpu"):
+        with pytest.raises(IndexError, match="out of bounds"):
+            torch.ops.fasteval.softmax_cross_entropy(x, t, None, -100, 0.0)
+        lse = torch.zeros(4)
+        with pytest.raises(IndexError, match="out of bounds"):
+            torch.ops.fasteval.softmax_cross_entropy_backward(torch.ones(4), x, t, None, lse, -100, 0.0)
+
+
+def test_target_equal_to_ignore_index_outside_range_is_fine():
+    x = torch.randn(4, 5)
+    t = torch.tensor([0, -1, 4, -1])
+    torch.testing.assert_close(fasteval.cross_entropy(x, t, ignore_index=-1),
+                               torch_ce(x, t, ignore_index=-1))
+
+
+@pytest.mark.parametrize("make, err, match", [
+    (lambda: (torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), ValueError, "expected target of shape"),
+    (lambda: (torch.randn(4, 5), torch.zeros(4, 1, dtype=torch.long)), ValueError, "expected target of shape"),
+    (lambda: (torch.randn(4, 5), torch.rand(4)), TypeError, "class-index targets"),
+    (lambda: (torch.randn(4, 5), torch.zeros(4, dtype=torch.uint8)), TypeError, "int64 or int32"),
+    (lambda: (torch.tensor(1.0), torch.tensor(0)), ValueError, "scalar"),
+    (lambda: (torch.randn(5), torch.zeros(2, dtype=torch.long)), ValueError, "scalar class index"),
+    (lambda: (torch.randint(0, 3, (4, 5)), torch.zeros(4, dtype=torch.long)), TypeError, "floating"),
+    (lambda: (torch.randn(4, 0), torch.zeros(4, dtype=torch.long)), ValueError, "empty"),
+])
+def test_bad_inputs(make, err, match):
+    x, t = make()
+    with pytest.raises(err, match=match):
+        fasteval.cross_entropy(x, t)
+
+
+def test_bad_arguments():
+    x, t = make_case((4, 5))
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        fasteval.cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fasteval.cross_entropy(x, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        fasteval.cross_entropy(x, t, weight=torch.ones(4))
+
+
+def test_op_bad_inputs_give_clear_errors():
+    if not _loader.has_kernel("softmax_cross_entropy", "cpu"):
+        pytest.skip("no compiled kernel")
+    op = torch.ops.fasteval.softmax_cross_entropy
+    x, t = make_case((4, 5))
+    with pytest.raises(RuntimeError, match=r"shape \(N, C\)"):
+        op(x[0], t, None, -100, 0.0)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        op(x.double(), t, None, -100, 0.0)
+    with pytest.raises(RuntimeError, match="int64 or int32"):
+        op(x, t.float(), None, -100, 0.0)
+    with pytest.raises(RuntimeError, match="to match logits"):
+        op(x, t[:3], None, -100, 0.0)
+    with pytest.raises(RuntimeError, match="weight must have shape"):
+        op(x, t, torch.ones(3), -100, 0.0)
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        op(x, t, None, -100, -0.5)
+    with pytest.raises(RuntimeError, match="positive"):
+        op(torch.randn(4, 0), t, None, -100, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Property tests against torch
+# --------------------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 40), c=st.integers(1, 300), ls=st.sampled_from([0.0, 0.05, 0.5, 1.0]),
+       weighted=st.booleans(), ignore_frac=st.sampled_from([0.0, 0.5, 1.0]),
+       reduction=st.sampled_from(["none", "mean", "sum"]), scale=st.sampled_from([0.1, 3.0, 30.0]),
+       seed=st.integers(0, 2**16))
+def test_property_matches_torch(n, c, ls, weighted, ignore_frac, reduction, scale, seed):
+    x, t = make_case((n, c), ignore_frac=ignore_frac, seed=seed, scale=scale)
+    w = (torch.rand(c, generator=torch.Generator().manual_seed(seed)) + 0.1) if weighted else None
+    xa = x.clone().requires_grad_()
+    xb = x.clone().requires_grad_()
+    a = fasteval.cross_entropy(xa, t, weight=w, reduction=reduction, label_smoothing=ls)
+    b = torch_ce(xb, t, weight=w, reduction=reduction, label_smoothing=ls)
+    torch.testing.assert_close(a, b, rtol=5e-5, atol=5e-5, equal_nan=True)
+    if b.numel() and not torch.isnan(b).any():
+        a.sum().backward()
+        b.sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-5)
