@@ -5,9 +5,10 @@ FASTEVAL_FORCE_CUDA=1. Switches (environment variables):
 
   FASTEVAL_NO_EXT=1        pure-Python install (every op runs on the pure-torch reference)
   FASTEVAL_FORCE_CUDA=1    build the CUDA kernels even if no GPU is visible (needs nvcc / CUDA_HOME)
-  FASTEVAL_CPU_SIMD=avx2|default
-                           SIMD level of the CPU kernels; default: avx2 when the build machine has
-                           AVX2 and FMA, else portable code
+  FASTEVAL_CPU_SIMD=avx512|avx2|default
+                           SIMD level of the CPU kernels; default: the best level the build machine
+                           supports (avx512 needs AVX512F/BW/VL/DQ, avx2 needs AVX2/FMA/F16C), else
+                           portable code. The loader refuses a library whose level the CPU lacks.
   TORCH_CUDA_ARCH_LIST     CUDA architectures (torch's own switch), e.g. "9.0" or "8.0;9.0"
   MAX_JOBS                 parallel compile jobs (torch's own switch)
   DEBUG=1                  -O0 -g, no vectorisation flags beyond the SIMD level
@@ -31,13 +32,31 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _cpu_has_avx2():
+def _cpu_flags():
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return " avx2" in flags and " fma" in flags
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
     except OSError:
-        return False
+        pass
+    return set()
+
+
+# The instruction sets each SIMD level needs: the same sets fasteval/_loader.py checks at import time.
+SIMD_FLAGS = {
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "default": set(),
+}
+
+
+def _best_simd():
+    flags = _cpu_flags()
+    for level in ("avx512", "avx2"):
+        if SIMD_FLAGS[level] <= flags:
+            return level
+    return "default"
 
 
 def _git_commit():
@@ -62,16 +81,19 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     debug = _flag("DEBUG")
-    simd = os.environ.get("FASTEVAL_CPU_SIMD", "avx2" if _cpu_has_avx2() else "default").lower()
-    if simd not in ("avx2", "default"):
-        raise SystemExit(f"FASTEVAL_CPU_SIMD must be 'avx2' or 'default', got {simd!r}")
+    simd = os.environ.get("FASTEVAL_CPU_SIMD", "").lower() or _best_simd()
+    if simd not in SIMD_FLAGS:
+        raise SystemExit(f"FASTEVAL_CPU_SIMD must be one of {sorted(SIMD_FLAGS)}, got {simd!r}")
 
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fdiagnostics-color=always", "-Wno-unknown-pragmas",
             "-fvisibility=hidden", "-fno-semantic-interposition"]
-    if simd == "avx2":
-        # at::vec::Vectorized is only vectorized when CPU_CAPABILITY says so: without these macros it
-        # silently falls back to scalar code.
+    # at::vec::Vectorized is only vectorized when CPU_CAPABILITY says so: without these macros it
+    # silently falls back to scalar code.
+    if simd == "avx512":
+        cxx += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mprefer-vector-width=512"]
+    elif simd == "avx2":
         cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
     else:
         cxx += ["-DCPU_CAPABILITY=DEFAULT"]

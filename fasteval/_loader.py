@@ -28,13 +28,36 @@ def build_info() -> dict:
     return {k: v for k, v in vars(mod).items() if not k.startswith("_")}
 
 
-def _cpu_supports(simd: str | None) -> bool:
+# Instruction sets each SIMD level of the compiled kernels needs (setup.py builds with the same sets).
+_SIMD_FLAGS = {
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+}
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_supports(simd) -> bool:
     if simd in (None, "default"):
         return True
-    level = torch.backends.cpu.get_cpu_capability().upper()  # DEFAULT, AVX2, AVX512, ...
-    if simd == "avx2":
-        return level in ("AVX2", "AVX512")
-    return False
+    needed = _SIMD_FLAGS.get(simd)
+    if needed is None:
+        return False
+    flags = _cpu_flags()
+    if flags:
+        return needed <= flags
+    # No /proc/cpuinfo: fall back to torch's own view of the CPU.
+    level = torch.backends.cpu.get_cpu_capability().upper()
+    return level == "AVX512" or (simd == "avx2" and level == "AVX2")
 
 
 def load() -> bool:
@@ -51,7 +74,7 @@ def load() -> bool:
     elif not _cpu_supports(info.get("cpu_simd")):
         # Loading a library built for AVX2 on a CPU without it would crash the process.
         _state["reason"] = (f"the compiled kernels were built for {info.get('cpu_simd')} but this CPU reports "
-                            f"{torch.backends.cpu.get_cpu_capability()}; rebuild with FASTEVAL_CPU_SIMD=default")
+                            f"{torch.backends.cpu.get_cpu_capability()}; rebuild with FASTEVAL_CPU_SIMD=avx2 or default")
     else:
         try:
             importlib.import_module("fasteval._C")
@@ -92,7 +115,8 @@ def has_kernel(op: str, device_type: str) -> bool:
 
     A plain dictionary look-up after the first call, so it is cheap and traceable by torch.compile.
     """
-    _scan_kernels()
+    if not _kernels:
+        _scan_kernels()
     return _kernels.get((op, device_type), False)
 
 

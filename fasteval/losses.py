@@ -10,14 +10,16 @@ from . import _ops
 
 __all__ = ["cross_entropy", "CrossEntropyLoss"]
 
-_REDUCTIONS = ("none", "mean", "sum")
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction codes
+_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def _flatten_logits(input: Tensor, target: Tensor):
     """Returns (logits (N, C), target (N,), target shape) for the shapes F.cross_entropy accepts."""
-    if input.dim() == 0:
+    nd = input.dim()
+    if nd == 0:
         raise ValueError("cross_entropy: input must have shape (C,), (N, C) or (N, C, d1, ...), got a scalar")
-    if input.dim() == 1:
+    if nd == 1:
         if target.dim() != 0:
             raise ValueError(f"cross_entropy: for input of shape (C,) = {tuple(input.shape)} the target must be a "
                              f"scalar class index, got shape {tuple(target.shape)}")
@@ -26,11 +28,10 @@ def _flatten_logits(input: Tensor, target: Tensor):
     if tuple(target.shape) != expected:
         raise ValueError(f"cross_entropy: expected target of shape {expected} for input of shape "
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
-    if input.dim() == 2:
-        return input, target, target.shape
-    c = input.shape[1]
+    if nd == 2:
+        return input, target, None
     # (N, C, d1, ...) -> (N * d1 * ..., C): the classes become the unit-stride dimension.
-    return input.movedim(1, -1).reshape(-1, c), target.reshape(-1), target.shape
+    return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), target.shape
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,
@@ -65,45 +66,24 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         ...                torch.nn.functional.cross_entropy(logits, target))
         True
     """
-    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError("cross_entropy: input and target must be tensors")
+    red = _REDUCTIONS.get(reduction)
+    if red is None:
+        raise ValueError(f"{reduction} is not a valid value for reduction")
+    if target.dtype not in _INDEX_DTYPES:
+        if target.is_floating_point():
+            raise TypeError("cross_entropy: fasteval supports class-index targets (int64 or int32) only, got "
+                            f"{target.dtype}; use torch.nn.functional.cross_entropy for class probabilities")
+        raise TypeError(f"cross_entropy: target must be int64 or int32 class indices, got {target.dtype}")
     if not input.is_floating_point():
         raise TypeError(f"cross_entropy: input must be a floating tensor of logits, got {input.dtype}")
-    if target.is_floating_point() or target.is_complex():
-        raise TypeError("cross_entropy: fasteval supports class-index targets (int64 or int32) only, got "
-                        f"{target.dtype}; use torch.nn.functional.cross_entropy for class probabilities")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"cross_entropy: target must be int64 or int32 class indices, got {target.dtype}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"{reduction} is not a valid value for reduction")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")
-    if target.device != input.device:
-        raise ValueError(f"cross_entropy: target is on {target.device} but input is on {input.device}")
-    num_classes = input.shape[0] if input.dim() == 1 else (input.shape[1] if input.dim() > 1 else 0)
-    if weight is not None:
-        if weight.dim() != 1 or weight.shape[0] != num_classes:
-            raise ValueError(f"cross_entropy: weight must have shape ({num_classes},), got {tuple(weight.shape)}")
-        if weight.device != input.device:
-            raise ValueError(f"cross_entropy: weight is on {weight.device} but input is on {input.device}")
-    logits, flat_target, target_shape = _flatten_logits(input, target)
-    if logits.shape[1] == 0:
-        raise ValueError(f"cross_entropy: the class dimension of input {tuple(input.shape)} is empty")
-
-    loss, _ = _ops.softmax_cross_entropy(logits, flat_target, weight, int(ignore_index), float(label_smoothing))
-    if reduction == "none":
-        return loss.reshape(target_shape).to(input.dtype)
-    total = loss.sum()
-    if reduction == "sum":
-        return total.to(input.dtype)
-    valid = flat_target != ignore_index
-    if weight is None:
-        denom = valid.sum().to(total.dtype)
+    if input.dim() == 2 and target.dim() == 1:
+        logits, flat_target, target_shape = input, target, None  # the op checks the rest
     else:
-        safe = torch.where(valid, flat_target, torch.zeros_like(flat_target)).long()
-        denom = torch.where(valid, weight.to(total.dtype).gather(0, safe), torch.zeros((), dtype=total.dtype,
-                                                                                          device=total.device)).sum()
-    return (total / denom).to(input.dtype)
+        logits, flat_target, target_shape = _flatten_logits(input, target)
+    loss = _ops.softmax_cross_entropy(logits, flat_target, weight, ignore_index, label_smoothing, red)[0]
+    if target_shape is not None and red == 0:
+        loss = loss.reshape(target_shape)
+    return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -123,6 +103,8 @@ class CrossEntropyLoss(nn.Module):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"{reduction} is not a valid value for reduction")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

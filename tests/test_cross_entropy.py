@@ -30,13 +30,16 @@ def make_case(shape, dtype=torch.float32, device="cpu", ignore_frac=0.0, ignore_
 
 
 def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False):
-    """(logits, target, weight, ignore_index, label_smoothing) tuples for the op itself."""
+    """(logits, target, weight, ignore_index, label_smoothing, reduction) tuples for the op itself."""
     out = []
-    for (n, c), ls, weighted, tdt in itertools.product([(5, 1), (7, 10), (3, 1000), (0, 4)], [0.0, 0.2],
-                                                       [False, True], [torch.int64, torch.int32]):
-        x, t = make_case((n, c), dtype, device, ignore_frac=0.3 if n else 0.0, target_dtype=tdt)
+    cases = itertools.product([(5, 1), (7, 10), (3, 1000), (0, 4)], [0.0, 0.2], [False, True],
+                              [torch.int64, torch.int32], [0, 1, 2])
+    for k, ((n, c), ls, weighted, tdt, red) in enumerate(cases):
+        x, t = make_case((n, c), dtype, device, ignore_frac=0.3 if n else 0.0, target_dtype=tdt, seed=k)
+        if n:
+            t[0] = c - 1  # at least one counted row: a mean over no rows is NaN, which opcheck won't compare
         w = torch.rand(c, device=device) + 0.1 if weighted else None
-        out.append((x.requires_grad_(requires_grad), t, w, -100, ls))
+        out.append((x.requires_grad_(requires_grad), t, w, -100, ls, red))
     return out
 
 
@@ -88,7 +91,7 @@ def test_low_precision_against_fp32_on_rounded_inputs(device, dtype, c, label_sm
     x, t = make_case((n, c), dtype, device, ignore_frac=0.2, seed=c)
     ref = torch_ce(x.float(), t, reduction="none", label_smoothing=label_smoothing)
     # The per-row fp32 loss of the op: accumulated in fp32, so as close as fp32 arithmetic allows.
-    loss_rows, _ = fasteval._ops.softmax_cross_entropy(x, t, None, -100, label_smoothing)
+    loss_rows = fasteval._ops.softmax_cross_entropy(x, t, None, -100, label_smoothing, 0)[0]
     torch.testing.assert_close(loss_rows, ref, rtol=2e-5, atol=2e-5)
     # Public API in the input dtype: at least as close to the fp32 truth as torch's own low-precision path.
     ours = fasteval.cross_entropy(x, t, reduction="none", label_smoothing=label_smoothing).float()
@@ -225,14 +228,16 @@ def test_kernel_matches_reference(device, dtype):
         pytest.skip(f"no compiled kernel for {device}")
     op = torch.ops.fasteval.softmax_cross_entropy
     bwd = torch.ops.fasteval.softmax_cross_entropy_backward
-    for x, t, w, ii, ls in sample_inputs(device, dtype):
-        loss, lse = op(x, t, w, ii, ls)
-        rloss, rlse = reference.softmax_cross_entropy(x, t, w, ii, ls)
-        torch.testing.assert_close(loss, rloss, rtol=2e-5, atol=2e-5)
+    for x, t, w, ii, ls, red in sample_inputs(device, dtype):
+        loss, lse, tw = op(x, t, w, ii, ls, red)
+        rloss, rlse, rtw = reference.softmax_cross_entropy(x, t, w, ii, ls, red)
+        assert loss.shape == rloss.shape and loss.dtype == torch.float32
+        torch.testing.assert_close(loss, rloss, rtol=2e-5, atol=2e-5, equal_nan=True)
         torch.testing.assert_close(lse, rlse, rtol=2e-5, atol=2e-5)
-        g = torch.randn(x.shape[0], device=device)
-        grad = bwd(g, x, t, w, lse, ii, ls)
-        rgrad = reference.softmax_cross_entropy_backward(g, x, t, w, rlse, ii, ls)
+        torch.testing.assert_close(tw, rtw, rtol=1e-6, atol=1e-6)
+        g = torch.randn(loss.shape, device=device)
+        grad = bwd(g, x, t, w, lse, tw, ii, ls, red)
+        rgrad = reference.softmax_cross_entropy_backward(g, x, t, w, rlse, rtw, ii, ls, red)
         assert grad.dtype == x.dtype
         torch.testing.assert_close(grad.float(), rgrad.float(), **tol(dtype))
 
@@ -242,11 +247,14 @@ def test_opcheck(device):
     if not _loader.has_kernel("softmax_cross_entropy", device):
         pytest.skip(f"no compiled kernel for {device}")
     for args in sample_inputs(device, torch.float32, requires_grad=True):
+        if args[0].shape[0] == 0 and args[5] == 1:
+            continue  # a mean over no rows is NaN, which opcheck's comparisons do not accept
         torch.library.opcheck(torch.ops.fasteval.softmax_cross_entropy.default, args)
-    for x, t, w, ii, ls in sample_inputs(device, torch.float32)[:8]:
-        lse = torch.ops.fasteval.softmax_cross_entropy(x, t, w, ii, ls)[1]
-        g = torch.randn(x.shape[0], device=device)
-        torch.library.opcheck(torch.ops.fasteval.softmax_cross_entropy_backward.default, (g, x, t, w, lse, ii, ls))
+    for x, t, w, ii, ls, red in sample_inputs(device, torch.float32)[::5]:
+        loss, lse, tw = torch.ops.fasteval.softmax_cross_entropy(x, t, w, ii, ls, red)
+        g = torch.randn(loss.shape, device=device)
+        torch.library.opcheck(torch.ops.fasteval.softmax_cross_entropy_backward.default,
+                              (g, x, t, w, lse, tw, ii, ls, red))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -254,10 +262,10 @@ def test_grad_loss_may_be_expanded(device):
     if not _loader.has_kernel("softmax_cross_entropy", device):
         pytest.skip(f"no compiled kernel for {device}")
     x, t = make_case((9, 11), device=device)
-    lse = torch.ops.fasteval.softmax_cross_entropy(x, t, None, -100, 0.0)[1]
+    _, lse, tw = torch.ops.fasteval.softmax_cross_entropy(x, t, None, -100, 0.0, 0)
     g = torch.tensor(0.5, device=device).expand(9)
-    grad = torch.ops.fasteval.softmax_cross_entropy_backward(g, x, t, None, lse, -100, 0.0)
-    torch.testing.assert_close(grad, reference.softmax_cross_entropy_backward(g, x, t, None, lse, -100, 0.0))
+    grad = torch.ops.fasteval.softmax_cross_entropy_backward(g, x, t, None, lse, tw, -100, 0.0, 0)
+    torch.testing.assert_close(grad, reference.softmax_cross_entropy_backward(g, x, t, None, lse, tw, -100, 0.0, 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,10 +304,11 @@ def test_target_out_of_range_raises_on_cpu(bad):
         F.cross_entropy(x, t)  # torch raises the same type
     if _loader.has_kernel("softmax_cross_entropy", "cpu"):
         with pytest.raises(IndexError, match="out of bounds"):
-            torch.ops.fasteval.softmax_cross_entropy(x, t, None, -100, 0.0)
+            torch.ops.fasteval.softmax_cross_entropy(x, t, None, -100, 0.0, 0)
         lse = torch.zeros(4)
         with pytest.raises(IndexError, match="out of bounds"):
-            torch.ops.fasteval.softmax_cross_entropy_backward(torch.ones(4), x, t, None, lse, -100, 0.0)
+            torch.ops.fasteval.softmax_cross_entropy_backward(torch.ones(4), x, t, None, lse, torch.tensor(4.0),
+                                                              -100, 0.0, 0)
 
 
 def test_target_equal_to_ignore_index_outside_range_is_fine():
@@ -311,13 +320,14 @@ def test_target_equal_to_ignore_index_outside_range_is_fine():
 
 @pytest.mark.parametrize("make, err, match", [
     (lambda: (torch.randn(4, 5), torch.zeros(3, dtype=torch.long)), ValueError, "expected target of shape"),
+    (lambda: (torch.randn(4, 5, 2), torch.zeros(4, 3, dtype=torch.long)), ValueError, "expected target of shape"),
     (lambda: (torch.randn(4, 5), torch.zeros(4, 1, dtype=torch.long)), ValueError, "expected target of shape"),
     (lambda: (torch.randn(4, 5), torch.rand(4)), TypeError, "class-index targets"),
     (lambda: (torch.randn(4, 5), torch.zeros(4, dtype=torch.uint8)), TypeError, "int64 or int32"),
     (lambda: (torch.tensor(1.0), torch.tensor(0)), ValueError, "scalar"),
     (lambda: (torch.randn(5), torch.zeros(2, dtype=torch.long)), ValueError, "scalar class index"),
     (lambda: (torch.randint(0, 3, (4, 5)), torch.zeros(4, dtype=torch.long)), TypeError, "floating"),
-    (lambda: (torch.randn(4, 0), torch.zeros(4, dtype=torch.long)), ValueError, "empty"),
+    (lambda: (torch.randn(4, 0), torch.zeros(4, dtype=torch.long)), ValueError, "classes C must be positive"),
 ])
 def test_bad_inputs(make, err, match):
     x, t = make()
@@ -333,27 +343,34 @@ def test_bad_arguments():
         fasteval.cross_entropy(x, t, label_smoothing=1.5)
     with pytest.raises(ValueError, match="weight must have shape"):
         fasteval.cross_entropy(x, t, weight=torch.ones(4))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fasteval.CrossEntropyLoss(label_smoothing=-0.1)
 
 
-def test_op_bad_inputs_give_clear_errors():
-    if not _loader.has_kernel("softmax_cross_entropy", "cpu"):
-        pytest.skip("no compiled kernel")
-    op = torch.ops.fasteval.softmax_cross_entropy
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "reference"])
+def test_op_bad_inputs_give_clear_errors(compiled):
+    if compiled:
+        if not _loader.has_kernel("softmax_cross_entropy", "cpu"):
+            pytest.skip("no compiled kernel")
+        op = torch.ops.fasteval.softmax_cross_entropy
+    else:
+        op = reference.softmax_cross_entropy
     x, t = make_case((4, 5))
-    with pytest.raises(RuntimeError, match=r"shape \(N, C\)"):
-        op(x[0], t, None, -100, 0.0)
-    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        op(x.double(), t, None, -100, 0.0)
-    with pytest.raises(RuntimeError, match="int64 or int32"):
-        op(x, t.float(), None, -100, 0.0)
-    with pytest.raises(RuntimeError, match="to match logits"):
-        op(x, t[:3], None, -100, 0.0)
-    with pytest.raises(RuntimeError, match="weight must have shape"):
-        op(x, t, torch.ones(3), -100, 0.0)
-    with pytest.raises(RuntimeError, match="label_smoothing"):
-        op(x, t, None, -100, -0.5)
-    with pytest.raises(RuntimeError, match="positive"):
-        op(torch.randn(4, 0), t, None, -100, 0.0)
+    cases = [
+        ((x[0], t, None, -100, 0.0, 0), ValueError, r"shape \(N, C\)"),
+        ((x.long(), t, None, -100, 0.0, 0), TypeError, "float"),
+        ((x, t.float(), None, -100, 0.0, 0), TypeError, "int64 or int32"),
+        ((x, t[:3], None, -100, 0.0, 0), ValueError, "to match logits"),
+        ((x, t, torch.ones(3), -100, 0.0, 0), ValueError, "weight must have shape"),
+        ((x, t, None, -100, -0.5, 0), ValueError, "label_smoothing"),
+        ((x, t, None, -100, 0.0, 3), ValueError, "reduction"),
+        ((torch.randn(4, 0), t, None, -100, 0.0, 0), ValueError, "positive"),
+    ]
+    if compiled:
+        cases.append(((x.double(), t, None, -100, 0.0, 0), TypeError, "float32, bfloat16 or float16"))
+    for args, err, match in cases:
+        with pytest.raises(err, match=match):
+            op(*args)
 
 
 # --------------------------------------------------------------------------------------------------

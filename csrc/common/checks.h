@@ -5,22 +5,24 @@
 
 namespace fasteval {
 
+// User errors surface in Python as ValueError (TORCH_CHECK_VALUE) or TypeError (TORCH_CHECK_TYPE), the
+// same types the pure-torch reference raises; out-of-range class indices as IndexError.
 inline void check_logits_2d(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(logits.dim() == 2, op, ": expected logits of shape (N, C), got ", logits.dim(), " dims ",
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": expected logits of shape (N, C), got ", logits.dim(), " dims ",
               logits.sizes());
-  TORCH_CHECK(logits.size(1) > 0, op, ": the number of classes C must be positive, got shape ",
+  TORCH_CHECK_VALUE(logits.size(1) > 0, op, ": the number of classes C must be positive, got shape ",
               logits.sizes());
   const auto st = logits.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
               ": logits must be float32, bfloat16 or float16, got ", st);
 }
 
 inline void check_target_1d(const at::Tensor& target, int64_t n, const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
               ": target must hold class indices as int64 or int32, got ", target.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == n, op, ": expected target of shape (", n,
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == n, op, ": expected target of shape (", n,
               ",) to match logits ", logits.sizes(), ", got ", target.sizes());
-  TORCH_CHECK(target.device() == logits.device(), op, ": target is on ", target.device(),
+  TORCH_CHECK_VALUE(target.device() == logits.device(), op, ": target is on ", target.device(),
               " but logits are on ", logits.device());
 }
 
@@ -29,13 +31,23 @@ inline at::Tensor checked_weight(const std::optional<at::Tensor>& weight, int64_
                                  const at::Tensor& logits, const char* op) {
   if (!weight.has_value() || !weight->defined()) return at::Tensor();
   const auto& w = *weight;
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == num_classes, op, ": weight must have shape (", num_classes,
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == num_classes, op, ": weight must have shape (", num_classes,
               ",), got ", w.sizes());
-  TORCH_CHECK(at::isFloatingType(w.scalar_type()), op, ": weight must be a floating tensor, got ",
+  TORCH_CHECK_TYPE(at::isFloatingType(w.scalar_type()), op, ": weight must be a floating tensor, got ",
               w.scalar_type());
-  TORCH_CHECK(w.device() == logits.device(), op, ": weight is on ", w.device(), " but logits are on ",
+  TORCH_CHECK_VALUE(w.device() == logits.device(), op, ": weight is on ", w.device(), " but logits are on ",
               logits.device());
   return w.to(at::kFloat).contiguous();
+}
+
+// reduction as at::Reduction: 0 none, 1 mean, 2 sum.
+inline void check_reduction(int64_t reduction, const char* op) {
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, op, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+                    reduction);
+}
+
+inline void check_label_smoothing(double eps, const char* op) {
+  TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 1.0, op, ": label_smoothing must be between 0.0 and 1.0, got ", eps);
 }
 
 // Logits with unit stride along the class dimension (rows may be strided).

@@ -2,8 +2,9 @@
 // SIMD helpers for the CPU kernels, built on at::vec::Vectorized.
 //
 // at::vec is only vectorized when the translation unit is compiled with the CPU_CAPABILITY macros
-// (setup.py passes -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma when the build machine has
-// AVX2); otherwise Vectorized<float> is a portable 8-lane array and the same code runs as scalar loops.
+// (setup.py passes -DCPU_CAPABILITY=AVX512 ... or -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 -mavx2 -mfma,
+// the best level of the build machine); otherwise Vectorized<float> is a portable 8-lane array and the
+// same code runs as scalar loops.
 //
 // Everything works on "chunks" of kChunk logits converted to two float vectors, so that float32,
 // bfloat16 and float16 rows go through the same code with fp32 arithmetic.
@@ -23,10 +24,10 @@ constexpr int64_t kVecWidth = fVec::size();
 constexpr int64_t kChunk = 2 * kVecWidth;
 
 inline const char* simd_level() {
-#if defined(CPU_CAPABILITY_AVX2)
-  return "avx2";
-#elif defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)
   return "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  return "avx2";
 #else
   return "default";
 #endif
@@ -90,7 +91,23 @@ struct ChunkLoader<c10::Half> : ChunkLoader16<c10::Half> {};
 // through the PLT once per vector. exp(-inf) = 0; NaN inputs are not propagated (callers track NaN
 // through the row max).
 FASTEVAL_ALWAYS_INLINE fVec fast_exp(const fVec& x) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 v = x;
+  const __mmask16 underflow = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3365478515625f), _CMP_LT_OQ);
+  const __m512 s = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.72283935546875f)),
+                                 _mm512_set1_ps(-87.3365478515625f));
+  // n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2]
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(s, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), s);
+  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
+  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
+  // p * 2^n via scalef (handles the exponent range without integer tricks); 0 below ln(FLT_MIN).
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), p, n);
+#elif defined(CPU_CAPABILITY_AVX2)
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
   const __m256 ln2 = _mm256_set1_ps(0.693147180559945309f);
   const __m256 lo = _mm256_set1_ps(-87.3365478515625f);  // ln(FLT_MIN)

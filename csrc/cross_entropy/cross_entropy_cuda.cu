@@ -18,6 +18,9 @@
 //                                        any reduction of the loss instead.
 //   row max not finite (a NaN, +inf, or every logit -inf)   loss = NaN, lse = NaN (as in torch)
 //
+// Reductions (mean / sum) and total_weight are computed from the per-row losses with ATen ops on the
+// same stream (no host synchronisation); the backward expands the upstream gradient per row.
+//
 // Backward, with p_c = exp(x_c - lse_i) and g = grad_loss[i]:
 //   grad_c = g * ((1 - eps) * w_t + eps * W / C) * p_c - g * (eps / C) * w_c - [c == t] g (1 - eps) w_t
 // and 0 on ignored rows and rows with an out-of-range target. One read of the row, one write of grad.
@@ -33,7 +36,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/logical_not.h>
+#include <ATen/ops/masked_fill.h>
+#include <ATen/ops/ne.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/clamp.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -305,25 +314,15 @@ void dispatch_target_type(at::ScalarType st, F&& f) {
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-void check_label_smoothing(double eps, const char* op) {
-  TORCH_CHECK(eps >= 0.0 && eps <= 1.0, op, ": label_smoothing must be between 0.0 and 1.0, got ", eps);
-}
-
 // Sum of the (float32, contiguous) weight as a 0-dim device tensor; computed on the stream, no sync.
 at::Tensor weight_sum_of(const at::Tensor& w) { return w.defined() ? at::sum(w) : at::Tensor(); }
 
-std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cuda(const at::Tensor& logits_in, const at::Tensor& target,
-                                                              const std::optional<at::Tensor>& weight_opt,
-                                                              int64_t ignore_index, double label_smoothing) {
-  constexpr const char* op = "fasteval::softmax_cross_entropy";
-  check_logits_2d(logits_in, op);
-  const int64_t N = logits_in.size(0);
-  const int64_t C = logits_in.size(1);
-  check_target_1d(target, N, logits_in, op);
-  check_label_smoothing(label_smoothing, op);
-  c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = class_contiguous(logits_in);
-  const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
+// Per-row losses and lse (the kernels above); the caller checked the inputs and set the device guard.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_rows_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                           const at::Tensor& weight, int64_t ignore_index,
+                                                           double label_smoothing) {
+  const int64_t N = logits.size(0);
+  const int64_t C = logits.size(1);
   const bool smooth = label_smoothing > 0.0;
   const at::Tensor weight_sum = smooth ? weight_sum_of(weight) : at::Tensor();
 
@@ -379,27 +378,69 @@ std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cuda(const at::Tensor& 
   return {loss, lse};
 }
 
-at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits_in,
-                                               const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
-                                               const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
-  constexpr const char* op = "fasteval::softmax_cross_entropy_backward";
+// Sum of w[t] over the rows whose target is not ignore_index (their count without weights), as a 0-dim
+// float32 device tensor: computed on the stream, no host synchronisation. Out-of-range targets (whose
+// loss is NaN) are clamped here only to keep the gather in bounds.
+at::Tensor total_weight_cuda(const at::Tensor& target, const at::Tensor& weight, int64_t ignore_index, int64_t C) {
+  const at::Tensor valid = target.ne(ignore_index);
+  if (!weight.defined()) return valid.sum(at::kFloat);
+  const at::Tensor wt = weight.index_select(0, target.clamp(0, C - 1).to(at::kLong));
+  return wt.masked_fill(valid.logical_not(), 0.0).sum(at::kFloat);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cuda(
+    const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  constexpr const char* op = "fasteval.softmax_cross_entropy";
   check_logits_2d(logits_in, op);
   const int64_t N = logits_in.size(0);
   const int64_t C = logits_in.size(1);
   check_target_1d(target, N, logits_in, op);
   check_label_smoothing(label_smoothing, op);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N, op, ": expected grad_loss of shape (", N,
-              ",), got ", grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N, op, ": expected lse of shape (", N, ",), got ", lse.sizes());
-  TORCH_CHECK(grad_loss.device() == logits_in.device() && lse.device() == logits_in.device(), op,
-              ": grad_loss and lse must be on the device of logits (", logits_in.device(), "), got ",
-              grad_loss.device(), " and ", lse.device());
+  check_reduction(reduction, op);
   c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = class_contiguous(logits_in);
   const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
+  auto [loss_rows, lse] = cross_entropy_rows_cuda(logits, target, weight, ignore_index, label_smoothing);
+  at::Tensor total_weight = total_weight_cuda(target, weight, ignore_index, C);
+  if (reduction == 0) return {loss_rows, lse, total_weight};
+  at::Tensor total = loss_rows.sum();
+  return {reduction == 2 ? total : total.div(total_weight), lse, total_weight};
+}
+
+at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits_in,
+                                               const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
+                                               const at::Tensor& lse, const at::Tensor& total_weight,
+                                               int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  constexpr const char* op = "fasteval.softmax_cross_entropy_backward";
+  check_logits_2d(logits_in, op);
+  const int64_t N = logits_in.size(0);
+  const int64_t C = logits_in.size(1);
+  check_target_1d(target, N, logits_in, op);
+  check_label_smoothing(label_smoothing, op);
+  check_reduction(reduction, op);
+  if (reduction == 0) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N, op, ": grad_loss must have shape (", N,
+                      ",) for reduction none, got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 0, op, ": grad_loss must be 0-dim for reduction mean or sum, got ",
+                      grad_loss.sizes());
+  }
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == N, op, ": lse must have shape (", N, ",), got ", lse.sizes());
+  TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == logits_in.device() && lse.device() == logits_in.device() &&
+                        total_weight.device() == logits_in.device(),
+                    op, ": grad_loss, lse, total_weight and logits must be on the same device");
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = class_contiguous(logits_in);
+  const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
+  // Per-row upstream gradient, expanded (stride 0) for the reductions: no copy, no sync.
+  at::Tensor g_rows = grad_loss.to(at::kFloat);
+  if (reduction == 1) g_rows = g_rows.div(total_weight);
+  if (reduction != 0) g_rows = g_rows.expand({N});
   const at::Tensor weight_sum = (label_smoothing > 0.0) ? weight_sum_of(weight) : at::Tensor();
   // Float32 views (no copy when already float32); strides are honoured, so expanded tensors are fine.
-  const at::Tensor g = grad_loss.to(at::kFloat);
+  const at::Tensor& g = g_rows;
   const at::Tensor lse_f = lse.to(at::kFloat);
 
   at::Tensor grad = at::empty({N, C}, logits.options());
