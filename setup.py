@@ -175,7 +175,7 @@ def main():
         python_requires=">=3.9",
         install_requires=["torch>=2.4"],
         extras_require={
-            "test": ["pytest", "hypothesis", "numpy", "expecttest", "scikit-learn", "pytest-benchmark"],
+            "test": ["pytest", "hypothesis", "numpy", "scikit-learn", "pytest-benchmark"],
             "bench": ["pytest-benchmark", "torchmetrics", "scikit-learn", "matplotlib"],
             "plot": ["matplotlib"],
             "progress": ["tqdm"],
