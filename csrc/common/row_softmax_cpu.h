@@ -74,7 +74,7 @@ inline RowStats row_softmax_stats(const T* row, int64_t C, const float* w) {
       m = bm;  // sticky: the result is NaN
       s = std::numeric_limits<float>::quiet_NaN();
     } else if (bm > m) {
-      s *= std::exp(m - bm);  // exp(-inf) = 0 on the first block
+      if (b0 > 0) s *= std::exp(m - bm);  // rescale the running sum (it is still 0 on the first block)
       m = bm;
     }
     if (!std::isfinite(m)) continue;  // NaN / +inf / all -inf so far: lse() reports NaN or keeps going
