@@ -1,0 +1,450 @@
+// CUDA kernels of fasteval::softmax_cross_entropy and fasteval::softmax_cross_entropy_backward.
+//
+// Forward, per row i of logits x (N, C) with target t = target[i], eps = label_smoothing,
+// w = weight (w_c = 1 when weight is None) and W = sum_c w_c:
+//   lse_i  = log(sum_c exp(x_c))                      (one pass, online max / sum-exp, fp32)
+//   loss_i = (1 - eps) * w_t * (lse_i - x_t) + (eps / C) * (W * lse_i - sum_c w_c x_c)
+// To keep the result accurate the kernel evaluates
+//   lse_i - x_t               as (m - x_t) + log1p(s - 1)        m = row max, s = sum_c exp(x_c - m)
+//   W * lse_i - sum_c w_c x_c as W * ((m - p) + log1p(s - 1)) - sum_c w_c (x_c - p)
+// with the pivot p = x_t (0 if x_t is not finite): subtracting a value of the row before summing
+// removes any common offset of the logits, which would otherwise cancel catastrophically.
+//
+// Special rows (no host synchronisation, no device assert):
+//   t == ignore_index                    loss = 0,   lse = 0   (the row is not read)
+//   t outside [0, C), not ignore_index   loss = NaN, lse = NaN (the row is not read; nothing is read or
+//                                        written out of bounds). torch raises an error here, which needs
+//                                        a host synchronisation; a NaN makes the bad target visible in
+//                                        any reduction of the loss instead.
+//   row max not finite (a NaN, +inf, or every logit -inf)   loss = NaN, lse = NaN (as in torch)
+//
+// Backward, with p_c = exp(x_c - lse_i) and g = grad_loss[i]:
+//   grad_c = g * ((1 - eps) * w_t + eps * W / C) * p_c - g * (eps / C) * w_c - [c == t] g (1 - eps) w_t
+// and 0 on ignored rows and rows with an out-of-range target. One read of the row, one write of grad.
+//
+// Kernels
+//   forward, row_bytes <= 4096: groups of G lanes (G a power of two <= 32, chosen so each lane reads
+//     about four 16-byte vectors) per row, 256-thread blocks, reduction by warp shuffles. G = 1 (one
+//     thread per row) for tiny C such as 10.
+//   forward, larger rows: one block (128 / 256 / 512 threads) per row, two-level block reduction.
+//   backward: groups of G threads (G a power of two <= 256) per row, 256-thread blocks; no reduction.
+// All kernels loop over rows (grid-stride), use 64-bit element offsets and 16-byte vector access
+// whenever the row start allows it (a scalar head aligns it; see common/cuda_utils.cuh).
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+
+namespace fasteval {
+namespace {
+
+using cuda::ceil_div;
+using cuda::fast_exp;
+using cuda::for_each_vectorized;
+using cuda::is_finite_bits;
+using cuda::kVecWidth;
+using cuda::MaxSumExp;
+using cuda::quiet_nan;
+using cuda::to_float;
+
+constexpr int kGroupBlock = 256;     // threads per block, forward group path
+constexpr int kMaxRowBlock = 512;    // most threads per block, forward block-per-row path
+constexpr int kBackwardBlock = 256;  // threads per block, backward
+constexpr int64_t kGroupPathMaxRowBytes = 4096;
+
+// Row status, decided from the target alone (uniform over the threads that share a row).
+enum RowStatus : int { kValid = 0, kIgnored = 1, kBadTarget = 2, kPadding = 3 };
+
+template <typename scalar_t, typename index_t>
+struct ForwardParams {
+  const scalar_t* __restrict__ logits;
+  int64_t row_stride;  // elements between rows; classes are unit-stride
+  const index_t* __restrict__ target;
+  int64_t target_stride;
+  const float* __restrict__ weight;      // (C,) contiguous, or nullptr
+  const float* __restrict__ weight_sum;  // 0-dim sum of weight, or nullptr (then W = C)
+  int64_t num_rows;
+  int64_t num_classes;
+  int64_t ignore_index;
+  float one_minus_eps;  // 1 - eps
+  float eps_over_c;     // eps / C
+  float* __restrict__ loss;
+  float* __restrict__ lse;
+};
+
+// Per-thread partial result of one row: online (max, sum-exp) and, with label smoothing,
+// sum_c w_c (x_c - pivot).
+struct RowPartial {
+  MaxSumExp mse;
+  float smooth_sum;
+};
+
+struct RowPartialOp {
+  __device__ __forceinline__ RowPartial operator()(const RowPartial& a, const RowPartial& b) const {
+    return {MaxSumExp::merge(a.mse, b.mse), a.smooth_sum + b.smooth_sum};
+  }
+};
+
+__device__ __forceinline__ RowPartial empty_partial() { return {MaxSumExp::empty(), 0.f}; }
+
+__device__ __forceinline__ int row_status(int64_t t, int64_t ignore_index, int64_t num_classes) {
+  if (t == ignore_index) return kIgnored;
+  if (t < 0 || t >= num_classes) return kBadTarget;
+  return kValid;
+}
+
+// Accumulates the elements this thread owns in row x into `acc`.
+template <bool kSmooth, typename scalar_t, typename index_t>
+__device__ __forceinline__ void accumulate_row(const ForwardParams<scalar_t, index_t>& p, const scalar_t* __restrict__ x,
+                                               float pivot, int tid, int nthreads, RowPartial& acc) {
+  constexpr int W = kVecWidth<scalar_t>;
+  const float* __restrict__ weight = p.weight;
+  for_each_vectorized(
+      x, p.num_classes, tid, nthreads,
+      [&](int64_t c0, const float(&v)[W]) {
+        acc.mse.update(v);
+        if (kSmooth) {
+          if (weight != nullptr) {
+#pragma unroll
+            for (int k = 0; k < W; ++k) acc.smooth_sum += weight[c0 + k] * (v[k] - pivot);
+          } else {
+#pragma unroll
+            for (int k = 0; k < W; ++k) acc.smooth_sum += v[k] - pivot;
+          }
+        }
+      },
+      [&](int64_t c, float v) {
+        acc.mse.update(v);
+        if (kSmooth) acc.smooth_sum += (weight != nullptr ? weight[c] : 1.f) * (v - pivot);
+      });
+}
+
+// Writes loss[row] and lse[row] from the reduced partial (called by one thread per row).
+template <bool kSmooth, typename scalar_t, typename index_t>
+__device__ __forceinline__ void finish_row(const ForwardParams<scalar_t, index_t>& p, int64_t row, int status,
+                                           int64_t t, float x_t, float pivot, const RowPartial& r) {
+  if (status == kIgnored) {
+    p.loss[row] = 0.f;
+    p.lse[row] = 0.f;
+    return;
+  }
+  const float m = r.mse.max;
+  if (status == kBadTarget || !is_finite_bits(m)) {
+    p.loss[row] = quiet_nan();
+    p.lse[row] = quiet_nan();
+    return;
+  }
+  const float log_s = r.mse.log_sum();  // lse = m + log_s
+  const float w_t = p.weight != nullptr ? p.weight[t] : 1.f;
+  float loss = p.one_minus_eps * w_t * ((m - x_t) + log_s);
+  if (kSmooth) {
+    const float w_sum = p.weight != nullptr ? *p.weight_sum : static_cast<float>(p.num_classes);
+    loss += p.eps_over_c * (w_sum * ((m - pivot) + log_s) - r.smooth_sum);
+  }
+  p.loss[row] = loss;
+  p.lse[row] = m + log_s;
+}
+
+// Forward for short rows: groups of `group` lanes (power of two <= 32) share a row; a 256-thread
+// block handles 256 / group rows per step. The row loop is block-uniform (`base` depends on the block
+// only) so every lane of a warp reaches the shuffles of warp_reduce, including lanes whose row is past
+// the end, ignored or invalid (they contribute the empty partial).
+template <bool kSmooth, typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kGroupBlock)
+    cross_entropy_forward_group_kernel(const ForwardParams<scalar_t, index_t> p, const int group) {
+  const int lane = static_cast<int>(threadIdx.x) & (group - 1);
+  const int64_t rows_per_block = kGroupBlock / group;
+  const int64_t row_in_block = threadIdx.x / group;
+  for (int64_t base = blockIdx.x * rows_per_block; base < p.num_rows; base += gridDim.x * rows_per_block) {
+    const int64_t row = base + row_in_block;
+    RowPartial acc = empty_partial();
+    int status = kPadding;
+    int64_t t = 0;
+    float x_t = 0.f, pivot = 0.f;
+    if (row < p.num_rows) {
+      t = static_cast<int64_t>(p.target[row * p.target_stride]);
+      status = row_status(t, p.ignore_index, p.num_classes);
+      if (status == kValid) {
+        const scalar_t* __restrict__ x = p.logits + row * p.row_stride;
+        x_t = to_float(x[t]);
+        pivot = is_finite_bits(x_t) ? x_t : 0.f;
+        accumulate_row<kSmooth>(p, x, pivot, lane, group, acc);
+      }
+    }
+    acc = cuda::warp_reduce(acc, RowPartialOp{}, group);
+    if (lane == 0 && status != kPadding) finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc);
+  }
+}
+
+// Forward for long rows: one block per row (grid-stride over rows). The row status is block-uniform
+// (all threads read the same target), so skipping the reduction for special rows is safe.
+template <bool kSmooth, typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kMaxRowBlock)
+    cross_entropy_forward_block_kernel(const ForwardParams<scalar_t, index_t> p) {
+  __shared__ RowPartial shared[33];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int nthreads = static_cast<int>(blockDim.x);
+  for (int64_t row = blockIdx.x; row < p.num_rows; row += gridDim.x) {
+    const int64_t t = static_cast<int64_t>(p.target[row * p.target_stride]);
+    const int status = row_status(t, p.ignore_index, p.num_classes);
+    if (status != kValid) {
+      if (tid == 0) finish_row<kSmooth>(p, row, status, t, 0.f, 0.f, empty_partial());
+      continue;
+    }
+    const scalar_t* __restrict__ x = p.logits + row * p.row_stride;
+    const float x_t = to_float(x[t]);
+    const float pivot = is_finite_bits(x_t) ? x_t : 0.f;
+    RowPartial acc = empty_partial();
+    accumulate_row<kSmooth>(p, x, pivot, tid, nthreads, acc);
+    acc = cuda::block_reduce(acc, RowPartialOp{}, empty_partial(), shared);
+    if (tid == 0) finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+struct BackwardParams {
+  const float* __restrict__ grad_loss;
+  int64_t grad_stride;  // may be 0 (expanded grad)
+  const scalar_t* __restrict__ logits;
+  int64_t row_stride;
+  const index_t* __restrict__ target;
+  int64_t target_stride;
+  const float* __restrict__ weight;
+  const float* __restrict__ weight_sum;
+  const float* __restrict__ lse;
+  int64_t lse_stride;
+  int64_t num_rows;
+  int64_t num_classes;
+  int64_t ignore_index;
+  float one_minus_eps;
+  float eps_over_c;
+  scalar_t* __restrict__ grad;  // (N, C) contiguous
+};
+
+// Groups of `group` threads (power of two <= kBackwardBlock) per row; no inter-thread communication.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kBackwardBlock)
+    cross_entropy_backward_kernel(const BackwardParams<scalar_t, index_t> p, const int group) {
+  const int lane = static_cast<int>(threadIdx.x) & (group - 1);
+  const int64_t rows_per_block = kBackwardBlock / group;
+  const int64_t stride = gridDim.x * rows_per_block;
+  const int64_t C = p.num_classes;
+  for (int64_t row = blockIdx.x * rows_per_block + threadIdx.x / group; row < p.num_rows; row += stride) {
+    scalar_t* __restrict__ out = p.grad + row * C;
+    const int64_t t = static_cast<int64_t>(p.target[row * p.target_stride]);
+    if (row_status(t, p.ignore_index, C) != kValid) {
+      cuda::fill_vectorized(out, C, lane, group, 0.f);
+      continue;
+    }
+    const float g = p.grad_loss[row * p.grad_stride];
+    const float row_lse = p.lse[row * p.lse_stride];
+    const float w_t = p.weight != nullptr ? p.weight[t] : 1.f;
+    const float w_sum = p.weight != nullptr ? *p.weight_sum : static_cast<float>(C);
+    const float coef_p = g * (p.one_minus_eps * w_t + p.eps_over_c * w_sum);  // multiplies p_c
+    const float coef_w = g * p.eps_over_c;                                     // multiplies w_c
+    const float coef_t = g * p.one_minus_eps * w_t;                            // subtracted at c == t
+    const scalar_t* __restrict__ x = p.logits + row * p.row_stride;
+    if (p.weight != nullptr && coef_w != 0.f) {
+      const float* __restrict__ weight = p.weight;
+      cuda::transform_vectorized(x, out, C, lane, group, [&](int64_t c, float v) {
+        const float gc = coef_p * fast_exp(v - row_lse) - coef_w * weight[c];
+        return c == t ? gc - coef_t : gc;
+      });
+    } else {
+      cuda::transform_vectorized(x, out, C, lane, group, [&](int64_t c, float v) {
+        const float gc = coef_p * fast_exp(v - row_lse) - coef_w;
+        return c == t ? gc - coef_t : gc;
+      });
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side
+// ------------------------------------------------------------------------------------------------
+
+template <typename F>
+void dispatch_logits_type(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(float{});
+      break;
+    case at::kHalf:
+      f(c10::Half{});
+      break;
+    case at::kBFloat16:
+      f(c10::BFloat16{});
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "unexpected logits dtype ", st);
+  }
+}
+
+template <typename F>
+void dispatch_target_type(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kLong:
+      f(int64_t{});
+      break;
+    case at::kInt:
+      f(int32_t{});
+      break;
+    default:
+      TORCH_INTERNAL_ASSERT(false, "unexpected target dtype ", st);
+  }
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+void check_label_smoothing(double eps, const char* op) {
+  TORCH_CHECK(eps >= 0.0 && eps <= 1.0, op, ": label_smoothing must be between 0.0 and 1.0, got ", eps);
+}
+
+// Sum of the (float32, contiguous) weight as a 0-dim device tensor; computed on the stream, no sync.
+at::Tensor weight_sum_of(const at::Tensor& w) { return w.defined() ? at::sum(w) : at::Tensor(); }
+
+std::tuple<at::Tensor, at::Tensor> softmax_cross_entropy_cuda(const at::Tensor& logits_in, const at::Tensor& target,
+                                                              const std::optional<at::Tensor>& weight_opt,
+                                                              int64_t ignore_index, double label_smoothing) {
+  constexpr const char* op = "fasteval::softmax_cross_entropy";
+  check_logits_2d(logits_in, op);
+  const int64_t N = logits_in.size(0);
+  const int64_t C = logits_in.size(1);
+  check_target_1d(target, N, logits_in, op);
+  check_label_smoothing(label_smoothing, op);
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = class_contiguous(logits_in);
+  const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
+  const bool smooth = label_smoothing > 0.0;
+  const at::Tensor weight_sum = smooth ? weight_sum_of(weight) : at::Tensor();
+
+  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({N}, logits.options().dtype(at::kFloat));
+  if (N == 0) return {loss, lse};
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t elem_size = static_cast<int64_t>(logits.element_size());
+  const int64_t vec = 16 / elem_size;
+  const int64_t row_bytes = C * elem_size;
+  const int64_t sms = sm_count();
+
+  dispatch_logits_type(logits.scalar_type(), [&](auto logits_tag) {
+    using scalar_t = decltype(logits_tag);
+    dispatch_target_type(target.scalar_type(), [&](auto target_tag) {
+      using index_t = decltype(target_tag);
+      ForwardParams<scalar_t, index_t> p;
+      p.logits = logits.const_data_ptr<scalar_t>();
+      p.row_stride = logits.stride(0);
+      p.target = target.const_data_ptr<index_t>();
+      p.target_stride = target.stride(0);
+      p.weight = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
+      p.weight_sum = weight_sum.defined() ? weight_sum.const_data_ptr<float>() : nullptr;
+      p.num_rows = N;
+      p.num_classes = C;
+      p.ignore_index = ignore_index;
+      p.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
+      p.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
+      p.loss = loss.mutable_data_ptr<float>();
+      p.lse = lse.mutable_data_ptr<float>();
+
+      if (row_bytes <= kGroupPathMaxRowBytes) {
+        // About four 16-byte vectors per lane: G = 1 for C <= 4 * vec, 32 from C > 64 * vec.
+        const int group = static_cast<int>(std::min<int64_t>(32, cuda::next_pow2(ceil_div(C, 4 * vec))));
+        const int64_t rows_per_block = kGroupBlock / group;
+        const int64_t blocks = std::min<int64_t>(ceil_div(N, rows_per_block), sms * (2048 / kGroupBlock));
+        auto kernel = smooth ? cross_entropy_forward_group_kernel<true, scalar_t, index_t>
+                             : cross_entropy_forward_group_kernel<false, scalar_t, index_t>;
+        kernel<<<static_cast<unsigned>(blocks), kGroupBlock, 0, stream>>>(p, group);
+        FASTEVAL_CUDA_LAUNCH_CHECK();
+      } else {
+        const int threads =
+            static_cast<int>(std::clamp<int64_t>(cuda::next_pow2(ceil_div(C, 4 * vec)), 128, kMaxRowBlock));
+        const int64_t blocks = std::min<int64_t>(N, sms * (2048 / threads));
+        auto kernel = smooth ? cross_entropy_forward_block_kernel<true, scalar_t, index_t>
+                             : cross_entropy_forward_block_kernel<false, scalar_t, index_t>;
+        kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
+        FASTEVAL_CUDA_LAUNCH_CHECK();
+      }
+    });
+  });
+  return {loss, lse};
+}
+
+at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits_in,
+                                               const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
+                                               const at::Tensor& lse, int64_t ignore_index, double label_smoothing) {
+  constexpr const char* op = "fasteval::softmax_cross_entropy_backward";
+  check_logits_2d(logits_in, op);
+  const int64_t N = logits_in.size(0);
+  const int64_t C = logits_in.size(1);
+  check_target_1d(target, N, logits_in, op);
+  check_label_smoothing(label_smoothing, op);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N, op, ": expected grad_loss of shape (", N,
+              ",), got ", grad_loss.sizes());
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == N, op, ": expected lse of shape (", N, ",), got ", lse.sizes());
+  TORCH_CHECK(grad_loss.device() == logits_in.device() && lse.device() == logits_in.device(), op,
+              ": grad_loss and lse must be on the device of logits (", logits_in.device(), "), got ",
+              grad_loss.device(), " and ", lse.device());
+  c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = class_contiguous(logits_in);
+  const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
+  const at::Tensor weight_sum = (label_smoothing > 0.0) ? weight_sum_of(weight) : at::Tensor();
+  // Float32 views (no copy when already float32); strides are honoured, so expanded tensors are fine.
+  const at::Tensor g = grad_loss.to(at::kFloat);
+  const at::Tensor lse_f = lse.to(at::kFloat);
+
+  at::Tensor grad = at::empty({N, C}, logits.options());
+  if (N == 0) return grad;
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t vec = 16 / static_cast<int64_t>(logits.element_size());
+  const int64_t sms = sm_count();
+  const int group = static_cast<int>(std::min<int64_t>(kBackwardBlock, cuda::next_pow2(ceil_div(C, 4 * vec))));
+  const int64_t rows_per_block = kBackwardBlock / group;
+  const int64_t blocks = std::min<int64_t>(ceil_div(N, rows_per_block), sms * (2048 / kBackwardBlock));
+
+  dispatch_logits_type(logits.scalar_type(), [&](auto logits_tag) {
+    using scalar_t = decltype(logits_tag);
+    dispatch_target_type(target.scalar_type(), [&](auto target_tag) {
+      using index_t = decltype(target_tag);
+      BackwardParams<scalar_t, index_t> p;
+      p.grad_loss = g.const_data_ptr<float>();
+      p.grad_stride = g.stride(0);
+      p.logits = logits.const_data_ptr<scalar_t>();
+      p.row_stride = logits.stride(0);
+      p.target = target.const_data_ptr<index_t>();
+      p.target_stride = target.stride(0);
+      p.weight = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
+      p.weight_sum = weight_sum.defined() ? weight_sum.const_data_ptr<float>() : nullptr;
+      p.lse = lse_f.const_data_ptr<float>();
+      p.lse_stride = lse_f.stride(0);
+      p.num_rows = N;
+      p.num_classes = C;
+      p.ignore_index = ignore_index;
+      p.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
+      p.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
+      p.grad = grad.mutable_data_ptr<scalar_t>();
+      cross_entropy_backward_kernel<scalar_t, index_t>
+          <<<static_cast<unsigned>(blocks), kBackwardBlock, 0, stream>>>(p, group);
+      FASTEVAL_CUDA_LAUNCH_CHECK();
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace fasteval
+
+TORCH_LIBRARY_IMPL(fasteval, CUDA, m) {
+  m.impl("softmax_cross_entropy", &fasteval::softmax_cross_entropy_cuda);
+  m.impl("softmax_cross_entropy_backward", &fasteval::softmax_cross_entropy_backward_cuda);
+}
