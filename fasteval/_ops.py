@@ -49,6 +49,12 @@ def _register() -> None:
     torch.library.register_autograd("fasteval::softmax_cross_entropy", _sce_backward,
                                     setup_context=_sce_setup_context)
 
+    @torch.library.register_fake("fasteval::eval_update")
+    def _eval_update_fake(logits, target, calib_boundaries, ignore_index, label_smoothing, top_k, counts_only,
+                          loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count):
+        torch._check(logits.dim() in (2, 3), lambda: "expected logits of shape (N, C) or (N, C, S)")
+        return None
+
 
 _register()
 
@@ -62,3 +68,16 @@ def softmax_cross_entropy(logits, target, weight, ignore_index: int, label_smoot
     if logits.dtype in _KERNEL_DTYPES and _loader.has_kernel("softmax_cross_entropy", logits.device.type):
         return torch.ops.fasteval.softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing)
     return reference.softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing)
+
+
+def eval_update(logits, target, calib_boundaries, ignore_index: int, label_smoothing: float, top_k, counts_only: bool,
+                loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count) -> None:
+    """``fasteval::eval_update`` (in place on the state tensors) on the compiled kernel when one serves this
+    input, else the reference."""
+    if logits.dtype in _KERNEL_DTYPES and _loader.has_kernel("eval_update", logits.device.type):
+        torch.ops.fasteval.eval_update(logits, target, calib_boundaries, ignore_index, label_smoothing, top_k,
+                                       counts_only, loss_sum, confmat, topk_hits, calib_count, calib_conf,
+                                       calib_correct, count)
+    else:
+        reference.eval_update(logits, target, calib_boundaries, ignore_index, label_smoothing, top_k, counts_only,
+                              loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count)

@@ -7,12 +7,12 @@ may materialise N x C temporaries.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["softmax_cross_entropy", "softmax_cross_entropy_backward"]
+__all__ = ["softmax_cross_entropy", "softmax_cross_entropy_backward", "eval_update"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -78,3 +78,78 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
     grad = grad.scatter_add(1, t[:, None], (-g * (1 - eps) * wt)[:, None])
     grad = torch.where(valid[:, None], grad, torch.zeros((), dtype=x.dtype, device=x.device))
     return grad.to(logits.dtype)
+
+
+def _eval_rows(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+    """(N, C) or (N, C, S) logits and (N,) or (N, S) targets as (positions, C) rows and (positions,)."""
+    if logits.dim() == 2:
+        return logits, target.reshape(-1)
+    c = logits.shape[1]
+    return logits.movedim(1, -1).reshape(-1, c), target.reshape(-1)
+
+
+def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore_index: int,
+                label_smoothing: float, top_k: Sequence[int], counts_only: bool, loss_sum: Tensor,
+                confmat: Tensor, topk_hits: Tensor, calib_count: Tensor, calib_conf: Tensor,
+                calib_correct: Tensor, count: Tensor) -> None:
+    """Adds one batch to the running evaluation state, in place (the math is in csrc/registration.cpp).
+
+    Args:
+        logits: (N, C) or (N, C, S) floating logits (S: the flattened trailing dims of (N, C, d1, ...)).
+        target: (N,) or (N, S) class indices; ``ignore_index`` marks positions that count nowhere.
+        calib_boundaries: (B + 1,) increasing float32 bin edges from 0 to 1.
+        top_k: the k of each entry of ``topk_hits``.
+        counts_only: ``confmat`` is (3, C) per-class (tp, predicted, target) counts instead of (C, C).
+        loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count: the running state,
+            float64 (1,), int64 (C, C) or (3, C), int64 (K,), int64 (B+1,), float64 (B+1,), int64 (B+1,),
+            int64 (2,) = (valid positions, positions whose out-of-range target rejected their batch).
+
+    A target outside [0, C) other than ``ignore_index`` raises IndexError before anything is mutated (CPU).
+    On CUDA, and while tracing with torch.compile, where a data-dependent raise would need a host sync,
+    the batch is instead rejected: only ``count[1]`` grows, by the number of such targets.
+    """
+    x2, t = _eval_rows(logits, target)
+    n, c = x2.shape
+    x = x2.to(_compute_dtype(x2))
+    t = t.long()
+    valid = t != ignore_index
+    if x.device.type == "cpu":  # on CUDA the check would synchronise with the host: count instead
+        _check_targets(t, valid, c, ignore_index, "fasteval.eval_update")
+    bad = valid & ((t < 0) | (t >= c))
+    ok = (~bad.any()).to(torch.int64)  # 0 rejects the batch (only reachable while compiling)
+    valid = valid & ~bad
+    ts = torch.where(valid, t, torch.zeros_like(t))
+    vi = valid.to(torch.int64) * ok
+
+    loss, _ = softmax_cross_entropy(x, torch.where(valid, t, torch.full_like(t, ignore_index)), None,
+                                    ignore_index, label_smoothing)
+    loss_sum.add_((loss.double() * vi).sum().reshape(1).to(loss_sum.dtype))
+
+    pred = x.argmax(dim=1) if c > 0 else ts
+    if counts_only:
+        hit = (pred == ts).to(torch.int64) * vi
+        confmat[0].index_add_(0, ts, hit)
+        confmat[1].index_add_(0, pred, vi)
+        confmat[2].index_add_(0, ts, vi)
+    else:
+        confmat.view(-1).index_add_(0, ts * c + pred, vi)
+
+    xt = x.gather(1, ts[:, None])
+    xnan, tnan = torch.isnan(x), torch.isnan(xt)
+    above = (x > xt) | (xnan & ~tnan)
+    tie = (x == xt) | (xnan & tnan)
+    before = torch.arange(c, device=x.device)[None, :] < ts[:, None]
+    rank = above.sum(1) + (tie & before).sum(1)
+    if len(top_k) > 0:
+        topk_hits.add_(torch.stack([((rank < k).to(torch.int64) * vi).sum() for k in top_k]))
+
+    conf = torch.softmax(x.float(), dim=1).amax(dim=1)
+    in_bins = vi * (~torch.isnan(conf)).to(torch.int64)
+    b = torch.bucketize(torch.nan_to_num(conf, nan=0.0), calib_boundaries.to(conf.dtype), right=True) - 1
+    b = b.clamp(0, calib_count.shape[0] - 1)
+    correct = (pred == ts).to(torch.int64)
+    calib_count.index_add_(0, b, in_bins)
+    calib_conf.index_add_(0, b, torch.where(in_bins.bool(), conf.double(), torch.zeros_like(conf, dtype=torch.float64))
+                          .to(calib_conf.dtype))
+    calib_correct.index_add_(0, b, correct * in_bins)
+    count.add_(torch.stack([vi.sum(), bad.sum() * (1 - ok)]))
