@@ -16,3 +16,7 @@ def backend() -> str:
 
 
 __all__ = ["__version__", "backend", "cross_entropy", "CrossEntropyLoss"]
+
+from .evaluator import ClassificationEvaluator  # noqa: E402
+
+__all__ += ["ClassificationEvaluator"]
