@@ -248,7 +248,7 @@ def test_update_under_torch_compile_fullgraph():
     ev = ClassificationEvaluator(9, top_k=(1, 3), ignore_index=-100)
     ref = ClassificationEvaluator(9, top_k=(1, 3), ignore_index=-100)
 
-    @torch.compile(fullgraph=True, backend="aot_eager")
+    @torch.compile(fullgraph=True)
     def step(x, t):
         ev.update(x, t)
 
