@@ -20,3 +20,6 @@ __all__ = ["__version__", "backend", "cross_entropy", "CrossEntropyLoss"]
 from .evaluator import ClassificationEvaluator  # noqa: E402
 
 __all__ += ["ClassificationEvaluator"]
+from .evaluation import EvaluationReport, evaluate  # noqa: E402
+
+__all__ += ["evaluate", "EvaluationReport"]
