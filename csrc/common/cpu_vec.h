@@ -13,8 +13,6 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
 
 namespace fasteval {
@@ -124,23 +122,6 @@ inline fVec neg_inf_vec() { return fVec(-std::numeric_limits<float>::infinity())
 inline Chunk mask_tail(const Chunk& c, int64_t n, const fVec& fill) {
   if (n > kVecWidth) return {c.lo, fVec::set(fill, c.hi, n - kVecWidth)};
   return {fVec::set(fill, c.lo, n), fill};
-}
-
-// Bit i set when lane i of the comparison result `m` (all ones / all zeros per lane) is true.
-inline int movemask(const fVec& m) {
-#if defined(CPU_CAPABILITY_AVX2)
-  return _mm256_movemask_ps(m);
-#else
-  float lanes[kVecWidth];
-  m.store(lanes);
-  int bits = 0;
-  for (int64_t i = 0; i < kVecWidth; ++i) {
-    uint32_t u;
-    std::memcpy(&u, &lanes[i], sizeof(u));
-    bits |= static_cast<int>(u >> 31) << i;
-  }
-  return bits;
-#endif
 }
 
 inline float hmax(const fVec& v) {

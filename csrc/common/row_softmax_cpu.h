@@ -7,6 +7,7 @@
 // accumulates exp(x - m) while prefetching the next block. The running sum is rescaled once per block when the max grows, so the row is
 // read from memory once and exp is evaluated once per element.
 #include "common/cpu_vec.h"
+#include "common/row_rank_cpu.h"
 
 namespace fasteval {
 namespace cpu {
@@ -22,8 +23,8 @@ struct RowStats {
   inline float lse() const { return std::isfinite(max) ? max + std::log(sumexp) : std::numeric_limits<float>::quiet_NaN(); }
 };
 
-// Rank and argmax of a row, filled by row_eval_stats (only when the row max is finite; rows with a
-// NaN, +inf or only -inf values go through row_eval_scalar).
+// Rank and argmax of a row, filled by row_eval_stats (only when the row max is finite; for rows with a
+// NaN, +inf or only -inf values use row_argmax / row_rank of row_rank_cpu.h, which follow the same order).
 struct RowEval {
   int64_t argmax;  // first index of the maximum
   int64_t rank;    // #{c : x_c > x_t} + #{c < t : x_c == x_t}
@@ -112,17 +113,7 @@ FASTEVAL_ALWAYS_INLINE RowStats row_stats_impl(const T* row, int64_t C, const fl
     const fVec vm(m);
     if constexpr (WITH_EVAL) {
       // The maximum moved into this block (now in L1): its first occurrence is the argmax so far.
-      if (new_max) {
-        int64_t k = 0;
-        for (; k < len; k += kChunk) {
-          Chunk c = k + kChunk <= len ? L::load(p + k) : mask_tail(L::load(p + k, len - k), len - k, ninf);
-          const int bits = movemask(c.lo == vm) | (movemask(c.hi == vm) << kVecWidth);
-          if (bits) {
-            first = b0 + k + __builtin_ctz(static_cast<unsigned>(bits));
-            break;
-          }
-        }
-      }
+      if (new_max) first = b0 + row_find_first(p, len, m);
     }
     // Sweep 2 (L1-resident): sum of exp(x - m).
     fVec se_lo(0.f), se_hi(0.f);
@@ -168,29 +159,6 @@ inline RowStats row_softmax_stats(const T* row, int64_t C, const float* w) {
 template <typename T, bool WITH_SUM>
 inline RowStats row_eval_stats(const T* row, int64_t C, int64_t t, RowEval* ev) {
   return row_stats_impl<T, WITH_SUM, true>(row, C, nullptr, t, ev);
-}
-
-// Argmax (first maximal index, the first NaN if any, as torch.argmax) and rank of element t (NaN ranks
-// above every number, NaNs among themselves by index) of `n` values at stride `stride`; scalar. For the
-// rows the vector pass leaves out (non-finite max) and for strided layouts.
-template <typename T>
-inline RowEval row_eval_scalar(const T* row, int64_t n, int64_t stride, int64_t t) {
-  const float xt = static_cast<float>(row[t * stride]);
-  const bool tnan = std::isnan(xt);
-  int64_t arg = 0, rank = 0;
-  float best = static_cast<float>(row[0]);
-  for (int64_t c = 0; c < n; ++c) {
-    const float x = static_cast<float>(row[c * stride]);
-    if (!std::isnan(best) && (x > best || std::isnan(x))) {
-      best = x;
-      arg = c;
-    }
-    const bool xnan = std::isnan(x);
-    const bool above = tnan ? false : (xnan || x > xt);
-    const bool tie = tnan ? xnan : (x == xt);
-    rank += above || (tie && c < t);
-  }
-  return {arg, rank};
 }
 
 }  // namespace cpu

@@ -87,26 +87,5 @@ inline Shapes check_inputs(const at::Tensor& logits, const at::Tensor& target, c
   return s;
 }
 
-// Adds the (target, prediction) pairs of P positions to the confusion state; pred < 0 marks an ignored
-// position. counts_only: cm is (3, C) = (tp, predicted, target) counts; else (C, C) indexed [t, p].
-template <typename I>
-inline void add_confusion(const I* target, const int64_t* pred, int64_t P, int64_t C, bool counts_only, int64_t* cm) {
-  if (counts_only) {
-    for (int64_t i = 0; i < P; ++i) {
-      const int64_t p = pred[i];
-      if (p < 0) continue;
-      const int64_t t = static_cast<int64_t>(target[i]);
-      cm[t] += p == t;
-      cm[C + p] += 1;
-      cm[2 * C + t] += 1;
-    }
-  } else {
-    for (int64_t i = 0; i < P; ++i) {
-      const int64_t p = pred[i];
-      if (p >= 0) cm[static_cast<int64_t>(target[i]) * C + p] += 1;
-    }
-  }
-}
-
 }  // namespace evaluator
 }  // namespace fasteval

@@ -6,7 +6,9 @@
 // follow without touching the row again. Rows are split into fixed chunks (independent of the number of
 // threads, so results are deterministic), each chunk accumulating into its own small partial state;
 // the partials are added in chunk order at the end. The confusion matrix is counted from the per-row
-// predictions after the pass. Nothing of size N x C is allocated; 64-bit indexing throughout.
+// predictions after the pass with the histogram code of the confusion-matrix ops
+// (common/histogram_cpu.h); rows with a non-finite maximum take the argmax and rank of
+// common/row_rank_cpu.h. Nothing of size N x C is allocated; 64-bit indexing throughout.
 //
 // Targets are validated before anything is written: a bad target raises IndexError and leaves the state
 // untouched.
@@ -19,6 +21,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/histogram_cpu.h"
 #include "common/row_softmax_cpu.h"
 #include "evaluator/eval_update_common.h"
 
@@ -55,7 +58,8 @@ inline PositionResult contiguous_row(const T* row, int64_t C, int64_t t, float k
   const cpu::RowStats st = cpu::row_eval_stats<T, SMOOTH>(row, C, t, &ev);
   PositionResult r;
   if (!std::isfinite(st.max)) {  // NaN, +inf or only -inf: loss and confidence are NaN (as torch's)
-    ev = cpu::row_eval_scalar<T>(row, C, 1, t);
+    ev.argmax = cpu::row_argmax(row, C);
+    ev.rank = cpu::row_rank(row, C, t);
     r.loss = std::numeric_limits<float>::quiet_NaN();
     r.conf = std::numeric_limits<float>::quiet_NaN();
   } else {
@@ -68,6 +72,27 @@ inline PositionResult contiguous_row(const T* row, int64_t C, int64_t t, float k
   r.pred = ev.argmax;
   r.rank = ev.rank;
   return r;
+}
+
+// Argmax and rank (the order of common/row_rank_cpu.h) of n values at stride `stride`; scalar.
+template <typename T>
+inline cpu::RowEval strided_argmax_rank(const T* x, int64_t n, int64_t stride, int64_t t) {
+  const float xt = static_cast<float>(x[t * stride]);
+  const bool tnan = std::isnan(xt);
+  int64_t arg = 0, rank = 0;
+  float best = static_cast<float>(x[0]);
+  for (int64_t c = 0; c < n; ++c) {
+    const float v = static_cast<float>(x[c * stride]);
+    const bool vnan = std::isnan(v);
+    if (!std::isnan(best) && (v > best || vnan)) {
+      best = v;
+      arg = c;
+    }
+    const bool above = !tnan && (vnan || v > xt);
+    const bool tie = tnan ? vnan : v == xt;
+    rank += above || (tie && c < t);
+  }
+  return {arg, rank};
 }
 
 // A position of the (N, C, S) layout: C values at stride S. Scalar, one read (the target's logit is
@@ -94,7 +119,7 @@ inline PositionResult strided_position(const T* x, int64_t C, int64_t S, int64_t
   }
   PositionResult r;
   if (bad || !std::isfinite(m)) {
-    const cpu::RowEval ev = cpu::row_eval_scalar<T>(x, C, S, t);
+    const cpu::RowEval ev = strided_argmax_rank<T>(x, C, S, t);
     r.pred = ev.argmax;
     r.rank = ev.rank;
     r.loss = std::numeric_limits<float>::quiet_NaN();
@@ -230,11 +255,28 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
   loss_sum.data_ptr<double>()[0] += loss;
   count.data_ptr<int64_t>()[0] += valid;
 
-  // Confusion counts from the predictions (pred = -1 marks ignored positions).
+  // Confusion counts from the predictions (pred = -1 marks ignored positions), with the histogram code
+  // of the standalone confusion-matrix ops. Per-class counts: bins [0, C) tp, [C, 2C) predicted,
+  // [2C, 3C) target.
   int64_t* cm = confmat.data_ptr<int64_t>();
+  const int64_t* pp = pred.data();
   AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "eval_update_cpu_confmat", [&] {
     const index_t* tp = target.const_data_ptr<index_t>();
-    evaluator::add_confusion(tp, pred.data(), P, C, counts_only, cm);
+    const int64_t bins = counts_only ? 3 * C : C * C;
+    cpu::parallel_histogram(P, bins, 4096, cm, [&](int64_t begin, int64_t end, const auto& acc) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t p = pp[i];
+        if (p < 0) continue;
+        const int64_t t = static_cast<int64_t>(tp[i]);
+        if (counts_only) {
+          if (p == t) acc.add(t);
+          acc.add(C + p);
+          acc.add(2 * C + t);
+        } else {
+          acc.add(t * C + p);
+        }
+      }
+    });
   });
 }
 
