@@ -6,7 +6,7 @@ Compiled C++/CUDA kernels registered as ``torch.ops.fasteval.*`` with a pure-tor
 from . import _loader
 from . import _ops  # noqa: F401  (registers fake / autograd implementations)
 from .losses import CrossEntropyLoss, cross_entropy
-from . import confusion  # noqa: E402
+from . import confusion, metrics  # noqa: E402
 from .confusion import (binary_confusion_matrix, binned_confusion_matrix, check_invalid, class_counts,
                         confusion_matrix, multilabel_confusion_matrix)
 
@@ -20,4 +20,4 @@ def backend() -> str:
 
 __all__ = ["__version__", "backend", "cross_entropy", "CrossEntropyLoss"]
 __all__ += ["confusion_matrix", "binary_confusion_matrix", "multilabel_confusion_matrix", "binned_confusion_matrix",
-            "class_counts", "check_invalid"]
+            "class_counts", "check_invalid", "metrics"]
