@@ -7,7 +7,7 @@ from . import _loader
 from . import _ops  # noqa: F401  (registers fake / autograd implementations)
 from .losses import CrossEntropyLoss, cross_entropy
 
-from . import confusion  # noqa: E402
+from . import confusion, metrics  # noqa: E402
 from .confusion import (binary_confusion_matrix, binned_confusion_matrix, check_invalid, class_counts,
                         confusion_matrix, multilabel_confusion_matrix)
 
@@ -29,4 +29,4 @@ from .evaluation import EvaluationReport, evaluate  # noqa: E402
 __all__ += ["evaluate", "EvaluationReport"]
 
 __all__ += ["confusion_matrix", "binary_confusion_matrix", "multilabel_confusion_matrix", "binned_confusion_matrix",
-            "class_counts", "check_invalid"]
+            "class_counts", "check_invalid", "metrics"]

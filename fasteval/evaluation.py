@@ -63,25 +63,19 @@ class EvaluationReport:
         return json.dumps(self.to_dict(), **kwargs)
 
     def classification_report(self) -> str:
-        """scikit-learn's ``classification_report(labels=range(C), zero_division=0)`` text."""
-        m, digits = self.metrics, self.digits
-        headers = ["precision", "recall", "f1-score", "support"]
-        width = max(max(len(n) for n in self.target_names), len("weighted avg"), digits)
-        head_fmt = "{:>{width}s} " + " {:>9}" * len(headers)
-        report = head_fmt.format("", *headers, width=width) + "\n\n"
-        row_fmt = "{:>{width}s} " + " {:>9.{digits}f}" * 3 + " {:>9}\n"
-        rows = zip(self.target_names, m["precision"].tolist(), m["recall"].tolist(), m["f1"].tolist(),
-                   m["support"].tolist())
-        for row in rows:
-            report += row_fmt.format(*row, width=width, digits=digits)
-        report += "\n"
-        total = int(m["support"].sum())
-        acc_fmt = "{:>{width}s} " + " {:>9.{digits}}" * 2 + " {:>9.{digits}f}" + " {:>9}\n"
-        report += acc_fmt.format("accuracy", "", "", m["f1_micro"], total, width=width, digits=digits)
-        for avg in ("macro", "weighted"):
-            report += row_fmt.format(f"{avg} avg", m[f"precision_{avg}"], m[f"recall_{avg}"], m[f"f1_{avg}"], total,
-                                     width=width, digits=digits)
-        return report
+        """scikit-learn's ``classification_report(labels=range(C), zero_division=0)`` text, from the
+        accumulated counts through :func:`fasteval.metrics.classification_report`."""
+        from . import metrics
+
+        m = self.metrics
+        cm = m.get("confusion_matrix")
+        if cm is not None:
+            source = {"confmat": cm}
+        else:  # per-class counts mode
+            k = m["class_counts"]
+            source = {"counts": (k["tp"], k["predicted"], k["target"])}
+        return metrics.classification_report(target_names=self.target_names, digits=self.digits, zero_division=0,
+                                             **source)
 
     def __str__(self) -> str:
         m = self.metrics

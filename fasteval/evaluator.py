@@ -232,7 +232,9 @@ class ClassificationEvaluator:
         Returns a dict: ``loss`` (mean cross-entropy), ``perplexity``, ``accuracy``, ``top{k}_accuracy``,
         ``precision_{micro,macro,weighted}``, ``recall_*``, ``f1_*``, per-class ``precision``,
         ``recall``, ``f1`` (float64 tensors) and ``support`` (int64), ``confusion_matrix`` ((C, C) int64,
-        None in per-class-counts mode), ``ece`` and ``count``. Precision / recall / F1 follow
+        None in per-class-counts mode), ``class_counts`` (per-class ``tp`` / ``predicted`` / ``target``),
+        ``ece``, ``calibration`` (the bins) and ``count``. Precision / recall / F1 come from
+        :mod:`fasteval.metrics` on the accumulated counts. Precision / recall / F1 follow
         scikit-learn's ``precision_recall_fscore_support(labels=range(C), zero_division=0)``.
         """
         host = [t.detach().to("cpu") for t in self._states()]
@@ -255,8 +257,10 @@ class ClassificationEvaluator:
         }
         for k, h in zip(self.top_k, topk_hits.tolist()):
             out[f"top{k}_accuracy"] = h / n if n else nan
-        out.update(_prf(tp, pred_count, support))
+        source = {"confmat": confmat} if self.full_confusion else {"counts": (tp, pred_count, support)}
+        out.update(_prf(source, support))
         out["confusion_matrix"] = confmat if self.full_confusion else None
+        out["class_counts"] = {"tp": tp.clone(), "predicted": pred_count.clone(), "target": support.clone()}
         total = int(calib_count.sum())
         out["ece"] = float((calib_correct.double() - calib_conf).abs().sum()) / total if total else nan
         out["calibration"] = {"count": calib_count, "confidence_sum": calib_conf, "correct": calib_correct,
@@ -269,22 +273,16 @@ class ClassificationEvaluator:
         return f"ClassificationEvaluator({cfg}, device={str(self.device)!r})"
 
 
-def _prf(tp: Tensor, pred_count: Tensor, support: Tensor) -> Dict[str, object]:
-    """Precision / recall / F1 (per class and micro / macro / weighted averages) from per-class counts,
-    as scikit-learn's ``precision_recall_fscore_support(labels=range(C), zero_division=0)``."""
-    tp, pred, sup = tp.double(), pred_count.double(), support.double()
+def _prf(source: Dict[str, object], support: Tensor) -> Dict[str, object]:
+    """Precision / recall / F1 (per class and micro / macro / weighted averages) from the accumulated
+    counts (``confmat=`` or ``counts=``) through :mod:`fasteval.metrics`, i.e. as scikit-learn's
+    ``precision_recall_fscore_support(labels=range(C), zero_division=0)``."""
+    from . import metrics
 
-    def div(a: Tensor, b: Tensor) -> Tensor:
-        return torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.zeros_like(a))
-
-    per = {"precision": div(tp, pred), "recall": div(tp, sup), "f1": div(2 * tp, pred + sup)}
-    micro = {"precision": div(tp.sum(), pred.sum()), "recall": div(tp.sum(), sup.sum()),
-             "f1": div(2 * tp.sum(), pred.sum() + sup.sum())}
     out: Dict[str, object] = {}
-    for name, v in per.items():
-        out[f"{name}_micro"] = float(micro[name])
-        out[f"{name}_macro"] = float(v.mean())
-        out[f"{name}_weighted"] = float(div((v * sup).sum(), sup.sum()))
-    out.update(per)
-    out["support"] = support.to(torch.int64)
+    for avg in ("micro", "macro", "weighted"):
+        p, r, f, _ = metrics.precision_recall_fscore_support(average=avg, zero_division=0, **source)
+        out[f"precision_{avg}"], out[f"recall_{avg}"], out[f"f1_{avg}"] = float(p), float(r), float(f)
+    p, r, f, _ = metrics.precision_recall_fscore_support(average=None, zero_division=0, **source)
+    out.update(precision=p, recall=r, f1=f, support=support.to(torch.int64))
     return out

@@ -90,6 +90,8 @@ def test_sync_equals_single_process(tmp_path, world, full_confusion):
                 assert m[k] == pytest.approx(v, rel=1e-12), k
             elif isinstance(v, torch.Tensor):
                 assert torch.equal(m[k], v), k
+            elif k == "class_counts":
+                assert all(torch.equal(m[k][j], v[j]) for j in v), k
             elif k not in ("calibration",):
                 assert m[k] == v, k
 

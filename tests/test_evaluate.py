@@ -89,3 +89,15 @@ def test_demo_main(capsys):
     assert "identical" in out
     line = [l for l in out.splitlines() if l.startswith("manual torch.max loop accuracy")][0]
     assert float(line.split(":")[1].strip().rstrip("%")) > 80.0  # the task is learnable
+
+
+def test_report_in_per_class_counts_mode_matches_full_mode():
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(200, 6, generator=g), torch.randint(0, 6, (200,), generator=g)
+    full, counts = fasteval.ClassificationEvaluator(6), fasteval.ClassificationEvaluator(6, full_confusion=False)
+    full.update(x, t)
+    counts.update(x, t)
+    a, b = fasteval.EvaluationReport.from_evaluator(full), fasteval.EvaluationReport.from_evaluator(counts)
+    assert str(a) == str(b)
+    assert a.classification_report() == skm.classification_report(t.numpy(), x.argmax(1).numpy(), labels=list(range(6)),
+                                                                   zero_division=0)

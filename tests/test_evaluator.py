@@ -93,12 +93,15 @@ def test_counts_mode_matches_full_mode():
     a, b = full.compute(), counts.compute()
     assert b["confusion_matrix"] is None and a["confusion_matrix"] is not None
     for k, v in a.items():
-        if k in ("confusion_matrix", "calibration"):
+        if k in ("confusion_matrix", "calibration", "class_counts"):
             continue
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, b[k]), k
         else:
             assert v == b[k], k
+    for j in ("tp", "predicted", "target"):
+        assert torch.equal(a["class_counts"][j], b["class_counts"][j]), j
+    assert torch.equal(a["class_counts"]["tp"], a["confusion_matrix"].diagonal())
     exp = sk_expected(*zip(*data), 20, -100)
     assert_matches(b, exp, 20)
 
