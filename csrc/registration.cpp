@@ -32,4 +32,69 @@ TORCH_LIBRARY(fasteval, m) {
   m.def(
       "softmax_cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor total_weight, int ignore_index, float label_smoothing, int reduction) -> Tensor");
+
+  // Fused evaluation update: ONE read of each row of the logits, nothing of size N x C materialised.
+  // logits: (N, C) with unit class stride, or (N, C, S) (the flattened (N, C, d1, ...) layout, class
+  // stride S). A position is a row (or an (n, s) pair). target: (N,) or (N, S), int64 / int32.
+  // A target outside [0, C) other than ignore_index rejects the whole batch, nothing else is mutated:
+  // the CPU kernel raises IndexError; the CUDA kernel (which cannot raise without a host sync) adds the
+  // number of such targets to count[1] instead, and the Python API raises when it next reads the state.
+  // For every valid position (target != ignore_index) with t = target, x = its C logits,
+  // lse = log sum_c exp(x_c):
+  //   loss_sum[0]      += (1 - eps) * (lse - x_t) + eps / C * sum_c (lse - x_c)     (fp32 per row,
+  //                        fp64 sum; eps = label_smoothing)
+  //   p                 = argmax_c x_c (first maximal index; a NaN counts as the maximum, as torch.argmax)
+  //   confmat[t, p]    += 1                       when counts_only is false; confmat is (C, C) int64
+  //   confmat[:, .]    += (tp, pred, target)      when counts_only is true; confmat is (3, C) int64:
+  //                        confmat[0, t] += (p == t), confmat[1, p] += 1, confmat[2, t] += 1
+  //   r                 = #{c : x_c > x_t} + #{c < t : x_c == x_t}  (rank of the target; NaN above all)
+  //   topk_hits[j]     += (r < top_k[j])                              topk_hits: (len(top_k),) int64
+  //   conf              = max_c softmax(x)_c = 1 / sum_c exp(x_c - max x)
+  //   b                 = bucketize(conf, calib_boundaries, right=True) - 1  (B+1 float32 boundaries,
+  //                        0 = b_0 < ... < b_B = 1; b == B only for conf == 1); skipped if conf is NaN
+  //   calib_count[b]   += 1, calib_conf[b] += conf, calib_correct[b] += (p == t)   ((B+1,) int64 /
+  //                        float64 / int64)
+  //   count[0]         += 1                                            count: (2,) int64
+  m.def(
+      "eval_update(Tensor logits, Tensor target, Tensor calib_boundaries, int ignore_index, "
+      "float label_smoothing, int[] top_k, bool counts_only, Tensor(a!) loss_sum, Tensor(b!) confmat, "
+      "Tensor(c!) topk_hits, Tensor(d!) calib_count, Tensor(e!) calib_conf, Tensor(f!) calib_correct, "
+      "Tensor(g!) count) -> ()");
+
+  // ---- Confusion matrices (csrc/confusion/). Every count is int64. `invalid` is a 0-dim int64 tensor:
+  // the number of samples skipped because a label was outside [0, C) (or a binary label outside {0, 1}).
+  // CPU kernels raise IndexError on such samples instead (invalid is then always 0); CUDA kernels count
+  // them so that no call synchronises with the host, and the Python layer checks the counter later.
+  //
+  // Multiclass confusion matrix, rows = true class, columns = predicted class:
+  //   confmat[t, p] = #{i : target[i] = t, pred[i] = p, target[i] != ignore_index}
+  // preds: integer labels with target's shape, or floating scores (N, C, d1, ...) with target
+  // (N, d1, ...); then pred[i] = argmax over the class dim (first maximal index; NaN counts as the
+  // maximum, as torch.argmax does), fused into the same pass.
+  m.def("confusion_matrix(Tensor preds, Tensor target, int num_classes, int? ignore_index) -> "
+        "(Tensor confmat, Tensor invalid)");
+  // Per-class counts without a C x C matrix (huge C): counts is (3, C) int64 with rows
+  //   0: tp[c] = #{t = c, p = c},  1: pred_count[c] = #{p = c},  2: target_count[c] = #{t = c}
+  // over non-ignored samples; preds as for confusion_matrix.
+  m.def("class_counts(Tensor preds, Tensor target, int num_classes, int? ignore_index) -> "
+        "(Tensor counts, Tensor invalid)");
+  // Binary / multilabel confusion matrices: preds (N, L) floating scores (positive when
+  // preds > threshold, compared in float32, float64 for float64 preds) or integer 0/1 labels; target
+  // (N, L) integer 0/1. confmat (L, 2, 2) = [[tn, fp], [fn, tp]] per label; elements whose target
+  // equals ignore_index are skipped.
+  m.def("multilabel_confusion_matrix(Tensor preds, Tensor target, float threshold, int? ignore_index) -> "
+        "(Tensor confmat, Tensor invalid)");
+  // Binned (multi-threshold) confusion matrices in one pass: thresholds (T,) sorted ascending, a
+  // sample is predicted positive at threshold k when preds >= thresholds[k]. preds (N, L) floating;
+  // target (N, L) integer 0/1 (binary / multilabel) or target (N,) class labels (one-vs-rest over the
+  // L = C columns of preds). confmat (L, T, 2, 2) = [[tn, fp], [fn, tp]] per label and threshold.
+  m.def("binned_confusion_matrix(Tensor preds, Tensor target, Tensor thresholds, int? ignore_index) -> "
+        "(Tensor confmat, Tensor invalid)");
+  // Rank of the target's score within its row of scores (N, C): the target's position in the row
+  // sorted by descending score with ties in index order (torch.sort(descending=True, stable=True);
+  // NaN ranks above every number, as in torch.sort and torch.argmax):
+  //   rank[i] = #{j : x_j > x_t or isnan(x_j)} + #{j < t : x_j == x_t}     (x_t not NaN)
+  //   rank[i] = #{j < t : isnan(x_j)}                                      (x_t NaN)
+  // so rank 0 <=> argmax == target, and the target is in the top k <=> rank < k. -1 for ignored rows.
+  m.def("topk_rank(Tensor scores, Tensor target, int? ignore_index) -> (Tensor rank, Tensor invalid)");
 }

@@ -7,6 +7,10 @@ from . import _loader
 from . import _ops  # noqa: F401  (registers fake / autograd implementations)
 from .losses import CrossEntropyLoss, cross_entropy
 
+from . import confusion, metrics  # noqa: E402
+from .confusion import (binary_confusion_matrix, binned_confusion_matrix, check_invalid, class_counts,
+                        confusion_matrix, multilabel_confusion_matrix)
+
 __version__ = "0.1.0"
 
 
@@ -16,3 +20,13 @@ def backend() -> str:
 
 
 __all__ = ["__version__", "backend", "cross_entropy", "CrossEntropyLoss"]
+
+from .evaluator import ClassificationEvaluator  # noqa: E402
+
+__all__ += ["ClassificationEvaluator"]
+from .evaluation import EvaluationReport, evaluate  # noqa: E402
+
+__all__ += ["evaluate", "EvaluationReport"]
+
+__all__ += ["confusion_matrix", "binary_confusion_matrix", "multilabel_confusion_matrix", "binned_confusion_matrix",
+            "class_counts", "check_invalid", "metrics"]

@@ -36,6 +36,12 @@ def _register() -> None:
     # The autograd formula of fasteval::softmax_cross_entropy is registered in C++
     # (csrc/cross_entropy/cross_entropy_autograd.cpp): a Python one costs microseconds per call.
 
+    @torch.library.register_fake("fasteval::eval_update")
+    def _eval_update_fake(logits, target, calib_boundaries, ignore_index, label_smoothing, top_k, counts_only,
+                          loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count):
+        torch._check(logits.dim() in (2, 3), lambda: "expected logits of shape (N, C) or (N, C, S)")
+        return None
+
 
 _register()
 # Resolved once: attribute look-ups through torch.ops cost microseconds on small inputs.
@@ -51,3 +57,107 @@ def softmax_cross_entropy(logits, target, weight, ignore_index: int, label_smoot
     if logits.dtype in _KERNEL_DTYPES and _loader.has_kernel("softmax_cross_entropy", logits.device.type):
         return _SCE(logits, target, weight, ignore_index, label_smoothing, reduction)
     return reference.softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction)
+
+
+def eval_update(logits, target, calib_boundaries, ignore_index: int, label_smoothing: float, top_k, counts_only: bool,
+                loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count) -> None:
+    """``fasteval::eval_update`` (in place on the state tensors) on the compiled kernel when one serves this
+    input, else the reference."""
+    if logits.dtype in _KERNEL_DTYPES and _loader.has_kernel("eval_update", logits.device.type):
+        torch.ops.fasteval.eval_update(logits, target, calib_boundaries, ignore_index, label_smoothing, top_k,
+                                       counts_only, loss_sum, confmat, topk_hits, calib_count, calib_conf,
+                                       calib_correct, count)
+    else:
+        reference.eval_update(logits, target, calib_boundaries, ignore_index, label_smoothing, top_k, counts_only,
+                              loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count)
+
+# ---------------------------------------------------------------------------------------------------
+# Confusion matrices: fake implementations (shapes only; the counts are not differentiable) and
+# dispatch to the compiled kernel or the reference.
+
+_CONFUSION_REGISTERED = False
+
+
+def _register_confusion() -> None:
+    global _CONFUSION_REGISTERED
+    if _CONFUSION_REGISTERED or not _loader.load():
+        return
+    _CONFUSION_REGISTERED = True
+
+    def _invalid(like):
+        return like.new_empty((), dtype=torch.int64)
+
+    @torch.library.register_fake("fasteval::confusion_matrix")
+    def _cm_fake(preds, target, num_classes, ignore_index):
+        return target.new_empty((num_classes, num_classes), dtype=torch.int64), _invalid(target)
+
+    @torch.library.register_fake("fasteval::class_counts")
+    def _cc_fake(preds, target, num_classes, ignore_index):
+        return target.new_empty((3, num_classes), dtype=torch.int64), _invalid(target)
+
+    @torch.library.register_fake("fasteval::multilabel_confusion_matrix")
+    def _ml_fake(preds, target, threshold, ignore_index):
+        torch._check(preds.dim() == 2, lambda: "expected preds of shape (N, L)")
+        return target.new_empty((preds.shape[1], 2, 2), dtype=torch.int64), _invalid(target)
+
+    @torch.library.register_fake("fasteval::binned_confusion_matrix")
+    def _binned_fake(preds, target, thresholds, ignore_index):
+        torch._check(preds.dim() == 2, lambda: "expected preds of shape (N, L)")
+        return (target.new_empty((preds.shape[1], thresholds.shape[0], 2, 2), dtype=torch.int64),
+                _invalid(target))
+
+    @torch.library.register_fake("fasteval::topk_rank")
+    def _rank_fake(scores, target, ignore_index):
+        torch._check(scores.dim() == 2, lambda: "expected scores of shape (N, C)")
+        return target.new_empty((scores.shape[0],), dtype=torch.int64), _invalid(target)
+
+
+_register_confusion()
+
+_SCORE_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # argmax / rank kernels
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_BINARY_DTYPES = (torch.int64, torch.int32, torch.uint8)
+
+
+def _multiclass_served(preds, target) -> bool:
+    if target.dtype not in _INDEX_DTYPES:
+        return False
+    return preds.dtype in _SCORE_KERNEL_DTYPES if preds.is_floating_point() else preds.dtype in _INDEX_DTYPES
+
+
+def confusion_matrix(preds, target, num_classes: int, ignore_index):
+    """``fasteval::confusion_matrix`` (compiled when a kernel serves the input, else the reference)."""
+    if _multiclass_served(preds, target) and _loader.has_kernel("confusion_matrix", target.device.type):
+        return torch.ops.fasteval.confusion_matrix(preds, target, num_classes, ignore_index)
+    return reference.confusion_matrix(preds, target, num_classes, ignore_index)
+
+
+def class_counts(preds, target, num_classes: int, ignore_index):
+    """``fasteval::class_counts``: (3, C) tp / predicted / target counts and the invalid count."""
+    if _multiclass_served(preds, target) and _loader.has_kernel("class_counts", target.device.type):
+        return torch.ops.fasteval.class_counts(preds, target, num_classes, ignore_index)
+    return reference.class_counts(preds, target, num_classes, ignore_index)
+
+
+def multilabel_confusion_matrix(preds, target, threshold: float, ignore_index):
+    """``fasteval::multilabel_confusion_matrix``: (L, 2, 2) counts and the invalid count."""
+    served = target.dtype in _BINARY_DTYPES and (preds.is_floating_point() or preds.dtype in _BINARY_DTYPES)
+    if served and _loader.has_kernel("multilabel_confusion_matrix", target.device.type):
+        return torch.ops.fasteval.multilabel_confusion_matrix(preds, target, threshold, ignore_index)
+    return reference.multilabel_confusion_matrix(preds, target, threshold, ignore_index)
+
+
+def binned_confusion_matrix(preds, target, thresholds, ignore_index):
+    """``fasteval::binned_confusion_matrix``: (L, T, 2, 2) counts and the invalid count."""
+    served = target.dtype in _BINARY_DTYPES and preds.is_floating_point()
+    if served and _loader.has_kernel("binned_confusion_matrix", target.device.type):
+        return torch.ops.fasteval.binned_confusion_matrix(preds, target, thresholds, ignore_index)
+    return reference.binned_confusion_matrix(preds, target, thresholds, ignore_index)
+
+
+def topk_rank(scores, target, ignore_index):
+    """``fasteval::topk_rank``: (N,) rank of each target in its row and the invalid count."""
+    if scores.dtype in _SCORE_KERNEL_DTYPES and target.dtype in _INDEX_DTYPES and \
+            _loader.has_kernel("topk_rank", target.device.type):
+        return torch.ops.fasteval.topk_rank(scores, target, ignore_index)
+    return reference.topk_rank(scores, target, ignore_index)

@@ -7,12 +7,12 @@ may materialise N x C temporaries.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["softmax_cross_entropy", "softmax_cross_entropy_backward"]
+__all__ = ["softmax_cross_entropy", "softmax_cross_entropy_backward", "eval_update"]
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -123,3 +123,242 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
     grad = grad.scatter_add(1, t[:, None], (-g * (1 - eps) * wt)[:, None])
     grad = torch.where(valid[:, None], grad, torch.zeros((), dtype=x.dtype, device=x.device))
     return grad.to(logits.dtype)
+
+
+def _eval_rows(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+    """(N, C) or (N, C, S) logits and (N,) or (N, S) targets as (positions, C) rows and (positions,)."""
+    if logits.dim() == 2:
+        return logits, target.reshape(-1)
+    c = logits.shape[1]
+    return logits.movedim(1, -1).reshape(-1, c), target.reshape(-1)
+
+
+def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore_index: int,
+                label_smoothing: float, top_k: Sequence[int], counts_only: bool, loss_sum: Tensor,
+                confmat: Tensor, topk_hits: Tensor, calib_count: Tensor, calib_conf: Tensor,
+                calib_correct: Tensor, count: Tensor) -> None:
+    """Adds one batch to the running evaluation state, in place (the math is in csrc/registration.cpp).
+
+    Args:
+        logits: (N, C) or (N, C, S) floating logits (S: the flattened trailing dims of (N, C, d1, ...)).
+        target: (N,) or (N, S) class indices; ``ignore_index`` marks positions that count nowhere.
+        calib_boundaries: (B + 1,) increasing float32 bin edges from 0 to 1.
+        top_k: the k of each entry of ``topk_hits``.
+        counts_only: ``confmat`` is (3, C) per-class (tp, predicted, target) counts instead of (C, C).
+        loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count: the running state,
+            float64 (1,), int64 (C, C) or (3, C), int64 (K,), int64 (B+1,), float64 (B+1,), int64 (B+1,),
+            int64 (2,) = (valid positions, positions whose out-of-range target rejected their batch).
+
+    A target outside [0, C) other than ``ignore_index`` raises IndexError before anything is mutated (CPU).
+    On CUDA, and while tracing with torch.compile, where a data-dependent raise would need a host sync,
+    the batch is instead rejected: only ``count[1]`` grows, by the number of such targets.
+    """
+    x2, t = _eval_rows(logits, target)
+    n, c = x2.shape
+    x = x2.to(_compute_dtype(x2))
+    t = t.long()
+    valid = t != ignore_index
+    if x.device.type == "cpu":  # on CUDA the check would synchronise with the host: count instead
+        _check_targets(t, valid, c, ignore_index, "fasteval.eval_update")
+    bad = valid & ((t < 0) | (t >= c))
+    ok = (~bad.any()).to(torch.int64)  # 0 rejects the batch (only reachable while compiling)
+    valid = valid & ~bad
+    ts = torch.where(valid, t, torch.zeros_like(t))
+    vi = valid.to(torch.int64) * ok
+
+    loss = softmax_cross_entropy(x, torch.where(valid, t, torch.full_like(t, ignore_index)), None,
+                                 ignore_index, label_smoothing, 0)[0]
+    loss_sum.add_((loss.double() * vi).sum().reshape(1).to(loss_sum.dtype))
+
+    pred = x.argmax(dim=1) if c > 0 else ts
+    if counts_only:
+        hit = (pred == ts).to(torch.int64) * vi
+        confmat[0].index_add_(0, ts, hit)
+        confmat[1].index_add_(0, pred, vi)
+        confmat[2].index_add_(0, ts, vi)
+    else:
+        confmat.view(-1).index_add_(0, ts * c + pred, vi)
+
+    xt = x.gather(1, ts[:, None])
+    xnan, tnan = torch.isnan(x), torch.isnan(xt)
+    above = (x > xt) | (xnan & ~tnan)
+    tie = (x == xt) | (xnan & tnan)
+    before = torch.arange(c, device=x.device)[None, :] < ts[:, None]
+    rank = above.sum(1) + (tie & before).sum(1)
+    if len(top_k) > 0:
+        topk_hits.add_(torch.stack([((rank < k).to(torch.int64) * vi).sum() for k in top_k]))
+
+    conf = torch.softmax(x.float(), dim=1).amax(dim=1)
+    in_bins = vi * (~torch.isnan(conf)).to(torch.int64)
+    b = torch.bucketize(torch.nan_to_num(conf, nan=0.0), calib_boundaries.to(conf.dtype), right=True) - 1
+    b = b.clamp(0, calib_count.shape[0] - 1)
+    correct = (pred == ts).to(torch.int64)
+    calib_count.index_add_(0, b, in_bins)
+    calib_conf.index_add_(0, b, torch.where(in_bins.bool(), conf.double(), torch.zeros_like(conf, dtype=torch.float64))
+                          .to(calib_conf.dtype))
+    calib_correct.index_add_(0, b, correct * in_bins)
+    count.add_(torch.stack([vi.sum(), bad.sum() * (1 - ok)]))
+
+# ---------------------------------------------------------------------------------------------------
+# Confusion matrices (fasteval::confusion_matrix, class_counts, multilabel_confusion_matrix,
+# binned_confusion_matrix, topk_rank).
+#
+# Out-of-range labels behave as in the compiled kernels: on CPU they raise IndexError; on other devices
+# the offending samples are skipped and counted in the returned ``invalid`` 0-dim int64 tensor, so that
+# nothing synchronises with the host.
+
+__all__ += ["confusion_matrix", "class_counts", "multilabel_confusion_matrix", "binned_confusion_matrix",
+            "topk_rank"]
+
+
+def _invalid_labels(bad: Tensor, values: Tensor, what: str, valid_range: str, ignore_index: Optional[int],
+                    op: str) -> Tensor:
+    """Returns the number of invalid samples as a 0-dim int64 tensor; raises on CPU if there are any."""
+    count = bad.sum(dtype=torch.int64)
+    if values.device.type == "cpu" and not torch.compiler.is_compiling() and bool(count):
+        v = int(values[bad].reshape(-1)[0])
+        ign = "" if ignore_index is None else f" or ignore_index={ignore_index}"
+        raise IndexError(f"{op}: {what} {v} is out of range (valid values are {valid_range}{ign})")
+    return count
+
+
+def _labels_from_preds(preds: Tensor, target: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
+    """(pred labels, target) flattened; argmax over dim 1 for floating scores."""
+    if preds.is_floating_point():
+        if preds.dim() < 2 or preds.shape[1] != num_classes:
+            raise ValueError(f"expected scores of shape (N, {num_classes}, ...), got {tuple(preds.shape)}")
+        p = preds.argmax(dim=1)
+    else:
+        p = preds
+    if p.shape != target.shape:
+        raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} do not match")
+    return p.reshape(-1).long(), target.reshape(-1).long()
+
+
+def _multiclass_valid(p: Tensor, t: Tensor, num_classes: int, ignore_index: Optional[int], op: str):
+    keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
+    bad_t = keep & ((t < 0) | (t >= num_classes))
+    bad_p = keep & ~bad_t & ((p < 0) | (p >= num_classes))
+    range_ = f"0..{num_classes - 1}"
+    inv = _invalid_labels(bad_t, t, "target", range_, ignore_index, op)
+    inv = inv + _invalid_labels(bad_p, p, "prediction", range_, None, op)
+    return keep & ~bad_t & ~bad_p, inv
+
+
+def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int,
+                     ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(C, C) int64 counts, rows = true class, columns = predicted class, and the invalid count."""
+    p, t = _labels_from_preds(preds, target, num_classes)
+    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, "fasteval.confusion_matrix")
+    idx = torch.where(ok, t * num_classes + p, torch.zeros_like(t))
+    cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=t.device)
+    cm.index_add_(0, idx, ok.long())
+    return cm.reshape(num_classes, num_classes), inv
+
+
+def class_counts(preds: Tensor, target: Tensor, num_classes: int,
+                 ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(3, C) int64: rows tp, predicted count, target count per class; and the invalid count."""
+    p, t = _labels_from_preds(preds, target, num_classes)
+    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, "fasteval.class_counts")
+    w = ok.long()
+    z = torch.zeros_like(t)
+    counts = torch.zeros(3, num_classes, dtype=torch.int64, device=t.device)
+    counts[0].index_add_(0, torch.where(ok, t, z), w * (p == t).long())
+    counts[1].index_add_(0, torch.where(ok, p, z), w)
+    counts[2].index_add_(0, torch.where(ok, t, z), w)
+    return counts, inv
+
+
+def _binary_target_valid(target: Tensor, ignore_index: Optional[int], op: str):
+    t = target.long()
+    keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
+    bad = keep & (t != 0) & (t != 1)
+    inv = _invalid_labels(bad, t, "target", "0 or 1", ignore_index, op)
+    return t, keep & ~bad, inv
+
+
+def _threshold_dtype(preds: Tensor) -> torch.dtype:
+    return torch.float64 if preds.dtype == torch.float64 else torch.float32
+
+
+def multilabel_confusion_matrix(preds: Tensor, target: Tensor, threshold: float = 0.5,
+                                ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(L, 2, 2) int64 [[tn, fp], [fn, tp]] per label of (N, L) preds / target; and the invalid count."""
+    op = "fasteval.multilabel_confusion_matrix"
+    if preds.dim() != 2 or preds.shape != target.shape:
+        raise ValueError(f"{op}: expected preds and target of the same shape (N, L), got {tuple(preds.shape)} "
+                         f"and {tuple(target.shape)}")
+    t, ok, inv = _binary_target_valid(target, ignore_index, op)
+    if preds.is_floating_point():
+        dt = _threshold_dtype(preds)
+        p = (preds.to(dt) > torch.tensor(threshold, dtype=dt)).long()
+    else:
+        p = preds.long()
+        bad = ok & (p != 0) & (p != 1)
+        inv = inv + _invalid_labels(bad, p, "prediction", "0 or 1", None, op)
+        ok = ok & ~bad
+    num_labels = preds.shape[1]
+    lab = torch.arange(num_labels, device=preds.device).expand_as(t)
+    idx = torch.where(ok, lab * 4 + t * 2 + p, torch.zeros_like(t))
+    cm = torch.zeros(num_labels * 4, dtype=torch.int64, device=preds.device)
+    cm.index_add_(0, idx.reshape(-1), ok.long().reshape(-1))
+    return cm.reshape(num_labels, 2, 2), inv
+
+
+def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Tensor,
+                            ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """(L, T, 2, 2) int64 counts at each threshold (positive when preds >= thresholds[k]).
+
+    preds (N, L); target (N, L) of 0/1, or (N,) class labels (one-vs-rest over the L columns).
+    Written as the N x L x T broadcast the compiled kernel avoids.
+    """
+    op = "fasteval.binned_confusion_matrix"
+    if preds.dim() != 2:
+        raise ValueError(f"{op}: expected preds of shape (N, L), got {tuple(preds.shape)}")
+    n, num_labels = preds.shape
+    if target.dim() == 1:
+        if target.shape[0] != n:
+            raise ValueError(f"{op}: target {tuple(target.shape)} does not match preds {tuple(preds.shape)}")
+        t = target.long()
+        keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
+        bad = keep & ((t < 0) | (t >= num_labels))
+        inv = _invalid_labels(bad, t, "target", f"0..{num_labels - 1}", ignore_index, op)
+        ok = (keep & ~bad)[:, None].expand(n, num_labels)
+        tb = (t[:, None] == torch.arange(num_labels, device=t.device)[None, :]).long()
+    else:
+        if target.shape != preds.shape:
+            raise ValueError(f"{op}: target {tuple(target.shape)} does not match preds {tuple(preds.shape)}")
+        tb, ok, inv = _binary_target_valid(target, ignore_index, op)
+    dt = _threshold_dtype(preds)
+    pos = (preds.to(dt)[:, :, None] >= thresholds.to(dt)[None, None, :]).long()  # (N, L, T)
+    okl = ok.long()[:, :, None]
+    tb3 = tb[:, :, None]
+    tp = (pos * tb3 * okl).sum(0)
+    fp = (pos * (1 - tb3) * okl).sum(0)
+    npos = (tb * ok.long()).sum(0)[:, None]
+    nneg = ((1 - tb) * ok.long()).sum(0)[:, None]
+    cm = torch.stack([torch.stack([nneg - fp, fp], -1), torch.stack([npos - tp, tp], -1)], -2)
+    return cm, inv
+
+
+def topk_rank(scores: Tensor, target: Tensor, ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Rank of the target's score within its row of (N, C) scores (see the op's schema); -1 if ignored."""
+    op = "fasteval.topk_rank"
+    if scores.dim() != 2 or target.dim() != 1 or target.shape[0] != scores.shape[0]:
+        raise ValueError(f"{op}: expected scores (N, C) and target (N,), got {tuple(scores.shape)} and "
+                         f"{tuple(target.shape)}")
+    n, c = scores.shape
+    t = target.long()
+    keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
+    bad = keep & ((t < 0) | (t >= c))
+    inv = _invalid_labels(bad, t, "target", f"0..{c - 1}", ignore_index, op)
+    ok = keep & ~bad
+    ts = torch.where(ok, t, torch.zeros_like(t))
+    x = scores.to(_threshold_dtype(scores))
+    xt = x.gather(1, ts[:, None])
+    before = torch.arange(c, device=x.device)[None, :] < ts[:, None]
+    xnan, tnan = torch.isnan(x), torch.isnan(xt)
+    above = torch.where(tnan, xnan & before, (x > xt) | xnan | ((x == xt) & before))
+    rank = above.sum(1)
+    return torch.where(ok, rank, torch.where(keep, torch.full_like(rank, -2), torch.full_like(rank, -1))), inv

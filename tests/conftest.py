@@ -1,10 +1,15 @@
 import os
+import sys
 
-import pytest
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-import fasteval
-from fasteval import _loader
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fasteval  # noqa: E402
+from fasteval import _loader  # noqa: E402
 
 
 def available_devices():

@@ -1,0 +1,371 @@
+// CPU kernels of the confusion-matrix ops: fasteval::confusion_matrix, class_counts,
+// multilabel_confusion_matrix, binned_confusion_matrix and topk_rank.
+//
+// One pass over the inputs, int64 counts, no temporary of size N: the samples are split into one chunk
+// per thread, each counting into its own histogram (common/histogram_cpu.h), merged at the end; the
+// argmax of score rows is fused into the same pass (common/row_rank_cpu.h). Out-of-range labels raise
+// IndexError before anything is written out of bounds (invalid is always 0 on CPU).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "common/checks.h"
+#include "common/histogram_cpu.h"
+#include "common/row_rank_cpu.h"
+#include "confusion/confusion_common.h"
+
+namespace fasteval {
+namespace {
+
+using cpu::Chunk;
+using cpu::ChunkLoader;
+using cpu::fVec;
+using cpu::kChunk;
+
+[[noreturn]] void bad_label(const char* op, const char* what, int64_t v, const char* range,
+                            int64_t num_classes, const std::optional<int64_t>& ignore_index) {
+  if (range) {
+    TORCH_CHECK_INDEX(false, op, ": ", what, " ", v, " is out of range (valid values are ", range,
+                      ignore_index ? " or ignore_index=" + std::to_string(*ignore_index) : std::string(), ")");
+  }
+  TORCH_CHECK_INDEX(false, op, ": ", what, " ", v, " is out of range for ", num_classes,
+                    " classes (valid values are 0..", num_classes - 1,
+                    ignore_index ? " or ignore_index=" + std::to_string(*ignore_index) : std::string(), ")");
+}
+
+at::Tensor zero_invalid(const at::Tensor& like) { return at::zeros({}, like.options().dtype(at::kLong)); }
+
+// ---------------------------------------------------------------------------------------------------
+// Multiclass: confusion matrix (bins C*C) or per-class counts (bins 3*C).
+
+enum class Mode { kMatrix, kCounts };
+
+template <Mode M, typename Acc>
+FASTEVAL_ALWAYS_INLINE void emit(const Acc& acc, int64_t t, int64_t p, int64_t C) {
+  if constexpr (M == Mode::kMatrix) {
+    acc.add(t * C + p);
+  } else {
+    acc.add(C + p);
+    acc.add(2 * C + t);
+    if (t == p) acc.add(t);
+  }
+}
+
+struct LabelCheck {
+  const char* op;
+  int64_t C;
+  bool has_ignore;
+  int64_t ignore;
+  std::optional<int64_t> ignore_opt;
+  // Returns false for an ignored sample; raises on an out-of-range label.
+  FASTEVAL_ALWAYS_INLINE bool target_ok(int64_t t) const {
+    if (has_ignore && t == ignore) return false;
+    if (C10_UNLIKELY(static_cast<uint64_t>(t) >= static_cast<uint64_t>(C))) bad_label(op, "target", t, nullptr, C, ignore_opt);
+    return true;
+  }
+  FASTEVAL_ALWAYS_INLINE void pred_ok(int64_t p) const {
+    if (C10_UNLIKELY(static_cast<uint64_t>(p) >= static_cast<uint64_t>(C))) bad_label(op, "prediction", p, nullptr, C, std::nullopt);
+  }
+};
+
+template <Mode M, typename P, typename T>
+void count_labels(const P* preds, const T* target, int64_t n, int64_t bins, const LabelCheck& chk, int64_t* out) {
+  const int64_t C = chk.C;
+  cpu::parallel_histogram(n, bins, 32768, out, [&](int64_t b, int64_t e, auto acc) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t t = static_cast<int64_t>(target[i]);
+      if (!chk.target_ok(t)) continue;
+      const int64_t p = static_cast<int64_t>(preds[i]);
+      chk.pred_ok(p);
+      emit<M>(acc, t, p, C);
+    }
+  });
+}
+
+// argmax over the class dim of 16 (or len < 16) positions d0.. of a sample laid out (C, D), D > 1.
+// Index lanes are floats: exact while C < 2^24 (checked by the caller).
+template <typename S>
+FASTEVAL_ALWAYS_INLINE void argmax_columns(const S* base, int64_t C, int64_t D, int64_t len, float* idx_out) {
+  using L = ChunkLoader<S>;
+  auto load = [&](const S* p) { return len == kChunk ? L::load(p) : L::load(p, len); };
+  Chunk mx = load(base);
+  fVec ix_lo(0.f), ix_hi(0.f);
+  for (int64_t c = 1; c < C; ++c) {
+    const Chunk x = load(base + c * D);
+    const fVec vc(static_cast<float>(c));
+    // Take x where it is larger, or NaN while the running max is not: first maximal index, first NaN.
+    const fVec m_lo = (x.lo > mx.lo) | ((x.lo != x.lo) & (mx.lo == mx.lo));
+    const fVec m_hi = (x.hi > mx.hi) | ((x.hi != x.hi) & (mx.hi == mx.hi));
+    mx.lo = fVec::blendv(mx.lo, x.lo, m_lo);
+    mx.hi = fVec::blendv(mx.hi, x.hi, m_hi);
+    ix_lo = fVec::blendv(ix_lo, vc, m_lo);
+    ix_hi = fVec::blendv(ix_hi, vc, m_hi);
+  }
+  ix_lo.store(idx_out);
+  ix_hi.store(idx_out + cpu::kVecWidth);
+}
+
+template <Mode M, typename S, typename T>
+void count_scores(const at::Tensor& scores, const T* target, int64_t N, int64_t C, int64_t D, int64_t bins,
+                  const LabelCheck& chk, int64_t* out) {
+  const S* x = scores.const_data_ptr<S>();
+  const int64_t row_stride = scores.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C * D, 1));
+  if (D == 1) {
+    cpu::parallel_histogram(N, bins, grain, out, [&](int64_t b, int64_t e, auto acc) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t t = static_cast<int64_t>(target[i]);
+        if (!chk.target_ok(t)) continue;
+        emit<M>(acc, t, cpu::row_argmax(x + i * row_stride, C), C);
+      }
+    });
+    return;
+  }
+  cpu::parallel_histogram(N, bins, grain, out, [&](int64_t b, int64_t e, auto acc) {
+    alignas(64) float idx[kChunk];
+    for (int64_t i = b; i < e; ++i) {
+      const S* base = x + i * row_stride;
+      const T* ti = target + i * D;
+      for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+        const int64_t len = std::min<int64_t>(kChunk, D - d0);
+        argmax_columns<S>(base + d0, C, D, len, idx);
+        for (int64_t k = 0; k < len; ++k) {
+          const int64_t t = static_cast<int64_t>(ti[d0 + k]);
+          if (!chk.target_ok(t)) continue;
+          emit<M>(acc, t, static_cast<int64_t>(idx[k]), C);
+        }
+      }
+    }
+  }, /*max_per_unit=*/D);
+}
+
+template <Mode M>
+std::tuple<at::Tensor, at::Tensor> multiclass_cpu(const at::Tensor& preds_in, const at::Tensor& target_in,
+                                                 int64_t num_classes, std::optional<int64_t> ignore_index,
+                                                 const char* op) {
+  const MulticlassShape s = check_multiclass(preds_in, target_in, num_classes, op);
+  const int64_t C = num_classes;
+  const int64_t bins = M == Mode::kMatrix ? C * C : 3 * C;
+  at::Tensor out = at::zeros(M == Mode::kMatrix ? std::vector<int64_t>{C, C} : std::vector<int64_t>{3, C},
+                             target_in.options().dtype(at::kLong));
+  const at::Tensor target = target_in.contiguous();
+  LabelCheck chk{op, C, ignore_index.has_value(), ignore_index.value_or(0), ignore_index};
+  int64_t* o = out.data_ptr<int64_t>();
+  AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "fasteval_confusion_target", [&] {
+    using T = index_t;
+    const T* tp = target.const_data_ptr<T>();
+    if (s.from_scores) {
+      const at::Tensor scores = scores_view(preds_in, s);
+      FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_confusion_scores", [&] {
+        count_scores<M, scalar_t, T>(scores, tp, s.N, C, s.D, bins, chk, o);
+      });
+    } else {
+      const at::Tensor preds = preds_in.contiguous();
+      if (preds.scalar_type() == at::kLong) {
+        count_labels<M, int64_t, T>(preds.const_data_ptr<int64_t>(), tp, target.numel(), bins, chk, o);
+      } else {
+        count_labels<M, int32_t, T>(preds.const_data_ptr<int32_t>(), tp, target.numel(), bins, chk, o);
+      }
+    }
+  });
+  return {out, zero_invalid(target_in)};
+}
+
+std::tuple<at::Tensor, at::Tensor> confusion_matrix_cpu(const at::Tensor& preds, const at::Tensor& target,
+                                                       int64_t num_classes, std::optional<int64_t> ignore_index) {
+  constexpr const char* op = "fasteval.confusion_matrix";
+  check_matrix_size(num_classes, op);
+  return multiclass_cpu<Mode::kMatrix>(preds, target, num_classes, ignore_index, op);
+}
+
+std::tuple<at::Tensor, at::Tensor> class_counts_cpu(const at::Tensor& preds, const at::Tensor& target,
+                                                   int64_t num_classes, std::optional<int64_t> ignore_index) {
+  return multiclass_cpu<Mode::kCounts>(preds, target, num_classes, ignore_index, "fasteval.class_counts");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Binary / multilabel with a threshold: bins 4 * L, bin = l * 4 + target * 2 + pred.
+
+// The compute type of a thresholded score: float for float32 / bfloat16 / float16 (exact conversions),
+// double for float64; integer predictions are labels.
+template <typename P>
+using score_compute_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
+
+template <typename P, typename T>
+void count_multilabel(const P* pp, const T* tp, int64_t N, int64_t L, double threshold,
+                      std::optional<int64_t> ignore_index, int64_t* out) {
+  constexpr const char* op = "fasteval.multilabel_confusion_matrix";
+  const bool has_ign = ignore_index.has_value();
+  const int64_t ign = ignore_index.value_or(0);
+  using CT = score_compute_t<P>;
+  const CT thr = static_cast<CT>(threshold);
+  cpu::parallel_histogram(N * L, 4 * L, 32768, out, [&](int64_t b, int64_t e, auto acc) {
+    int64_t l = b % L;
+    for (int64_t i = b; i < e; ++i, l = (l + 1 == L ? 0 : l + 1)) {
+      const int64_t t = static_cast<int64_t>(tp[i]);
+      if (has_ign && t == ign) continue;
+      if (C10_UNLIKELY(static_cast<uint64_t>(t) > 1)) bad_label(op, "target", t, "0 or 1", 2, ignore_index);
+      int64_t p;
+      if constexpr (std::is_integral_v<P>) {
+        p = static_cast<int64_t>(pp[i]);
+        if (C10_UNLIKELY(static_cast<uint64_t>(p) > 1)) bad_label(op, "prediction", p, "0 or 1", 2, std::nullopt);
+      } else {
+        p = static_cast<CT>(pp[i]) > thr;  // NaN is never above the threshold
+      }
+      acc.add(l * 4 + t * 2 + p);
+    }
+  });
+}
+
+#define FASTEVAL_DISPATCH_BINARY_TARGET(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kLong, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kInt, __VA_ARGS__) AT_DISPATCH_CASE(at::kByte, __VA_ARGS__))
+
+std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cpu(const at::Tensor& preds_in,
+                                                                  const at::Tensor& target_in, double threshold,
+                                                                  std::optional<int64_t> ignore_index) {
+  constexpr const char* op = "fasteval.multilabel_confusion_matrix";
+  check_multilabel(preds_in, target_in, op);
+  const int64_t N = preds_in.size(0), L = preds_in.size(1);
+  at::Tensor out = at::zeros({L, 2, 2}, target_in.options().dtype(at::kLong));
+  const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
+  int64_t* o = out.data_ptr<int64_t>();
+  FASTEVAL_DISPATCH_BINARY_TARGET(target.scalar_type(), "fasteval_multilabel_target", [&] {
+    using T = scalar_t;
+    const T* tp = target.const_data_ptr<T>();
+    FASTEVAL_DISPATCH_SCORE_OR_LABEL_TYPES(preds.scalar_type(), "fasteval_multilabel_preds", [&] {
+      count_multilabel<scalar_t, T>(preds.const_data_ptr<scalar_t>(), tp, N, L, threshold, ignore_index, o);
+    });
+  });
+  return {out, zero_invalid(target_in)};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Binned: bucket b = #{k : thresholds[k] <= x} (a branchless binary search), histogram over
+// (label, bucket, target), then a suffix sum over buckets gives the counts at every threshold:
+// x >= thresholds[k]  <=>  bucket > k.
+
+template <typename CT>
+FASTEVAL_ALWAYS_INLINE int64_t bucket_of(const CT* thr, int64_t T, CT x) {
+  // Number of thresholds <= x in the ascending thr[0, T), T >= 1. NaN compares false: bucket 0.
+  int64_t base = 0, n = T;
+  while (n > 1) {
+    const int64_t half = n >> 1;
+    base = (thr[base + half] <= x) ? base + half : base;
+    n -= half;
+  }
+  return base + (thr[base] <= x);
+}
+
+template <typename P, typename TT>
+void count_binned(const P* pp, const TT* tp, int64_t N, int64_t L, bool one_vs_rest, const at::Tensor& thr_t,
+                  std::optional<int64_t> ignore_index, int64_t* hist) {
+  constexpr const char* op = "fasteval.binned_confusion_matrix";
+  using CT = score_compute_t<P>;
+  const int64_t T = thr_t.numel();
+  std::vector<CT> thr(T);
+  const double* td = thr_t.const_data_ptr<double>();
+  for (int64_t k = 0; k < T; ++k) thr[k] = static_cast<CT>(td[k]);
+  const CT* th = thr.data();
+  const bool has_ign = ignore_index.has_value();
+  const int64_t ign = ignore_index.value_or(0);
+  const int64_t B = T + 1;
+  const int64_t bins = L * B * 2;
+  if (one_vs_rest) {
+    cpu::parallel_histogram(N, bins, std::max<int64_t>(1, 32768 / L), hist, [&](int64_t b, int64_t e, auto acc) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t t = static_cast<int64_t>(tp[i]);
+        if (has_ign && t == ign) continue;
+        if (C10_UNLIKELY(static_cast<uint64_t>(t) >= static_cast<uint64_t>(L))) bad_label(op, "target", t, nullptr, L, ignore_index);
+        const P* row = pp + i * L;
+        for (int64_t l = 0; l < L; ++l) {
+          acc.add((l * B + bucket_of<CT>(th, T, static_cast<CT>(row[l]))) * 2 + (l == t));
+        }
+      }
+    });
+    return;
+  }
+  cpu::parallel_histogram(N * L, bins, 32768, hist, [&](int64_t b, int64_t e, auto acc) {
+    int64_t l = b % L;
+    for (int64_t i = b; i < e; ++i, l = (l + 1 == L ? 0 : l + 1)) {
+      const int64_t t = static_cast<int64_t>(tp[i]);
+      if (has_ign && t == ign) continue;
+      if (C10_UNLIKELY(static_cast<uint64_t>(t) > 1)) bad_label(op, "target", t, "0 or 1", 2, ignore_index);
+      acc.add((l * B + bucket_of<CT>(th, T, static_cast<CT>(pp[i]))) * 2 + t);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cpu(const at::Tensor& preds_in, const at::Tensor& target_in,
+                                                              const at::Tensor& thresholds,
+                                                              std::optional<int64_t> ignore_index) {
+  constexpr const char* op = "fasteval.binned_confusion_matrix";
+  const bool one_vs_rest = check_binned(preds_in, target_in, thresholds, op);
+  const int64_t N = preds_in.size(0), L = preds_in.size(1), T = thresholds.numel();
+  const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
+  const at::Tensor thr = thresholds.to(at::kDouble).contiguous();
+  at::Tensor hist = at::zeros({L, T + 1, 2}, target_in.options().dtype(at::kLong));
+  int64_t* h = hist.data_ptr<int64_t>();
+  FASTEVAL_DISPATCH_BINARY_TARGET(target.scalar_type(), "fasteval_binned_target", [&] {
+    using TT = scalar_t;
+    const TT* tp = target.const_data_ptr<TT>();
+    FASTEVAL_DISPATCH_SCORE_TYPES(preds.scalar_type(), "fasteval_binned_preds", [&] {
+      count_binned<scalar_t, TT>(preds.const_data_ptr<scalar_t>(), tp, N, L, one_vs_rest, thr, ignore_index, h);
+    });
+  });
+  at::Tensor out = at::empty({L, T, 2, 2}, target_in.options().dtype(at::kLong));
+  binned_suffix_sums(h, L, T, out.data_ptr<int64_t>());
+  return {out, zero_invalid(target_in)};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Top-k rank of the target in each row.
+
+std::tuple<at::Tensor, at::Tensor> topk_rank_cpu(const at::Tensor& scores_in, const at::Tensor& target_in,
+                                                std::optional<int64_t> ignore_index) {
+  constexpr const char* op = "fasteval.topk_rank";
+  check_topk(scores_in, target_in, op);
+  const int64_t N = scores_in.size(0), C = scores_in.size(1);
+  const at::Tensor scores = class_contiguous(scores_in);
+  const at::Tensor target = target_in.contiguous();
+  at::Tensor rank = at::empty({N}, target_in.options().dtype(at::kLong));
+  int64_t* r = rank.data_ptr<int64_t>();
+  const bool has_ign = ignore_index.has_value();
+  const int64_t ign = ignore_index.value_or(0);
+  AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "fasteval_topk_target", [&] {
+    const index_t* tp = target.const_data_ptr<index_t>();
+    FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_topk_scores", [&] {
+      const scalar_t* x = scores.const_data_ptr<scalar_t>();
+      const int64_t rs = scores.stride(0);
+      at::parallel_for(0, N, std::max<int64_t>(1, 32768 / C), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t t = static_cast<int64_t>(tp[i]);
+          if (has_ign && t == ign) {
+            r[i] = -1;
+            continue;
+          }
+          if (C10_UNLIKELY(static_cast<uint64_t>(t) >= static_cast<uint64_t>(C))) bad_label(op, "target", t, nullptr, C, ignore_index);
+          r[i] = cpu::row_rank(x + i * rs, C, t);
+        }
+      });
+    });
+  });
+  return {rank, zero_invalid(target_in)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasteval, CPU, m) {
+  m.impl("confusion_matrix", &confusion_matrix_cpu);
+  m.impl("class_counts", &class_counts_cpu);
+  m.impl("multilabel_confusion_matrix", &multilabel_confusion_matrix_cpu);
+  m.impl("binned_confusion_matrix", &binned_confusion_matrix_cpu);
+  m.impl("topk_rank", &topk_rank_cpu);
+}
+
+}  // namespace fasteval

@@ -1,0 +1,409 @@
+// CUDA kernels of the confusion-matrix ops (same schemas and results as confusion_cpu.cpp).
+//
+// One pass, int64 counts through integer atomics (exact and deterministic), per-block shared-memory
+// histograms when the bins fit (common/histogram_cuda.cuh), one warp per row for the fused argmax and the
+// top-k rank (common/row_rank_cuda.cuh). Everything is launched on the current stream and nothing
+// synchronises with the host: samples with an out-of-range label are skipped and counted in the
+// `invalid` output, which the Python layer checks later (fasteval.check_invalid).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <type_traits>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "common/histogram_cuda.cuh"
+#include "common/row_rank_cuda.cuh"
+#include "confusion/confusion_common.h"
+
+namespace fasteval {
+namespace {
+
+using cuda::BlockHist;
+using ull = unsigned long long;
+
+enum class Mode { kMatrix, kCounts };
+
+template <Mode M>
+__device__ __forceinline__ void emit(const BlockHist& acc, int64_t t, int64_t p, int64_t C) {
+  if constexpr (M == Mode::kMatrix) {
+    acc.add(t * C + p);
+  } else {
+    acc.add(C + p);
+    acc.add(2 * C + t);
+    if (t == p) acc.add(t);
+  }
+}
+
+struct LabelRule {
+  int64_t C;
+  bool has_ignore;
+  int64_t ignore;
+  ull* invalid;
+  // 0: ignored, 1: valid, and counts an invalid sample (returns 0) for an out-of-range target.
+  __device__ __forceinline__ bool take(int64_t t) const {
+    if (has_ignore && t == ignore) return false;
+    if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(C)) {
+      atomicAdd(invalid, 1ull);
+      return false;
+    }
+    return true;
+  }
+  __device__ __forceinline__ bool pred_ok(int64_t p) const {
+    if (static_cast<uint64_t>(p) >= static_cast<uint64_t>(C)) {
+      atomicAdd(invalid, 1ull);
+      return false;
+    }
+    return true;
+  }
+};
+
+template <Mode M, typename P, typename T>
+struct LabelsWork {
+  static constexpr bool kWarpPerUnit = false;
+  const P* __restrict__ preds;
+  const T* __restrict__ target;
+  LabelRule rule;
+  __device__ __forceinline__ void operator()(int64_t i, const BlockHist& acc) const {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    if (!rule.take(t)) return;
+    const int64_t p = static_cast<int64_t>(preds[i]);
+    if (!rule.pred_ok(p)) return;
+    emit<M>(acc, t, p, rule.C);
+  }
+};
+
+// Scores (N, C) with unit class stride: one warp per row.
+template <Mode M, typename S, typename T>
+struct ScoreRowsWork {
+  static constexpr bool kWarpPerUnit = true;
+  const S* __restrict__ scores;
+  int64_t row_stride;
+  const T* __restrict__ target;
+  LabelRule rule;
+  __device__ __forceinline__ void operator()(int64_t i, int lane, const BlockHist& acc) const {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    if (rule.has_ignore && t == rule.ignore) return;  // uniform across the warp
+    const int64_t p = cuda::warp_row_argmax(scores + i * row_stride, rule.C, lane);
+    if (lane == 0 && rule.take(t)) emit<M>(acc, t, p, rule.C);
+  }
+};
+
+// Scores (N, C, D) contiguous: one thread per position (n, d); the class loop reads D-strided
+// columns, coalesced across neighbouring threads.
+template <Mode M, typename S, typename T>
+struct ScoreColumnsWork {
+  static constexpr bool kWarpPerUnit = false;
+  const S* __restrict__ scores;
+  int64_t D;
+  const T* __restrict__ target;
+  LabelRule rule;
+  __device__ __forceinline__ void operator()(int64_t q, const BlockHist& acc) const {
+    const int64_t t = static_cast<int64_t>(target[q]);
+    if (!rule.take(t)) return;
+    const int64_t n = q / D, d = q - n * D;
+    const S* base = scores + n * rule.C * D + d;
+    float best = static_cast<float>(base[0]);
+    int64_t arg = 0;
+    for (int64_t c = 1; c < rule.C; ++c) {
+      const float x = static_cast<float>(base[c * D]);
+      if (cuda::precedes(x, c, best, arg)) {
+        best = x;
+        arg = c;
+      }
+    }
+    emit<M>(acc, t, arg, rule.C);
+  }
+};
+
+template <typename P>
+using score_compute_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
+
+template <typename P, typename T>
+struct MultilabelWork {
+  static constexpr bool kWarpPerUnit = false;
+  const P* __restrict__ preds;
+  const T* __restrict__ target;
+  int64_t L;
+  score_compute_t<P> thr;
+  bool has_ignore;
+  int64_t ignore;
+  ull* invalid;
+  __device__ __forceinline__ void operator()(int64_t i, const BlockHist& acc) const {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    if (has_ignore && t == ignore) return;
+    int64_t p;
+    if constexpr (std::is_integral_v<P>) {
+      p = static_cast<int64_t>(preds[i]);
+    } else {
+      p = static_cast<score_compute_t<P>>(preds[i]) > thr;
+    }
+    if (static_cast<uint64_t>(t) > 1 || static_cast<uint64_t>(p) > 1) {
+      atomicAdd(invalid, 1ull);
+      return;
+    }
+    acc.add((i % L) * 4 + t * 2 + p);
+  }
+};
+
+template <typename CT>
+__device__ __forceinline__ int64_t bucket_of(const CT* __restrict__ thr, int64_t T, CT x) {
+  int64_t base = 0, n = T;
+  while (n > 1) {
+    const int64_t half = n >> 1;
+    base = (thr[base + half] <= x) ? base + half : base;
+    n -= half;
+  }
+  return base + (thr[base] <= x);
+}
+
+// Elements of (N, L) preds; target (N, L) 0/1, or (N,) class labels when one_vs_rest.
+template <typename P, typename TT>
+struct BinnedWork {
+  static constexpr bool kWarpPerUnit = false;
+  const P* __restrict__ preds;
+  const TT* __restrict__ target;
+  const score_compute_t<P>* __restrict__ thr;
+  int64_t L, T;
+  bool one_vs_rest;
+  bool has_ignore;
+  int64_t ignore;
+  ull* invalid;
+  __device__ __forceinline__ void operator()(int64_t i, const BlockHist& acc) const {
+    const int64_t n = i / L, l = i - n * L;
+    const int64_t t = static_cast<int64_t>(one_vs_rest ? target[n] : target[i]);
+    if (has_ignore && t == ignore) return;
+    int64_t tb;
+    if (one_vs_rest) {
+      if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(L)) {
+        if (l == 0) atomicAdd(invalid, 1ull);  // one count per sample
+        return;
+      }
+      tb = (t == l);
+    } else {
+      if (static_cast<uint64_t>(t) > 1) {
+        atomicAdd(invalid, 1ull);
+        return;
+      }
+      tb = t;
+    }
+    const int64_t b = bucket_of(thr, T, static_cast<score_compute_t<P>>(preds[i]));
+    acc.add((l * (T + 1) + b) * 2 + tb);
+  }
+};
+
+// hist (L, T + 1, 2) -> out (L, T, 2, 2): one thread per label (T is small).
+__global__ void binned_suffix_kernel(const ull* __restrict__ hist, int64_t L, int64_t T, int64_t* __restrict__ out) {
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (l >= L) return;
+  const ull* h = hist + l * (T + 1) * 2;
+  int64_t neg = 0, pos = 0;
+  for (int64_t b = 0; b <= T; ++b) {
+    neg += static_cast<int64_t>(h[2 * b]);
+    pos += static_cast<int64_t>(h[2 * b + 1]);
+  }
+  int64_t fp = 0, tp = 0;
+  for (int64_t k = T - 1; k >= 0; --k) {
+    fp += static_cast<int64_t>(h[2 * (k + 1)]);
+    tp += static_cast<int64_t>(h[2 * (k + 1) + 1]);
+    int64_t* o = out + (l * T + k) * 4;
+    o[0] = neg - fp;
+    o[1] = fp;
+    o[2] = pos - tp;
+    o[3] = tp;
+  }
+}
+
+template <typename S, typename T>
+__global__ void topk_rank_kernel(const S* __restrict__ scores, int64_t row_stride, const T* __restrict__ target,
+                                 int64_t N, int64_t C, bool has_ignore, int64_t ignore, int64_t* __restrict__ rank,
+                                 ull* invalid) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_per_block = blockDim.x >> 5;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps_per_block;
+  for (int64_t i = blockIdx.x * warps_per_block + (threadIdx.x >> 5); i < N; i += stride) {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    if (has_ignore && t == ignore) {
+      if (lane == 0) rank[i] = -1;
+      continue;
+    }
+    if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(C)) {
+      if (lane == 0) {
+        rank[i] = -2;
+        atomicAdd(invalid, 1ull);
+      }
+      continue;
+    }
+    const int64_t r = cuda::warp_row_rank(scores + i * row_stride, C, t, lane);
+    if (lane == 0) rank[i] = r;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Launching.
+
+int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+template <typename Work>
+void launch_histogram(const Work& work, int64_t units, int64_t bins, at::Tensor& out) {
+  if (units <= 0) return;
+  const int64_t per_block_units = Work::kWarpPerUnit ? cuda::kHistThreads / 32 : cuda::kHistThreads;
+  int64_t blocks = (units + per_block_units - 1) / per_block_units;
+  const bool shared_fits = bins <= cuda::kSharedHistBins;
+  blocks = std::min<int64_t>(blocks, sm_count() * (shared_fits ? 4 : 16));
+  // 32-bit shared counters: a block must never count 2^32 units into one bin.
+  const bool shared = shared_fits && (units / blocks + 1) < (int64_t(1) << 31);
+  const size_t smem = shared ? static_cast<size_t>(bins) * sizeof(unsigned int) : 0;
+  cuda::histogram_kernel<Work><<<blocks, cuda::kHistThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      work, units, bins, shared, reinterpret_cast<ull*>(out.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor new_invalid(const at::Tensor& like) { return at::zeros({}, like.options().dtype(at::kLong)); }
+ull* ull_ptr(at::Tensor& t) { return reinterpret_cast<ull*>(t.data_ptr<int64_t>()); }
+
+template <Mode M>
+std::tuple<at::Tensor, at::Tensor> multiclass_cuda(const at::Tensor& preds_in, const at::Tensor& target_in,
+                                                  int64_t C, std::optional<int64_t> ignore_index, const char* op) {
+  const MulticlassShape s = check_multiclass(preds_in, target_in, C, op);
+  const c10::cuda::CUDAGuard guard(target_in.device());
+  const int64_t bins = M == Mode::kMatrix ? C * C : 3 * C;
+  at::Tensor out = at::zeros(M == Mode::kMatrix ? std::vector<int64_t>{C, C} : std::vector<int64_t>{3, C},
+                             target_in.options().dtype(at::kLong));
+  at::Tensor invalid = new_invalid(target_in);
+  const at::Tensor target = target_in.contiguous();
+  const LabelRule rule{C, ignore_index.has_value(), ignore_index.value_or(0), ull_ptr(invalid)};
+  AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "fasteval_confusion_cuda_target", [&] {
+    using T = index_t;
+    const T* tp = target.const_data_ptr<T>();
+    if (s.from_scores) {
+      const at::Tensor scores = scores_view(preds_in, s);
+      FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_confusion_cuda_scores", [&] {
+        if (s.D == 1) {
+          launch_histogram(ScoreRowsWork<M, scalar_t, T>{scores.const_data_ptr<scalar_t>(), scores.stride(0), tp, rule},
+                           s.N, bins, out);
+        } else {
+          launch_histogram(ScoreColumnsWork<M, scalar_t, T>{scores.const_data_ptr<scalar_t>(), s.D, tp, rule},
+                           s.N * s.D, bins, out);
+        }
+      });
+    } else {
+      const at::Tensor preds = preds_in.contiguous();
+      if (preds.scalar_type() == at::kLong) {
+        launch_histogram(LabelsWork<M, int64_t, T>{preds.const_data_ptr<int64_t>(), tp, rule}, target.numel(), bins, out);
+      } else {
+        launch_histogram(LabelsWork<M, int32_t, T>{preds.const_data_ptr<int32_t>(), tp, rule}, target.numel(), bins, out);
+      }
+    }
+  });
+  return {out, invalid};
+}
+
+std::tuple<at::Tensor, at::Tensor> confusion_matrix_cuda(const at::Tensor& preds, const at::Tensor& target,
+                                                        int64_t num_classes, std::optional<int64_t> ignore_index) {
+  constexpr const char* op = "fasteval.confusion_matrix";
+  check_matrix_size(num_classes, op);
+  return multiclass_cuda<Mode::kMatrix>(preds, target, num_classes, ignore_index, op);
+}
+
+std::tuple<at::Tensor, at::Tensor> class_counts_cuda(const at::Tensor& preds, const at::Tensor& target,
+                                                    int64_t num_classes, std::optional<int64_t> ignore_index) {
+  return multiclass_cuda<Mode::kCounts>(preds, target, num_classes, ignore_index, "fasteval.class_counts");
+}
+
+#define FASTEVAL_DISPATCH_BINARY_TARGET(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kLong, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kInt, __VA_ARGS__) AT_DISPATCH_CASE(at::kByte, __VA_ARGS__))
+
+std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cuda(const at::Tensor& preds_in,
+                                                                   const at::Tensor& target_in, double threshold,
+                                                                   std::optional<int64_t> ignore_index) {
+  constexpr const char* op = "fasteval.multilabel_confusion_matrix";
+  check_multilabel(preds_in, target_in, op);
+  const c10::cuda::CUDAGuard guard(target_in.device());
+  const int64_t N = preds_in.size(0), L = preds_in.size(1);
+  at::Tensor out = at::zeros({L, 2, 2}, target_in.options().dtype(at::kLong));
+  at::Tensor invalid = new_invalid(target_in);
+  const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
+  FASTEVAL_DISPATCH_BINARY_TARGET(target.scalar_type(), "fasteval_multilabel_cuda_target", [&] {
+    using T = scalar_t;
+    const T* tp = target.const_data_ptr<T>();
+    FASTEVAL_DISPATCH_SCORE_OR_LABEL_TYPES(preds.scalar_type(), "fasteval_multilabel_cuda_preds", [&] {
+      using P = scalar_t;
+      MultilabelWork<P, T> w{preds.const_data_ptr<P>(), tp, L, static_cast<score_compute_t<P>>(threshold),
+                             ignore_index.has_value(), ignore_index.value_or(0), ull_ptr(invalid)};
+      launch_histogram(w, N * L, 4 * L, out);
+    });
+  });
+  return {out, invalid};
+}
+
+std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cuda(const at::Tensor& preds_in,
+                                                               const at::Tensor& target_in,
+                                                               const at::Tensor& thresholds,
+                                                               std::optional<int64_t> ignore_index) {
+  constexpr const char* op = "fasteval.binned_confusion_matrix";
+  const bool one_vs_rest = check_binned(preds_in, target_in, thresholds, op);
+  const c10::cuda::CUDAGuard guard(target_in.device());
+  const int64_t N = preds_in.size(0), L = preds_in.size(1), T = thresholds.numel();
+  const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
+  at::Tensor hist = at::zeros({L, T + 1, 2}, target_in.options().dtype(at::kLong));
+  at::Tensor invalid = new_invalid(target_in);
+  FASTEVAL_DISPATCH_BINARY_TARGET(target.scalar_type(), "fasteval_binned_cuda_target", [&] {
+    using TT = scalar_t;
+    const TT* tp = target.const_data_ptr<TT>();
+    FASTEVAL_DISPATCH_SCORE_TYPES(preds.scalar_type(), "fasteval_binned_cuda_preds", [&] {
+      using P = scalar_t;
+      using CT = score_compute_t<P>;
+      const at::Tensor thr = thresholds.to(std::is_same_v<CT, double> ? at::kDouble : at::kFloat).contiguous();
+      BinnedWork<P, TT> w{preds.const_data_ptr<P>(), tp, thr.const_data_ptr<CT>(), L, T, one_vs_rest,
+                          ignore_index.has_value(), ignore_index.value_or(0), ull_ptr(invalid)};
+      launch_histogram(w, N * L, L * (T + 1) * 2, hist);
+    });
+  });
+  at::Tensor out = at::empty({L, T, 2, 2}, target_in.options().dtype(at::kLong));
+  const int threads = 128;
+  binned_suffix_kernel<<<(L + threads - 1) / threads, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const ull*>(hist.const_data_ptr<int64_t>()), L, T, out.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, invalid};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_rank_cuda(const at::Tensor& scores_in, const at::Tensor& target_in,
+                                                 std::optional<int64_t> ignore_index) {
+  constexpr const char* op = "fasteval.topk_rank";
+  check_topk(scores_in, target_in, op);
+  const c10::cuda::CUDAGuard guard(target_in.device());
+  const int64_t N = scores_in.size(0), C = scores_in.size(1);
+  const at::Tensor scores = class_contiguous(scores_in);
+  const at::Tensor target = target_in.contiguous();
+  at::Tensor rank = at::empty({N}, target_in.options().dtype(at::kLong));
+  at::Tensor invalid = new_invalid(target_in);
+  if (N == 0) return {rank, invalid};
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((N + threads / 32 - 1) / (threads / 32), sm_count() * 16);
+  AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "fasteval_topk_cuda_target", [&] {
+    FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_topk_cuda_scores", [&] {
+      topk_rank_kernel<scalar_t, index_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          scores.const_data_ptr<scalar_t>(), scores.stride(0), target.const_data_ptr<index_t>(), N, C,
+          ignore_index.has_value(), ignore_index.value_or(0), rank.data_ptr<int64_t>(), ull_ptr(invalid));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {rank, invalid};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasteval, CUDA, m) {
+  m.impl("confusion_matrix", &confusion_matrix_cuda);
+  m.impl("class_counts", &class_counts_cuda);
+  m.impl("multilabel_confusion_matrix", &multilabel_confusion_matrix_cuda);
+  m.impl("binned_confusion_matrix", &binned_confusion_matrix_cuda);
+  m.impl("topk_rank", &topk_rank_cuda);
+}
+
+}  // namespace fasteval

@@ -1,0 +1,425 @@
+// CUDA kernels of fasteval::eval_update, the fused evaluation pass (the math is in registration.cpp).
+//
+// (N, C) logits: one warp per row (8 rows per 256-thread block, grid-stride over rows). Each lane visits
+// its share of the row once with 16-byte loads (common/cuda_utils.cuh: for_each_vectorized) and keeps an
+// online (max, sum-exp) state, the first argmax, sum_c (x_c - x_t), and the counts that give the rank
+// of the target's logit (#{x_c > x_t}, #{c < t : x_c == x_t}, NaNs); one warp reduction merges them.
+// (N, C, S) logits (class dim 1 with trailing dims): one thread per position, looping over the classes
+// at stride S, so consecutive threads read consecutive addresses.
+//
+// Per-block accumulators live in shared memory (integer atomics for counts, one float64 atomic per row
+// for the loss and confidence sums); the confusion matrix is a shared-memory histogram when its C*C
+// (or 3C) int32 counters fit, else int64 atomics in global memory. Blocks flush their accumulators with
+// one global atomic per non-zero counter at the end. No host synchronisation anywhere: a bad target
+// cannot raise, so a first kernel counts out-of-range targets into count[1] and a scratch flag, and the
+// main kernel then leaves the state untouched (the Python API raises when it reads the state).
+//
+// The order used for argmax and rank is that of common/row_rank_cpu.h: larger first, NaN above every
+// number, ties by index.
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+#include "evaluator/eval_update_common.h"
+
+namespace fasteval {
+namespace {
+
+using cuda::MaxSumExp;
+
+constexpr int kBlock = 256;
+constexpr int kWarpsPerBlock = kBlock / 32;
+constexpr int kMaxTopK = 32;
+constexpr int kMaxBins = 1024;
+constexpr int64_t kSmemBudget = 44 * 1024;  // dynamic shared memory per block we allow ourselves
+
+struct Params {
+  int64_t N, C, S, P;  // P = N * S positions
+  int64_t row_stride;  // elements between rows (between n for the (N, C, S) layout)
+  int64_t ignore_index;
+  float keep, eps_over_c;
+  int K;
+  int64_t top_k[kMaxTopK];
+  int nb;
+  const float* boundaries;
+  bool counts_only;
+  bool smem_confmat;
+  int64_t cm_bins;
+  // state
+  double* loss_sum;
+  int64_t* confmat;
+  int64_t* topk_hits;
+  int64_t* calib_count;
+  double* calib_conf;
+  int64_t* calib_correct;
+  int64_t* count;
+  const int64_t* bad;  // number of out-of-range targets in this batch (written by the check kernel)
+};
+
+__device__ __forceinline__ void atomic_add_i64(int64_t* p, int64_t v) {
+  atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
+}
+
+// The partial state of (part of) a row, mergeable across lanes.
+struct RowPartial {
+  MaxSumExp mse;
+  float best;      // max in the argmax order (NaN above all)
+  float sum_dx;    // sum_c (x_c - x_t)
+  int64_t arg;     // index of best (C: nothing seen yet)
+  int gt;          // #{x_c > x_t}
+  int eq_before;   // #{c < t : x_c == x_t}
+  int nan_total;   // #{c : x_c is NaN}
+  int nan_before;  // #{c < t : x_c is NaN}
+
+  __device__ __forceinline__ static RowPartial empty(int64_t C) {
+    RowPartial r;
+    r.mse = MaxSumExp::empty();
+    r.best = cuda::neg_inf();
+    r.sum_dx = 0.f;
+    r.arg = C;
+    r.gt = r.eq_before = r.nan_total = r.nan_before = 0;
+    return r;
+  }
+
+  // Everything but the (max, sum-exp) state, for element c with value x (ascending c per thread).
+  __device__ __forceinline__ void visit(int64_t c, float x, float xt, int64_t t) {
+    const bool xnan = cuda::is_nan_bits(x);
+    const bool bnan = cuda::is_nan_bits(best);
+    if (!bnan && (x > best || xnan || (x == best && c < arg))) {
+      best = x;
+      arg = c;
+    }
+    sum_dx += x - xt;
+    gt += x > xt;
+    nan_total += xnan;
+    if (c < t) {
+      eq_before += x == xt;
+      nan_before += xnan;
+    }
+  }
+
+  __device__ __forceinline__ static RowPartial merge(const RowPartial& a, const RowPartial& b) {
+    RowPartial r;
+    r.mse = MaxSumExp::merge(a.mse, b.mse);
+    const bool an = cuda::is_nan_bits(a.best), bn = cuda::is_nan_bits(b.best);
+    bool take_a;
+    if (an != bn) {
+      take_a = an;
+    } else if (an || a.best == b.best) {
+      take_a = a.arg < b.arg;
+    } else {
+      take_a = a.best > b.best;
+    }
+    r.best = take_a ? a.best : b.best;
+    r.arg = take_a ? a.arg : b.arg;
+    r.sum_dx = a.sum_dx + b.sum_dx;
+    r.gt = a.gt + b.gt;
+    r.eq_before = a.eq_before + b.eq_before;
+    r.nan_total = a.nan_total + b.nan_total;
+    r.nan_before = a.nan_before + b.nan_before;
+    return r;
+  }
+};
+
+struct RowPartialOp {
+  __device__ __forceinline__ RowPartial operator()(const RowPartial& a, const RowPartial& b) const {
+    return RowPartial::merge(a, b);
+  }
+};
+
+// Shared-memory accumulators of a block.
+struct BlockAcc {
+  double* loss;      // [1]
+  double* conf;      // [nb]
+  int* valid;        // [1]
+  int* hits;         // [K]
+  int* ccount;       // [nb]
+  int* ccorrect;     // [nb]
+  float* bnd;        // [nb] boundaries
+  int* cm;           // [cm_bins] when smem_confmat
+
+  __device__ static BlockAcc carve(char* smem, const Params& p) {
+    BlockAcc a;
+    double* d = reinterpret_cast<double*>(smem);
+    a.loss = d;
+    a.conf = d + 1;
+    int* i = reinterpret_cast<int*>(d + 1 + p.nb);
+    a.valid = i;
+    a.hits = i + 1;
+    a.ccount = a.hits + p.K;
+    a.ccorrect = a.ccount + p.nb;
+    a.bnd = reinterpret_cast<float*>(a.ccorrect + p.nb);
+    a.cm = reinterpret_cast<int*>(a.bnd + p.nb);
+    return a;
+  }
+
+  static int64_t bytes(const Params& p) {
+    return static_cast<int64_t>(sizeof(double)) * (1 + p.nb) + static_cast<int64_t>(sizeof(int)) * (1 + p.K + 2 * p.nb) +
+           static_cast<int64_t>(sizeof(float)) * p.nb + (p.smem_confmat ? static_cast<int64_t>(sizeof(int)) * p.cm_bins : 0);
+  }
+
+  __device__ void init(const Params& p) {
+    if (threadIdx.x == 0) {
+      *loss = 0.0;
+      *valid = 0;
+    }
+    for (int i = threadIdx.x; i < p.nb; i += blockDim.x) {
+      conf[i] = 0.0;
+      ccount[i] = 0;
+      ccorrect[i] = 0;
+      bnd[i] = p.boundaries[i];
+    }
+    for (int i = threadIdx.x; i < p.K; i += blockDim.x) hits[i] = 0;
+    if (p.smem_confmat) {
+      for (int64_t i = threadIdx.x; i < p.cm_bins; i += blockDim.x) cm[i] = 0;
+    }
+    __syncthreads();
+  }
+
+  __device__ __forceinline__ void add_cm(const Params& p, int64_t bin) {
+    if (p.smem_confmat) {
+      atomicAdd(cm + bin, 1);
+    } else {
+      atomic_add_i64(p.confmat + bin, 1);
+    }
+  }
+
+  // One valid position: its loss, confidence (NaN when undefined), prediction, target and rank.
+  __device__ __forceinline__ void add(const Params& p, float l, float cf, int64_t pred, int64_t t, int64_t rank) {
+    atomicAdd(loss, static_cast<double>(l));
+    atomicAdd(valid, 1);
+    for (int k = 0; k < p.K; ++k) {
+      if (rank < p.top_k[k]) atomicAdd(hits + k, 1);
+    }
+    if (!cuda::is_nan_bits(cf)) {
+      // bucketize(conf, boundaries, right=True) - 1: the number of boundaries <= conf, minus one.
+      int lo = 0, hi = p.nb;
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (bnd[mid] <= cf) lo = mid + 1; else hi = mid;
+      }
+      const int b = min(max(lo - 1, 0), p.nb - 1);
+      atomicAdd(ccount + b, 1);
+      atomicAdd(conf + b, static_cast<double>(cf));
+      if (pred == t) atomicAdd(ccorrect + b, 1);
+    }
+    if (p.counts_only) {
+      if (pred == t) add_cm(p, t);
+      add_cm(p, p.C + pred);
+      add_cm(p, 2 * p.C + t);
+    } else {
+      add_cm(p, t * p.C + pred);
+    }
+  }
+
+  __device__ void flush(const Params& p) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (*valid) {
+        atomicAdd(p.loss_sum, *loss);
+        atomic_add_i64(p.count, *valid);
+      }
+    }
+    for (int i = threadIdx.x; i < p.nb; i += blockDim.x) {
+      if (ccount[i]) {
+        atomic_add_i64(p.calib_count + i, ccount[i]);
+        atomicAdd(p.calib_conf + i, conf[i]);
+      }
+      if (ccorrect[i]) atomic_add_i64(p.calib_correct + i, ccorrect[i]);
+    }
+    for (int i = threadIdx.x; i < p.K; i += blockDim.x) {
+      if (hits[i]) atomic_add_i64(p.topk_hits + i, hits[i]);
+    }
+    if (p.smem_confmat) {
+      for (int64_t i = threadIdx.x; i < p.cm_bins; i += blockDim.x) {
+        if (cm[i]) atomic_add_i64(p.confmat + i, cm[i]);
+      }
+    }
+  }
+};
+
+// Loss, confidence and rank of a position from its merged partial state.
+__device__ __forceinline__ void finish(const Params& p, const RowPartial& r, float xt, int64_t t, float* l, float* cf,
+                                      int64_t* rank) {
+  const float m = r.mse.max;
+  if (cuda::is_finite_bits(m)) {
+    // lse - x_t = (m - x_t) + log(s); C * lse - sum_c x_c = C * (lse - x_t) - sum_c (x_c - x_t)
+    const float lse_minus_xt = (m - xt) + r.mse.log_sum();
+    *l = p.keep * lse_minus_xt + p.eps_over_c * (static_cast<float>(p.C) * lse_minus_xt - r.sum_dx);
+    *cf = __frcp_rn(r.mse.sum);  // softmax of the max: exp(0) / s
+  } else {  // a NaN, +inf, or only -inf: loss and confidence are NaN, as torch's
+    *l = cuda::quiet_nan();
+    *cf = cuda::quiet_nan();
+  }
+  *rank = cuda::is_nan_bits(xt) ? r.nan_before : static_cast<int64_t>(r.gt) + r.nan_total + r.eq_before;
+}
+
+template <typename I>
+__global__ void check_targets_kernel(const I* __restrict__ target, int64_t P, int64_t C, int64_t ignore_index,
+                                     int64_t* bad, int64_t* count) {
+  int local = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < P;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    local += t != ignore_index && (t < 0 || t >= C);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
+  if ((threadIdx.x & 31) == 0 && local) {
+    atomic_add_i64(bad, local);
+    atomic_add_i64(count + 1, local);
+  }
+}
+
+template <typename T, typename I>
+__global__ void __launch_bounds__(kBlock) eval_rows_kernel(const T* __restrict__ x, const I* __restrict__ target,
+                                                           Params p) {
+  if (*p.bad != 0) return;  // the batch is rejected (uniform over the grid)
+  extern __shared__ __align__(16) char smem[];
+  BlockAcc acc = BlockAcc::carve(smem, p);
+  acc.init(p);
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + (threadIdx.x >> 5);
+  const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t i = warp; i < p.N; i += num_warps) {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    if (t == p.ignore_index) continue;  // uniform over the warp
+    const T* row = x + i * p.row_stride;
+    const float xt = cuda::to_float(row[t]);
+    RowPartial r = RowPartial::empty(p.C);
+    cuda::for_each_vectorized<T, 2>(
+        row, p.C, lane, 32,
+        [&](int64_t first, const float(&v)[cuda::kVecWidth<T>]) {
+          r.mse.update(v);
+#pragma unroll
+          for (int k = 0; k < cuda::kVecWidth<T>; ++k) r.visit(first + k, v[k], xt, t);
+        },
+        [&](int64_t c, float v) {
+          r.mse.update(v);
+          r.visit(c, v, xt, t);
+        });
+    r = cuda::warp_reduce(r, RowPartialOp{});
+    if (lane == 0) {
+      float l, cf;
+      int64_t rank;
+      finish(p, r, xt, t, &l, &cf, &rank);
+      acc.add(p, l, cf, r.arg, t, rank);
+    }
+  }
+  acc.flush(p);
+}
+
+template <typename T, typename I>
+__global__ void __launch_bounds__(kBlock) eval_positions_kernel(const T* __restrict__ x, const I* __restrict__ target,
+                                                                Params p) {
+  if (*p.bad != 0) return;
+  extern __shared__ __align__(16) char smem[];
+  BlockAcc acc = BlockAcc::carve(smem, p);
+  acc.init(p);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.P;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    if (t == p.ignore_index) continue;
+    const int64_t n = i / p.S, s = i % p.S;
+    const T* col = x + n * p.row_stride + s;
+    const float xt = cuda::to_float(col[t * p.S]);
+    RowPartial r = RowPartial::empty(p.C);
+    for (int64_t c = 0; c < p.C; ++c) {
+      const float v = cuda::to_float(col[c * p.S]);
+      r.mse.update(v);
+      r.visit(c, v, xt, t);
+    }
+    float l, cf;
+    int64_t rank;
+    finish(p, r, xt, t, &l, &cf, &rank);
+    acc.add(p, l, cf, r.arg, t, rank);
+  }
+  acc.flush(p);
+}
+
+void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& boundaries,
+                      int64_t ignore_index, double label_smoothing, at::IntArrayRef top_k, bool counts_only,
+                      const at::Tensor& loss_sum, const at::Tensor& confmat, const at::Tensor& topk_hits,
+                      const at::Tensor& calib_count, const at::Tensor& calib_conf, const at::Tensor& calib_correct,
+                      const at::Tensor& count) {
+  using evaluator::kOp;
+  const evaluator::Shapes sh = evaluator::check_inputs(logits_in, target_in, boundaries, label_smoothing, top_k,
+                                                       counts_only, loss_sum, confmat, topk_hits, calib_count,
+                                                       calib_conf, calib_correct, count, at::kCUDA);
+  TORCH_CHECK(static_cast<int64_t>(top_k.size()) <= kMaxTopK, kOp, ": at most ", kMaxTopK,
+              " top_k values are supported on CUDA, got ", top_k.size());
+  TORCH_CHECK(boundaries.numel() <= kMaxBins, kOp, ": at most ", kMaxBins,
+              " calibration boundaries are supported on CUDA, got ", boundaries.numel());
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  at::Tensor logits = logits_in;
+  if (logits.dim() == 2) {
+    logits = class_contiguous(logits);
+  } else if (!(logits.stride(2) == 1 && logits.stride(1) == logits.size(2))) {
+    logits = logits.contiguous();
+  }
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor bnd = boundaries.contiguous();
+  if (sh.positions == 0) return;
+
+  Params p;
+  p.N = sh.N;
+  p.C = sh.C;
+  p.S = sh.S;
+  p.P = sh.positions;
+  p.row_stride = logits.stride(0);
+  p.ignore_index = ignore_index;
+  p.keep = 1.f - static_cast<float>(label_smoothing);
+  p.eps_over_c = static_cast<float>(label_smoothing) / static_cast<float>(sh.C);
+  p.K = static_cast<int>(top_k.size());
+  for (int k = 0; k < p.K; ++k) p.top_k[k] = top_k[k];
+  p.nb = static_cast<int>(bnd.numel());
+  p.boundaries = bnd.const_data_ptr<float>();
+  p.counts_only = counts_only;
+  p.cm_bins = counts_only ? 3 * sh.C : sh.C * sh.C;
+  p.smem_confmat = false;  // sized without the matrix first
+  p.smem_confmat = BlockAcc::bytes(p) + static_cast<int64_t>(sizeof(int)) * p.cm_bins <= kSmemBudget;
+  p.loss_sum = loss_sum.data_ptr<double>();
+  p.confmat = confmat.data_ptr<int64_t>();
+  p.topk_hits = topk_hits.data_ptr<int64_t>();
+  p.calib_count = calib_count.data_ptr<int64_t>();
+  p.calib_conf = calib_conf.data_ptr<double>();
+  p.calib_correct = calib_correct.data_ptr<int64_t>();
+  p.count = count.data_ptr<int64_t>();
+  at::Tensor bad = at::zeros({1}, count.options());
+  p.bad = bad.const_data_ptr<int64_t>();
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const size_t smem = static_cast<size_t>(BlockAcc::bytes(p));
+  AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "eval_update_cuda_target", [&] {
+    const int64_t check_blocks = std::min<int64_t>(cuda::ceil_div<int64_t>(p.P, kBlock), 4 * sms);
+    check_targets_kernel<index_t><<<static_cast<unsigned>(check_blocks), kBlock, 0, stream>>>(
+        target.const_data_ptr<index_t>(), p.P, p.C, ignore_index, bad.data_ptr<int64_t>(), p.count);
+    FASTEVAL_CUDA_LAUNCH_CHECK();
+    FASTEVAL_DISPATCH_LOGITS_TYPES(logits.scalar_type(), "eval_update_cuda", [&] {
+      using T = scalar_t;
+      if (p.S == 1) {
+        const int64_t blocks = std::min<int64_t>(cuda::ceil_div<int64_t>(p.N, kWarpsPerBlock), 8 * sms);
+        eval_rows_kernel<T, index_t><<<static_cast<unsigned>(blocks), kBlock, smem, stream>>>(
+            logits.const_data_ptr<T>(), target.const_data_ptr<index_t>(), p);
+      } else {
+        const int64_t blocks = std::min<int64_t>(cuda::ceil_div<int64_t>(p.P, kBlock), 8 * sms);
+        eval_positions_kernel<T, index_t><<<static_cast<unsigned>(blocks), kBlock, smem, stream>>>(
+            logits.const_data_ptr<T>(), target.const_data_ptr<index_t>(), p);
+      }
+      FASTEVAL_CUDA_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasteval, CUDA, m) { m.impl("eval_update", &eval_update_cuda); }
+
+}  // namespace fasteval
