@@ -32,31 +32,16 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _load_cpu_module():
+    """fasteval/_cpu.py, loaded by path: the package itself cannot be imported before it is built."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_fasteval_cpu", os.path.join(ROOT, "fasteval", "_cpu.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-# The instruction sets each SIMD level needs: the same sets fasteval/_loader.py checks at import time.
-SIMD_FLAGS = {
-    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
-    "avx2": {"avx2", "fma", "f16c"},
-    "default": set(),
-}
-
-
-def _best_simd():
-    flags = _cpu_flags()
-    for level in ("avx512", "avx2"):
-        if SIMD_FLAGS[level] <= flags:
-            return level
-    return "default"
+_CPU = _load_cpu_module()
 
 
 def _git_commit():
@@ -81,9 +66,9 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     debug = _flag("DEBUG")
-    simd = os.environ.get("FASTEVAL_CPU_SIMD", "").lower() or _best_simd()
-    if simd not in SIMD_FLAGS:
-        raise SystemExit(f"FASTEVAL_CPU_SIMD must be one of {sorted(SIMD_FLAGS)}, got {simd!r}")
+    simd = os.environ.get("FASTEVAL_CPU_SIMD", "").lower() or _CPU.best_simd()
+    if simd not in _CPU.SIMD_FLAGS:
+        raise SystemExit(f"FASTEVAL_CPU_SIMD must be one of {sorted(_CPU.SIMD_FLAGS)}, got {simd!r}")
 
     cxx = ["-O0", "-g"] if debug else ["-O3"]
     cxx += ["-std=c++20", "-fdiagnostics-color=always", "-Wno-unknown-pragmas",

@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from . import _cpu
+
 __all__ = ["load", "loaded", "reason", "build_info", "has_kernel", "kernels"]
 
 _state: dict = {"tried": False, "loaded": False, "reason": None}
@@ -28,31 +30,13 @@ def build_info() -> dict:
     return {k: v for k, v in vars(mod).items() if not k.startswith("_")}
 
 
-# Instruction sets each SIMD level of the compiled kernels needs (setup.py builds with the same sets).
-_SIMD_FLAGS = {
-    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
-    "avx2": {"avx2", "fma", "f16c"},
-}
-
-
-def _cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _cpu_supports(simd) -> bool:
     if simd in (None, "default"):
         return True
-    needed = _SIMD_FLAGS.get(simd)
+    needed = _cpu.SIMD_FLAGS.get(simd)
     if needed is None:
         return False
-    flags = _cpu_flags()
+    flags = _cpu.cpu_flags()
     if flags:
         return needed <= flags
     # No /proc/cpuinfo: fall back to torch's own view of the CPU.

@@ -80,3 +80,15 @@ def test_info_command():
 
 def test_has_kernel_unknown_op_is_false():
     assert not _loader.has_kernel("no_such_op", "cpu")
+
+
+def test_simd_level_guard(monkeypatch):
+    from fasteval import _cpu
+    avx2_only = {"sse4_2", "avx", "avx2", "fma", "f16c"}
+    assert _cpu.best_simd(avx2_only) == "avx2"
+    assert _cpu.best_simd(avx2_only | _cpu.SIMD_FLAGS["avx512"]) == "avx512"
+    assert _cpu.best_simd({"sse2"}) == "default"
+    monkeypatch.setattr(_cpu, "cpu_flags", lambda: avx2_only)
+    assert _loader._cpu_supports("avx2") and _loader._cpu_supports("default") and _loader._cpu_supports(None)
+    assert not _loader._cpu_supports("avx512")  # the loader then refuses the library instead of crashing
+    assert not _loader._cpu_supports("sve")

@@ -50,6 +50,37 @@ inline void check_label_smoothing(double eps, const char* op) {
   TORCH_CHECK_VALUE(eps >= 0.0 && eps <= 1.0, op, ": label_smoothing must be between 0.0 and 1.0, got ", eps);
 }
 
+// All checks of fasteval::softmax_cross_entropy's inputs but the weight (see checked_weight).
+inline void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tensor& target, double label_smoothing,
+                                       int64_t reduction, const char* op) {
+  check_logits_2d(logits, op);
+  check_target_1d(target, logits.size(0), logits, op);
+  check_label_smoothing(label_smoothing, op);
+  check_reduction(reduction, op);
+}
+
+// The same for fasteval::softmax_cross_entropy_backward, plus its saved tensors and upstream gradient.
+inline void check_cross_entropy_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                const at::Tensor& target, const at::Tensor& lse,
+                                                const at::Tensor& total_weight, double label_smoothing,
+                                                int64_t reduction, const char* op) {
+  check_cross_entropy_inputs(logits, target, label_smoothing, reduction, op);
+  const int64_t N = logits.size(0);
+  if (reduction == 0) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N, op, ": grad_loss must have shape (", N,
+                      ",) for reduction none, got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 0, op, ": grad_loss must be 0-dim for reduction mean or sum, got ",
+                      grad_loss.sizes());
+  }
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == N, op, ": lse must have shape (", N, ",), got ", lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == logits.device() && lse.device() == logits.device() &&
+                        total_weight.device() == logits.device(),
+                    op, ": grad_loss, lse, total_weight and logits must be on the same device");
+}
+
 // Logits with unit stride along the class dimension (rows may be strided).
 inline at::Tensor class_contiguous(const at::Tensor& logits) {
   return logits.stride(1) == 1 ? logits : logits.contiguous();

@@ -86,11 +86,8 @@ void forward_rows(const T* x, int64_t row_stride, const I* target, const float* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  check_logits_2d(logits_in, kOp);
+  check_cross_entropy_inputs(logits_in, target_in, label_smoothing, reduction, kOp);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  check_target_1d(target_in, N, logits_in, kOp);
-  check_label_smoothing(label_smoothing, kOp);
-  check_reduction(reduction, kOp);
   const at::Tensor w = checked_weight(weight, C, logits_in, kOp);
   const at::Tensor logits = class_contiguous(logits_in);
   const at::Tensor target = target_in.contiguous();
@@ -186,25 +183,9 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad_loss_in, co
                                               const at::Tensor& lse_in, const at::Tensor& total_weight,
                                               int64_t ignore_index, double label_smoothing, int64_t reduction) {
   constexpr const char* op = "fasteval.softmax_cross_entropy_backward";
-  check_logits_2d(logits_in, op);
+  check_cross_entropy_backward_inputs(grad_loss_in, logits_in, target_in, lse_in, total_weight, label_smoothing,
+                                      reduction, op);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  check_target_1d(target_in, N, logits_in, op);
-  check_label_smoothing(label_smoothing, op);
-  check_reduction(reduction, op);
-  if (reduction == kReductionNone) {
-    TORCH_CHECK_VALUE(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == N, op, ": grad_loss must have shape (", N,
-                      ",) for reduction none, got ", grad_loss_in.sizes());
-  } else {
-    TORCH_CHECK_VALUE(grad_loss_in.dim() == 0, op, ": grad_loss must be 0-dim for reduction mean or sum, got ",
-                      grad_loss_in.sizes());
-  }
-  TORCH_CHECK_VALUE(lse_in.dim() == 1 && lse_in.size(0) == N, op, ": lse must have shape (", N, ",), got ",
-                    lse_in.sizes());
-  TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
-  TORCH_CHECK_TYPE(lse_in.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_loss_in.device() == logits_in.device() && lse_in.device() == logits_in.device() &&
-                        total_weight.device() == logits_in.device(),
-                    op, ": grad_loss, lse, total_weight and logits must be on the same device");
   const at::Tensor w = checked_weight(weight, C, logits_in, op);
   const at::Tensor logits = class_contiguous(logits_in);
   const at::Tensor target = target_in.contiguous();

@@ -392,12 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cuda(
     const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
   constexpr const char* op = "fasteval.softmax_cross_entropy";
-  check_logits_2d(logits_in, op);
-  const int64_t N = logits_in.size(0);
+  check_cross_entropy_inputs(logits_in, target, label_smoothing, reduction, op);
   const int64_t C = logits_in.size(1);
-  check_target_1d(target, N, logits_in, op);
-  check_label_smoothing(label_smoothing, op);
-  check_reduction(reduction, op);
   c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = class_contiguous(logits_in);
   const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
@@ -413,24 +409,9 @@ at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, cons
                                                const at::Tensor& lse, const at::Tensor& total_weight,
                                                int64_t ignore_index, double label_smoothing, int64_t reduction) {
   constexpr const char* op = "fasteval.softmax_cross_entropy_backward";
-  check_logits_2d(logits_in, op);
+  check_cross_entropy_backward_inputs(grad_loss, logits_in, target, lse, total_weight, label_smoothing, reduction, op);
   const int64_t N = logits_in.size(0);
   const int64_t C = logits_in.size(1);
-  check_target_1d(target, N, logits_in, op);
-  check_label_smoothing(label_smoothing, op);
-  check_reduction(reduction, op);
-  if (reduction == 0) {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N, op, ": grad_loss must have shape (", N,
-                      ",) for reduction none, got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 0, op, ": grad_loss must be 0-dim for reduction mean or sum, got ",
-                      grad_loss.sizes());
-  }
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == N, op, ": lse must have shape (", N, ",), got ", lse.sizes());
-  TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
-  TORCH_CHECK_VALUE(grad_loss.device() == logits_in.device() && lse.device() == logits_in.device() &&
-                        total_weight.device() == logits_in.device(),
-                    op, ": grad_loss, lse, total_weight and logits must be on the same device");
   c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = class_contiguous(logits_in);
   const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
