@@ -17,6 +17,9 @@
 //    `out` with relaxed integer atomics. Integer addition commutes, so the result is still exact and
 //    identical from run to run.
 // A body may throw (TORCH_CHECK on a bad label); at::parallel_for rethrows the first exception.
+// Note: with ATen's OpenMP backend, at::parallel_for is header-inline `#pragma omp parallel`, so the
+// chunks only run concurrently when this translation unit is compiled (and linked) with -fopenmp;
+// without it they run one after the other on the calling thread (same counts, one core).
 #include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
 

@@ -365,6 +365,7 @@ std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cuda(const at::Tensor
     });
   });
   at::Tensor out = at::empty({L, T, 2, 2}, target_in.options().dtype(at::kLong));
+  if (L == 0) return {out, invalid};
   const int threads = 128;
   binned_suffix_kernel<<<(L + threads - 1) / threads, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const ull*>(hist.const_data_ptr<int64_t>()), L, T, out.data_ptr<int64_t>());
