@@ -71,7 +71,9 @@ def _extensions():
         raise SystemExit(f"FASTEVAL_CPU_SIMD must be one of {sorted(_CPU.SIMD_FLAGS)}, got {simd!r}")
 
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++20", "-fdiagnostics-color=always", "-Wno-unknown-pragmas",
+    # -fopenmp: with ATen's OpenMP backend at::parallel_for is an inline `#pragma omp parallel`; without
+    # the flag every kernel would silently run on one thread. It links the libgomp torch ships with.
+    cxx += ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always", "-Wno-unknown-pragmas",
             "-fvisibility=hidden", "-fno-semantic-interposition"]
     # at::vec::Vectorized is only vectorized when CPU_CAPABILITY says so: without these macros it
     # silently falls back to scalar code.
@@ -106,7 +108,7 @@ def _extensions():
         info["cuda_arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "auto (visible GPUs)")
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
-    kwargs["extra_link_args"] = [] if debug else ["-Wl,-O1"]
+    kwargs["extra_link_args"] = ["-fopenmp"] + ([] if debug else ["-Wl,-O1"])
 
     ext = extension("fasteval._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                     py_limited_api=True, **kwargs)
