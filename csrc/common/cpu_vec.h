@@ -88,14 +88,13 @@ struct ChunkLoader<c10::Half> : ChunkLoader16<c10::Half> {};
 
 // exp(x) for a float vector, ~1e-6 relative error (the polynomial of Vectorized<float>::exp_u20),
 // forced inline: the at::vec member is too large for GCC to inline on its own and would be called
-// through the PLT once per vector. exp(-inf) = 0; NaN inputs are not propagated (callers track NaN
-// through the row max).
+// through the PLT once per vector. exp(-inf) = 0. Whether a NaN input gives NaN depends on the SIMD
+// level: callers track NaN through the row max.
 FASTEVAL_ALWAYS_INLINE fVec fast_exp(const fVec& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 v = x;
-  const __mmask16 underflow = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3365478515625f), _CMP_LT_OQ);
-  const __m512 s = _mm512_max_ps(_mm512_min_ps(v, _mm512_set1_ps(88.72283935546875f)),
-                                 _mm512_set1_ps(-87.3365478515625f));
+  // Clamp below at -104, where exp underflows to exactly 0 even through float's denormals, so no mask
+  // is needed; max(lo, x) returns x when x is NaN, so NaN propagates. Above, scalef saturates to +inf.
+  const __m512 s = _mm512_max_ps(_mm512_set1_ps(-104.f), x);
   // n = round(x / ln2), r = x - n ln2 in [-ln2/2, ln2/2]
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(s, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -105,8 +104,7 @@ FASTEVAL_ALWAYS_INLINE fVec fast_exp(const fVec& x) {
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
   p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
-  // p * 2^n via scalef (handles the exponent range without integer tricks); 0 below ln(FLT_MIN).
-  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~underflow), p, n);
+  return _mm512_scalef_ps(p, n);  // p * 2^n, denormal results included
 #elif defined(CPU_CAPABILITY_AVX2)
   const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
   const __m256 ln2 = _mm256_set1_ps(0.693147180559945309f);
