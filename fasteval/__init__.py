@@ -4,12 +4,13 @@ Compiled C++/CUDA kernels registered as ``torch.ops.fasteval.*`` with a pure-tor
 (:mod:`fasteval.reference`) wherever the compiled library or a device kernel is missing.
 """
 from . import _loader
-from . import _ops  # noqa: F401  (registers fake / autograd implementations)
-from .losses import CrossEntropyLoss, cross_entropy
-
-from . import confusion, metrics  # noqa: E402
+from . import _ops  # noqa: F401  (loads the compiled library and registers its fake implementations)
+from . import confusion, metrics  # noqa: F401
 from .confusion import (binary_confusion_matrix, binned_confusion_matrix, check_invalid, class_counts,
                         confusion_matrix, multilabel_confusion_matrix)
+from .evaluation import EvaluationReport, evaluate
+from .evaluator import ClassificationEvaluator
+from .losses import CrossEntropyLoss, cross_entropy
 
 __version__ = "0.1.0"
 
@@ -19,14 +20,13 @@ def backend() -> str:
     return "compiled" if _loader.load() else "reference"
 
 
-__all__ = ["__version__", "backend", "cross_entropy", "CrossEntropyLoss"]
-
-from .evaluator import ClassificationEvaluator  # noqa: E402
-
-__all__ += ["ClassificationEvaluator"]
-from .evaluation import EvaluationReport, evaluate  # noqa: E402
-
-__all__ += ["evaluate", "EvaluationReport"]
-
-__all__ += ["confusion_matrix", "binary_confusion_matrix", "multilabel_confusion_matrix", "binned_confusion_matrix",
-            "class_counts", "check_invalid", "metrics"]
+__all__ = [
+    "__version__", "backend",
+    # losses
+    "cross_entropy", "CrossEntropyLoss",
+    # confusion matrices and metrics
+    "confusion_matrix", "binary_confusion_matrix", "multilabel_confusion_matrix", "binned_confusion_matrix",
+    "class_counts", "check_invalid", "metrics",
+    # evaluation
+    "ClassificationEvaluator", "evaluate", "EvaluationReport",
+]

@@ -9,29 +9,15 @@ difference, or "n/a" when the provider computes something else, e.g. the exact A
 """
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["confusion_cases", "CASES", "format_table", "make_inputs", "providers", "time_ms"]
+from ._bench import time_ms
+
+__all__ = ["confusion_cases", "CASES", "format_table", "make_inputs", "providers"]
 
 CASES = ("labels_C10", "labels_C1000", "scores_C1000", "top5_accuracy_C1000", "binned_auroc_T200")
-
-
-def time_ms(fn: Callable[[], object], repeats: int, device: torch.device) -> Tuple[float, object]:
-    """Median wall time in ms over ``repeats`` runs after one warm-up run (synchronising CUDA)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    out = fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), out
 
 
 def make_inputs(case: str, quick: bool, device: torch.device, seed: int = 0) -> dict:
@@ -153,7 +139,8 @@ def confusion_cases(quick: bool = False, device: Optional[str] = None, cases=CAS
         for name, fn in provs.items():
             slow = name.startswith(("scikit", "torchmetrics")) and not name.endswith("validate_args=False")
             repeats = 3 if (quick or slow) else 7
-            ms, res = time_ms(lambda: fn(d), repeats, dev)
+            res = fn(d)  # also the warm-up run
+            ms = time_ms(lambda: fn(d), dev.type, reps=repeats, warmup=0)
             results[name] = (ms, res)
         base_ms, base_res = results["fasteval"]
         for name, (ms, res) in results.items():

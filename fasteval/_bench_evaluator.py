@@ -14,33 +14,17 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
+
+from ._bench import time_ms
 
 __all__ = ["evaluator_cases", "update_compute_case", "sync_case"]
 
 TOP_K = (1, 5)
 BINS = 15
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn: Callable[[], object], device: str, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _torchmetrics_suite(c: int, device: str):
@@ -117,8 +101,8 @@ def update_compute_case(n: int, c: int, device: str, repeats: int, base_repeats:
     ours = _fasteval(x, t, c)
     base = _baseline(x, t, c)
     parity = _parity(ours, base, x, t)
-    ms_ours = _median_ms(lambda: _fasteval(x, t, c), device, repeats)
-    ms_base = _median_ms(lambda: _baseline(x, t, c), device, base_repeats, warmup=0)
+    ms_ours = time_ms(lambda: _fasteval(x, t, c), device, reps=repeats)
+    ms_base = time_ms(lambda: _baseline(x, t, c), device, reps=base_repeats, warmup=0)
     return [
         {"case": name, "provider": "torch+torchmetrics", "median_ms": ms_base, "ratio_vs_baseline": 1.0,
          "parity": parity},

@@ -5,7 +5,7 @@ import contextlib
 import json
 import math
 import time
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -271,16 +271,22 @@ def specificity(preds=None, target=None, num_classes=None, *, average="macro", i
 # ---------------------------------------------------------------------------------------------------
 # Accuracy and top-k.
 
-def _topk_counts(preds: Tensor, target: Tensor, num_classes: int, k: int, ignore_index, op: str) -> _Counts:
-    """Per class: hits (target within the top k of its row) and support, from the one-pass rank op."""
+def _target_ranks(preds: Tensor, target: Tensor, num_classes: int, ignore_index, op: str) -> Tuple[Tensor, Tensor]:
+    """(rank of each sample's target score in its row (-1 where ignored), flat target), one pass, no sort."""
     preds, target = _prepare_multiclass(preds, target, num_classes, op)
     if not preds.is_floating_point():
-        raise ValueError(f"{op}: top_k > 1 needs scores of shape (N, C, ...), got integer labels")
+        raise ValueError(f"{op}: top-k needs scores of shape (N, C, ...), got integer labels")
     if preds.dim() > 2:
         preds = preds.movedim(1, -1).reshape(-1, num_classes)
         target = target.reshape(-1)
     rank, invalid = _ops.topk_rank(preds, target, _check_ignore_index(ignore_index, op))
     _record_invalid(invalid)
+    return rank, target
+
+
+def _topk_counts(preds: Tensor, target: Tensor, num_classes: int, k: int, ignore_index, op: str) -> _Counts:
+    """Per class: hits (target within the top k of its row) and support, from the one-pass rank op."""
+    rank, target = _target_ranks(preds, target, num_classes, ignore_index, op)
     valid = rank >= 0
     hit = valid & (rank < k)
     # Per-class hits as the diagonal of a counting pass: a hit predicts its target, a miss another class.
@@ -342,14 +348,7 @@ def top_k_accuracy(preds: Tensor, target: Tensor, num_classes: int, k: int = 2, 
     _check_num_classes(num_classes, op)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"{op}: k must be a positive int, got {k!r}")
-    preds, target = _prepare_multiclass(preds, target, num_classes, op)
-    if not preds.is_floating_point():
-        raise ValueError(f"{op}: preds must be scores of shape (N, C, ...)")
-    if preds.dim() > 2:
-        preds = preds.movedim(1, -1).reshape(-1, num_classes)
-        target = target.reshape(-1)
-    rank, invalid = _ops.topk_rank(preds, target, _check_ignore_index(ignore_index, op))
-    _record_invalid(invalid)
+    rank, _ = _target_ranks(preds, target, num_classes, ignore_index, op)
     valid = rank >= 0
     hits = (valid & (rank < k)).sum()
     if not normalize:

@@ -5,7 +5,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fasteval  # noqa: E402
@@ -20,13 +19,6 @@ def available_devices():
 
 
 DEVICES = available_devices()
-
-
-def requires_kernel(op, device):
-    """Skip unless fasteval::<op> has a compiled kernel for the device (never skip on an import error:
-    if the library was expected to load, test_loader fails instead)."""
-    return pytest.mark.skipif(not _loader.has_kernel(op, device),
-                              reason=f"no compiled fasteval::{op} kernel for {device} ({_loader.reason()})")
 
 
 def pytest_report_header(config):

@@ -256,7 +256,7 @@ def test_from_logits_equals_sigmoid_threshold():
 
 
 def test_binned_matches_torchmetrics_state_and_reference():
-    tmf = pytest.importorskip("torchmetrics.functional.classification")
+    pytest.importorskip("torchmetrics.functional.classification")
     from torchmetrics.functional.classification.precision_recall_curve import (
         _binary_precision_recall_curve_update, _multiclass_precision_recall_curve_update,
         _multilabel_precision_recall_curve_update)

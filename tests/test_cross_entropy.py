@@ -1,6 +1,5 @@
 """fasteval.cross_entropy and fasteval::softmax_cross_entropy against torch and the reference."""
 import itertools
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 import fasteval
 from fasteval import _loader, reference
 
-from conftest import DEVICES, requires_kernel
+from conftest import DEVICES
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 

@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-import fasteval
 from fasteval import _loader, reference
 from fasteval.evaluator import ClassificationEvaluator
 

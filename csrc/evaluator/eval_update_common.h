@@ -87,5 +87,13 @@ inline Shapes check_inputs(const at::Tensor& logits, const at::Tensor& target, c
   return s;
 }
 
+// The logits as the kernels read them: (N, C) with unit class stride, or (N, C, S) read in place when its
+// trailing (C, S) block is contiguous (a copy otherwise).
+inline at::Tensor kernel_layout(const at::Tensor& logits) {
+  if (logits.dim() == 2) return class_contiguous(logits);
+  if (logits.stride(2) == 1 && logits.stride(1) == logits.size(2)) return logits;
+  return logits.contiguous();
+}
+
 }  // namespace evaluator
 }  // namespace fasteval

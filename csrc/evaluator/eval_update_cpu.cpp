@@ -191,14 +191,7 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
                                                        counts_only, loss_sum, confmat, topk_hits, calib_count,
                                                        calib_conf, calib_correct, count, at::kCPU);
   const int64_t C = sh.C, P = sh.positions;
-  // The class dimension must have unit stride for the row pass ((N, C)); (N, C, S) is read in place
-  // when its trailing (C, S) block is contiguous.
-  at::Tensor logits = logits_in;
-  if (logits.dim() == 2) {
-    logits = class_contiguous(logits);
-  } else if (!(logits.stride(2) == 1 && logits.stride(1) == logits.size(2))) {
-    logits = logits.contiguous();
-  }
+  const at::Tensor logits = evaluator::kernel_layout(logits_in);
   const at::Tensor target = target_in.contiguous();
   if (P == 0) return;
 

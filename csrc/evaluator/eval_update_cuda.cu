@@ -357,12 +357,7 @@ void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, 
   TORCH_CHECK(boundaries.numel() <= kMaxBins, kOp, ": at most ", kMaxBins,
               " calibration boundaries are supported on CUDA, got ", boundaries.numel());
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  at::Tensor logits = logits_in;
-  if (logits.dim() == 2) {
-    logits = class_contiguous(logits);
-  } else if (!(logits.stride(2) == 1 && logits.stride(1) == logits.size(2))) {
-    logits = logits.contiguous();
-  }
+  const at::Tensor logits = evaluator::kernel_layout(logits_in);
   const at::Tensor target = target_in.contiguous();
   const at::Tensor bnd = boundaries.contiguous();
   if (sh.positions == 0) return;
