@@ -60,15 +60,12 @@ FASTEVAL_ALWAYS_INLINE RowStats row_stats_impl(const T* row, int64_t C, const fl
         eq_hi = eq_hi + ((c.hi == vxt) & one);
       }
     };
-    int64_t j = 0;
-    for (; j < full; j += kChunk) {
-      Chunk c = L::load(p + j);
-      mx_lo = at::vec::maximum(mx_lo, c.lo);
-      mx_hi = at::vec::maximum(mx_hi, c.hi);
-      count(c);
+    // sum_c w_c x_c over the n (<= kChunk) classes at offset j of the block; x is zero beyond n.
+    auto add_sum = [&](const Chunk& c, int64_t j, int64_t n) {
       if constexpr (WITH_SUM) {
         if (w) {
-          Chunk cw = ChunkLoader<float>::load(w + b0 + j);
+          const float* wj = w + b0 + j;
+          Chunk cw = n == kChunk ? ChunkLoader<float>::load(wj) : ChunkLoader<float>::load(wj, n);
           sx_lo = at::vec::fmadd(c.lo, cw.lo, sx_lo);
           sx_hi = at::vec::fmadd(c.hi, cw.hi, sx_hi);
         } else {
@@ -76,24 +73,24 @@ FASTEVAL_ALWAYS_INLINE RowStats row_stats_impl(const T* row, int64_t C, const fl
           sx_hi = sx_hi + c.hi;
         }
       }
-    }
-    if (j < len) {
-      const int64_t n = len - j;
-      Chunk c = L::load(p + j, n);  // zero-filled beyond n
-      if constexpr (WITH_SUM) {
-        if (w) {
-          Chunk cw = ChunkLoader<float>::load(w + b0 + j, n);
-          sx_lo = at::vec::fmadd(c.lo, cw.lo, sx_lo);
-          sx_hi = at::vec::fmadd(c.hi, cw.hi, sx_hi);
-        } else {
-          sx_lo = sx_lo + c.lo;
-          sx_hi = sx_hi + c.hi;
-        }
-      }
+    };
+    // The partial chunk first: its dependency chain then overlaps the main loop instead of trailing it
+    // (for rows of about a thousand classes the row's end-of-sweep latency is a large part of the time).
+    if (full < len) {
+      const int64_t n = len - full;
+      Chunk c = L::load(p + full, n);  // zero-filled beyond n
+      add_sum(c, full, n);
       count(mask_tail(c, n, vnan));  // NaN compares false: the padding counts nowhere
       Chunk cm = mask_tail(c, n, ninf);
       mx_lo = at::vec::maximum(mx_lo, cm.lo);
       mx_hi = at::vec::maximum(mx_hi, cm.hi);
+    }
+    for (int64_t j = 0; j < full; j += kChunk) {
+      Chunk c = L::load(p + j);
+      mx_lo = at::vec::maximum(mx_lo, c.lo);
+      mx_hi = at::vec::maximum(mx_hi, c.hi);
+      count(c);
+      add_sum(c, j, kChunk);
     }
     if constexpr (WITH_EVAL) {
       gt += static_cast<int64_t>(hsum(gt_lo + gt_hi));
@@ -117,17 +114,17 @@ FASTEVAL_ALWAYS_INLINE RowStats row_stats_impl(const T* row, int64_t C, const fl
     }
     // Sweep 2 (L1-resident): sum of exp(x - m).
     fVec se_lo(0.f), se_hi(0.f);
-    for (j = 0; j < full; j += kChunk) {
+    if (full < len) {  // the partial chunk first, as in sweep 1
+      const int64_t n = len - full;
+      Chunk c = mask_tail(L::load(p + full, n), n, ninf);
+      se_lo = fast_exp(c.lo - vm);
+      se_hi = fast_exp(c.hi - vm);
+    }
+    for (int64_t j = 0; j < full; j += kChunk) {
       // Pull the next block towards L1 while this one is busy with exp: memory traffic overlaps the
       // arithmetic instead of alternating with it (prefetches never fault past the end).
       __builtin_prefetch(p + kBlock + j, 0, 3);
       Chunk c = L::load(p + j);
-      se_lo = se_lo + fast_exp(c.lo - vm);
-      se_hi = se_hi + fast_exp(c.hi - vm);
-    }
-    if (j < len) {
-      const int64_t n = len - j;
-      Chunk c = mask_tail(L::load(p + j, n), n, ninf);
       se_lo = se_lo + fast_exp(c.lo - vm);
       se_hi = se_hi + fast_exp(c.hi - vm);
     }
