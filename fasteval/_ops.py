@@ -18,6 +18,7 @@ def _register() -> None:
     if _REGISTERED or not _loader.load():
         return
     _REGISTERED = True
+    _register_confusion()
 
     @torch.library.register_fake("fasteval::softmax_cross_entropy")
     def _sce_fake(logits, target, weight, ignore_index, label_smoothing, reduction):
@@ -43,9 +44,6 @@ def _register() -> None:
         return None
 
 
-_register()
-# Resolved once: attribute look-ups through torch.ops cost microseconds on small inputs.
-_SCE = torch.ops.fasteval.softmax_cross_entropy.default if _REGISTERED else None
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -75,15 +73,8 @@ def eval_update(logits, target, calib_boundaries, ignore_index: int, label_smoot
 # Confusion matrices: fake implementations (shapes only; the counts are not differentiable) and
 # dispatch to the compiled kernel or the reference.
 
-_CONFUSION_REGISTERED = False
-
-
 def _register_confusion() -> None:
-    global _CONFUSION_REGISTERED
-    if _CONFUSION_REGISTERED or not _loader.load():
-        return
-    _CONFUSION_REGISTERED = True
-
+    """Called by :func:`_register` once the compiled library is loaded."""
     def _invalid(like):
         return like.new_empty((), dtype=torch.int64)
 
@@ -112,7 +103,6 @@ def _register_confusion() -> None:
         return target.new_empty((scores.shape[0],), dtype=torch.int64), _invalid(target)
 
 
-_register_confusion()
 
 _SCORE_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # argmax / rank kernels
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -161,3 +151,8 @@ def topk_rank(scores, target, ignore_index):
             _loader.has_kernel("topk_rank", target.device.type):
         return torch.ops.fasteval.topk_rank(scores, target, ignore_index)
     return reference.topk_rank(scores, target, ignore_index)
+
+
+_register()
+# Resolved once: attribute look-ups through torch.ops cost microseconds on small inputs.
+_SCE = torch.ops.fasteval.softmax_cross_entropy.default if _REGISTERED else None
