@@ -294,6 +294,8 @@ class _Compiled:
 
         cfg = dict(self._b.compile_config)
         cfg.setdefault("fail_on_recompile_limit_hit", True)
+        # A torch without one of these settings compiles without it (and may then need the fallback).
+        cfg = {k: v for k, v in cfg.items() if hasattr(torch._dynamo.config, k)}
         with warnings.catch_warnings():  # graph breaks are summed up in the note instead
             warnings.simplefilter("ignore")
             try:
@@ -306,7 +308,7 @@ class _Compiled:
                 torch._dynamo.reset()
                 self._counters.clear()
                 self._call = factory()
-                with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                with torch._dynamo.config.patch(**{k: v for k, v in cfg.items() if k == "fail_on_recompile_limit_hit"}):
                     out = self._call(inputs)
                 self.note = _join(self.note, f"{note} (compiling it whole failed: {_first_line(e)})")
         breaks = self._counters["graph_break"]
