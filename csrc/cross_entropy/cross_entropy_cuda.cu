@@ -228,7 +228,7 @@ struct BackwardParams {
   const index_t* __restrict__ target;
   int64_t target_stride;
   const float* __restrict__ weight;
-  const float* __restrict__ weight_sum;
+  const float* __restrict__ weight_sum;  // sum of weight when label smoothing is on, else nullptr (unused)
   const float* __restrict__ lse;
   int64_t lse_stride;
   int64_t num_rows;
@@ -257,7 +257,9 @@ __global__ void __launch_bounds__(kBackwardBlock)
     const float g = p.grad_loss[row * p.grad_stride];
     const float row_lse = p.lse[row * p.lse_stride];
     const float w_t = p.weight != nullptr ? p.weight[t] : 1.f;
-    const float w_sum = p.weight != nullptr ? *p.weight_sum : static_cast<float>(C);
+    // W only matters with label smoothing (it is multiplied by eps / C); the host computes weight_sum
+    // only then, so it is read only when present.
+    const float w_sum = p.weight_sum != nullptr ? *p.weight_sum : static_cast<float>(C);
     const float coef_p = g * (p.one_minus_eps * w_t + p.eps_over_c * w_sum);  // multiplies p_c
     const float coef_w = g * p.eps_over_c;                                     // multiplies w_c
     const float coef_t = g * p.one_minus_eps * w_t;                            // subtracted at c == t
