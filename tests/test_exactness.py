@@ -1,5 +1,6 @@
-"""Exact results at the edges the other test modules do not reach: the CUDA weighted cross-entropy
-backward with and without label smoothing."""
+"""Exact results at the edges the other test modules do not reach: class indices above 2^24 in the
+(N, C, d...) score layout, and the CUDA weighted cross-entropy backward with and without label
+smoothing."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +9,36 @@ import fasteval
 from fasteval import _loader, reference
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Class indices above 2^24 (float32 represents every integer only up to 2^24)
+
+def test_argmax_of_scores_beyond_2_pow_24_classes():
+    """(1, 2^24 + 2, 2) bfloat16 scores: 64 MiB; the per-class counts are 3 x (2^24 + 2) int64 = 384 MiB
+    (once more on the reference path): the test peaks at about 0.5 GiB."""
+    c = (1 << 24) + 2
+    x = torch.zeros(1, c, 2, dtype=torch.bfloat16)
+    x[0, c - 1, 0] = 1.0  # position 0: the maximum at class 2^24 + 1, which float32 rounds to 2^24
+    x[0, c - 2, 1] = 1.0  # position 1: the maximum at class 2^24
+    t = torch.tensor([[c - 1, c - 2]])
+    tp, pred, true = fasteval.class_counts(x, t, c)
+    assert int(tp[c - 1]) == 1 and int(tp[c - 2]) == 1, "argmax rounded the class index"
+    assert int(pred[c - 1]) == 1 and int(pred[c - 2]) == 1 and int(pred.sum()) == 2
+    del tp, pred, true
+    if _loader.has_kernel("class_counts", "cpu"):  # the raw op too
+        counts = torch.ops.fasteval.class_counts(x, t, c, None)[0]
+        assert int(counts[0, c - 1]) == 1 and int(counts[1, c - 2]) == 1
+
+
+def test_argmax_columns_ties_and_nan_below_and_above_the_scalar_threshold():
+    # The SIMD path (C <= 2^24) and the order it must share with the scalar one: first maximum, NaN wins.
+    x = torch.tensor([[[1.0, 2.0, float("nan")], [3.0, 2.0, 1.0], [3.0, float("nan"), float("nan")]]])
+    x = x.expand(2, 3, 3).contiguous()  # (N, C, D) = (2, 3, 3)
+    t = torch.zeros(2, 3, dtype=torch.long)
+    cm = fasteval.confusion_matrix(x, t, 3)
+    want = torch.bincount(x.argmax(1).reshape(-1), minlength=3)
+    assert torch.equal(cm[0], want)
 
 
 # ---------------------------------------------------------------------------------------------------

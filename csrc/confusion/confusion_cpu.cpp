@@ -12,7 +12,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
+#include <string>
 
 #include "common/checks.h"
 #include "common/histogram_cpu.h"
@@ -110,6 +112,22 @@ FASTEVAL_ALWAYS_INLINE void argmax_columns(const S* base, int64_t C, int64_t D, 
   ix_hi.store(idx_out + cpu::kVecWidth);
 }
 
+// The same for one position, scalar, with int64 indices (any C): the order of torch.argmax (first
+// maximal index; the first NaN is the maximum).
+template <typename S>
+inline int64_t argmax_column(const S* base, int64_t C, int64_t D) {
+  float best = static_cast<float>(base[0]);
+  int64_t arg = 0;
+  for (int64_t c = 1; c < C && !std::isnan(best); ++c) {
+    const float x = static_cast<float>(base[c * D]);
+    if (x > best || std::isnan(x)) {
+      best = x;
+      arg = c;
+    }
+  }
+  return arg;
+}
+
 template <Mode M, typename S, typename T>
 void count_scores(const at::Tensor& scores, const T* target, int64_t N, int64_t C, int64_t D, int64_t bins,
                   const LabelCheck& chk, int64_t* out) {
@@ -124,6 +142,20 @@ void count_scores(const at::Tensor& scores, const T* target, int64_t N, int64_t 
         emit<M>(acc, t, cpu::row_argmax(x + i * row_stride, C), C);
       }
     });
+    return;
+  }
+  if (C > kMaxFloatIndexClasses) {  // float index lanes would round the class index: scalar, exact
+    cpu::parallel_histogram(N, bins, grain, out, [&](int64_t b, int64_t e, auto acc) {
+      for (int64_t i = b; i < e; ++i) {
+        const S* base = x + i * row_stride;
+        const T* ti = target + i * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t t = static_cast<int64_t>(ti[d]);
+          if (!chk.target_ok(t)) continue;
+          emit<M>(acc, t, argmax_column<S>(base + d, C, D), C);
+        }
+      }
+    }, /*max_per_unit=*/D);
     return;
   }
   cpu::parallel_histogram(N, bins, grain, out, [&](int64_t b, int64_t e, auto acc) {
