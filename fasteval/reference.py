@@ -19,15 +19,28 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_targets(target: Tensor, valid: Tensor, num_classes: int, ignore_index: int, op: str) -> None:
-    # A data-dependent check: skipped while tracing with torch.compile.
-    if torch.compiler.is_compiling():
+def _under_vmap(t: Tensor) -> bool:
+    """Whether ``t`` is batched by torch.func.vmap (possibly under other functorch levels)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _check_targets(target: Tensor, valid: Tensor, num_classes: int, ignore_index: Optional[int], op: str,
+                   note: str = "") -> None:
+    # A data-dependent check: skipped while tracing with torch.compile, and under torch.func.vmap over
+    # the targets (which has no data-dependent control flow; an out-of-range target then fails the gather).
+    if torch.compiler.is_compiling() or _under_vmap(target):
         return
     bad = valid & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         t = int(target[bad][0])
+        ign = "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise IndexError(f"{op}: target {t} is out of bounds for {num_classes} classes (valid targets are "
-                         f"0..{num_classes - 1} or ignore_index={ignore_index})")
+                         f"0..{num_classes - 1}{ign}){note}")
 
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction codes used by the ops
@@ -133,7 +146,64 @@ def _eval_rows(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
     return logits.movedim(1, -1).reshape(-1, c), target.reshape(-1)
 
 
-def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore_index: int,
+def _check_state(t: Tensor, name: str, dtype: torch.dtype, shape: Tuple[int, ...], logits: Tensor, op: str) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: state {name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: state {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: state {name} must be contiguous")
+    if t.device != logits.device:
+        raise ValueError(f"{op}: state {name} is on {t.device} but logits are on {logits.device}")
+
+
+def check_eval_update_inputs(logits: Tensor, target: Tensor, calib_boundaries: Tensor, label_smoothing: float,
+                             top_k: Sequence[int], counts_only: bool, loss_sum: Tensor, confmat: Tensor,
+                             topk_hits: Tensor, calib_count: Tensor, calib_conf: Tensor, calib_correct: Tensor,
+                             count: Tensor, op: str = "fasteval.eval_update") -> None:
+    """The checks the compiled op makes before touching the state, in the same order, with the same
+    exception types (ValueError for shapes, values and devices, TypeError for dtypes)."""
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"{op}: expected logits of shape (N, C) or (N, C, S), got {list(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
+    n, c = logits.shape[0], logits.shape[1]
+    s = logits.shape[2] if logits.dim() == 3 else 1
+    if c <= 0:
+        raise ValueError(f"{op}: the number of classes C must be positive, got logits of shape {list(logits.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: target must hold class indices as int64 or int32, got {target.dtype}")
+    expected = (n,) if logits.dim() == 2 else (n, s)
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{op}: expected target of shape {expected} to match logits {list(logits.shape)}, got "
+                         f"{list(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"{op}: target is on {target.device} but logits are on {logits.device}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if any(k < 1 for k in top_k):
+        raise ValueError(f"{op}: every top_k must be >= 1, got {list(top_k)}")
+    if calib_boundaries.dtype != torch.float32:
+        raise TypeError(f"{op}: calib_boundaries must be float32, got {calib_boundaries.dtype}")
+    if calib_boundaries.dim() != 1 or calib_boundaries.numel() < 2:
+        raise ValueError(f"{op}: calib_boundaries must be a 1-D tensor of at least 2 edges, got shape "
+                         f"{list(calib_boundaries.shape)}")
+    if calib_boundaries.device != logits.device:
+        raise ValueError(f"{op}: calib_boundaries is on {calib_boundaries.device} but logits are on {logits.device}")
+    nb = calib_boundaries.numel()
+    _check_state(loss_sum, "loss_sum", torch.float64, (1,), logits, op)
+    if counts_only:
+        _check_state(confmat, "confmat (per-class counts)", torch.int64, (3, c), logits, op)
+    else:
+        _check_state(confmat, "confmat", torch.int64, (c, c), logits, op)
+    _check_state(topk_hits, "topk_hits", torch.int64, (len(top_k),), logits, op)
+    _check_state(calib_count, "calib_count", torch.int64, (nb,), logits, op)
+    _check_state(calib_conf, "calib_conf", torch.float64, (nb,), logits, op)
+    _check_state(calib_correct, "calib_correct", torch.int64, (nb,), logits, op)
+    _check_state(count, "count", torch.int64, (2,), logits, op)
+
+
+def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore_index: Optional[int],
                 label_smoothing: float, top_k: Sequence[int], counts_only: bool, loss_sum: Tensor,
                 confmat: Tensor, topk_hits: Tensor, calib_count: Tensor, calib_conf: Tensor,
                 calib_correct: Tensor, count: Tensor) -> None:
@@ -141,7 +211,8 @@ def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore
 
     Args:
         logits: (N, C) or (N, C, S) floating logits (S: the flattened trailing dims of (N, C, d1, ...)).
-        target: (N,) or (N, S) class indices; ``ignore_index`` marks positions that count nowhere.
+        target: (N,) or (N, S) class indices.
+        ignore_index: None (every target counts), or the target value of positions that count nowhere.
         calib_boundaries: (B + 1,) increasing float32 bin edges from 0 to 1.
         top_k: the k of each entry of ``topk_hits``.
         counts_only: ``confmat`` is (3, C) per-class (tp, predicted, target) counts instead of (C, C).
@@ -153,21 +224,24 @@ def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore
     On CUDA, and while tracing with torch.compile, where a data-dependent raise would need a host sync,
     the batch is instead rejected: only ``count[1]`` grows, by the number of such targets.
     """
+    op = "fasteval.eval_update"
+    check_eval_update_inputs(logits, target, calib_boundaries, label_smoothing, top_k, counts_only, loss_sum,
+                             confmat, topk_hits, calib_count, calib_conf, calib_correct, count, op)
     x2, t = _eval_rows(logits, target)
     n, c = x2.shape
     x = x2.to(_compute_dtype(x2))
     t = t.long()
-    valid = t != ignore_index
+    valid = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
     if x.device.type == "cpu":  # on CUDA the check would synchronise with the host: count instead
-        _check_targets(t, valid, c, ignore_index, "fasteval.eval_update")
+        _check_targets(t, valid, c, ignore_index, op, "; the state was not changed")
     bad = valid & ((t < 0) | (t >= c))
     ok = (~bad.any()).to(torch.int64)  # 0 rejects the batch (only reachable while compiling)
     valid = valid & ~bad
     ts = torch.where(valid, t, torch.zeros_like(t))
     vi = valid.to(torch.int64) * ok
 
-    loss = softmax_cross_entropy(x, torch.where(valid, t, torch.full_like(t, ignore_index)), None,
-                                 ignore_index, label_smoothing, 0)[0]
+    # Rows that do not count get a target the loss ignores (-1 never is a class index).
+    loss = softmax_cross_entropy(x, torch.where(valid, t, torch.full_like(t, -1)), None, -1, label_smoothing, 0)[0]
     loss_sum.add_((loss.double() * vi).sum().reshape(1).to(loss_sum.dtype))
 
     pred = x.argmax(dim=1) if c > 0 else ts

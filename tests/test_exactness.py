@@ -1,6 +1,6 @@
-"""Exact results at the edges the other test modules do not reach: class indices above 2^24 in the
-(N, C, d...) score layout, and the CUDA weighted cross-entropy backward with and without label
-smoothing."""
+"""Exact results at the edges the other test modules do not reach: an evaluator without ignore_index
+(every target counts, -100 included), class indices above 2^24 in the (N, C, d...) score layout, and the
+CUDA weighted cross-entropy backward with and without label smoothing."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +9,74 @@ import fasteval
 from fasteval import _loader, reference
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def state(c, k=1, nb=5, device="cpu"):
+    z = dict(device=device)
+    return [torch.zeros(1, dtype=torch.float64, **z), torch.zeros(c, c, dtype=torch.int64, **z),
+            torch.zeros(k, dtype=torch.int64, **z), torch.zeros(nb, dtype=torch.int64, **z),
+            torch.zeros(nb, dtype=torch.float64, **z), torch.zeros(nb, dtype=torch.int64, **z),
+            torch.zeros(2, dtype=torch.int64, **z)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# ignore_index=None means no target is ignored
+
+def test_evaluator_without_ignore_index_counts_minus_100_as_out_of_range():
+    ev = fasteval.ClassificationEvaluator(3)
+    ev.update(torch.randn(2, 3), torch.tensor([0, 2]))
+    before = [s.clone() for s in ev._states()]
+    with pytest.raises(IndexError, match="-100"):
+        ev.update(torch.randn(4, 3), torch.tensor([0, 1, -100, 2]))
+    assert all(torch.equal(a, b) for a, b in zip(before, ev._states()))  # the batch was rejected whole
+    assert ev.compute()["count"] == 2
+
+
+def test_evaluator_with_ignore_index_skips_it():
+    for ignore in (-100, -1, 3):
+        ev = fasteval.ClassificationEvaluator(3, ignore_index=ignore)
+        ev.update(torch.randn(4, 3), torch.tensor([0, 1, ignore, 2]))
+        assert ev.compute()["count"] == 3
+
+
+@pytest.mark.parametrize("impl", ["compiled", "reference"])
+def test_eval_update_op_optional_ignore_index(impl):
+    if impl == "compiled":
+        if not _loader.has_kernel("eval_update", "cpu"):
+            pytest.skip("no compiled eval_update kernel")
+        op = torch.ops.fasteval.eval_update
+    else:
+        op = reference.eval_update
+    x, bnd = torch.randn(4, 3), torch.linspace(0, 1, 5)
+    t = torch.tensor([0, 1, -100, 2])
+    s = state(3)
+    with pytest.raises(IndexError, match="target -100 is out of bounds"):
+        op(x, t, bnd, None, 0.0, [1], False, *s)
+    assert all(int(v.abs().sum()) == 0 for v in s)
+    op(x, t, bnd, -100, 0.0, [1], False, *s)
+    assert int(s[6][0]) == 3
+    s = state(3)
+    op(x, torch.tensor([0, 1, 1, 2]), bnd, None, 0.0, [1], False, *s)
+    assert int(s[6][0]) == 4 and int(s[1].sum()) == 4
+
+
+def test_eval_update_opcheck_with_none_ignore_index():
+    if not _loader.has_kernel("eval_update", "cpu"):
+        pytest.skip("no compiled eval_update kernel")
+    torch.library.opcheck(torch.ops.fasteval.eval_update.default,
+                          (torch.randn(6, 4), torch.randint(0, 4, (6,)), torch.linspace(0, 1, 5), None, 0.1, [1, 2],
+                           False, *state(4, k=2)))
+
+
+@pytest.mark.skipif(not (HAS_CUDA and _loader.has_kernel("eval_update", "cuda")), reason="no GPU or CUDA kernel")
+def test_evaluator_without_ignore_index_cuda_rejects_minus_100():
+    ev = fasteval.ClassificationEvaluator(3, device="cuda")
+    ev.update(torch.randn(4, 3, device="cuda"), torch.tensor([0, 1, -100, 2], device="cuda"))
+    with pytest.raises(IndexError, match="1 target"):
+        ev.compute()
+    ev = fasteval.ClassificationEvaluator(3, device="cuda", ignore_index=-100)
+    ev.update(torch.randn(4, 3, device="cuda"), torch.tensor([0, 1, -100, 2], device="cuda"))
+    assert ev.compute()["count"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------
