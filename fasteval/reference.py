@@ -118,10 +118,27 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
                                    reduction: int) -> Tensor:
     """Gradient of ``<grad_loss, loss>`` with respect to ``logits`` (in logits' dtype), ``loss`` as
     :func:`softmax_cross_entropy` returns it for ``reduction``."""
+    op = "fasteval.softmax_cross_entropy_backward"
+    check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction, op)
     n, c = logits.shape
+    if reduction == 0:
+        if grad_loss.dim() != 1 or grad_loss.shape[0] != n:
+            raise ValueError(f"{op}: grad_loss must have shape ({n},) for reduction none, got {list(grad_loss.shape)}")
+    elif grad_loss.dim() != 0:
+        raise ValueError(f"{op}: grad_loss must be 0-dim for reduction mean or sum, got {list(grad_loss.shape)}")
+    if lse.dim() != 1 or lse.shape[0] != n:
+        raise ValueError(f"{op}: lse must have shape ({n},), got {list(lse.shape)}")
+    if not lse.is_floating_point():
+        raise TypeError(f"{op}: lse must be floating point, got {lse.dtype}")
+    if total_weight.dim() != 0:
+        raise ValueError(f"{op}: total_weight must be 0-dim, got {list(total_weight.shape)}")
+    if not grad_loss.device == lse.device == total_weight.device == logits.device:
+        raise ValueError(f"{op}: grad_loss, lse, total_weight and logits must be on the same device")
     x = logits.to(_compute_dtype(logits))
     valid = target != ignore_index
-    _check_targets(target, valid, c, ignore_index, "fasteval.softmax_cross_entropy_backward")
+    _check_targets(target, valid, c, ignore_index, op)
+    if c == 0:
+        return torch.zeros_like(logits)
     t = torch.where(valid, target, torch.zeros_like(target)).long()
     g = grad_loss.to(x.dtype)
     if reduction == 1:
@@ -296,16 +313,55 @@ def _invalid_labels(bad: Tensor, values: Tensor, what: str, valid_range: str, ig
     return count
 
 
-def _labels_from_preds(preds: Tensor, target: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
-    """(pred labels, target) flattened; argmax over dim 1 for floating scores."""
+# Input checks: the checks of the compiled kernels (csrc/confusion/confusion_common.h), in the same order
+# and with the same exception types (ValueError for shapes, values and devices, TypeError for dtypes).
+# The reference also serves the dtypes the kernels leave to it (float64 scores, other integer labels).
+
+def _is_integer(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _check_same_device(a: Tensor, an: str, b: Tensor, bn: str, op: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{op}: {an} is on {a.device} but {bn} is on {b.device}")
+
+
+def _check_index_target(target: Tensor, op: str) -> None:
+    if not _is_integer(target):
+        raise TypeError(f"{op}: target must hold integer class indices, got {target.dtype}")
+
+
+def _check_matrix_size(num_classes: int, op: str) -> None:
+    if num_classes < 1:
+        raise ValueError(f"{op}: num_classes must be positive, got {num_classes}")
+    if num_classes > 46340:
+        raise ValueError(f"{op}: a ({num_classes}, {num_classes}) confusion matrix has more than 2^31 - 1 entries; "
+                         "use the per-class counts (class_counts) for this many classes")
+
+
+def _check_multiclass(preds: Tensor, target: Tensor, num_classes: int, op: str) -> None:
+    if num_classes < 1:
+        raise ValueError(f"{op}: num_classes must be positive, got {num_classes}")
+    _check_same_device(preds, "preds", target, "target", op)
+    _check_index_target(target, op)
     if preds.is_floating_point():
         if preds.dim() < 2 or preds.shape[1] != num_classes:
-            raise ValueError(f"expected scores of shape (N, {num_classes}, ...), got {tuple(preds.shape)}")
-        p = preds.argmax(dim=1)
-    else:
-        p = preds
-    if p.shape != target.shape:
-        raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} do not match")
+            raise ValueError(f"{op}: expected scores of shape (N, {num_classes}, ...) for num_classes={num_classes}, "
+                             f"got {list(preds.shape)}")
+        expected = (preds.shape[0],) + tuple(preds.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(f"{op}: expected target of shape {list(expected)} for scores of shape "
+                             f"{list(preds.shape)}, got {list(target.shape)}")
+        return
+    if not _is_integer(preds):
+        raise TypeError(f"{op}: preds must be integer labels or float scores, got {preds.dtype}")
+    if preds.shape != target.shape:
+        raise ValueError(f"{op}: preds {list(preds.shape)} and target {list(target.shape)} must have the same shape")
+
+
+def _labels_from_preds(preds: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+    """(pred labels, target) flattened; argmax over dim 1 for floating scores (checked inputs)."""
+    p = preds.argmax(dim=1) if preds.is_floating_point() else preds
     return p.reshape(-1).long(), target.reshape(-1).long()
 
 
@@ -322,8 +378,11 @@ def _multiclass_valid(p: Tensor, t: Tensor, num_classes: int, ignore_index: Opti
 def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int,
                      ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """(C, C) int64 counts, rows = true class, columns = predicted class, and the invalid count."""
-    p, t = _labels_from_preds(preds, target, num_classes)
-    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, "fasteval.confusion_matrix")
+    op = "fasteval.confusion_matrix"
+    _check_matrix_size(num_classes, op)
+    _check_multiclass(preds, target, num_classes, op)
+    p, t = _labels_from_preds(preds, target)
+    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, op)
     idx = torch.where(ok, t * num_classes + p, torch.zeros_like(t))
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=t.device)
     cm.index_add_(0, idx, ok.long())
@@ -333,8 +392,10 @@ def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int,
 def class_counts(preds: Tensor, target: Tensor, num_classes: int,
                  ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """(3, C) int64: rows tp, predicted count, target count per class; and the invalid count."""
-    p, t = _labels_from_preds(preds, target, num_classes)
-    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, "fasteval.class_counts")
+    op = "fasteval.class_counts"
+    _check_multiclass(preds, target, num_classes, op)
+    p, t = _labels_from_preds(preds, target)
+    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, op)
     w = ok.long()
     z = torch.zeros_like(t)
     counts = torch.zeros(3, num_classes, dtype=torch.int64, device=t.device)
@@ -360,9 +421,15 @@ def multilabel_confusion_matrix(preds: Tensor, target: Tensor, threshold: float 
                                 ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """(L, 2, 2) int64 [[tn, fp], [fn, tp]] per label of (N, L) preds / target; and the invalid count."""
     op = "fasteval.multilabel_confusion_matrix"
-    if preds.dim() != 2 or preds.shape != target.shape:
-        raise ValueError(f"{op}: expected preds and target of the same shape (N, L), got {tuple(preds.shape)} "
-                         f"and {tuple(target.shape)}")
+    _check_same_device(preds, "preds", target, "target", op)
+    if preds.dim() != 2:
+        raise ValueError(f"{op}: expected preds of shape (N, L), got {list(preds.shape)}")
+    if preds.shape != target.shape:
+        raise ValueError(f"{op}: preds {list(preds.shape)} and target {list(target.shape)} must have the same shape")
+    if not _is_integer(target):
+        raise TypeError(f"{op}: target must hold integer 0/1 labels, got {target.dtype}")
+    if not (preds.is_floating_point() or _is_integer(preds)):
+        raise TypeError(f"{op}: preds must be float scores or integer 0/1 labels, got {preds.dtype}")
     t, ok, inv = _binary_target_valid(target, ignore_index, op)
     if preds.is_floating_point():
         dt = _threshold_dtype(preds)
@@ -388,12 +455,23 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Tensor,
     Written as the N x L x T broadcast the compiled kernel avoids.
     """
     op = "fasteval.binned_confusion_matrix"
+    _check_same_device(preds, "preds", target, "target", op)
+    _check_same_device(preds, "preds", thresholds, "thresholds", op)
     if preds.dim() != 2:
-        raise ValueError(f"{op}: expected preds of shape (N, L), got {tuple(preds.shape)}")
+        raise ValueError(f"{op}: expected preds of shape (N, L), got {list(preds.shape)}")
+    if not preds.is_floating_point():
+        raise TypeError(f"{op}: preds must be floating scores, got {preds.dtype}")
+    if thresholds.dim() != 1:
+        raise ValueError(f"{op}: thresholds must be a 1-D tensor, got {list(thresholds.shape)}")
+    if not thresholds.is_floating_point():
+        raise TypeError(f"{op}: thresholds must be floating, got {thresholds.dtype}")
+    if not _is_integer(target):
+        raise TypeError(f"{op}: target must hold integer labels, got {target.dtype}")
     n, num_labels = preds.shape
     if target.dim() == 1:
         if target.shape[0] != n:
-            raise ValueError(f"{op}: target {tuple(target.shape)} does not match preds {tuple(preds.shape)}")
+            raise ValueError(f"{op}: target of shape {list(target.shape)} does not match preds of shape "
+                             f"{list(preds.shape)}")
         t = target.long()
         keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
         bad = keep & ((t < 0) | (t >= num_labels))
@@ -402,7 +480,8 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Tensor,
         tb = (t[:, None] == torch.arange(num_labels, device=t.device)[None, :]).long()
     else:
         if target.shape != preds.shape:
-            raise ValueError(f"{op}: target {tuple(target.shape)} does not match preds {tuple(preds.shape)}")
+            raise ValueError(f"{op}: target of shape {list(target.shape)} does not match preds of shape "
+                             f"{list(preds.shape)} (expected (N, L) 0/1 or (N,) class labels)")
         tb, ok, inv = _binary_target_valid(target, ignore_index, op)
     dt = _threshold_dtype(preds)
     pos = (preds.to(dt)[:, :, None] >= thresholds.to(dt)[None, None, :]).long()  # (N, L, T)
@@ -419,9 +498,14 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Tensor,
 def topk_rank(scores: Tensor, target: Tensor, ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Rank of the target's score within its row of (N, C) scores (see the op's schema); -1 if ignored."""
     op = "fasteval.topk_rank"
-    if scores.dim() != 2 or target.dim() != 1 or target.shape[0] != scores.shape[0]:
-        raise ValueError(f"{op}: expected scores (N, C) and target (N,), got {tuple(scores.shape)} and "
-                         f"{tuple(target.shape)}")
+    _check_same_device(scores, "scores", target, "target", op)
+    if scores.dim() != 2 or scores.shape[1] < 1:
+        raise ValueError(f"{op}: expected scores of shape (N, C) with C >= 1, got {list(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{op}: scores must be floating point, got {scores.dtype}")
+    _check_index_target(target, op)
+    if target.dim() != 1 or target.shape[0] != scores.shape[0]:
+        raise ValueError(f"{op}: expected target of shape ({scores.shape[0]},), got {list(target.shape)}")
     n, c = scores.shape
     t = target.long()
     keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index

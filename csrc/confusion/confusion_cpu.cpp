@@ -284,7 +284,8 @@ std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cpu(const at::Ten
 
 template <typename CT>
 FASTEVAL_ALWAYS_INLINE int64_t bucket_of(const CT* thr, int64_t T, CT x) {
-  // Number of thresholds <= x in the ascending thr[0, T), T >= 1. NaN compares false: bucket 0.
+  // Number of thresholds <= x in the ascending thr[0, T). NaN compares false: bucket 0.
+  if (T == 0) return 0;
   int64_t base = 0, n = T;
   while (n > 1) {
     const int64_t half = n >> 1;

@@ -151,6 +151,7 @@ struct MultilabelWork {
 
 template <typename CT>
 __device__ __forceinline__ int64_t bucket_of(const CT* __restrict__ thr, int64_t T, CT x) {
+  if (T == 0) return 0;  // no thresholds: one bucket (nothing is read)
   int64_t base = 0, n = T;
   while (n > 1) {
     const int64_t half = n >> 1;

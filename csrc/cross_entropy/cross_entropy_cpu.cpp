@@ -25,6 +25,7 @@ using cpu::fVec;
 using cpu::kChunk;
 
 constexpr const char* kOp = "fasteval.softmax_cross_entropy";
+constexpr const char* kBackwardOp = "fasteval.softmax_cross_entropy_backward";
 constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;  // at::Reduction
 
 // Rows per parallel task: enough work per task to amortise the scheduling.
@@ -38,8 +39,8 @@ inline float weight_sum(const float* w, int64_t C) {
   return static_cast<float>(acc);
 }
 
-[[noreturn]] void bad_target(int64_t t, int64_t C, int64_t ignore_index) {
-  TORCH_CHECK_INDEX(false, kOp, ": target ", t, " is out of bounds for ", C,
+[[noreturn]] void bad_target(int64_t t, int64_t C, int64_t ignore_index, const char* op = kOp) {
+  TORCH_CHECK_INDEX(false, op, ": target ", t, " is out of bounds for ", C,
                     " classes (valid targets are 0..", C - 1, " or ignore_index=", ignore_index, ")");
 }
 
@@ -145,7 +146,7 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
         std::fill(out, out + C, T(0));
         continue;
       }
-      if (t < 0 || t >= C) bad_target(t, C, ignore_index);
+      if (t < 0 || t >= C) bad_target(t, C, ignore_index, kBackwardOp);
       const T* row = x + i * row_stride;
       const float gi = g[i * g_stride] * g_scale;
       const float wt = w ? w[t] : 1.f;
@@ -182,7 +183,7 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad_loss_in, co
                                               const at::Tensor& target_in, const std::optional<at::Tensor>& weight,
                                               const at::Tensor& lse_in, const at::Tensor& total_weight,
                                               int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  constexpr const char* op = "fasteval.softmax_cross_entropy_backward";
+  constexpr const char* op = kBackwardOp;
   check_cross_entropy_backward_inputs(grad_loss_in, logits_in, target_in, lse_in, total_weight, label_smoothing,
                                       reduction, op);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);
