@@ -200,8 +200,8 @@ class ClassificationEvaluator:
         if dim1:
             if logits.dim() == 2:
                 return logits, target
-            n = shape[0]
-            return logits.reshape(n, c, -1), target.reshape(n, -1)
+            n, s = shape[0], math.prod(shape[2:])  # explicit sizes: reshape(0, c, -1) is ambiguous
+            return logits.reshape(n, c, s), target.reshape(n, s)
         if last:
             return logits.reshape(-1, c), target.reshape(-1)
         if shape[1] != c and shape[-1] != c:

@@ -48,12 +48,12 @@ REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction codes used by the
 
 def check_cross_entropy_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float,
                                reduction: int, op: str = "fasteval.softmax_cross_entropy") -> None:
-    """The checks the compiled op makes, with the same exception types (ValueError / TypeError)."""
+    """The checks the compiled op makes, in the same order, with the same exception types: ValueError for
+    shapes, values and devices, TypeError for dtypes (IndexError for out-of-range targets comes later).
+    C = 0 is allowed, as in torch: every target is then out of range or ignore_index."""
     if logits.dim() != 2:
         raise ValueError(f"{op}: expected logits of shape (N, C), got {logits.dim()} dims {list(logits.shape)}")
     n, c = logits.shape
-    if c <= 0:
-        raise ValueError(f"{op}: the number of classes C must be positive, got shape {list(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
     if target.dtype not in (torch.int64, torch.int32):
@@ -87,18 +87,30 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
     (float64 for float64 logits): ``loss`` is ``l`` (N,) for reduction 0 (none), ``sum(l) / total_weight``
     for 1 (mean), ``sum(l)`` for 2 (sum); ``total_weight`` is the summed ``w[t]`` of the non-ignored rows.
     """
-    check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction)
+    op = "fasteval.softmax_cross_entropy"
+    check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction, op)
     n, c = logits.shape
     x = logits.to(_compute_dtype(logits))
     valid = target != ignore_index
-    _check_targets(target, valid, c, ignore_index, "fasteval.softmax_cross_entropy")
+    _check_targets(target, valid, c, ignore_index, op)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if c == 0:  # every row is ignored (a counted row raised above): no classes to gather from
+        loss = x.sum(1)
+        lse = torch.zeros(n, dtype=x.dtype, device=x.device)
+        total_weight = torch.zeros((), dtype=x.dtype, device=x.device)
+        if reduction == 1:
+            loss = loss.sum() / total_weight
+        elif reduction == 2:
+            loss = loss.sum()
+        if label_smoothing > 0:  # as torch: eps / C * (a sum of no terms) = NaN, even for no rows
+            loss = loss + float("nan")
+        return loss, lse, total_weight
     t = torch.where(valid, target, torch.zeros_like(target)).long()
     logp = torch.log_softmax(x, dim=1)
     # torch's log_softmax gives NaN when the row max is not finite (NaN, +inf, all -inf); so does lse.
     lse = torch.logsumexp(x, dim=1)
     lse = torch.where(torch.isfinite(x.amax(dim=1)), lse, torch.full_like(lse, float("nan")))
     nll = -logp.gather(1, t[:, None]).squeeze(1)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     wt = weight.to(x.dtype).gather(0, t) if weight is not None else torch.ones_like(nll)
     loss = (1.0 - label_smoothing) * nll * wt
     if label_smoothing > 0:

@@ -62,6 +62,7 @@ CASES = [
     ("softmax_cross_entropy", "2-D target", ce_args(target=torch.zeros(4, 1, dtype=L)), ValueError),
     ("softmax_cross_entropy", "target = C", ce_args(target=torch.tensor([0, 5, 1, 1])), IndexError),
     ("softmax_cross_entropy", "target = -1", ce_args(target=torch.tensor([0, -1, 1, 1])), IndexError),
+    ("softmax_cross_entropy", "target with C = 0", ce_args(logits=torch.randn(4, 0)), IndexError),
     ("softmax_cross_entropy", "weight shape", ce_args(weight=torch.ones(4)), ValueError),
     ("softmax_cross_entropy", "2-D weight", ce_args(weight=torch.ones(1, 5)), ValueError),
     ("softmax_cross_entropy", "integer weight", ce_args(weight=torch.ones(5, dtype=L)), TypeError),

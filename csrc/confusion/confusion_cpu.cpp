@@ -35,9 +35,14 @@ using cpu::kChunk;
     TORCH_CHECK_INDEX(false, op, ": ", what, " ", v, " is out of range (valid values are ", range,
                       ignore_index ? " or ignore_index=" + std::to_string(*ignore_index) : std::string(), ")");
   }
+  const std::string ign = ignore_index ? "ignore_index=" + std::to_string(*ignore_index) : std::string();
+  if (num_classes == 0) {
+    TORCH_CHECK_INDEX(false, op, ": ", what, " ", v, " is out of range for 0 classes (no class index is valid",
+                      ignore_index ? "; the only valid value is " + ign : std::string(), ")");
+  }
   TORCH_CHECK_INDEX(false, op, ": ", what, " ", v, " is out of range for ", num_classes,
-                    " classes (valid values are 0..", num_classes - 1,
-                    ignore_index ? " or ignore_index=" + std::to_string(*ignore_index) : std::string(), ")");
+                    " classes (valid values are 0..", num_classes - 1, ignore_index ? " or " + ign : std::string(),
+                    ")");
 }
 
 at::Tensor zero_invalid(const at::Tensor& like) { return at::zeros({}, like.options().dtype(at::kLong)); }
@@ -89,8 +94,12 @@ void count_labels(const P* preds, const T* target, int64_t n, int64_t bins, cons
   });
 }
 
+// Class indices are carried in float lanes by argmax_columns: exact for every index up to 2^24. Above
+// that count_scores takes the scalar argmax_column (int64 indices).
+constexpr int64_t kMaxFloatIndexClasses = int64_t(1) << 24;
+
 // argmax over the class dim of 16 (or len < 16) positions d0.. of a sample laid out (C, D), D > 1.
-// Index lanes are floats: exact while C < 2^24 (checked by the caller).
+// Index lanes are floats: exact only while C <= kMaxFloatIndexClasses (the caller's choice).
 template <typename S>
 FASTEVAL_ALWAYS_INLINE void argmax_columns(const S* base, int64_t C, int64_t D, int64_t len, float* idx_out) {
   using L = ChunkLoader<S>;
@@ -236,6 +245,7 @@ void count_multilabel(const P* pp, const T* tp, int64_t N, int64_t L, double thr
   const int64_t ign = ignore_index.value_or(0);
   using CT = score_compute_t<P>;
   const CT thr = static_cast<CT>(threshold);
+  if (N == 0 || L == 0) return;  // nothing to count (and no `% L` by zero below)
   cpu::parallel_histogram(N * L, 4 * L, 32768, out, [&](int64_t b, int64_t e, auto acc) {
     int64_t l = b % L;
     for (int64_t i = b; i < e; ++i, l = (l + 1 == L ? 0 : l + 1)) {
@@ -310,7 +320,9 @@ void count_binned(const P* pp, const TT* tp, int64_t N, int64_t L, bool one_vs_r
   const int64_t B = T + 1;
   const int64_t bins = L * B * 2;
   if (one_vs_rest) {
-    cpu::parallel_histogram(N, bins, std::max<int64_t>(1, 32768 / L), hist, [&](int64_t b, int64_t e, auto acc) {
+    // L = 0 (no columns): every counted target is out of range; the loop below raises on the first.
+    cpu::parallel_histogram(N, bins, std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)), hist,
+                            [&](int64_t b, int64_t e, auto acc) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t t = static_cast<int64_t>(tp[i]);
         if (has_ign && t == ign) continue;
@@ -323,6 +335,7 @@ void count_binned(const P* pp, const TT* tp, int64_t N, int64_t L, bool one_vs_r
     });
     return;
   }
+  if (N == 0 || L == 0) return;  // nothing to count (and no `% L` by zero below)
   cpu::parallel_histogram(N * L, bins, 32768, hist, [&](int64_t b, int64_t e, auto acc) {
     int64_t l = b % L;
     for (int64_t i = b; i < e; ++i, l = (l + 1 == L ? 0 : l + 1)) {

@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 #include <torch/library.h>
 
@@ -54,7 +55,7 @@ void forward_rows(const T* x, int64_t row_stride, const I* target, const float* 
                   double* part_weight) {
   const float wsum = weight_sum(w, C);
   const float keep = 1.f - eps;
-  const float eps_over_c = eps / static_cast<float>(C);
+  const float eps_over_c = C > 0 ? eps / static_cast<float>(C) : 0.f;  // C = 0: no row is counted
   const int64_t rpp = rows_per_partial(C);
   const int64_t nparts = (N + rpp - 1) / rpp;
   at::parallel_for(0, nparts, std::max<int64_t>(1, grain_rows(C) / rpp), [&](int64_t pb, int64_t pe) {
@@ -125,6 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(
   total_weight.fill_(tw);
   if (reduction == kReductionSum) loss.fill_(total);
   if (reduction == kReductionMean) loss.fill_(total / tw);  // 0 / 0 = NaN when every row is ignored, as torch
+  // No classes (every row ignored, or a bad target raised above): torch's smoothing term is
+  // eps / C * (a sum of no terms) = NaN on every row, ignored or not.
+  if (C == 0 && eps > 0.f) loss.fill_(std::numeric_limits<float>::quiet_NaN());
   return {loss, lse, total_weight};
 }
 
@@ -137,7 +141,7 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
   using L = ChunkLoader<T>;
   const float wsum = weight_sum(w, C);
   const float keep = 1.f - eps;
-  const float eps_over_c = eps / static_cast<float>(C);
+  const float eps_over_c = C > 0 ? eps / static_cast<float>(C) : 0.f;  // C = 0: no row is counted
   at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* out = grad + i * C;
