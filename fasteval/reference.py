@@ -46,6 +46,13 @@ def _check_targets(target: Tensor, valid: Tensor, num_classes: int, ignore_index
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction codes used by the ops
 
 
+def _has_tangent(t: Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode AD tangent at the current level."""
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
+
+
 def check_cross_entropy_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float,
                                reduction: int, op: str = "fasteval.softmax_cross_entropy") -> None:
     """The checks the compiled op makes, in the same order, with the same exception types: ValueError for
@@ -89,6 +96,10 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
     """
     op = "fasteval.softmax_cross_entropy"
     check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction, op)
+    if weight is not None and ((torch.is_grad_enabled() and weight.requires_grad) or _has_tangent(weight)):
+        raise RuntimeError(f"{op} is not differentiable with respect to argument 'weight' (as torch's "
+                           "F.cross_entropy): this input cannot have requires_grad=True or a forward-mode tangent; "
+                           "detach it")
     n, c = logits.shape
     x = logits.to(_compute_dtype(logits))
     valid = target != ignore_index
