@@ -12,6 +12,9 @@ FASTEVAL_FORCE_CUDA=1. Switches (environment variables):
   TORCH_CUDA_ARCH_LIST     CUDA architectures (torch's own switch), e.g. "9.0" or "8.0;9.0"
   MAX_JOBS                 parallel compile jobs (torch's own switch)
   DEBUG=1                  -O0 -g, no vectorisation flags beyond the SIMD level
+  FASTEVAL_SANITIZE=address,undefined
+                           build the CPU kernels with these -fsanitize= checks (-O1 -g, frame pointers,
+                           no recovery from undefined behaviour), for scripts/sanitize.sh
 
 If the extension fails to compile, the package is still installed (pure Python) and
 `python -m fasteval info` says why.
@@ -71,6 +74,11 @@ def _extensions():
         raise SystemExit(f"FASTEVAL_CPU_SIMD must be one of {sorted(_CPU.SIMD_FLAGS)}, got {simd!r}")
 
     cxx = ["-O0", "-g"] if debug else ["-O3"]
+    sanitize = os.environ.get("FASTEVAL_SANITIZE", "").strip()
+    san_flags = []
+    if sanitize:
+        san_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        cxx = ["-O1", "-g"] + san_flags
     # -fopenmp: with ATen's OpenMP backend at::parallel_for is an inline `#pragma omp parallel`; without
     # the flag every kernel would silently run on one thread. It links the libgomp torch ships with.
     cxx += ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always", "-Wno-unknown-pragmas",
@@ -94,7 +102,8 @@ def _extensions():
                          "CUDA_HOME/nvcc was not found")
 
     info = dict(version=VERSION, commit=_git_commit(), torch_version=torch.__version__,
-                cpu_simd=simd, with_cuda=use_cuda, cuda_version=None, cuda_arch_list=None, debug=debug)
+                cpu_simd=simd, with_cuda=use_cuda, cuda_version=None, cuda_arch_list=None, debug=debug,
+                sanitize=sanitize or None)
     extension = CppExtension
     kwargs = {}
     if use_cuda:
@@ -108,7 +117,7 @@ def _extensions():
         info["cuda_arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST", "auto (visible GPUs)")
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx}
-    kwargs["extra_link_args"] = ["-fopenmp"] + ([] if debug else ["-Wl,-O1"])
+    kwargs["extra_link_args"] = ["-fopenmp"] + ([] if debug else ["-Wl,-O1"]) + san_flags
 
     ext = extension("fasteval._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
                     py_limited_api=True, **kwargs)

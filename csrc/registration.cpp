@@ -36,6 +36,7 @@ TORCH_LIBRARY(fasteval, m) {
   // Fused evaluation update: ONE read of each row of the logits, nothing of size N x C materialised.
   // logits: (N, C) with unit class stride, or (N, C, S) (the flattened (N, C, d1, ...) layout, class
   // stride S). A position is a row (or an (n, s) pair). target: (N,) or (N, S), int64 / int32.
+  // ignore_index: None (every target counts) or the target value of positions that count nowhere.
   // A target outside [0, C) other than ignore_index rejects the whole batch, nothing else is mutated:
   // the CPU kernel raises IndexError; the CUDA kernel (which cannot raise without a host sync) adds the
   // number of such targets to count[1] instead, and the Python API raises when it next reads the state.
@@ -56,7 +57,7 @@ TORCH_LIBRARY(fasteval, m) {
   //                        float64 / int64)
   //   count[0]         += 1                                            count: (2,) int64
   m.def(
-      "eval_update(Tensor logits, Tensor target, Tensor calib_boundaries, int ignore_index, "
+      "eval_update(Tensor logits, Tensor target, Tensor calib_boundaries, int? ignore_index, "
       "float label_smoothing, int[] top_k, bool counts_only, Tensor(a!) loss_sum, Tensor(b!) confmat, "
       "Tensor(c!) topk_hits, Tensor(d!) calib_count, Tensor(e!) calib_conf, Tensor(f!) calib_correct, "
       "Tensor(g!) count) -> ()");

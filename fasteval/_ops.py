@@ -57,7 +57,7 @@ def softmax_cross_entropy(logits, target, weight, ignore_index: int, label_smoot
     return reference.softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction)
 
 
-def eval_update(logits, target, calib_boundaries, ignore_index: int, label_smoothing: float, top_k, counts_only: bool,
+def eval_update(logits, target, calib_boundaries, ignore_index, label_smoothing: float, top_k, counts_only: bool,
                 loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count) -> None:
     """``fasteval::eval_update`` (in place on the state tensors) on the compiled kernel when one serves this
     input, else the reference."""

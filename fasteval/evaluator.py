@@ -80,8 +80,6 @@ class ClassificationEvaluator:
         self.num_classes = num_classes
         self.top_k = top_k
         self.ignore_index = ignore_index
-        # The op needs an int: -100 (torch's default) when nothing is ignored is never a class index.
-        self._ignore = int(ignore_index) if ignore_index is not None else -100
         self.label_smoothing = float(label_smoothing)
         self.calibration_bins = calibration_bins
         self.full_confusion = (num_classes <= FULL_CONFUSION_MAX_CLASSES) if full_confusion is None \
@@ -202,8 +200,8 @@ class ClassificationEvaluator:
         if dim1:
             if logits.dim() == 2:
                 return logits, target
-            n = shape[0]
-            return logits.reshape(n, c, -1), target.reshape(n, -1)
+            n, s = shape[0], math.prod(shape[2:])  # explicit sizes: reshape(0, c, -1) is ambiguous
+            return logits.reshape(n, c, s), target.reshape(n, s)
         if last:
             return logits.reshape(-1, c), target.reshape(-1)
         if shape[1] != c and shape[-1] != c:
@@ -217,7 +215,8 @@ class ClassificationEvaluator:
         outside [0, C) on CPU (IndexError). On CUDA, where that check would need a host sync, such a
         batch is rejected on the device and :meth:`compute` raises."""
         x, t = self._prepare(logits, target)
-        _ops.eval_update(x.detach(), t, self.calib_boundaries, self._ignore, self.label_smoothing, list(self.top_k),
+        ignore = int(self.ignore_index) if self.ignore_index is not None else None
+        _ops.eval_update(x.detach(), t, self.calib_boundaries, ignore, self.label_smoothing, list(self.top_k),
                          not self.full_confusion, self.loss_sum, self.confmat, self.topk_hits, self.calib_count,
                          self.calib_conf, self.calib_correct, self.count)
 

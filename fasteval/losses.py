@@ -30,8 +30,9 @@ def _flatten_logits(input: Tensor, target: Tensor):
                          f"{tuple(input.shape)}, got {tuple(target.shape)}")
     if nd == 2:
         return input, target, None
-    # (N, C, d1, ...) -> (N * d1 * ..., C): the classes become the unit-stride dimension.
-    return input.movedim(1, -1).reshape(-1, input.shape[1]), target.reshape(-1), target.shape
+    # (N, C, d1, ...) -> (N * d1 * ..., C): the classes become the unit-stride dimension (explicit sizes:
+    # reshape(-1, 0) of an empty tensor is ambiguous).
+    return input.movedim(1, -1).reshape(target.numel(), input.shape[1]), target.reshape(-1), target.shape
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, ignore_index: int = -100,

@@ -19,28 +19,48 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_targets(target: Tensor, valid: Tensor, num_classes: int, ignore_index: int, op: str) -> None:
-    # A data-dependent check: skipped while tracing with torch.compile.
-    if torch.compiler.is_compiling():
+def _under_vmap(t: Tensor) -> bool:
+    """Whether ``t`` is batched by torch.func.vmap (possibly under other functorch levels)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+def _check_targets(target: Tensor, valid: Tensor, num_classes: int, ignore_index: Optional[int], op: str,
+                   note: str = "") -> None:
+    # A data-dependent check: skipped while tracing with torch.compile, and under torch.func.vmap over
+    # the targets (which has no data-dependent control flow; an out-of-range target then fails the gather).
+    if torch.compiler.is_compiling() or _under_vmap(target):
         return
     bad = valid & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         t = int(target[bad][0])
+        ign = "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise IndexError(f"{op}: target {t} is out of bounds for {num_classes} classes (valid targets are "
-                         f"0..{num_classes - 1} or ignore_index={ignore_index})")
+                         f"0..{num_classes - 1}{ign}){note}")
 
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction codes used by the ops
 
 
+def _has_tangent(t: Tensor) -> bool:
+    """Whether ``t`` carries a forward-mode AD tangent at the current level."""
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
+
+
 def check_cross_entropy_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], label_smoothing: float,
                                reduction: int, op: str = "fasteval.softmax_cross_entropy") -> None:
-    """The checks the compiled op makes, with the same exception types (ValueError / TypeError)."""
+    """The checks the compiled op makes, in the same order, with the same exception types: ValueError for
+    shapes, values and devices, TypeError for dtypes (IndexError for out-of-range targets comes later).
+    C = 0 is allowed, as in torch: every target is then out of range or ignore_index."""
     if logits.dim() != 2:
         raise ValueError(f"{op}: expected logits of shape (N, C), got {logits.dim()} dims {list(logits.shape)}")
     n, c = logits.shape
-    if c <= 0:
-        raise ValueError(f"{op}: the number of classes C must be positive, got shape {list(logits.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
     if target.dtype not in (torch.int64, torch.int32):
@@ -74,18 +94,34 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
     (float64 for float64 logits): ``loss`` is ``l`` (N,) for reduction 0 (none), ``sum(l) / total_weight``
     for 1 (mean), ``sum(l)`` for 2 (sum); ``total_weight`` is the summed ``w[t]`` of the non-ignored rows.
     """
-    check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction)
+    op = "fasteval.softmax_cross_entropy"
+    check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction, op)
+    if weight is not None and ((torch.is_grad_enabled() and weight.requires_grad) or _has_tangent(weight)):
+        raise RuntimeError(f"{op} is not differentiable with respect to argument 'weight' (as torch's "
+                           "F.cross_entropy): this input cannot have requires_grad=True or a forward-mode tangent; "
+                           "detach it")
     n, c = logits.shape
     x = logits.to(_compute_dtype(logits))
     valid = target != ignore_index
-    _check_targets(target, valid, c, ignore_index, "fasteval.softmax_cross_entropy")
+    _check_targets(target, valid, c, ignore_index, op)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if c == 0:  # every row is ignored (a counted row raised above): no classes to gather from
+        loss = x.sum(1)
+        lse = torch.zeros(n, dtype=x.dtype, device=x.device)
+        total_weight = torch.zeros((), dtype=x.dtype, device=x.device)
+        if reduction == 1:
+            loss = loss.sum() / total_weight
+        elif reduction == 2:
+            loss = loss.sum()
+        if label_smoothing > 0:  # as torch: eps / C * (a sum of no terms) = NaN, even for no rows
+            loss = loss + float("nan")
+        return loss, lse, total_weight
     t = torch.where(valid, target, torch.zeros_like(target)).long()
     logp = torch.log_softmax(x, dim=1)
     # torch's log_softmax gives NaN when the row max is not finite (NaN, +inf, all -inf); so does lse.
     lse = torch.logsumexp(x, dim=1)
     lse = torch.where(torch.isfinite(x.amax(dim=1)), lse, torch.full_like(lse, float("nan")))
     nll = -logp.gather(1, t[:, None]).squeeze(1)
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     wt = weight.to(x.dtype).gather(0, t) if weight is not None else torch.ones_like(nll)
     loss = (1.0 - label_smoothing) * nll * wt
     if label_smoothing > 0:
@@ -105,10 +141,27 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
                                    reduction: int) -> Tensor:
     """Gradient of ``<grad_loss, loss>`` with respect to ``logits`` (in logits' dtype), ``loss`` as
     :func:`softmax_cross_entropy` returns it for ``reduction``."""
+    op = "fasteval.softmax_cross_entropy_backward"
+    check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction, op)
     n, c = logits.shape
+    if reduction == 0:
+        if grad_loss.dim() != 1 or grad_loss.shape[0] != n:
+            raise ValueError(f"{op}: grad_loss must have shape ({n},) for reduction none, got {list(grad_loss.shape)}")
+    elif grad_loss.dim() != 0:
+        raise ValueError(f"{op}: grad_loss must be 0-dim for reduction mean or sum, got {list(grad_loss.shape)}")
+    if lse.dim() != 1 or lse.shape[0] != n:
+        raise ValueError(f"{op}: lse must have shape ({n},), got {list(lse.shape)}")
+    if not lse.is_floating_point():
+        raise TypeError(f"{op}: lse must be floating point, got {lse.dtype}")
+    if total_weight.dim() != 0:
+        raise ValueError(f"{op}: total_weight must be 0-dim, got {list(total_weight.shape)}")
+    if not grad_loss.device == lse.device == total_weight.device == logits.device:
+        raise ValueError(f"{op}: grad_loss, lse, total_weight and logits must be on the same device")
     x = logits.to(_compute_dtype(logits))
     valid = target != ignore_index
-    _check_targets(target, valid, c, ignore_index, "fasteval.softmax_cross_entropy_backward")
+    _check_targets(target, valid, c, ignore_index, op)
+    if c == 0:
+        return torch.zeros_like(logits)
     t = torch.where(valid, target, torch.zeros_like(target)).long()
     g = grad_loss.to(x.dtype)
     if reduction == 1:
@@ -133,7 +186,64 @@ def _eval_rows(logits: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
     return logits.movedim(1, -1).reshape(-1, c), target.reshape(-1)
 
 
-def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore_index: int,
+def _check_state(t: Tensor, name: str, dtype: torch.dtype, shape: Tuple[int, ...], logits: Tensor, op: str) -> None:
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: state {name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: state {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: state {name} must be contiguous")
+    if t.device != logits.device:
+        raise ValueError(f"{op}: state {name} is on {t.device} but logits are on {logits.device}")
+
+
+def check_eval_update_inputs(logits: Tensor, target: Tensor, calib_boundaries: Tensor, label_smoothing: float,
+                             top_k: Sequence[int], counts_only: bool, loss_sum: Tensor, confmat: Tensor,
+                             topk_hits: Tensor, calib_count: Tensor, calib_conf: Tensor, calib_correct: Tensor,
+                             count: Tensor, op: str = "fasteval.eval_update") -> None:
+    """The checks the compiled op makes before touching the state, in the same order, with the same
+    exception types (ValueError for shapes, values and devices, TypeError for dtypes)."""
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"{op}: expected logits of shape (N, C) or (N, C, S), got {list(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{op}: logits must be floating point, got {logits.dtype}")
+    n, c = logits.shape[0], logits.shape[1]
+    s = logits.shape[2] if logits.dim() == 3 else 1
+    if c <= 0:
+        raise ValueError(f"{op}: the number of classes C must be positive, got logits of shape {list(logits.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: target must hold class indices as int64 or int32, got {target.dtype}")
+    expected = (n,) if logits.dim() == 2 else (n, s)
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{op}: expected target of shape {expected} to match logits {list(logits.shape)}, got "
+                         f"{list(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"{op}: target is on {target.device} but logits are on {logits.device}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if any(k < 1 for k in top_k):
+        raise ValueError(f"{op}: every top_k must be >= 1, got {list(top_k)}")
+    if calib_boundaries.dtype != torch.float32:
+        raise TypeError(f"{op}: calib_boundaries must be float32, got {calib_boundaries.dtype}")
+    if calib_boundaries.dim() != 1 or calib_boundaries.numel() < 2:
+        raise ValueError(f"{op}: calib_boundaries must be a 1-D tensor of at least 2 edges, got shape "
+                         f"{list(calib_boundaries.shape)}")
+    if calib_boundaries.device != logits.device:
+        raise ValueError(f"{op}: calib_boundaries is on {calib_boundaries.device} but logits are on {logits.device}")
+    nb = calib_boundaries.numel()
+    _check_state(loss_sum, "loss_sum", torch.float64, (1,), logits, op)
+    if counts_only:
+        _check_state(confmat, "confmat (per-class counts)", torch.int64, (3, c), logits, op)
+    else:
+        _check_state(confmat, "confmat", torch.int64, (c, c), logits, op)
+    _check_state(topk_hits, "topk_hits", torch.int64, (len(top_k),), logits, op)
+    _check_state(calib_count, "calib_count", torch.int64, (nb,), logits, op)
+    _check_state(calib_conf, "calib_conf", torch.float64, (nb,), logits, op)
+    _check_state(calib_correct, "calib_correct", torch.int64, (nb,), logits, op)
+    _check_state(count, "count", torch.int64, (2,), logits, op)
+
+
+def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore_index: Optional[int],
                 label_smoothing: float, top_k: Sequence[int], counts_only: bool, loss_sum: Tensor,
                 confmat: Tensor, topk_hits: Tensor, calib_count: Tensor, calib_conf: Tensor,
                 calib_correct: Tensor, count: Tensor) -> None:
@@ -141,7 +251,8 @@ def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore
 
     Args:
         logits: (N, C) or (N, C, S) floating logits (S: the flattened trailing dims of (N, C, d1, ...)).
-        target: (N,) or (N, S) class indices; ``ignore_index`` marks positions that count nowhere.
+        target: (N,) or (N, S) class indices.
+        ignore_index: None (every target counts), or the target value of positions that count nowhere.
         calib_boundaries: (B + 1,) increasing float32 bin edges from 0 to 1.
         top_k: the k of each entry of ``topk_hits``.
         counts_only: ``confmat`` is (3, C) per-class (tp, predicted, target) counts instead of (C, C).
@@ -153,21 +264,24 @@ def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore
     On CUDA, and while tracing with torch.compile, where a data-dependent raise would need a host sync,
     the batch is instead rejected: only ``count[1]`` grows, by the number of such targets.
     """
+    op = "fasteval.eval_update"
+    check_eval_update_inputs(logits, target, calib_boundaries, label_smoothing, top_k, counts_only, loss_sum,
+                             confmat, topk_hits, calib_count, calib_conf, calib_correct, count, op)
     x2, t = _eval_rows(logits, target)
     n, c = x2.shape
     x = x2.to(_compute_dtype(x2))
     t = t.long()
-    valid = t != ignore_index
+    valid = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
     if x.device.type == "cpu":  # on CUDA the check would synchronise with the host: count instead
-        _check_targets(t, valid, c, ignore_index, "fasteval.eval_update")
+        _check_targets(t, valid, c, ignore_index, op, "; the state was not changed")
     bad = valid & ((t < 0) | (t >= c))
     ok = (~bad.any()).to(torch.int64)  # 0 rejects the batch (only reachable while compiling)
     valid = valid & ~bad
     ts = torch.where(valid, t, torch.zeros_like(t))
     vi = valid.to(torch.int64) * ok
 
-    loss = softmax_cross_entropy(x, torch.where(valid, t, torch.full_like(t, ignore_index)), None,
-                                 ignore_index, label_smoothing, 0)[0]
+    # Rows that do not count get a target the loss ignores (-1 never is a class index).
+    loss = softmax_cross_entropy(x, torch.where(valid, t, torch.full_like(t, -1)), None, -1, label_smoothing, 0)[0]
     loss_sum.add_((loss.double() * vi).sum().reshape(1).to(loss_sum.dtype))
 
     pred = x.argmax(dim=1) if c > 0 else ts
@@ -222,16 +336,55 @@ def _invalid_labels(bad: Tensor, values: Tensor, what: str, valid_range: str, ig
     return count
 
 
-def _labels_from_preds(preds: Tensor, target: Tensor, num_classes: int) -> Tuple[Tensor, Tensor]:
-    """(pred labels, target) flattened; argmax over dim 1 for floating scores."""
+# Input checks: the checks of the compiled kernels (csrc/confusion/confusion_common.h), in the same order
+# and with the same exception types (ValueError for shapes, values and devices, TypeError for dtypes).
+# The reference also serves the dtypes the kernels leave to it (float64 scores, other integer labels).
+
+def _is_integer(t: Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _check_same_device(a: Tensor, an: str, b: Tensor, bn: str, op: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{op}: {an} is on {a.device} but {bn} is on {b.device}")
+
+
+def _check_index_target(target: Tensor, op: str) -> None:
+    if not _is_integer(target):
+        raise TypeError(f"{op}: target must hold integer class indices, got {target.dtype}")
+
+
+def _check_matrix_size(num_classes: int, op: str) -> None:
+    if num_classes < 1:
+        raise ValueError(f"{op}: num_classes must be positive, got {num_classes}")
+    if num_classes > 46340:
+        raise ValueError(f"{op}: a ({num_classes}, {num_classes}) confusion matrix has more than 2^31 - 1 entries; "
+                         "use the per-class counts (class_counts) for this many classes")
+
+
+def _check_multiclass(preds: Tensor, target: Tensor, num_classes: int, op: str) -> None:
+    if num_classes < 1:
+        raise ValueError(f"{op}: num_classes must be positive, got {num_classes}")
+    _check_same_device(preds, "preds", target, "target", op)
+    _check_index_target(target, op)
     if preds.is_floating_point():
         if preds.dim() < 2 or preds.shape[1] != num_classes:
-            raise ValueError(f"expected scores of shape (N, {num_classes}, ...), got {tuple(preds.shape)}")
-        p = preds.argmax(dim=1)
-    else:
-        p = preds
-    if p.shape != target.shape:
-        raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} do not match")
+            raise ValueError(f"{op}: expected scores of shape (N, {num_classes}, ...) for num_classes={num_classes}, "
+                             f"got {list(preds.shape)}")
+        expected = (preds.shape[0],) + tuple(preds.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(f"{op}: expected target of shape {list(expected)} for scores of shape "
+                             f"{list(preds.shape)}, got {list(target.shape)}")
+        return
+    if not _is_integer(preds):
+        raise TypeError(f"{op}: preds must be integer labels or float scores, got {preds.dtype}")
+    if preds.shape != target.shape:
+        raise ValueError(f"{op}: preds {list(preds.shape)} and target {list(target.shape)} must have the same shape")
+
+
+def _labels_from_preds(preds: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+    """(pred labels, target) flattened; argmax over dim 1 for floating scores (checked inputs)."""
+    p = preds.argmax(dim=1) if preds.is_floating_point() else preds
     return p.reshape(-1).long(), target.reshape(-1).long()
 
 
@@ -248,8 +401,11 @@ def _multiclass_valid(p: Tensor, t: Tensor, num_classes: int, ignore_index: Opti
 def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int,
                      ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """(C, C) int64 counts, rows = true class, columns = predicted class, and the invalid count."""
-    p, t = _labels_from_preds(preds, target, num_classes)
-    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, "fasteval.confusion_matrix")
+    op = "fasteval.confusion_matrix"
+    _check_matrix_size(num_classes, op)
+    _check_multiclass(preds, target, num_classes, op)
+    p, t = _labels_from_preds(preds, target)
+    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, op)
     idx = torch.where(ok, t * num_classes + p, torch.zeros_like(t))
     cm = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=t.device)
     cm.index_add_(0, idx, ok.long())
@@ -259,8 +415,10 @@ def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int,
 def class_counts(preds: Tensor, target: Tensor, num_classes: int,
                  ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """(3, C) int64: rows tp, predicted count, target count per class; and the invalid count."""
-    p, t = _labels_from_preds(preds, target, num_classes)
-    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, "fasteval.class_counts")
+    op = "fasteval.class_counts"
+    _check_multiclass(preds, target, num_classes, op)
+    p, t = _labels_from_preds(preds, target)
+    ok, inv = _multiclass_valid(p, t, num_classes, ignore_index, op)
     w = ok.long()
     z = torch.zeros_like(t)
     counts = torch.zeros(3, num_classes, dtype=torch.int64, device=t.device)
@@ -286,9 +444,15 @@ def multilabel_confusion_matrix(preds: Tensor, target: Tensor, threshold: float 
                                 ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """(L, 2, 2) int64 [[tn, fp], [fn, tp]] per label of (N, L) preds / target; and the invalid count."""
     op = "fasteval.multilabel_confusion_matrix"
-    if preds.dim() != 2 or preds.shape != target.shape:
-        raise ValueError(f"{op}: expected preds and target of the same shape (N, L), got {tuple(preds.shape)} "
-                         f"and {tuple(target.shape)}")
+    _check_same_device(preds, "preds", target, "target", op)
+    if preds.dim() != 2:
+        raise ValueError(f"{op}: expected preds of shape (N, L), got {list(preds.shape)}")
+    if preds.shape != target.shape:
+        raise ValueError(f"{op}: preds {list(preds.shape)} and target {list(target.shape)} must have the same shape")
+    if not _is_integer(target):
+        raise TypeError(f"{op}: target must hold integer 0/1 labels, got {target.dtype}")
+    if not (preds.is_floating_point() or _is_integer(preds)):
+        raise TypeError(f"{op}: preds must be float scores or integer 0/1 labels, got {preds.dtype}")
     t, ok, inv = _binary_target_valid(target, ignore_index, op)
     if preds.is_floating_point():
         dt = _threshold_dtype(preds)
@@ -314,12 +478,23 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Tensor,
     Written as the N x L x T broadcast the compiled kernel avoids.
     """
     op = "fasteval.binned_confusion_matrix"
+    _check_same_device(preds, "preds", target, "target", op)
+    _check_same_device(preds, "preds", thresholds, "thresholds", op)
     if preds.dim() != 2:
-        raise ValueError(f"{op}: expected preds of shape (N, L), got {tuple(preds.shape)}")
+        raise ValueError(f"{op}: expected preds of shape (N, L), got {list(preds.shape)}")
+    if not preds.is_floating_point():
+        raise TypeError(f"{op}: preds must be floating scores, got {preds.dtype}")
+    if thresholds.dim() != 1:
+        raise ValueError(f"{op}: thresholds must be a 1-D tensor, got {list(thresholds.shape)}")
+    if not thresholds.is_floating_point():
+        raise TypeError(f"{op}: thresholds must be floating, got {thresholds.dtype}")
+    if not _is_integer(target):
+        raise TypeError(f"{op}: target must hold integer labels, got {target.dtype}")
     n, num_labels = preds.shape
     if target.dim() == 1:
         if target.shape[0] != n:
-            raise ValueError(f"{op}: target {tuple(target.shape)} does not match preds {tuple(preds.shape)}")
+            raise ValueError(f"{op}: target of shape {list(target.shape)} does not match preds of shape "
+                             f"{list(preds.shape)}")
         t = target.long()
         keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
         bad = keep & ((t < 0) | (t >= num_labels))
@@ -328,7 +503,8 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Tensor,
         tb = (t[:, None] == torch.arange(num_labels, device=t.device)[None, :]).long()
     else:
         if target.shape != preds.shape:
-            raise ValueError(f"{op}: target {tuple(target.shape)} does not match preds {tuple(preds.shape)}")
+            raise ValueError(f"{op}: target of shape {list(target.shape)} does not match preds of shape "
+                             f"{list(preds.shape)} (expected (N, L) 0/1 or (N,) class labels)")
         tb, ok, inv = _binary_target_valid(target, ignore_index, op)
     dt = _threshold_dtype(preds)
     pos = (preds.to(dt)[:, :, None] >= thresholds.to(dt)[None, None, :]).long()  # (N, L, T)
@@ -345,9 +521,14 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Tensor,
 def topk_rank(scores: Tensor, target: Tensor, ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Rank of the target's score within its row of (N, C) scores (see the op's schema); -1 if ignored."""
     op = "fasteval.topk_rank"
-    if scores.dim() != 2 or target.dim() != 1 or target.shape[0] != scores.shape[0]:
-        raise ValueError(f"{op}: expected scores (N, C) and target (N,), got {tuple(scores.shape)} and "
-                         f"{tuple(target.shape)}")
+    _check_same_device(scores, "scores", target, "target", op)
+    if scores.dim() != 2 or scores.shape[1] < 1:
+        raise ValueError(f"{op}: expected scores of shape (N, C) with C >= 1, got {list(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{op}: scores must be floating point, got {scores.dtype}")
+    _check_index_target(target, op)
+    if target.dim() != 1 or target.shape[0] != scores.shape[0]:
+        raise ValueError(f"{op}: expected target of shape ({scores.shape[0]},), got {list(target.shape)}")
     n, c = scores.shape
     t = target.long()
     keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index

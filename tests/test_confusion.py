@@ -339,14 +339,15 @@ def test_shape_dtype_device_errors():
 
 @needs_cpu_kernel
 def test_op_level_errors_are_clear():
-    with pytest.raises(RuntimeError, match="2\\^31"):
+    # ValueError for shapes and values, TypeError for dtypes, as the reference (tests/test_op_errors.py).
+    with pytest.raises(ValueError, match="2\\^31"):
         ops.confusion_matrix(torch.tensor([0]), torch.tensor([0]), 50000, None)
-    with pytest.raises(RuntimeError, match="int64 or int32"):
+    with pytest.raises(TypeError, match="int64 or int32"):
         ops.confusion_matrix(torch.tensor([0]), torch.tensor([0.0]), 3, None)
-    with pytest.raises(RuntimeError, match="expected target of shape"):
+    with pytest.raises(ValueError, match="expected target of shape"):
         ops.topk_rank(torch.randn(3, 4), torch.tensor([0, 1]), None)
-    with pytest.raises(RuntimeError, match="thresholds"):
-        ops.binned_confusion_matrix(torch.rand(3, 1), torch.tensor([[0], [1], [0]]), torch.tensor([]), None)
+    with pytest.raises(ValueError, match="thresholds"):
+        ops.binned_confusion_matrix(torch.rand(3, 1), torch.tensor([[0], [1], [0]]), torch.tensor([[0.5]]), None)
 
 
 def test_empty_inputs():

@@ -397,7 +397,7 @@ def test_kernel_bad_target_raises_before_writing():
         torch.ops.fasteval.eval_update(torch.randn(3, 4), torch.tensor([0, 1, 4]), torch.linspace(0, 1, 16), -100,
                                        0.0, [1], False, *state)
     assert all(int(s.abs().sum()) == 0 for s in state)
-    with pytest.raises(RuntimeError, match="confmat"):
+    with pytest.raises(ValueError, match="confmat"):
         torch.ops.fasteval.eval_update(torch.randn(3, 4), torch.tensor([0, 1, 2]), torch.linspace(0, 1, 16), -100,
                                        0.0, [1], False, *new_state(5, 1, 16))
 

@@ -8,9 +8,8 @@ namespace fasteval {
 // User errors surface in Python as ValueError (TORCH_CHECK_VALUE) or TypeError (TORCH_CHECK_TYPE), the
 // same types the pure-torch reference raises; out-of-range class indices as IndexError.
 inline void check_logits_2d(const at::Tensor& logits, const char* op) {
+  // C = 0 is allowed, as in torch: every target is then out of range (IndexError) or ignore_index.
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": expected logits of shape (N, C), got ", logits.dim(), " dims ",
-              logits.sizes());
-  TORCH_CHECK_VALUE(logits.size(1) > 0, op, ": the number of classes C must be positive, got shape ",
               logits.sizes());
   const auto st = logits.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,

@@ -30,13 +30,13 @@ inline bool is_kernel_score_type(at::ScalarType t) {
 
 inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn,
                               const char* op) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", an, " is on ", a.device(), " but ", bn, " is on ", b.device());
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", an, " is on ", a.device(), " but ", bn, " is on ", b.device());
 }
 
 // The (C, C) matrix must be indexable with 32-bit bin numbers on every device.
 inline void check_matrix_size(int64_t C, const char* op) {
-  TORCH_CHECK(C >= 1, op, ": num_classes must be positive, got ", C);
-  TORCH_CHECK(C <= 46340, op, ": a (", C, ", ", C, ") confusion matrix has more than 2^31 - 1 entries; use the "
+  TORCH_CHECK_VALUE(C >= 1, op, ": num_classes must be positive, got ", C);
+  TORCH_CHECK_VALUE(C <= 46340, op, ": a (", C, ", ", C, ") confusion matrix has more than 2^31 - 1 entries; use the "
               "per-class counts (fasteval.metrics with counts=..., or torch.ops.fasteval.class_counts) for this "
               "many classes");
 }
@@ -50,25 +50,25 @@ struct MulticlassShape {
 // preds: integer labels with target's shape, or floating scores (N, C, d1, ...) with target (N, d1, ...).
 inline MulticlassShape check_multiclass(const at::Tensor& preds, const at::Tensor& target, int64_t C,
                                         const char* op) {
-  TORCH_CHECK(C >= 1, op, ": num_classes must be positive, got ", C);
+  TORCH_CHECK_VALUE(C >= 1, op, ": num_classes must be positive, got ", C);
   check_same_device(preds, "preds", target, "target", op);
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
               ": target must hold class indices as int64 or int32, got ", target.scalar_type());
   if (at::isFloatingType(preds.scalar_type())) {
-    TORCH_CHECK(is_kernel_score_type(preds.scalar_type()), op,
+    TORCH_CHECK_TYPE(is_kernel_score_type(preds.scalar_type()), op,
                 ": scores must be float32, bfloat16 or float16 here, got ", preds.scalar_type());
-    TORCH_CHECK(preds.dim() >= 2 && preds.size(1) == C, op, ": expected scores of shape (N, ", C,
+    TORCH_CHECK_VALUE(preds.dim() >= 2 && preds.size(1) == C, op, ": expected scores of shape (N, ", C,
                 ", ...) for num_classes=", C, ", got ", preds.sizes());
     std::vector<int64_t> expected{preds.size(0)};
     for (int64_t d = 2; d < preds.dim(); ++d) expected.push_back(preds.size(d));
-    TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), op, ": expected target of shape ", at::IntArrayRef(expected),
+    TORCH_CHECK_VALUE(target.sizes() == at::IntArrayRef(expected), op, ": expected target of shape ", at::IntArrayRef(expected),
                 " for scores of shape ", preds.sizes(), ", got ", target.sizes());
     const int64_t D = preds.size(0) == 0 ? 1 : (preds.dim() == 2 ? 1 : target.numel() / preds.size(0));
     return {true, preds.size(0), D};
   }
-  TORCH_CHECK(preds.scalar_type() == at::kLong || preds.scalar_type() == at::kInt, op,
+  TORCH_CHECK_TYPE(preds.scalar_type() == at::kLong || preds.scalar_type() == at::kInt, op,
               ": preds must be int64 / int32 labels or float scores, got ", preds.scalar_type());
-  TORCH_CHECK(preds.sizes() == target.sizes(), op, ": preds ", preds.sizes(), " and target ", target.sizes(),
+  TORCH_CHECK_VALUE(preds.sizes() == target.sizes(), op, ": preds ", preds.sizes(), " and target ", target.sizes(),
               " must have the same shape");
   return {false, target.numel(), 1};
 }
@@ -83,13 +83,13 @@ inline bool is_binary_target_type(at::ScalarType t) { return t == at::kLong || t
 
 inline void check_multilabel(const at::Tensor& preds, const at::Tensor& target, const char* op) {
   check_same_device(preds, "preds", target, "target", op);
-  TORCH_CHECK(preds.dim() == 2, op, ": expected preds of shape (N, L), got ", preds.sizes());
-  TORCH_CHECK(preds.sizes() == target.sizes(), op, ": preds ", preds.sizes(), " and target ", target.sizes(),
+  TORCH_CHECK_VALUE(preds.dim() == 2, op, ": expected preds of shape (N, L), got ", preds.sizes());
+  TORCH_CHECK_VALUE(preds.sizes() == target.sizes(), op, ": preds ", preds.sizes(), " and target ", target.sizes(),
               " must have the same shape");
-  TORCH_CHECK(is_binary_target_type(target.scalar_type()), op, ": target must be int64, int32 or uint8 (0/1), got ",
+  TORCH_CHECK_TYPE(is_binary_target_type(target.scalar_type()), op, ": target must be int64, int32 or uint8 (0/1), got ",
               target.scalar_type());
   const auto st = preds.scalar_type();
-  TORCH_CHECK(at::isFloatingType(st) || is_binary_target_type(st), op,
+  TORCH_CHECK_TYPE(at::isFloatingType(st) || is_binary_target_type(st), op,
               ": preds must be float scores or int64 / int32 / uint8 0/1 labels, got ", st);
 }
 
@@ -98,33 +98,32 @@ inline bool check_binned(const at::Tensor& preds, const at::Tensor& target, cons
                          const char* op) {
   check_same_device(preds, "preds", target, "target", op);
   check_same_device(preds, "preds", thresholds, "thresholds", op);
-  TORCH_CHECK(preds.dim() == 2, op, ": expected preds of shape (N, L), got ", preds.sizes());
-  TORCH_CHECK(at::isFloatingType(preds.scalar_type()), op, ": preds must be floating scores, got ", preds.scalar_type());
-  TORCH_CHECK(thresholds.dim() == 1 && thresholds.numel() >= 1, op, ": thresholds must be a non-empty 1-D tensor, got ",
-              thresholds.sizes());
-  TORCH_CHECK(at::isFloatingType(thresholds.scalar_type()), op, ": thresholds must be floating, got ",
+  TORCH_CHECK_VALUE(preds.dim() == 2, op, ": expected preds of shape (N, L), got ", preds.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(preds.scalar_type()), op, ": preds must be floating scores, got ", preds.scalar_type());
+  TORCH_CHECK_VALUE(thresholds.dim() == 1, op, ": thresholds must be a 1-D tensor, got ", thresholds.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(thresholds.scalar_type()), op, ": thresholds must be floating, got ",
               thresholds.scalar_type());
-  TORCH_CHECK(is_binary_target_type(target.scalar_type()), op, ": target must be int64, int32 or uint8, got ",
+  TORCH_CHECK_TYPE(is_binary_target_type(target.scalar_type()), op, ": target must be int64, int32 or uint8, got ",
               target.scalar_type());
   if (target.dim() == 1) {
-    TORCH_CHECK(target.size(0) == preds.size(0), op, ": target of shape ", target.sizes(),
+    TORCH_CHECK_VALUE(target.size(0) == preds.size(0), op, ": target of shape ", target.sizes(),
                 " does not match preds of shape ", preds.sizes());
     return true;
   }
-  TORCH_CHECK(target.sizes() == preds.sizes(), op, ": target of shape ", target.sizes(),
+  TORCH_CHECK_VALUE(target.sizes() == preds.sizes(), op, ": target of shape ", target.sizes(),
               " does not match preds of shape ", preds.sizes(), " (expected (N, L) 0/1 or (N,) class labels)");
   return false;
 }
 
 inline void check_topk(const at::Tensor& scores, const at::Tensor& target, const char* op) {
   check_same_device(scores, "scores", target, "target", op);
-  TORCH_CHECK(scores.dim() == 2 && scores.size(1) >= 1, op, ": expected scores of shape (N, C) with C >= 1, got ",
+  TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) >= 1, op, ": expected scores of shape (N, C) with C >= 1, got ",
               scores.sizes());
-  TORCH_CHECK(is_kernel_score_type(scores.scalar_type()), op, ": scores must be float32, bfloat16 or float16, got ",
+  TORCH_CHECK_TYPE(is_kernel_score_type(scores.scalar_type()), op, ": scores must be float32, bfloat16 or float16, got ",
               scores.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
               ": target must hold class indices as int64 or int32, got ", target.scalar_type());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == scores.size(0), op, ": expected target of shape (",
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == scores.size(0), op, ": expected target of shape (",
               scores.size(0), ",), got ", target.sizes());
 }
 

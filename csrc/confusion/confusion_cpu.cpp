@@ -12,7 +12,9 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
+#include <string>
 
 #include "common/checks.h"
 #include "common/histogram_cpu.h"
@@ -33,9 +35,14 @@ using cpu::kChunk;
     TORCH_CHECK_INDEX(false, op, ": ", what, " ", v, " is out of range (valid values are ", range,
                       ignore_index ? " or ignore_index=" + std::to_string(*ignore_index) : std::string(), ")");
   }
+  const std::string ign = ignore_index ? "ignore_index=" + std::to_string(*ignore_index) : std::string();
+  if (num_classes == 0) {
+    TORCH_CHECK_INDEX(false, op, ": ", what, " ", v, " is out of range for 0 classes (no class index is valid",
+                      ignore_index ? "; the only valid value is " + ign : std::string(), ")");
+  }
   TORCH_CHECK_INDEX(false, op, ": ", what, " ", v, " is out of range for ", num_classes,
-                    " classes (valid values are 0..", num_classes - 1,
-                    ignore_index ? " or ignore_index=" + std::to_string(*ignore_index) : std::string(), ")");
+                    " classes (valid values are 0..", num_classes - 1, ignore_index ? " or " + ign : std::string(),
+                    ")");
 }
 
 at::Tensor zero_invalid(const at::Tensor& like) { return at::zeros({}, like.options().dtype(at::kLong)); }
@@ -87,8 +94,12 @@ void count_labels(const P* preds, const T* target, int64_t n, int64_t bins, cons
   });
 }
 
+// Class indices are carried in float lanes by argmax_columns: exact for every index up to 2^24. Above
+// that count_scores takes the scalar argmax_column (int64 indices).
+constexpr int64_t kMaxFloatIndexClasses = int64_t(1) << 24;
+
 // argmax over the class dim of 16 (or len < 16) positions d0.. of a sample laid out (C, D), D > 1.
-// Index lanes are floats: exact while C < 2^24 (checked by the caller).
+// Index lanes are floats: exact only while C <= kMaxFloatIndexClasses (the caller's choice).
 template <typename S>
 FASTEVAL_ALWAYS_INLINE void argmax_columns(const S* base, int64_t C, int64_t D, int64_t len, float* idx_out) {
   using L = ChunkLoader<S>;
@@ -110,6 +121,22 @@ FASTEVAL_ALWAYS_INLINE void argmax_columns(const S* base, int64_t C, int64_t D, 
   ix_hi.store(idx_out + cpu::kVecWidth);
 }
 
+// The same for one position, scalar, with int64 indices (any C): the order of torch.argmax (first
+// maximal index; the first NaN is the maximum).
+template <typename S>
+inline int64_t argmax_column(const S* base, int64_t C, int64_t D) {
+  float best = static_cast<float>(base[0]);
+  int64_t arg = 0;
+  for (int64_t c = 1; c < C && !std::isnan(best); ++c) {
+    const float x = static_cast<float>(base[c * D]);
+    if (x > best || std::isnan(x)) {
+      best = x;
+      arg = c;
+    }
+  }
+  return arg;
+}
+
 template <Mode M, typename S, typename T>
 void count_scores(const at::Tensor& scores, const T* target, int64_t N, int64_t C, int64_t D, int64_t bins,
                   const LabelCheck& chk, int64_t* out) {
@@ -124,6 +151,20 @@ void count_scores(const at::Tensor& scores, const T* target, int64_t N, int64_t 
         emit<M>(acc, t, cpu::row_argmax(x + i * row_stride, C), C);
       }
     });
+    return;
+  }
+  if (C > kMaxFloatIndexClasses) {  // float index lanes would round the class index: scalar, exact
+    cpu::parallel_histogram(N, bins, grain, out, [&](int64_t b, int64_t e, auto acc) {
+      for (int64_t i = b; i < e; ++i) {
+        const S* base = x + i * row_stride;
+        const T* ti = target + i * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t t = static_cast<int64_t>(ti[d]);
+          if (!chk.target_ok(t)) continue;
+          emit<M>(acc, t, argmax_column<S>(base + d, C, D), C);
+        }
+      }
+    }, /*max_per_unit=*/D);
     return;
   }
   cpu::parallel_histogram(N, bins, grain, out, [&](int64_t b, int64_t e, auto acc) {
@@ -204,6 +245,7 @@ void count_multilabel(const P* pp, const T* tp, int64_t N, int64_t L, double thr
   const int64_t ign = ignore_index.value_or(0);
   using CT = score_compute_t<P>;
   const CT thr = static_cast<CT>(threshold);
+  if (N == 0 || L == 0) return;  // nothing to count (and no `% L` by zero below)
   cpu::parallel_histogram(N * L, 4 * L, 32768, out, [&](int64_t b, int64_t e, auto acc) {
     int64_t l = b % L;
     for (int64_t i = b; i < e; ++i, l = (l + 1 == L ? 0 : l + 1)) {
@@ -252,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cpu(const at::Ten
 
 template <typename CT>
 FASTEVAL_ALWAYS_INLINE int64_t bucket_of(const CT* thr, int64_t T, CT x) {
-  // Number of thresholds <= x in the ascending thr[0, T), T >= 1. NaN compares false: bucket 0.
+  // Number of thresholds <= x in the ascending thr[0, T). NaN compares false: bucket 0.
+  if (T == 0) return 0;
   int64_t base = 0, n = T;
   while (n > 1) {
     const int64_t half = n >> 1;
@@ -277,7 +320,9 @@ void count_binned(const P* pp, const TT* tp, int64_t N, int64_t L, bool one_vs_r
   const int64_t B = T + 1;
   const int64_t bins = L * B * 2;
   if (one_vs_rest) {
-    cpu::parallel_histogram(N, bins, std::max<int64_t>(1, 32768 / L), hist, [&](int64_t b, int64_t e, auto acc) {
+    // L = 0 (no columns): every counted target is out of range; the loop below raises on the first.
+    cpu::parallel_histogram(N, bins, std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)), hist,
+                            [&](int64_t b, int64_t e, auto acc) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t t = static_cast<int64_t>(tp[i]);
         if (has_ign && t == ign) continue;
@@ -290,6 +335,7 @@ void count_binned(const P* pp, const TT* tp, int64_t N, int64_t L, bool one_vs_r
     });
     return;
   }
+  if (N == 0 || L == 0) return;  // nothing to count (and no `% L` by zero below)
   cpu::parallel_histogram(N * L, bins, 32768, hist, [&](int64_t b, int64_t e, auto acc) {
     int64_t l = b % L;
     for (int64_t i = b; i < e; ++i, l = (l + 1 == L ? 0 : l + 1)) {

@@ -9,6 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ne.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <type_traits>
@@ -151,6 +153,7 @@ struct MultilabelWork {
 
 template <typename CT>
 __device__ __forceinline__ int64_t bucket_of(const CT* __restrict__ thr, int64_t T, CT x) {
+  if (T == 0) return 0;  // no thresholds: one bucket (nothing is read)
   int64_t base = 0, n = T;
   while (n > 1) {
     const int64_t half = n >> 1;
@@ -364,8 +367,16 @@ std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cuda(const at::Tensor
       launch_histogram(w, N * L, L * (T + 1) * 2, hist);
     });
   });
+  if (one_vs_rest && L == 0 && N > 0) {
+    // No columns: the kernel visits no element, yet every counted class label is out of range.
+    if (ignore_index.has_value()) {
+      invalid.copy_(target.ne(*ignore_index).sum(at::kLong));
+    } else {
+      invalid.fill_(N);
+    }
+  }
   at::Tensor out = at::empty({L, T, 2, 2}, target_in.options().dtype(at::kLong));
-  if (L == 0) return {out, invalid};
+  if (L == 0 || T == 0) return {out, invalid};  // an empty result: no launch with an empty grid
   const int threads = 128;
   binned_suffix_kernel<<<(L + threads - 1) / threads, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const ull*>(hist.const_data_ptr<int64_t>()), L, T, out.data_ptr<int64_t>());

@@ -10,6 +10,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 #include <torch/library.h>
 
@@ -25,6 +26,7 @@ using cpu::fVec;
 using cpu::kChunk;
 
 constexpr const char* kOp = "fasteval.softmax_cross_entropy";
+constexpr const char* kBackwardOp = "fasteval.softmax_cross_entropy_backward";
 constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;  // at::Reduction
 
 // Rows per parallel task: enough work per task to amortise the scheduling.
@@ -38,8 +40,8 @@ inline float weight_sum(const float* w, int64_t C) {
   return static_cast<float>(acc);
 }
 
-[[noreturn]] void bad_target(int64_t t, int64_t C, int64_t ignore_index) {
-  TORCH_CHECK_INDEX(false, kOp, ": target ", t, " is out of bounds for ", C,
+[[noreturn]] void bad_target(int64_t t, int64_t C, int64_t ignore_index, const char* op = kOp) {
+  TORCH_CHECK_INDEX(false, op, ": target ", t, " is out of bounds for ", C,
                     " classes (valid targets are 0..", C - 1, " or ignore_index=", ignore_index, ")");
 }
 
@@ -53,7 +55,7 @@ void forward_rows(const T* x, int64_t row_stride, const I* target, const float* 
                   double* part_weight) {
   const float wsum = weight_sum(w, C);
   const float keep = 1.f - eps;
-  const float eps_over_c = eps / static_cast<float>(C);
+  const float eps_over_c = C > 0 ? eps / static_cast<float>(C) : 0.f;  // C = 0: no row is counted
   const int64_t rpp = rows_per_partial(C);
   const int64_t nparts = (N + rpp - 1) / rpp;
   at::parallel_for(0, nparts, std::max<int64_t>(1, grain_rows(C) / rpp), [&](int64_t pb, int64_t pe) {
@@ -124,6 +126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(
   total_weight.fill_(tw);
   if (reduction == kReductionSum) loss.fill_(total);
   if (reduction == kReductionMean) loss.fill_(total / tw);  // 0 / 0 = NaN when every row is ignored, as torch
+  // No classes (every row ignored, or a bad target raised above): torch's smoothing term is
+  // eps / C * (a sum of no terms) = NaN on every row, ignored or not.
+  if (C == 0 && eps > 0.f) loss.fill_(std::numeric_limits<float>::quiet_NaN());
   return {loss, lse, total_weight};
 }
 
@@ -136,7 +141,7 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
   using L = ChunkLoader<T>;
   const float wsum = weight_sum(w, C);
   const float keep = 1.f - eps;
-  const float eps_over_c = eps / static_cast<float>(C);
+  const float eps_over_c = C > 0 ? eps / static_cast<float>(C) : 0.f;  // C = 0: no row is counted
   at::parallel_for(0, N, grain_rows(C), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* out = grad + i * C;
@@ -145,7 +150,7 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
         std::fill(out, out + C, T(0));
         continue;
       }
-      if (t < 0 || t >= C) bad_target(t, C, ignore_index);
+      if (t < 0 || t >= C) bad_target(t, C, ignore_index, kBackwardOp);
       const T* row = x + i * row_stride;
       const float gi = g[i * g_stride] * g_scale;
       const float wt = w ? w[t] : 1.f;
@@ -182,7 +187,7 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad_loss_in, co
                                               const at::Tensor& target_in, const std::optional<at::Tensor>& weight,
                                               const at::Tensor& lse_in, const at::Tensor& total_weight,
                                               int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  constexpr const char* op = "fasteval.softmax_cross_entropy_backward";
+  constexpr const char* op = kBackwardOp;
   check_cross_entropy_backward_inputs(grad_loss_in, logits_in, target_in, lse_in, total_weight, label_smoothing,
                                       reduction, op);
   const int64_t N = logits_in.size(0), C = logits_in.size(1);

@@ -48,6 +48,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "common/checks.h"
@@ -228,7 +229,7 @@ struct BackwardParams {
   const index_t* __restrict__ target;
   int64_t target_stride;
   const float* __restrict__ weight;
-  const float* __restrict__ weight_sum;
+  const float* __restrict__ weight_sum;  // sum of weight when label smoothing is on, else nullptr (unused)
   const float* __restrict__ lse;
   int64_t lse_stride;
   int64_t num_rows;
@@ -257,7 +258,9 @@ __global__ void __launch_bounds__(kBackwardBlock)
     const float g = p.grad_loss[row * p.grad_stride];
     const float row_lse = p.lse[row * p.lse_stride];
     const float w_t = p.weight != nullptr ? p.weight[t] : 1.f;
-    const float w_sum = p.weight != nullptr ? *p.weight_sum : static_cast<float>(C);
+    // W only matters with label smoothing (it is multiplied by eps / C); the host computes weight_sum
+    // only then, so it is read only when present.
+    const float w_sum = p.weight_sum != nullptr ? *p.weight_sum : static_cast<float>(C);
     const float coef_p = g * (p.one_minus_eps * w_t + p.eps_over_c * w_sum);  // multiplies p_c
     const float coef_w = g * p.eps_over_c;                                     // multiplies w_c
     const float coef_t = g * p.one_minus_eps * w_t;                            // subtracted at c == t
@@ -351,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_rows_cuda(const at::Tensor& log
       p.num_classes = C;
       p.ignore_index = ignore_index;
       p.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
-      p.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
+      p.eps_over_c = C > 0 ? static_cast<float>(label_smoothing / static_cast<double>(C)) : 0.f;
       p.loss = loss.mutable_data_ptr<float>();
       p.lse = lse.mutable_data_ptr<float>();
 
@@ -383,7 +386,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_rows_cuda(const at::Tensor& log
 // loss is NaN) are clamped here only to keep the gather in bounds.
 at::Tensor total_weight_cuda(const at::Tensor& target, const at::Tensor& weight, int64_t ignore_index, int64_t C) {
   const at::Tensor valid = target.ne(ignore_index);
-  if (!weight.defined()) return valid.sum(at::kFloat);
+  // C == 0: every counted row has an out-of-range target (NaN loss) and there is no weight to gather.
+  if (!weight.defined() || C == 0) return valid.sum(at::kFloat);
   const at::Tensor wt = weight.index_select(0, target.clamp(0, C - 1).to(at::kLong));
   return wt.masked_fill(valid.logical_not(), 0.0).sum(at::kFloat);
 }
@@ -399,9 +403,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cuda(
   const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
   auto [loss_rows, lse] = cross_entropy_rows_cuda(logits, target, weight, ignore_index, label_smoothing);
   at::Tensor total_weight = total_weight_cuda(target, weight, ignore_index, C);
-  if (reduction == 0) return {loss_rows, lse, total_weight};
-  at::Tensor total = loss_rows.sum();
-  return {reduction == 2 ? total : total.div(total_weight), lse, total_weight};
+  at::Tensor loss = loss_rows;
+  if (reduction != 0) {
+    at::Tensor total = loss_rows.sum();
+    loss = reduction == 2 ? total : total.div(total_weight);
+  }
+  // No classes: torch's smoothing term is eps / C * (a sum of no terms) = NaN on every row, ignored or
+  // not, and in any reduction (even of no rows).
+  if (C == 0 && label_smoothing > 0.0) loss.fill_(std::numeric_limits<float>::quiet_NaN());
+  return {loss, lse, total_weight};
 }
 
 at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits_in,
@@ -453,7 +463,7 @@ at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, cons
       p.num_classes = C;
       p.ignore_index = ignore_index;
       p.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
-      p.eps_over_c = static_cast<float>(label_smoothing / static_cast<double>(C));
+      p.eps_over_c = C > 0 ? static_cast<float>(label_smoothing / static_cast<double>(C)) : 0.f;
       p.grad = grad.mutable_data_ptr<scalar_t>();
       cross_entropy_backward_kernel<scalar_t, index_t>
           <<<static_cast<unsigned>(blocks), kBackwardBlock, 0, stream>>>(p, group);

@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "common/checks.h"
@@ -96,8 +98,10 @@ inline cpu::RowEval strided_argmax_rank(const T* x, int64_t n, int64_t stride, i
 }
 
 // A position of the (N, C, S) layout: C values at stride S. Scalar, one read (the target's logit is
-// read first so that the rank is counted in the same sweep as the online max / sum-exp).
-template <typename T>
+// read first so that the rank is counted in the same sweep as the online max / sum-exp). SMOOTH: add
+// the label-smoothing term (only then: sum_c x_c is -inf when a class is masked with -inf, and
+// 0 * -inf would turn the loss into NaN).
+template <typename T, bool SMOOTH>
 inline PositionResult strided_position(const T* x, int64_t C, int64_t S, int64_t t, float keep, float eps) {
   const float xt = static_cast<float>(x[t * S]);
   float m = -std::numeric_limits<float>::infinity(), s = 0.f, sx = 0.f;
@@ -113,7 +117,7 @@ inline PositionResult strided_position(const T* x, int64_t C, int64_t S, int64_t
     } else if (m > -std::numeric_limits<float>::infinity()) {
       s += std::exp(v - m);
     }
-    sx += v;
+    if constexpr (SMOOTH) sx += v;
     gt += v > xt;
     tie_before += (v == xt) && c < t;
   }
@@ -127,7 +131,8 @@ inline PositionResult strided_position(const T* x, int64_t C, int64_t S, int64_t
     return r;
   }
   const float l = m + std::log(s);
-  r.loss = keep * (l - xt) + (eps / static_cast<float>(C)) * (static_cast<float>(C) * l - sx);
+  r.loss = keep * (l - xt);
+  if constexpr (SMOOTH) r.loss += (eps / static_cast<float>(C)) * (static_cast<float>(C) * l - sx);
   r.conf = 1.f / s;
   r.pred = arg;
   r.rank = gt + tie_before;
@@ -154,7 +159,7 @@ void run(const at::Tensor& logits, const at::Tensor& target, const evaluator::Co
       const int64_t p0 = ch * chunk_rows, p1 = std::min(P, p0 + chunk_rows);
       for (int64_t i = p0; i < p1; ++i) {
         const int64_t t = static_cast<int64_t>(tp[i]);
-        if (t == cfg.ignore_index) {
+        if (cfg.has_ignore && t == cfg.ignore_index) {
           pred_out[i] = -1;
           continue;
         }
@@ -163,7 +168,7 @@ void run(const at::Tensor& logits, const at::Tensor& target, const evaluator::Co
           r = contiguous_row<T, SMOOTH>(x + i * row_stride, C, t, keep, eps_over_c);
         } else {
           const int64_t n = i / S, s = i % S;
-          r = strided_position<T>(x + n * row_stride + s, C, S, t, keep, cfg.eps);
+          r = strided_position<T, SMOOTH>(x + n * row_stride + s, C, S, t, keep, cfg.eps);
         }
         pred_out[i] = r.pred;
         part.loss += static_cast<double>(r.loss);
@@ -183,7 +188,7 @@ void run(const at::Tensor& logits, const at::Tensor& target, const evaluator::Co
 }
 
 void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& boundaries_in,
-                     int64_t ignore_index, double label_smoothing, at::IntArrayRef top_k, bool counts_only,
+                     std::optional<int64_t> ignore_index, double label_smoothing, at::IntArrayRef top_k, bool counts_only,
                      const at::Tensor& loss_sum, const at::Tensor& confmat, const at::Tensor& topk_hits,
                      const at::Tensor& calib_count, const at::Tensor& calib_conf, const at::Tensor& calib_correct,
                      const at::Tensor& count) {
@@ -195,21 +200,25 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
   const at::Tensor target = target_in.contiguous();
   if (P == 0) return;
 
+  const bool has_ignore = ignore_index.has_value();
+  const int64_t ignore = ignore_index.value_or(0);
+
   // Validate every target before writing anything.
   AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "eval_update_cpu_check", [&] {
     const index_t* tp = target.const_data_ptr<index_t>();
     for (int64_t i = 0; i < P; ++i) {
       const int64_t t = static_cast<int64_t>(tp[i]);
-      if (t != ignore_index && (t < 0 || t >= C)) {
+      if (!(has_ignore && t == ignore) && (t < 0 || t >= C)) {
         TORCH_CHECK_INDEX(false, kOp, ": target ", t, " is out of bounds for ", C, " classes (valid targets are 0..",
-                          C - 1, " or ignore_index=", ignore_index, "); the state was not changed");
+                          C - 1, has_ignore ? " or ignore_index=" + std::to_string(ignore) : std::string(),
+                          "); the state was not changed");
       }
     }
   });
 
   const at::Tensor bnd = boundaries_in.contiguous();
   std::vector<int64_t> ks(top_k.begin(), top_k.end());
-  evaluator::Config cfg{ignore_index, static_cast<float>(label_smoothing), ks, bnd.const_data_ptr<float>(),
+  evaluator::Config cfg{has_ignore, ignore, static_cast<float>(label_smoothing), ks, bnd.const_data_ptr<float>(),
                         bnd.numel()};
   // Fixed chunks of positions (about 64 KiB of logits each), at most 512 of them.
   const int64_t min_rows = std::max<int64_t>(1, 65536 / (C * static_cast<int64_t>(logits.element_size())));

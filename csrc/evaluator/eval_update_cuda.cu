@@ -42,7 +42,9 @@ constexpr int64_t kSmemBudget = 44 * 1024;  // dynamic shared memory per block w
 struct Params {
   int64_t N, C, S, P;  // P = N * S positions
   int64_t row_stride;  // elements between rows (between n for the (N, C, S) layout)
+  bool has_ignore;     // ignore_index given
   int64_t ignore_index;
+  bool smooth;         // label_smoothing > 0: add the smoothing term (never 0 * inf for -inf logits)
   float keep, eps_over_c;
   int K;
   int64_t top_k[kMaxTopK];
@@ -70,7 +72,7 @@ __device__ __forceinline__ void atomic_add_i64(int64_t* p, int64_t v) {
 struct RowPartial {
   MaxSumExp mse;
   float best;      // max in the argmax order (NaN above all)
-  float sum_dx;    // sum_c (x_c - x_t)
+  float sum_dx;    // sum_c (x_c - pivot), pivot = x_t if finite else 0
   int64_t arg;     // index of best (C: nothing seen yet)
   int gt;          // #{x_c > x_t}
   int eq_before;   // #{c < t : x_c == x_t}
@@ -88,14 +90,14 @@ struct RowPartial {
   }
 
   // Everything but the (max, sum-exp) state, for element c with value x (ascending c per thread).
-  __device__ __forceinline__ void visit(int64_t c, float x, float xt, int64_t t) {
+  __device__ __forceinline__ void visit(int64_t c, float x, float xt, float pivot, int64_t t) {
     const bool xnan = cuda::is_nan_bits(x);
     const bool bnan = cuda::is_nan_bits(best);
     if (!bnan && (x > best || xnan || (x == best && c < arg))) {
       best = x;
       arg = c;
     }
-    sum_dx += x - xt;
+    sum_dx += x - pivot;
     gt += x > xt;
     nan_total += xnan;
     if (c < t) {
@@ -244,14 +246,20 @@ struct BlockAcc {
   }
 };
 
+// The pivot of the smoothing sum: x_t, or 0 when x_t is not finite (a class masked with -inf: x_c - x_t
+// would be -inf - -inf = NaN for the other masked classes).
+__device__ __forceinline__ float smoothing_pivot(float xt) { return cuda::is_finite_bits(xt) ? xt : 0.f; }
+
 // Loss, confidence and rank of a position from its merged partial state.
-__device__ __forceinline__ void finish(const Params& p, const RowPartial& r, float xt, int64_t t, float* l, float* cf,
-                                      int64_t* rank) {
+__device__ __forceinline__ void finish(const Params& p, const RowPartial& r, float xt, float pivot, int64_t t, float* l,
+                                      float* cf, int64_t* rank) {
   const float m = r.mse.max;
   if (cuda::is_finite_bits(m)) {
-    // lse - x_t = (m - x_t) + log(s); C * lse - sum_c x_c = C * (lse - x_t) - sum_c (x_c - x_t)
-    const float lse_minus_xt = (m - xt) + r.mse.log_sum();
-    *l = p.keep * lse_minus_xt + p.eps_over_c * (static_cast<float>(p.C) * lse_minus_xt - r.sum_dx);
+    // lse - x_t = (m - x_t) + log(s); C * lse - sum_c x_c = C * ((m - pivot) + log(s)) - sum_c (x_c - pivot).
+    // The smoothing term only when eps > 0: with a -inf logit, sum_c x_c is -inf and 0 * inf is NaN.
+    const float log_s = r.mse.log_sum();
+    *l = p.keep * ((m - xt) + log_s);
+    if (p.smooth) *l += p.eps_over_c * (static_cast<float>(p.C) * ((m - pivot) + log_s) - r.sum_dx);
     *cf = __frcp_rn(r.mse.sum);  // softmax of the max: exp(0) / s
   } else {  // a NaN, +inf, or only -inf: loss and confidence are NaN, as torch's
     *l = cuda::quiet_nan();
@@ -261,13 +269,13 @@ __device__ __forceinline__ void finish(const Params& p, const RowPartial& r, flo
 }
 
 template <typename I>
-__global__ void check_targets_kernel(const I* __restrict__ target, int64_t P, int64_t C, int64_t ignore_index,
-                                     int64_t* bad, int64_t* count) {
+__global__ void check_targets_kernel(const I* __restrict__ target, int64_t P, int64_t C, bool has_ignore,
+                                     int64_t ignore_index, int64_t* bad, int64_t* count) {
   int local = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < P;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = static_cast<int64_t>(target[i]);
-    local += t != ignore_index && (t < 0 || t >= C);
+    local += !(has_ignore && t == ignore_index) && (t < 0 || t >= C);
   }
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
@@ -289,26 +297,27 @@ __global__ void __launch_bounds__(kBlock) eval_rows_kernel(const T* __restrict__
   const int64_t num_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t i = warp; i < p.N; i += num_warps) {
     const int64_t t = static_cast<int64_t>(target[i]);
-    if (t == p.ignore_index) continue;  // uniform over the warp
+    if (p.has_ignore && t == p.ignore_index) continue;  // uniform over the warp
     const T* row = x + i * p.row_stride;
     const float xt = cuda::to_float(row[t]);
+    const float pivot = smoothing_pivot(xt);
     RowPartial r = RowPartial::empty(p.C);
     cuda::for_each_vectorized<T, 2>(
         row, p.C, lane, 32,
         [&](int64_t first, const float(&v)[cuda::kVecWidth<T>]) {
           r.mse.update(v);
 #pragma unroll
-          for (int k = 0; k < cuda::kVecWidth<T>; ++k) r.visit(first + k, v[k], xt, t);
+          for (int k = 0; k < cuda::kVecWidth<T>; ++k) r.visit(first + k, v[k], xt, pivot, t);
         },
         [&](int64_t c, float v) {
           r.mse.update(v);
-          r.visit(c, v, xt, t);
+          r.visit(c, v, xt, pivot, t);
         });
     r = cuda::warp_reduce(r, RowPartialOp{});
     if (lane == 0) {
       float l, cf;
       int64_t rank;
-      finish(p, r, xt, t, &l, &cf, &rank);
+      finish(p, r, xt, pivot, t, &l, &cf, &rank);
       acc.add(p, l, cf, r.arg, t, rank);
     }
   }
@@ -325,26 +334,28 @@ __global__ void __launch_bounds__(kBlock) eval_positions_kernel(const T* __restr
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.P;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = static_cast<int64_t>(target[i]);
-    if (t == p.ignore_index) continue;
+    if (p.has_ignore && t == p.ignore_index) continue;
     const int64_t n = i / p.S, s = i % p.S;
     const T* col = x + n * p.row_stride + s;
     const float xt = cuda::to_float(col[t * p.S]);
+    const float pivot = smoothing_pivot(xt);
     RowPartial r = RowPartial::empty(p.C);
     for (int64_t c = 0; c < p.C; ++c) {
       const float v = cuda::to_float(col[c * p.S]);
       r.mse.update(v);
-      r.visit(c, v, xt, t);
+      r.visit(c, v, xt, pivot, t);
     }
     float l, cf;
     int64_t rank;
-    finish(p, r, xt, t, &l, &cf, &rank);
+    finish(p, r, xt, pivot, t, &l, &cf, &rank);
     acc.add(p, l, cf, r.arg, t, rank);
   }
   acc.flush(p);
 }
 
 void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& boundaries,
-                      int64_t ignore_index, double label_smoothing, at::IntArrayRef top_k, bool counts_only,
+                      std::optional<int64_t> ignore_index, double label_smoothing, at::IntArrayRef top_k,
+                      bool counts_only,
                       const at::Tensor& loss_sum, const at::Tensor& confmat, const at::Tensor& topk_hits,
                       const at::Tensor& calib_count, const at::Tensor& calib_conf, const at::Tensor& calib_correct,
                       const at::Tensor& count) {
@@ -352,9 +363,9 @@ void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, 
   const evaluator::Shapes sh = evaluator::check_inputs(logits_in, target_in, boundaries, label_smoothing, top_k,
                                                        counts_only, loss_sum, confmat, topk_hits, calib_count,
                                                        calib_conf, calib_correct, count, at::kCUDA);
-  TORCH_CHECK(static_cast<int64_t>(top_k.size()) <= kMaxTopK, kOp, ": at most ", kMaxTopK,
+  TORCH_CHECK_VALUE(static_cast<int64_t>(top_k.size()) <= kMaxTopK, kOp, ": at most ", kMaxTopK,
               " top_k values are supported on CUDA, got ", top_k.size());
-  TORCH_CHECK(boundaries.numel() <= kMaxBins, kOp, ": at most ", kMaxBins,
+  TORCH_CHECK_VALUE(boundaries.numel() <= kMaxBins, kOp, ": at most ", kMaxBins,
               " calibration boundaries are supported on CUDA, got ", boundaries.numel());
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = evaluator::kernel_layout(logits_in);
@@ -368,7 +379,9 @@ void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, 
   p.S = sh.S;
   p.P = sh.positions;
   p.row_stride = logits.stride(0);
-  p.ignore_index = ignore_index;
+  p.has_ignore = ignore_index.has_value();
+  p.ignore_index = ignore_index.value_or(0);
+  p.smooth = label_smoothing > 0.0;
   p.keep = 1.f - static_cast<float>(label_smoothing);
   p.eps_over_c = static_cast<float>(label_smoothing) / static_cast<float>(sh.C);
   p.K = static_cast<int>(top_k.size());
@@ -395,7 +408,7 @@ void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, 
   AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "eval_update_cuda_target", [&] {
     const int64_t check_blocks = std::min<int64_t>(cuda::ceil_div<int64_t>(p.P, kBlock), 4 * sms);
     check_targets_kernel<index_t><<<static_cast<unsigned>(check_blocks), kBlock, 0, stream>>>(
-        target.const_data_ptr<index_t>(), p.P, p.C, ignore_index, bad.data_ptr<int64_t>(), p.count);
+        target.const_data_ptr<index_t>(), p.P, p.C, p.has_ignore, p.ignore_index, bad.data_ptr<int64_t>(), p.count);
     FASTEVAL_CUDA_LAUNCH_CHECK();
     FASTEVAL_DISPATCH_LOGITS_TYPES(logits.scalar_type(), "eval_update_cuda", [&] {
       using T = scalar_t;
