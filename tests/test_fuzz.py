@@ -21,6 +21,7 @@ of examples per test (default 30) and ``FASTEVAL_FUZZ_RANDOM=1`` explores new ra
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -75,8 +76,11 @@ def _one_thread():
 # Strategies: values with special entries, layouts, targets.
 
 SPECIALS = ("neg_inf_mask", "nan_row", "nan_entry", "pos_inf", "all_equal_row", "all_neg_inf_row", "huge",
-            "dup_max")
-FINITE_SPECIALS = ("all_equal_row", "dup_max", "huge")
+            "dup_max", "shift")
+# Logits of large magnitude (near the float32 maximum, or every logit shifted by 2^12..2^24) lose precision
+# in the compiled cross-entropy / eval_update today: they are fuzzed in the *_extreme_logits tests below.
+EXTREME = ("huge", "shift")
+LOSS_SPECIALS = tuple(k for k in SPECIALS if k not in EXTREME)
 
 
 def _finfo_max(dtype: torch.dtype) -> float:
@@ -121,6 +125,8 @@ def values(draw, n: int, c: int, dtype: torch.dtype, specials=SPECIALS, extra_sh
                 i = pick()
                 j, k = col(), col()
                 rows[i, j] = rows[i, k] = rows[i].nan_to_num(nan=-math.inf).max() + 1
+            elif kind == "shift":  # softmax is shift invariant: the same problem at a large magnitude
+                rows += 2.0 ** draw(st.sampled_from([12, 20, 24]))
     note(f"values: shape={shape} dtype={dtype} seed={seed} scale={scale} levels={levels} specials={chosen}")
     return xr.movedim(-1, 1).to(dtype).to(torch.float64) if extra_shape else xr.to(dtype).to(torch.float64)
 
@@ -185,16 +191,39 @@ def assert_same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert torch.equal(a, b), f"{what}: differ\n{a}\n{b}"
 
 
-def assert_loss_close(a: torch.Tensor, b: torch.Tensor, scale: float, what: str, rtol: float = 1e-5) -> None:
-    """Losses computed with float32 accumulation: NaN / inf where the other has them, else close relative to
-    the magnitude of the logits (a row's loss is lse - x_t, so its rounding error scales with them)."""
+def assert_loss_close(a: torch.Tensor, b: torch.Tensor, scale, what: str, rtol: float = 1e-5) -> None:
+    """Results of float32 accumulation: NaN / inf where the other has them, else |a - b| <= rtol * (|b| +
+    scale), scale a number or a tensor of b's shape (see row_spread: a row's loss is (max - x_t) + log sum
+    exp(x - max), so its error scales with the spread of the row, not with the magnitude of its logits)."""
     assert a.shape == b.shape, f"{what}: shape {a.shape} vs {b.shape}"
     a, b = a.double(), b.double()
     assert torch.equal(torch.isnan(a), torch.isnan(b)), f"{what}: NaN positions differ\n{a}\n{b}"
     ia, ib = torch.isinf(a), torch.isinf(b)
     assert torch.equal(ia, ib) and torch.equal(a[ia], b[ib]), f"{what}: inf positions differ\n{a}\n{b}"
     ok = torch.isfinite(a)
-    torch.testing.assert_close(a[ok], b[ok], rtol=rtol, atol=rtol * max(1.0, scale), msg=what)
+    scale = torch.as_tensor(scale, dtype=torch.float64).expand(a.shape).clamp(min=1.0)
+    err = (a - b).abs()
+    bad = ok & (err > rtol * (b.abs() + scale))
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} values differ beyond rtol={rtol}: got {a[bad][:5].tolist()}"
+                                 f", expected {b[bad][:5].tolist()} (error {err[bad][:5].tolist()})")
+
+
+def row_spread(x: torch.Tensor, class_dim: int = 1) -> torch.Tensor:
+    """Per position (x without its class dim): max - min of the finite logits, times 2 (the smoothing term
+    sums C of them: the error of eps / C * sum is bounded the same way); 1 where there is none."""
+    xd = x.double().movedim(class_dim, -1) if x.dim() > 1 else x.double()[None]
+    fin = torch.isfinite(xd)
+    hi = torch.where(fin, xd, torch.full_like(xd, -math.inf)).amax(-1) if xd.shape[-1] else xd.new_zeros(xd.shape[:-1])
+    lo = torch.where(fin, xd, torch.full_like(xd, math.inf)).amin(-1) if xd.shape[-1] else xd.new_zeros(xd.shape[:-1])
+    spread = torch.where(fin.any(-1), 2 * (hi - lo), torch.ones_like(hi)).clamp(min=1.0)
+    return spread if x.dim() > 1 else spread[0]
+
+
+def reduced_spread(spread: torch.Tensor, reduction: int) -> torch.Tensor:
+    """The error bound's scale after a reduction: the max for mean, the sum for sum."""
+    if reduction == 0 or spread.numel() == 0:
+        return spread if reduction == 0 else torch.tensor(1.0, dtype=torch.float64)
+    return spread.amax() if reduction == 1 else spread.sum()
 
 
 def finite_scale(x: torch.Tensor) -> float:
@@ -235,7 +264,7 @@ def oracle_rank(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # fasteval::softmax_cross_entropy and its backward.
 
 @st.composite
-def ce_case(draw, dtypes=FLOATS, specials=SPECIALS):
+def ce_case(draw, dtypes=FLOATS, specials=LOSS_SPECIALS):
     n = draw(st.integers(0, 24))
     c = draw(st.one_of(st.integers(1, 40), st.sampled_from([64, 65, 257])))
     dtype = draw(st.sampled_from(dtypes))
@@ -255,13 +284,17 @@ def ce_case(draw, dtypes=FLOATS, specials=SPECIALS):
 @FUZZ
 @given(case=ce_case(), reduction=st.sampled_from([0, 1, 2]), gseed=st.integers(0, 2**16))
 def test_softmax_cross_entropy_op(case, reduction, gseed):
+    _ce_op_case(case, reduction, gseed)
+
+
+def _ce_op_case(case, reduction, gseed):
     x, t, w, ign, ls = case
     ref = reference.softmax_cross_entropy(x, t, w, ign, ls, reduction)
-    scale = finite_scale(x)
+    spread = reduced_spread(row_spread(x), reduction)
     # The reference against torch (the class-index cross-entropy it promises, in float32).
     red = ["none", "mean", "sum"][reduction]
     theirs = F.cross_entropy(x.float(), t.long(), weight=w, ignore_index=ign, reduction=red, label_smoothing=ls)
-    assert_loss_close(ref[0], theirs, scale, "reference loss vs F.cross_entropy")
+    assert_loss_close(ref[0], theirs, spread, "reference loss vs F.cross_entropy")
     g = torch.randn(ref[0].shape, generator=torch.Generator().manual_seed(gseed))
     ref_grad = reference.softmax_cross_entropy_backward(g, x, t, w, ref[1], ref[2], ign, ls, reduction)
     if not kernel("softmax_cross_entropy"):
@@ -269,7 +302,9 @@ def test_softmax_cross_entropy_op(case, reduction, gseed):
     out = ops.softmax_cross_entropy(x, t, w, ign, ls, reduction)
     for i, name in enumerate(("loss", "lse", "total_weight")):
         assert out[i].dtype == torch.float32 and out[i].shape == ref[i].shape, name
-        assert_loss_close(out[i], ref[i], scale, f"kernel {name} vs reference")
+    assert_loss_close(out[0], ref[0], spread, "kernel loss vs reference")
+    assert_loss_close(out[1], ref[1], finite_scale(x), "kernel lse vs reference")  # absolute: scales with |x|
+    assert_loss_close(out[2], ref[2], 0.0, "kernel total_weight vs reference")
     grad = ops.softmax_cross_entropy_backward(g, x, t, w, out[1], out[2], ign, ls, reduction)
     assert grad.dtype == x.dtype and grad.shape == x.shape
     tol = 1e-5 if x.dtype == torch.float32 else 2 * eps(x.dtype)
@@ -280,8 +315,8 @@ def test_softmax_cross_entropy_op(case, reduction, gseed):
 
 
 @st.composite
-def public_ce_case(draw, dtypes=FLOATS + (torch.float64,), specials=SPECIALS, target_dtypes=(torch.int64, torch.int32),
-                   ignores=(-100, -1, 0)):
+def public_ce_case(draw, dtypes=FLOATS + (torch.float64,), specials=LOSS_SPECIALS,
+                   target_dtypes=(torch.int64, torch.int32), ignores=(-100, -1, 0)):
     kind = draw(st.sampled_from(["1d", "2d", "2d", "3d", "4d"]))
     n = draw(st.integers(0, 12))
     c = draw(st.one_of(st.integers(1, 20), st.sampled_from([33, 100])))
@@ -311,8 +346,8 @@ def _check_public_ce(x, t, kw):
     truth = F.cross_entropy(x.to(compute), t.long(), **tkw)  # on the same (rounded) inputs
     assert ours.dtype == x.dtype and ours.shape == truth.shape
     rtol = 1e-5 if x.dtype in (torch.float32, torch.float64) else 2 * eps(x.dtype)
-    assert_loss_close(ours, truth.to(x.dtype), finite_scale(x), "fasteval.cross_entropy vs F.cross_entropy",
-                      rtol=rtol)
+    spread = reduced_spread(row_spread(x, 0 if x.dim() == 1 else 1), {"none": 0, "mean": 1, "sum": 2}[kw["reduction"]])
+    assert_loss_close(ours, truth.to(x.dtype), spread, "fasteval.cross_entropy vs F.cross_entropy", rtol=rtol)
     if truth.numel() == 0:
         return
     xa = x.detach().clone().requires_grad_()
@@ -710,7 +745,7 @@ def _state(c: int, k: int, bins: int, counts_only: bool, seed: Optional[int] = N
 
 
 @st.composite
-def eval_case(draw, specials=SPECIALS, layout3d=None):
+def eval_case(draw, specials=LOSS_SPECIALS, layout3d=None):
     c = draw(st.one_of(st.integers(1, 12), st.sampled_from([33, 64])))
     n = draw(st.integers(0, 16))
     three_d = draw(st.booleans()) if layout3d is None else layout3d
@@ -744,7 +779,7 @@ def _check_eval_against_oracles(logits, target, ign, top_k, ls, counts_only, bin
     assert int(count[0]) == int(valid.sum()) and int(count[1]) == 0
     if tv.numel():
         want = F.cross_entropy(xv, tv, reduction="sum", label_smoothing=ls)
-        assert_loss_close(loss_sum.float().reshape(()), want, finite_scale(xv) * max(1, tv.numel()),
+        assert_loss_close(loss_sum.float().reshape(()), want, row_spread(xv).sum(),
                           "loss_sum vs F.cross_entropy(reduction='sum')")
     cm = oracle_confmat(oracle_argmax(xv) if tv.numel() else tv, tv, c, None)
     want_cm = torch.stack([cm.diagonal(), cm.sum(0), cm.sum(1)]) if counts_only else cm
@@ -784,11 +819,33 @@ def _eval_update_case(case, opts):
     ops.eval_update(lg, tg, b, ign, ls, top_k, counts_only, *ker)
     reference.eval_update(lg, tg, b, ign, ls, top_k, counts_only, *ref2)
     names = ("loss_sum", "confmat", "topk_hits", "calib_count", "calib_conf", "calib_correct", "count")
+    xr, tr = _rows(lg, tg)
+    edge = _rows_at_bin_edges(xr[tr.long() != ign], b)
     for name, a, r in zip(names, ker, ref2):
-        if name in ("loss_sum", "calib_conf"):
-            assert_loss_close(a, r, finite_scale(logits) * max(1, tg.numel()), f"kernel {name} vs reference")
+        if name == "loss_sum":
+            assert_loss_close(a, r, row_spread(xr).sum() + 50, f"kernel {name} vs reference")  # + the initial state
+        elif name == "calib_conf" and edge:  # edge rows move their confidence (<= 1 each) between bins
+            assert_loss_close(a.sum(), r.sum(), max(1, tg.numel()) + 50, f"kernel {name} total vs reference")
+            assert float((a - r).abs().max()) <= edge * (1 + 1e-6), f"kernel {name} vs reference: {a} vs {r}"
+        elif name == "calib_conf":
+            assert_loss_close(a, r, max(1, tg.numel()) + 50, f"kernel {name} vs reference")
+        elif name in ("calib_count", "calib_correct") and edge:
+            # A confidence within float32 rounding of a bin edge may fall on either side of it (the order of
+            # the float32 sum decides): counts agree in total and per bin up to those rows.
+            assert int(a.sum()) == int(r.sum()), f"kernel {name} total vs reference"
+            assert int((a - r).abs().max()) <= edge, f"kernel {name} vs reference: {a} vs {r} ({edge} edge rows)"
         else:
             assert_same(a, r, f"kernel {name} vs reference")
+
+
+def _rows_at_bin_edges(rows: torch.Tensor, boundaries: torch.Tensor) -> int:
+    """Rows whose exact (float64) confidence is within a few float32 ulps of a calibration bin edge."""
+    if rows.numel() == 0:
+        return 0
+    conf = torch.softmax(rows.double(), dim=1).amax(dim=1)
+    conf = conf[~torch.isnan(conf)]
+    dist = (conf[:, None] - boundaries.double()[None, :]).abs().amin(dim=1)
+    return int((dist <= 8 * 2.0**-24).sum())
 
 
 @st.composite
@@ -803,13 +860,13 @@ def evaluator_batches(draw):
         n = draw(st.integers(1 if layout == "class_dim_1" else 0, 10))
         dtype = draw(st.sampled_from(FLOATS))
         if layout == "2d":
-            x, tshape = draw(values(n, c, dtype, FINITE_SPECIALS + ("nan_entry", "pos_inf"))), (n,)
+            x, tshape = draw(values(n, c, dtype, ("all_equal_row", "dup_max", "nan_entry", "pos_inf"))), (n,)
         elif layout == "class_dim_1":  # "huge": see test_eval_update_3d_huge_logit
             d = draw(st.integers(1, 3))
             x, tshape = draw(values(n, c, dtype, ("all_equal_row", "dup_max"), (d,))), (n, d)
         else:
             d = draw(st.integers(1, 3))
-            x = draw(values(n, c, dtype, FINITE_SPECIALS, (d,))).movedim(1, -1)  # (N, d, C)
+            x = draw(values(n, c, dtype, ("all_equal_row", "dup_max"), (d,))).movedim(1, -1)  # (N, d, C)
             tshape = (n, d)
         t = draw(targets(tshape, c, tdt, ign))
         batches.append((place(x, draw(st.sampled_from(LAYOUTS)), dtype), t))
@@ -841,7 +898,8 @@ def test_classification_evaluator(case, top_k):
         return
     want = F.cross_entropy(x, t)
     if torch.isfinite(want):
-        assert abs(m["loss"] - float(want)) <= 1e-5 * max(1.0, finite_scale(x)), "loss vs F.cross_entropy"
+        assert abs(m["loss"] - float(want)) <= 1e-5 * (abs(float(want)) + float(row_spread(x).amax())), \
+            "loss vs F.cross_entropy"
     pred = oracle_argmax(x)
     assert m["accuracy"] == float((pred == t).sum()) / t.numel()
     assert_same(m["confusion_matrix"], oracle_confmat(pred, t, c, None), "confusion matrix")
@@ -966,15 +1024,17 @@ def zero_label_outcomes():
         print(json.dumps(status))
     """)
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    import json
     r = subprocess.run([sys.executable, "-c", script, json.dumps(ZERO_L_CALLS)], capture_output=True, text=True,
                        cwd=root, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, id=n, marks=[pytest.mark.xfail(COMPILED, strict=True, reason=ZERO_L_BUG)]
-                                               if n in ZERO_L_CRASHES else []) for n in ZERO_L_CALLS])
+ZERO_L_PARAMS = [pytest.param(n, id=n, marks=[pytest.mark.xfail(COMPILED, strict=True, reason=ZERO_L_BUG)]
+                              if n in ZERO_L_CRASHES else []) for n in ZERO_L_CALLS]
+
+
+@pytest.mark.parametrize("name", ZERO_L_PARAMS)
 def test_zero_labels_do_not_crash(name, zero_label_outcomes):
     """The raw binned / multilabel ops are fuzzed with L >= 1 only until these pass."""
     status = zero_label_outcomes[name]
@@ -1100,6 +1160,61 @@ def test_eval_update_op_3d_neg_inf(case, opts):
     logits = case[0]
     assume(logits.numel() > 0 and bool(torch.isinf(logits).any()))
     _eval_update_case(case, opts)
+
+
+PRECISION_NEW = ("NEW: the compiled cross-entropy and eval_update lose precision for logits of large magnitude "
+                 "(lse is kept as an absolute float32, so loss and gradient carry an error of about ulp(|x|)): "
+                 "logits shifted by 1e7 give a loss off by 0.28 and a gradient off by 0.24, two logits at 3e38 give "
+                 "an evaluator loss of 0 instead of log 2, C = 1 with weight and label smoothing at 3.4e38 gives -inf "
+                 "instead of 0; torch and the reference are exact")
+
+
+@pytest.mark.xfail(COMPILED, strict=True, reason=PRECISION_NEW)
+@FUZZ_XFAIL
+@given(case=ce_case(specials=EXTREME), reduction=st.sampled_from([0, 1, 2]), gseed=st.integers(0, 2**16))
+def test_softmax_cross_entropy_op_extreme_logits(case, reduction, gseed):
+    _ce_op_case(case, reduction, gseed)
+
+
+@pytest.mark.xfail(COMPILED, strict=True, reason=PRECISION_NEW)
+@FUZZ_XFAIL
+@given(case=public_ce_case(dtypes=FLOATS, specials=EXTREME))
+def test_cross_entropy_public_extreme_logits(case):
+    _check_public_ce(*case)
+
+
+@pytest.mark.xfail(COMPILED, strict=True, reason=PRECISION_NEW)
+@FUZZ_XFAIL
+@given(case=eval_case(specials=EXTREME, layout3d=False), opts=eval_options())
+def test_eval_update_op_extreme_logits(case, opts):
+    _eval_update_case(case, opts)
+
+
+@pytest.mark.parametrize("shift", [1e4, 1e7])
+@pytest.mark.xfail(COMPILED, strict=True, reason=PRECISION_NEW)
+def test_shifted_logits_like_torch(shift):
+    x = torch.tensor([[0.0, -1.0, 0.5, 2.0]]) + shift
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = fasteval.cross_entropy(xa, torch.tensor([1])), F.cross_entropy(xb, torch.tensor([1]))
+    a.backward()
+    b.backward()
+    assert abs(float(a.detach()) - float(b.detach())) <= 1e-5 * float(b.detach())
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.xfail(COMPILED, strict=True, reason=PRECISION_NEW)
+def test_two_maximal_logits_at_3e38_like_torch():
+    x, t = torch.tensor([[0.5, 3e38, 0.2, 3e38, 0.1]]), torch.tensor([1])
+    ev = fasteval.ClassificationEvaluator(5, top_k=(1,))
+    ev.update(x, t)
+    assert abs(ev.compute()["loss"] - math.log(2)) < 1e-6  # torch: log 2
+
+
+@pytest.mark.xfail(COMPILED, strict=True, reason=PRECISION_NEW)
+def test_one_class_weighted_smoothed_at_float_max():
+    x, t, w = torch.tensor([[3.4028234663852886e38]]), torch.tensor([0]), torch.tensor([1.0425])
+    ours = fasteval.cross_entropy(x, t, weight=w, label_smoothing=0.05, reduction="none")
+    assert float(ours) == 0.0 == float(F.cross_entropy(x, t, weight=w, label_smoothing=0.05, reduction="none"))
 
 
 NON_FINITE_GRAD_NEW = ("NEW: the compiled cross-entropy backward gives +inf (NaN at the target) for a row whose "

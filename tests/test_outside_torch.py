@@ -73,7 +73,6 @@ def _import_torch_test_infos():
 OP_INFO, MODULE_INFO, noncontiguous_like = _import_torch_test_infos()
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-LOW_PRECISION = (torch.bfloat16, torch.float16)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # served by the compiled kernel (fp64: reference)
 COMPILED = _loader.has_kernel("softmax_cross_entropy", "cpu")
 
@@ -270,7 +269,8 @@ def _check_probability_target(sample: Sample) -> None:
 # The samples run in groups (API x dtype x layout, 16 groups): a failure lists every failing sample of
 # its group, and a known bug of a whole path is one strict xfail per group instead of hundreds.
 
-GROUPS = [(api, dtype, contiguous) for api in ("function", "module") for dtype in DTYPES for contiguous in (True, False)]
+GROUPS = [(api, dtype, contiguous)
+          for api in ("function", "module") for dtype in DTYPES for contiguous in (True, False)]
 
 SECOND_ORDER_BUG = ("second derivatives / forward AD of fasteval.cross_entropy are zero: the compiled "
                     "kernel's autograd has no double-backward / forward-mode formula")
