@@ -19,9 +19,18 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _not_ignored(target: Tensor, ignore_index: int) -> Tensor:
+    """``target != ignore_index`` compared as integers: an ignore_index outside the range of target's dtype
+    matches nothing (``!=`` alone would cast it into the dtype, so that 2**32 + 1 matched 1 in int32)."""
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
 def _check_targets(target: Tensor, valid: Tensor, num_classes: int, ignore_index: int, op: str) -> None:
-    # A data-dependent check: skipped while tracing with torch.compile.
-    if torch.compiler.is_compiling():
+    # A data-dependent check: skipped while tracing with torch.compile and on meta tensors (no data).
+    if torch.compiler.is_compiling() or target.device.type == "meta":
         return
     bad = valid & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
@@ -77,7 +86,7 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
     check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction)
     n, c = logits.shape
     x = logits.to(_compute_dtype(logits))
-    valid = target != ignore_index
+    valid = _not_ignored(target, ignore_index)
     _check_targets(target, valid, c, ignore_index, "fasteval.softmax_cross_entropy")
     t = torch.where(valid, target, torch.zeros_like(target)).long()
     logp = torch.log_softmax(x, dim=1)
@@ -107,7 +116,7 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
     :func:`softmax_cross_entropy` returns it for ``reduction``."""
     n, c = logits.shape
     x = logits.to(_compute_dtype(logits))
-    valid = target != ignore_index
+    valid = _not_ignored(target, ignore_index)
     _check_targets(target, valid, c, ignore_index, "fasteval.softmax_cross_entropy_backward")
     t = torch.where(valid, target, torch.zeros_like(target)).long()
     g = grad_loss.to(x.dtype)
