@@ -568,6 +568,7 @@ def classification_report(preds=None, target=None, num_classes=None, *, target_n
     """
     op = "fasteval.metrics.classification_report"
     c = _counts_from(preds, target, num_classes, confmat, counts, ignore_index, op)
+    _validate.no_meta("the report", c.tp)
     check_invalid()
     ncls = c.tp.shape[0]
     labels = list(range(ncls))
@@ -626,7 +627,7 @@ def _binary_inputs(preds: Tensor, target: Tensor, ignore_index, thresholds, from
         raise FastevalTypeError(f"{op}: from_logits must be None, True or False, got {from_logits!r}")
     ign = _check_ignore_index(ignore_index, op)
     if thresholds is None:
-        _validate.no_meta(f"{op} with thresholds=None (exact)", preds, target)
+        _validate.no_meta("the exact curve (thresholds=None)", preds, target)
     return preds.reshape(-1), target.reshape(-1), ign
 
 
@@ -662,8 +663,8 @@ def _binned_state(preds: Tensor, target: Tensor, thresholds, ignore_index, from_
     thr = torch.sort(_threshold_tensor(thresholds, preds.device, op, probabilities=from_logits is True)).values
     logits = bool(from_logits)
     if from_logits is None:
-        _validate.no_meta(f"{op} with from_logits=None (decided from the scores' range; pass from_logits=True or "
-                          "False)", preds)
+        _validate.no_meta("from_logits=None (decided from the range of the scores; pass from_logits=True or False)",
+                          preds)
         outside = ~((preds >= 0) & (preds <= 1))
         if ignore_index is not None:
             outside = outside & (target.long() != ignore_index)
