@@ -30,6 +30,7 @@ _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _NAME = "fasteval.ClassificationEvaluator"
 _UPDATE = _NAME + ".update"
+_is_compiling = torch.compiler.is_compiling
 
 
 def perplexity(loss: float) -> float:
@@ -338,11 +339,6 @@ class ClassificationEvaluator:
         raise FastevalValueError(f"target of shape {tshape} does not match logits of shape {shape}: expected "
                                  f"{(shape[0],) + shape[2:] if shape[1] == c else shape[:-1]}")
 
-    def _update(self, x: Tensor, t: Tensor) -> None:
-        _ops.eval_update(x.detach(), t, self.calib_boundaries, self._ignore, self.label_smoothing, list(self.top_k),
-                         not self.full_confusion, self.loss_sum, self.confmat, self.topk_hits, self.calib_count,
-                         self.calib_conf, self.calib_correct, self.count)
-
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Adds a batch. Bad shapes, dtypes or devices raise before anything changes; so does a target
         outside [0, C) on CPU (IndexError). On CUDA, where that check would need a host sync, such a
@@ -355,11 +351,20 @@ class ClassificationEvaluator:
         Works on meta tensors (shapes only)."""
         try:
             x, t = self._prepare(logits, target)
-            if torch.compiler.is_compiling():
-                self._update(x, t)
-            else:
-                with self._lock:
-                    self._update(x, t)
+            x = x.detach()
+            if _is_compiling():
+                _ops.eval_update(x, t, self.calib_boundaries, self._ignore, self.label_smoothing, list(self.top_k),
+                                 not self.full_confusion, self.loss_sum, self.confmat, self.topk_hits,
+                                 self.calib_count, self.calib_conf, self.calib_correct, self.count)
+                return
+            lock = self._lock
+            lock.acquire()  # acquire / release: cheaper than a with statement on this per-batch path
+            try:
+                _ops.eval_update(x, t, self.calib_boundaries, self._ignore, self.label_smoothing, list(self.top_k),
+                                 not self.full_confusion, self.loss_sum, self.confmat, self.topk_hits,
+                                 self.calib_count, self.calib_conf, self.calib_correct, self.count)
+            finally:
+                lock.release()
         except (ValueError, TypeError, IndexError) as e:
             reraise(e, _UPDATE)
 
