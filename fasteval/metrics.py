@@ -644,7 +644,8 @@ def _binary_clf_curve(preds: Tensor, target: Tensor, ignore_index, op: str):
     order = torch.argsort(preds, descending=True, stable=True)
     s = preds[order]
     y = t[order].to(torch.float64)
-    distinct = torch.nonzero(s[1:] != s[:-1]).reshape(-1)
+    # NaN (which scikit-learn refuses) sorts first and ties with NaN: as a score above every number.
+    distinct = torch.nonzero((s[1:] != s[:-1]) & ~(torch.isnan(s[1:]) & torch.isnan(s[:-1]))).reshape(-1)
     idx = torch.cat([distinct, torch.tensor([s.numel() - 1], device=s.device)]) if s.numel() else distinct
     tps = torch.cumsum(y, 0)[idx]
     fps = 1 + idx.to(torch.float64) - tps
@@ -677,7 +678,8 @@ def _binned_state(preds: Tensor, target: Tensor, thresholds, ignore_index, from_
 _THRESHOLDS_DOC = """
     ``thresholds=None``: exact, computed from the distinct scores as scikit-learn does (one sort, data-
     dependent sizes; sigmoid or not makes no difference to ranks, so ``from_logits`` is not used; torchmetrics
-    applies a float32 sigmoid to logits first, which can tie large logits at 1.0 and then differs).
+    applies a float32 sigmoid to logits first, which can tie large logits at 1.0 and then differs). NaN
+    scores, which scikit-learn refuses, count as tied with each other above every number.
 
     An int T (``torch.linspace(0, 1, T)``), a list or a 1-D tensor of thresholds: binned in one pass over the
     samples (positive when score >= threshold) as torchmetrics does it, thresholds in any order (they are

@@ -437,3 +437,17 @@ def test_claims_on_absent_classes_against_sklearn():
         close(M.cohen_kappa(p, t, 4), sk.cohen_kappa_score(tn, pn, labels=labels))
         assert M.classification_report(p, t, 4, zero_division=0) == \
             sk.classification_report(tn, pn, labels=labels, zero_division=0)
+
+
+def test_exact_curves_rank_nan_as_one_tie_above_every_score():
+    g = gen(25)
+    s = torch.rand(500, generator=g)
+    t = torch.randint(0, 2, (500,), generator=g)
+    s[torch.rand(500, generator=g) < 0.1] = math.nan
+    big = torch.nan_to_num(s, nan=2.0).numpy()  # what NaN means here: one value above every score
+    close(M.binary_auroc(s, t), sk.roc_auc_score(t.numpy(), big))
+    close(M.binary_average_precision(s, t), sk.average_precision_score(t.numpy(), big))
+    p, r, _ = M.binary_precision_recall_curve(s, t)
+    wp, wr, _ = sk.precision_recall_curve(t.numpy(), big)
+    close(p, wp)
+    close(r, wr)
