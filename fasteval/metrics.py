@@ -22,9 +22,8 @@ classes absent from both preds and target (see :func:`specificity`, :func:`accur
 
 Reading nothing back on the host, these functions keep CUDA work asynchronous, except
 ``zero_division="warn"`` (one flag is read to decide whether to warn), ``classification_report``, the
-exact (``thresholds=None``) curve metrics, whose output sizes depend on the data, and the binned ones
-with ``from_logits=None`` (one flag: are the scores probabilities?). They run on meta tensors (shapes
-only) except those that need the data's values, which say so.
+exact (``thresholds=None``) curve metrics, whose output sizes depend on the data. They run on meta
+tensors (shapes only) except those that need the data's values, which say so.
 
 Bad input raises the :mod:`fasteval.errors` exceptions, messages prefixed with the function's name
 (``fasteval.metrics.f1_score: ...``).
@@ -660,17 +659,20 @@ def _binned_state(preds: Tensor, target: Tensor, thresholds, ignore_index, from_
     probabilities (``from_logits=False``), logits (True: ``sigmoid(x) >= t`` exactly, no sigmoid
     computed), or, with None, torchmetrics' rule: if any non-ignored score lies outside [0, 1] (NaN
     included, as torchmetrics on the CPU), all of them go through ``torch.sigmoid`` first, exactly as
-    torchmetrics does, so the counts equal torchmetrics' (one flag is read on the host to decide)."""
+    torchmetrics does, so the counts equal torchmetrics'. The decision reads nothing back from a device:
+    on the CPU it is a branch, elsewhere a ``torch.where`` between the scores and their sigmoid."""
     thr = torch.sort(_threshold_tensor(thresholds, preds.device, op, probabilities=from_logits is True)).values
     logits = bool(from_logits)
-    if from_logits is None:
-        _validate.no_meta("from_logits=None (decided from the range of the scores; pass from_logits=True or False)",
-                          preds)
-        outside = ~((preds >= 0) & (preds <= 1))
-        if ignore_index is not None:
-            outside = outside & (target.long() != ignore_index)
-        if not torch.compiler.is_compiling() and bool(outside.any()):
-            preds = preds.sigmoid()
+    if from_logits is None and preds.numel():
+        v = preds if ignore_index is None else torch.where(target.long() != ignore_index, preds,
+                                                           torch.full_like(preds, 0.5))
+        lo, hi = torch.aminmax(v)  # one pass; NaN propagates and counts as outside [0, 1]
+        outside = ~((lo >= 0) & (hi <= 1))
+        if preds.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool(outside):  # free on the CPU: no device to wait for
+                preds = preds.sigmoid()
+        else:  # no host read (CUDA, meta, torch.compile): both computed, the choice made on the device
+            preds = torch.where(outside, preds.sigmoid(), preds)
     cm = binned_confusion_matrix(preds, target, thr, ignore_index=ignore_index, from_logits=logits)
     return cm, thr
 
@@ -684,9 +686,10 @@ _THRESHOLDS_DOC = """
     An int T (``torch.linspace(0, 1, T)``), a list or a 1-D tensor of thresholds: binned in one pass over the
     samples (positive when score >= threshold) as torchmetrics does it, thresholds in any order (they are
     sorted; results follow the ascending order). ``from_logits``: None (default) follows torchmetrics' rule,
-    sigmoid when any non-ignored score is outside [0, 1], and equals torchmetrics on the same input; True
-    takes the scores as logits and the thresholds as probabilities (exactly ``sigmoid(x) >= t``, no host
-    read); False takes the scores as they are (no host read)."""
+    sigmoid when any non-ignored score is outside [0, 1] (one extra pass over the scores, and on a GPU a
+    sigmoid of all of them, selected on the device), and equals torchmetrics on the same input; True takes
+    the scores as logits and the thresholds as probabilities (exactly ``sigmoid(x) >= t``, no extra pass);
+    False takes the scores as they are."""
 
 
 @public("fasteval.metrics.binary_precision_recall_curve")

@@ -72,6 +72,8 @@ CASES = {
     "cohen_kappa quadratic": lambda x, t, p, b: M.cohen_kappa(x, t, 5, weights="quadratic"),
     "top_k_accuracy": lambda x, t, p, b: M.top_k_accuracy(x, t, 5, k=2),
     "binary_auroc binned": lambda x, t, p, b: M.binary_auroc(p, b, thresholds=5, from_logits=False),
+    "binary_auroc binned from_logits=None": lambda x, t, p, b: M.binary_auroc(x[:, 0], b, thresholds=5),
+    "binary_auroc binned ignore_index": lambda x, t, p, b: M.binary_auroc(p, b, thresholds=[0.5, 0.1], ignore_index=0),
     "binary_average_precision binned": lambda x, t, p, b: M.binary_average_precision(x[:, 0], b, thresholds=9,
                                                                                      from_logits=True),
     "binary_precision_recall_curve binned": lambda x, t, p, b: M.binary_precision_recall_curve(
@@ -117,12 +119,10 @@ def test_evaluator_on_meta():
 @pytest.mark.parametrize("call", [
     lambda: M.classification_report(torch.empty(4, 3, device=META), torch.empty(4, dtype=torch.long, device=META), 3),
     lambda: M.binary_auroc(torch.empty(4, device=META), torch.empty(4, dtype=torch.long, device=META)),
-    lambda: M.binary_auroc(torch.empty(4, device=META), torch.empty(4, dtype=torch.long, device=META), thresholds=5),
     lambda: M.binary_precision_recall_curve(torch.empty(4, device=META), torch.empty(4, dtype=torch.long, device=META)),
     lambda: fasteval.evaluate(torch.nn.Linear(3, 5, device=META),
                               [(torch.empty(4, 3, device=META), torch.empty(4, dtype=torch.long, device=META))], 5),
-], ids=["classification_report", "binary_auroc exact", "binary_auroc from_logits=None",
-        "binary_precision_recall_curve exact", "evaluate"])
+], ids=["classification_report", "binary_auroc exact", "binary_precision_recall_curve exact", "evaluate"])
 def test_data_dependent_results_on_meta_raise_clearly(call):
     with pytest.raises(ValueError, match="meta tensors do not have") as e:
         call()

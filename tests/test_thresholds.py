@@ -243,3 +243,18 @@ def test_compiled_and_reference_agree_on_unsorted_float64_thresholds():
     got = fasteval.binned_confusion_matrix(p, t, thr)
     want = torch.stack([_counts(p >= v, t) for v in thr])
     assert torch.equal(got, want)
+
+
+def test_sigmoid_rule_without_a_host_read_gives_the_same_counts(monkeypatch):
+    """Off the CPU (and while compiling) the rule is a torch.where on the device: same results."""
+    s, t = _data(logits=True)
+    q, tq = _data()
+    t = t.clone()
+    t[::5] = -1
+    want = [M.binary_auroc(s, t, thresholds=30, ignore_index=-1), M.binary_auroc(q, tq, thresholds=30),
+            M.binary_average_precision(s, t, thresholds=[0.2, 0.6], ignore_index=-1)]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # takes the device branch on the CPU
+    got = [M.binary_auroc(s, t, thresholds=30, ignore_index=-1), M.binary_auroc(q, tq, thresholds=30),
+           M.binary_average_precision(s, t, thresholds=[0.2, 0.6], ignore_index=-1)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
