@@ -55,9 +55,9 @@ def check_invalid(device: Optional[Union[str, torch.device]] = None) -> None:
         n = int(acc.item())
         acc.zero_()
         if n:
-            raise FastevalIndexError(f"fasteval.check_invalid: {n} sample(s) on {dev} had a label outside the valid range (class "
-                             "indices in [0, num_classes), binary labels in {0, 1}, or ignore_index); they "
-                             "were left out of the counts")
+            raise FastevalIndexError(f"fasteval.check_invalid: {n} sample(s) on {dev} had a label outside the valid "
+                                     "range (class indices in [0, num_classes), binary labels in {0, 1}, or "
+                                     "ignore_index); they were left out of the counts")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def check_invalid(device: Optional[Union[str, torch.device]] = None) -> None:
 def _check_tensors(preds, target, op: str) -> None:
     if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
         raise FastevalTypeError(f"{op}: preds and target must be tensors, got {type(preds).__name__} and "
-                        f"{type(target).__name__}")
+                                f"{type(target).__name__}")
     if preds.device != target.device:
         raise FastevalValueError(f"{op}: preds are on {preds.device} but target is on {target.device}")
     if target.is_floating_point() or target.is_complex():
@@ -98,14 +98,14 @@ def _prepare_multiclass(preds: Tensor, target: Tensor, num_classes: int, op: str
         expected = (preds.shape[0],) + tuple(preds.shape[2:]) if preds.dim() >= 2 else None
         if preds.dim() < 2 or preds.shape[1] != num_classes or tuple(target.shape) != expected:
             raise FastevalValueError(f"{op}: floating preds are scores of shape (N, C, ...) with C = num_classes = "
-                             f"{num_classes} and target of shape (N, ...); got preds {tuple(preds.shape)} and "
-                             f"target {tuple(target.shape)} (cast label predictions to an integer dtype)")
+                                     f"{num_classes} and target of shape (N, ...); got preds {tuple(preds.shape)} and "
+                                     f"target {tuple(target.shape)} (cast label predictions to an integer dtype)")
     elif preds.is_complex():
         raise FastevalTypeError(f"{op}: preds must be integer labels or floating scores, got {preds.dtype}")
     else:
         if preds.shape != target.shape:
             raise FastevalValueError(f"{op}: label preds {tuple(preds.shape)} and target {tuple(target.shape)} must "
-                             "have the same shape")
+                                     "have the same shape")
         preds = _as_index(preds)
     return preds, target
 
@@ -236,7 +236,7 @@ def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int, *, ignore_
     preds, target = _prepare_multiclass(preds, target, num_classes, op)
     if num_classes > 46340:
         raise FastevalValueError(f"{op}: a ({num_classes}, {num_classes}) confusion matrix has more than 2^31 - 1 "
-                         "entries; use class_counts() (or the metrics' counts=...) for this many classes")
+                                 "entries; use class_counts() (or the metrics' counts=...) for this many classes")
     cm, invalid = _ops.confusion_matrix(preds, target, num_classes, _check_ignore_index(ignore_index, op))
     _record_invalid(invalid)
     return _normalize(cm, normalize)
@@ -266,7 +266,8 @@ def class_counts(preds: Tensor, target: Tensor, num_classes: int, *,
 def _binary_layout(preds: Tensor, target: Tensor, op: str) -> Tuple[Tensor, Tensor]:
     _check_tensors(preds, target, op)
     if preds.shape != target.shape:
-        raise FastevalValueError(f"{op}: preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same shape")
+        raise FastevalValueError(f"{op}: preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the "
+                                 "same shape")
     if preds.is_complex():
         raise FastevalTypeError(f"{op}: preds must be scores or 0/1 labels, got {preds.dtype}")
     if preds.dtype == torch.bool:
@@ -403,9 +404,10 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Union[int
     convention), compared exactly as torch compares the two tensors ``preds[:, None] >= thresholds``
     (in float32, or in float64 when preds or thresholds are float64; torchmetrics does the same below
     50,000 samples, while its loop for more samples compares with each threshold as a 0-dim tensor,
-    rounded to preds' dtype, and can differ for bfloat16 / float16 preds); with ``from_logits=True`` preds are logits and the thresholds
-    probabilities: positive when ``sigmoid(preds) >= thresholds[k]``, evaluated as ``preds >= logit(t)``
-    (logit in float64, see :func:`binary_confusion_matrix`) without computing a sigmoid. Layouts:
+    rounded to preds' dtype, and can differ for bfloat16 / float16 preds). With ``from_logits=True``
+    preds are logits and the thresholds probabilities: positive when ``sigmoid(preds) >= thresholds[k]``,
+    evaluated as ``preds >= logit(t)`` (logit in float64, see :func:`binary_confusion_matrix`) without
+    computing a sigmoid. Layouts:
 
     - binary: preds (N,) scores, target (N,) 0/1 -> (T, 2, 2);
     - multilabel: preds (N, L), target (N, L) 0/1 -> (L, T, 2, 2);
@@ -431,12 +433,13 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Union[int
     binary = preds.dim() == 1
     if binary:
         if target.shape != preds.shape:
-            raise FastevalValueError(f"{op}: binary preds {tuple(preds.shape)} and target {tuple(target.shape)} must match")
+            raise FastevalValueError(f"{op}: binary preds {tuple(preds.shape)} and target {tuple(target.shape)} "
+                                     "must match")
         preds2, target2 = preds[:, None], target[:, None]
     else:
         if preds.dim() != 2 or not (target.shape == preds.shape or tuple(target.shape) == (preds.shape[0],)):
             raise FastevalValueError(f"{op}: expected preds (N,), (N, L) or (N, C) with target (N,) / (N, L); got "
-                             f"{tuple(preds.shape)} and {tuple(target.shape)}")
+                                     f"{tuple(preds.shape)} and {tuple(target.shape)}")
         preds2, target2 = preds, target
     if target2.dtype == torch.bool:
         target2 = target2.view(torch.uint8)

@@ -115,7 +115,7 @@ class EvaluationReport:
         if cm is None:
             raise FastevalValueError("fasteval.EvaluationReport.plot_confusion_matrix: this evaluation kept "
                                      "per-class counts only "
-                             "(full_confusion=False); there is no confusion matrix to plot")
+                                     "(full_confusion=False); there is no confusion matrix to plot")
         c = cm.shape[0]
         data = cm.double()
         if normalize:
@@ -184,7 +184,7 @@ def _split_batch(batch):
             if xk in batch and yk in batch:
                 return batch[xk], batch[yk]
     raise FastevalTypeError("fasteval.evaluate: each batch must be an (inputs, targets) tuple or list, or a dict with "
-                    "('input', 'target') or ('input_ids', 'labels') keys")
+                            "('input', 'target') or ('input_ids', 'labels') keys")
 
 
 def _to(x, device):

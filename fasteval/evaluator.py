@@ -223,7 +223,8 @@ class ClassificationEvaluator:
         n = int(st["count"][0])
         for name in ("confmat", "topk_hits", "calib_count", "calib_correct", "count"):
             if bool((st[name] < 0).any()):
-                raise FastevalValueError(f"{name} has negative counts: {st[name].tolist() if st[name].numel() < 20 else ''}")
+                shown = st[name].tolist() if st[name].numel() < 20 else "(too many to show)"
+                raise FastevalValueError(f"{name} has negative counts: {shown}")
         cm = st["confmat"]
         if self.full_confusion:
             tp_sum = int(cm.diagonal().sum())

@@ -72,20 +72,21 @@ def _counts_from(preds, target, num_classes, confmat, counts, ignore_index, op: 
     given = [preds is not None or target is not None or num_classes is not None, confmat is not None,
              counts is not None]
     if sum(given) != 1:
-        raise FastevalValueError(f"{op}: pass either (preds, target, num_classes), confmat=..., or counts=(tp, pred_count, "
-                         "target_count)")
+        raise FastevalValueError(f"{op}: pass either (preds, target, num_classes), confmat=..., or counts=(tp, "
+                                 "pred_count, target_count)")
     if confmat is not None:
         if not isinstance(confmat, Tensor) or confmat.dim() != 2 or confmat.shape[0] != confmat.shape[1] or \
                 confmat.shape[0] == 0:
-            raise FastevalValueError(f"{op}: confmat must be a (C, C) tensor, got "
-                             f"{tuple(confmat.shape) if isinstance(confmat, Tensor) else type(confmat).__name__}")
+            got = tuple(confmat.shape) if isinstance(confmat, Tensor) else type(confmat).__name__
+            raise FastevalValueError(f"{op}: confmat must be a (C, C) tensor, got {got}")
         if confmat.is_floating_point() or confmat.is_complex() or confmat.dtype == torch.bool:
             raise FastevalTypeError(f"{op}: confmat must hold integer counts, got {confmat.dtype}")
         cm = confmat.long()
         return _Counts(cm.diagonal(), cm.sum(0), cm.sum(1), cm)
     if counts is not None:
         if need_matrix:
-            raise FastevalValueError(f"{op}: this metric needs the full confusion matrix (confmat=...), not per-class counts")
+            raise FastevalValueError(f"{op}: this metric needs the full confusion matrix (confmat=...), not per-class "
+                                     "counts")
         if not isinstance(counts, (tuple, list)) or len(counts) != 3 or \
                 not all(isinstance(c, Tensor) and c.dim() == 1 for c in counts) or \
                 len({c.shape[0] for c in counts}) != 1 or counts[0].shape[0] == 0:
@@ -572,8 +573,8 @@ def classification_report(preds=None, target=None, num_classes=None, *, target_n
     ncls = c.tp.shape[0]
     labels = list(range(ncls))
     if target_names is not None and len(target_names) != ncls:
-        raise FastevalValueError(f"Number of classes, {ncls}, does not match size of target_names, {len(target_names)}. "
-                         "Try specifying the labels parameter")
+        raise FastevalValueError(f"Number of classes, {ncls}, does not match size of target_names, "
+                                 f"{len(target_names)}. Try specifying the labels parameter")
     if target_names is None:
         target_names = [str(label) for label in labels]
     cc = (c.tp, c.pred, c.true)

@@ -456,7 +456,8 @@ def test_ignore_index_beyond_the_target_dtype_ignores_nothing_anywhere(tdtype, i
     assert torch.equal(M.accuracy(x, td, 3, top_k=2, ignore_index=ignore), M.accuracy(x, t, 3, top_k=2))
     b = (t == 1).to(tdtype)
     p = torch.sigmoid(x[:, 1])
-    assert torch.equal(fasteval.binary_confusion_matrix(p, b, ignore_index=ignore), fasteval.binary_confusion_matrix(p, b))
+    assert torch.equal(fasteval.binary_confusion_matrix(p, b, ignore_index=ignore),
+                       fasteval.binary_confusion_matrix(p, b))
     assert torch.equal(fasteval.binned_confusion_matrix(x, td, 5, ignore_index=ignore),
                        fasteval.binned_confusion_matrix(x, t, 5))
     for kw in ({}, {"thresholds": 7}):

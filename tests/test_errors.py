@@ -81,7 +81,8 @@ def _torch_error_inputs():
         return []
     out = []
     for info in common_modules.module_db:
-        if info.module_cls not in (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss) or info.module_error_inputs_func is None:
+        if info.module_cls not in (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss) or \
+                info.module_error_inputs_func is None:
             continue
         for i, ei in enumerate(info.module_error_inputs_func(info, torch.device("cpu"), torch.float32,
                                                              requires_grad=False, training=True)):
