@@ -5,9 +5,11 @@ Compiled C++/CUDA kernels registered as ``torch.ops.fasteval.*`` with a pure-tor
 """
 from . import _loader
 from . import _ops  # noqa: F401  (loads the compiled library and registers its fake implementations)
-from . import confusion, metrics  # noqa: F401
+from . import confusion, errors, metrics  # noqa: F401
 from .confusion import (binary_confusion_matrix, binned_confusion_matrix, check_invalid, class_counts,
                         confusion_matrix, multilabel_confusion_matrix)
+from .errors import (FastevalError, FastevalIndexError, FastevalNotImplementedError, FastevalTypeError,
+                     FastevalValueError)
 from .evaluation import EvaluationReport, evaluate
 from .evaluator import ClassificationEvaluator
 from .losses import CrossEntropyLoss, cross_entropy
@@ -29,4 +31,7 @@ __all__ = [
     "class_counts", "check_invalid", "metrics",
     # evaluation
     "ClassificationEvaluator", "evaluate", "EvaluationReport",
+    # errors (each also an instance of the exception torch raises for the same input)
+    "errors", "FastevalError", "FastevalValueError", "FastevalTypeError", "FastevalIndexError",
+    "FastevalNotImplementedError",
 ]

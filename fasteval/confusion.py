@@ -14,7 +14,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, _validate
+from .errors import FastevalIndexError, FastevalTypeError, FastevalValueError, public
 
 __all__ = ["confusion_matrix", "binary_confusion_matrix", "multilabel_confusion_matrix",
            "binned_confusion_matrix", "class_counts", "check_invalid"]
@@ -29,8 +30,8 @@ _pending_invalid: Dict[torch.device, Tensor] = {}
 
 def _record_invalid(invalid: Tensor) -> None:
     """Adds a kernel's invalid count to the device's pending counter (asynchronously, no sync)."""
-    if invalid.device.type == "cpu" or torch.compiler.is_compiling():
-        return  # CPU kernels raise; compiled graphs return the counter to the caller instead
+    if invalid.device.type in ("cpu", "meta") or torch.compiler.is_compiling():
+        return  # CPU kernels raise; meta tensors have no counts; compiled graphs return the counter instead
     acc = _pending_invalid.get(invalid.device)
     if acc is None:
         _pending_invalid[invalid.device] = invalid.detach().clone()
@@ -38,6 +39,7 @@ def _record_invalid(invalid: Tensor) -> None:
         acc.add_(invalid)
 
 
+@public("fasteval.check_invalid")
 def check_invalid(device: Optional[Union[str, torch.device]] = None) -> None:
     """Raises ``IndexError`` if any sample with an out-of-range label was skipped on ``device`` (all
     devices if None) since the last check, and resets the counters.
@@ -45,7 +47,7 @@ def check_invalid(device: Optional[Union[str, torch.device]] = None) -> None:
     On CUDA the kernels count such samples on the device rather than synchronising on every call; this
     is the synchronising check. CPU kernels raise immediately, so there is nothing to check there.
     """
-    devices = list(_pending_invalid) if device is None else [torch.device(device)]
+    devices = list(_pending_invalid) if device is None else [_validate.device(device)]
     for dev in devices:
         acc = _pending_invalid.get(dev)
         if acc is None:
@@ -53,9 +55,9 @@ def check_invalid(device: Optional[Union[str, torch.device]] = None) -> None:
         n = int(acc.item())
         acc.zero_()
         if n:
-            raise IndexError(f"fasteval: {n} sample(s) on {dev} had a label outside the valid range (class "
-                             "indices in [0, num_classes), binary labels in {0, 1}, or ignore_index); they "
-                             "were left out of the counts")
+            raise FastevalIndexError(f"fasteval.check_invalid: {n} sample(s) on {dev} had a label outside the valid "
+                                     "range (class indices in [0, num_classes), binary labels in {0, 1}, or "
+                                     "ignore_index); they were left out of the counts")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,12 +65,12 @@ def check_invalid(device: Optional[Union[str, torch.device]] = None) -> None:
 
 def _check_tensors(preds, target, op: str) -> None:
     if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"{op}: preds and target must be tensors, got {type(preds).__name__} and "
-                        f"{type(target).__name__}")
+        raise FastevalTypeError(f"{op}: preds and target must be tensors, got {type(preds).__name__} and "
+                                f"{type(target).__name__}")
     if preds.device != target.device:
-        raise ValueError(f"{op}: preds are on {preds.device} but target is on {target.device}")
+        raise FastevalValueError(f"{op}: preds are on {preds.device} but target is on {target.device}")
     if target.is_floating_point() or target.is_complex():
-        raise TypeError(f"{op}: target must hold integer labels, got {target.dtype}")
+        raise FastevalTypeError(f"{op}: target must hold integer labels, got {target.dtype}")
 
 
 def _as_index(t: Tensor) -> Tensor:
@@ -76,17 +78,15 @@ def _as_index(t: Tensor) -> Tensor:
 
 
 def _check_num_classes(num_classes, op: str, name: str = "num_classes") -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"{op}: {name} must be a positive int, got {num_classes!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise FastevalTypeError(f"{op}: {name} must be a positive int, got {num_classes!r}")
+    if num_classes < 1:
+        raise FastevalValueError(f"{op}: {name} must be a positive int, got {num_classes!r}")
     return num_classes
 
 
 def _check_ignore_index(ignore_index, op: str) -> Optional[int]:
-    if ignore_index is None:
-        return None
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"{op}: ignore_index must be an int or None, got {ignore_index!r}")
-    return ignore_index
+    return _validate.ignore_index(ignore_index)
 
 
 def _prepare_multiclass(preds: Tensor, target: Tensor, num_classes: int, op: str) -> Tuple[Tensor, Tensor]:
@@ -97,21 +97,28 @@ def _prepare_multiclass(preds: Tensor, target: Tensor, num_classes: int, op: str
     if preds.is_floating_point():
         expected = (preds.shape[0],) + tuple(preds.shape[2:]) if preds.dim() >= 2 else None
         if preds.dim() < 2 or preds.shape[1] != num_classes or tuple(target.shape) != expected:
-            raise ValueError(f"{op}: floating preds are scores of shape (N, C, ...) with C = num_classes = "
-                             f"{num_classes} and target of shape (N, ...); got preds {tuple(preds.shape)} and "
-                             f"target {tuple(target.shape)} (cast label predictions to an integer dtype)")
+            raise FastevalValueError(f"{op}: floating preds are scores of shape (N, C, ...) with C = num_classes = "
+                                     f"{num_classes} and target of shape (N, ...); got preds {tuple(preds.shape)} and "
+                                     f"target {tuple(target.shape)} (cast label predictions to an integer dtype)")
     elif preds.is_complex():
-        raise TypeError(f"{op}: preds must be integer labels or floating scores, got {preds.dtype}")
+        raise FastevalTypeError(f"{op}: preds must be integer labels or floating scores, got {preds.dtype}")
     else:
         if preds.shape != target.shape:
-            raise ValueError(f"{op}: label preds {tuple(preds.shape)} and target {tuple(target.shape)} must "
-                             "have the same shape")
+            raise FastevalValueError(f"{op}: label preds {tuple(preds.shape)} and target {tuple(target.shape)} must "
+                                     "have the same shape")
         preds = _as_index(preds)
     return preds, target
 
 
 def _to_threshold(threshold: float, dtype: torch.dtype, from_logits: bool, inclusive: bool) -> float:
-    """The threshold to compare scores of ``dtype`` with (``x > thr``, or ``x >= thr`` when inclusive).
+    """The threshold to compare scores of ``dtype`` with (``x > thr``, or ``x >= thr`` when inclusive), as a
+    float the kernels compare with exactly.
+
+    Without ``from_logits`` this is torch's own comparison ``preds > threshold``: torch converts the Python
+    number to the tensor's dtype first, so for bfloat16 preds 0.3 becomes 0.30078125 and a bfloat16
+    0.30078125 is not above it; for float16 / bfloat16 a threshold beyond the dtype's range becomes inf.
+    The value returned is that rounded threshold (float16 / bfloat16 / float32 values are exact in the
+    float32 the kernels compare in).
 
     With ``from_logits`` the scores are logits and a probability threshold t applies to sigmoid(x): the
     comparison becomes x > logit(t) (x >= logit(t)), with logit(t) = log(t) - log1p(-t) in float64 and
@@ -120,9 +127,11 @@ def _to_threshold(threshold: float, dtype: torch.dtype, from_logits: bool, inclu
     """
     threshold = float(threshold)
     if not from_logits:
+        if dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return float(torch.tensor(threshold, dtype=torch.float64).to(dtype))
         return threshold
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a probability in [0, 1] with from_logits=True, got {threshold}")
+        raise FastevalValueError(f"threshold must be a probability in [0, 1] with from_logits=True, got {threshold}")
     if threshold == 0.0:
         return -math.inf
     if threshold == 1.0:
@@ -136,6 +145,35 @@ def _to_threshold(threshold: float, dtype: torch.dtype, from_logits: bool, inclu
     if inclusive and f.double() < logit:  # x >= logit <=> x >= (smallest float32 >= logit)
         f = torch.nextafter(f, torch.tensor(math.inf))
     return float(f)
+
+
+def _ceil_float32(t: Tensor) -> Tensor:
+    """Float64 ``t`` -> the smallest float32 value >= t (as float64): for float32 x, x >= t <=> x >= it."""
+    f = t.to(torch.float32)
+    f = torch.where(f.to(torch.float64) < t, torch.nextafter(f, torch.full_like(f, math.inf)), f)
+    return f.to(torch.float64)
+
+
+def _binned_thresholds(thr: Tensor, preds_dtype: torch.dtype, from_logits: bool) -> Tensor:
+    """Ascending thresholds ``thr`` -> the float64 thresholds the binned op compares ``preds >= thr`` with
+    (in float32 for non-float64 preds, in float64 for float64 preds), on thr's device, without a sync.
+
+    Without ``from_logits`` the result is torch's ``preds >= thr``, compared in the dtype torch promotes
+    the two tensors to: float32 for float32 / float16 / bfloat16 preds and thresholds (the thresholds'
+    values are exact there), float64 when either is float64. float64 thresholds with lower-precision preds
+    become the smallest float32 >= each threshold, which gives the same comparisons in float32.
+
+    With ``from_logits`` each probability threshold t becomes logit(t) = log(t) - log1p(-t) in float64
+    (t = 0: -inf, t = 1: inf, outside [0, 1]: NaN, which no score reaches), rounded up to float32 for
+    non-float64 preds: ``x >= logit(t)`` is then ``sigmoid(x) >= t`` in real arithmetic.
+    """
+    t = thr.to(torch.float64)
+    if from_logits:
+        t = torch.where(t == 0.5, torch.zeros_like(t), torch.log(t) - torch.log1p(-t))
+        return t if preds_dtype == torch.float64 else _ceil_float32(t)
+    if preds_dtype != torch.float64 and thr.dtype == torch.float64:
+        return _ceil_float32(t)
+    return t
 
 
 def _normalize(cm: Tensor, normalize: Optional[str]) -> Tensor:
@@ -153,12 +191,13 @@ def _normalize(cm: Tensor, normalize: Optional[str]) -> Tensor:
 
 def _check_normalize(normalize, op: str) -> None:
     if normalize not in _NORMALIZE:
-        raise ValueError(f"{op}: normalize must be one of {_NORMALIZE}, got {normalize!r}")
+        raise FastevalValueError(f"{op}: normalize must be one of {_NORMALIZE}, got {normalize!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Public functions.
 
+@public("fasteval.confusion_matrix")
 def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int, *, ignore_index: Optional[int] = None,
                      normalize: Optional[str] = None) -> Tensor:
     """Multiclass confusion matrix in one pass: ``cm[i, j]`` counts samples of true class ``i``
@@ -196,13 +235,14 @@ def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int, *, ignore_
     _check_normalize(normalize, op)
     preds, target = _prepare_multiclass(preds, target, num_classes, op)
     if num_classes > 46340:
-        raise ValueError(f"{op}: a ({num_classes}, {num_classes}) confusion matrix has more than 2^31 - 1 "
-                         "entries; use class_counts() (or the metrics' counts=...) for this many classes")
+        raise FastevalValueError(f"{op}: a ({num_classes}, {num_classes}) confusion matrix has more than 2^31 - 1 "
+                                 "entries; use class_counts() (or the metrics' counts=...) for this many classes")
     cm, invalid = _ops.confusion_matrix(preds, target, num_classes, _check_ignore_index(ignore_index, op))
     _record_invalid(invalid)
     return _normalize(cm, normalize)
 
 
+@public("fasteval.class_counts")
 def class_counts(preds: Tensor, target: Tensor, num_classes: int, *,
                  ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-class ``(tp, pred_count, target_count)``, three (C,) int64 tensors, without a C x C matrix:
@@ -226,9 +266,10 @@ def class_counts(preds: Tensor, target: Tensor, num_classes: int, *,
 def _binary_layout(preds: Tensor, target: Tensor, op: str) -> Tuple[Tensor, Tensor]:
     _check_tensors(preds, target, op)
     if preds.shape != target.shape:
-        raise ValueError(f"{op}: preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the same shape")
+        raise FastevalValueError(f"{op}: preds {tuple(preds.shape)} and target {tuple(target.shape)} must have the "
+                                 "same shape")
     if preds.is_complex():
-        raise TypeError(f"{op}: preds must be scores or 0/1 labels, got {preds.dtype}")
+        raise FastevalTypeError(f"{op}: preds must be scores or 0/1 labels, got {preds.dtype}")
     if preds.dtype == torch.bool:
         preds = preds.view(torch.uint8)
     elif not preds.is_floating_point() and preds.dtype not in (torch.int64, torch.int32, torch.uint8):
@@ -241,24 +282,33 @@ def _binary_layout(preds: Tensor, target: Tensor, op: str) -> Tuple[Tensor, Tens
 
 
 def _check_threshold(threshold, op: str) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(float(threshold)):
-        raise ValueError(f"{op}: threshold must be a number, got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise FastevalTypeError(f"{op}: threshold must be a number, got {threshold!r}")
+    if math.isnan(float(threshold)):
+        raise FastevalValueError(f"{op}: threshold must be a number, got {threshold!r}")
     return float(threshold)
 
 
+@public("fasteval.binary_confusion_matrix")
 def binary_confusion_matrix(preds: Tensor, target: Tensor, threshold: float = 0.5, *,
                             ignore_index: Optional[int] = None, from_logits: bool = False,
                             normalize: Optional[str] = None) -> Tensor:
     """Binary confusion matrix ``[[tn, fp], [fn, tp]]`` in one pass.
 
     Args:
-        preds: scores of any shape (positive when ``preds > threshold``, compared in float32 (float64 for
-            float64 preds) as ``torch``'s ``preds > threshold`` does; NaN is negative) or 0/1 labels
-            (integer or bool).
+        preds: scores of any shape or 0/1 labels (integer or bool). A score is positive exactly where
+            torch's own ``preds > threshold`` is True: torch first converts the threshold to preds' dtype
+            (round to nearest), so for bfloat16 preds the threshold 0.3 is 0.30078125 and a bfloat16
+            0.30078125 is negative, as in torch and torchmetrics; float16 / bfloat16 thresholds beyond the
+            dtype's range become inf. NaN is negative.
         target: 0/1 labels of the same shape (integer or bool).
         threshold: the decision threshold (a probability when ``from_logits``).
-        from_logits: preds are logits: positive when ``sigmoid(preds) > threshold``, evaluated exactly as
-            ``preds > logit(threshold)`` without computing a sigmoid (nothing data-dependent).
+        from_logits: preds are logits: positive when ``sigmoid(preds) > threshold`` in real arithmetic,
+            evaluated as ``preds > logit(threshold)`` (logit(t) = log(t) - log1p(-t) in float64, then
+            rounded so that the float32 comparison is exact) without computing a sigmoid (nothing
+            data-dependent). torch's ``preds.sigmoid() > threshold`` agrees except where rounding
+            moves its sigmoid or threshold across the other (float32 ``sigmoid(x)`` is exactly 1.0 for x
+            above about 17; bfloat16 rounds both to 8 bits): ``from_logits`` is the exact answer there.
         ignore_index: elements whose target equals it are left out.
         normalize: as in :func:`confusion_matrix`.
 
@@ -278,6 +328,7 @@ def binary_confusion_matrix(preds: Tensor, target: Tensor, threshold: float = 0.
     return _normalize(cm[0], normalize)
 
 
+@public("fasteval.multilabel_confusion_matrix")
 def multilabel_confusion_matrix(preds: Tensor, target: Tensor, num_labels: int, threshold: float = 0.5, *,
                                 ignore_index: Optional[int] = None, from_logits: bool = False,
                                 normalize: Optional[str] = None) -> Tensor:
@@ -302,7 +353,7 @@ def multilabel_confusion_matrix(preds: Tensor, target: Tensor, num_labels: int, 
     _check_num_classes(num_labels, op, "num_labels")
     preds, target = _binary_layout(preds, target, op)
     if preds.dim() < 2 or preds.shape[1] != num_labels:
-        raise ValueError(f"{op}: expected preds of shape (N, {num_labels}, ...), got {tuple(preds.shape)}")
+        raise FastevalValueError(f"{op}: expected preds of shape (N, {num_labels}, ...), got {tuple(preds.shape)}")
     if preds.dim() > 2:
         preds = preds.movedim(1, -1).reshape(-1, num_labels)
         target = target.movedim(1, -1).reshape(-1, num_labels)
@@ -312,35 +363,62 @@ def multilabel_confusion_matrix(preds: Tensor, target: Tensor, num_labels: int, 
     return _normalize(cm, normalize)
 
 
-def _threshold_tensor(thresholds, device, op: str) -> Tensor:
-    if thresholds is None:
-        raise ValueError(f"{op}: thresholds must be an int or a tensor here")
-    if isinstance(thresholds, int) and not isinstance(thresholds, bool):
+def _threshold_tensor(thresholds, device, op: str, probabilities: bool = False) -> Tensor:
+    """``thresholds`` as a 1-D floating tensor on ``device``: an int T gives ``torch.linspace(0, 1, T)``,
+    a list a float32 tensor (torchmetrics' conventions). NaN thresholds (and, with ``probabilities``,
+    values outside [0, 1]) raise where they can be seen without a host sync: ints, lists and CPU tensors."""
+    if thresholds is None or isinstance(thresholds, bool):
+        raise FastevalTypeError(f"{op}: thresholds must be an int, a list of floats or a 1-D floating tensor, "
+                                f"got {thresholds!r}")
+    if isinstance(thresholds, int):
         if thresholds < 2:
-            raise ValueError(f"{op}: an int number of thresholds must be >= 2, got {thresholds}")
+            raise FastevalValueError(f"{op}: an int number of thresholds must be >= 2, got {thresholds}")
         return torch.linspace(0, 1, thresholds, device=device)
     if isinstance(thresholds, (list, tuple)):
-        thresholds = torch.tensor(thresholds, dtype=torch.float32, device=device)
-    if not isinstance(thresholds, Tensor) or thresholds.dim() != 1 or thresholds.numel() == 0 or \
-            not thresholds.is_floating_point():
-        raise ValueError(f"{op}: thresholds must be an int, a list or a non-empty 1-D floating tensor")
+        if not thresholds or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in thresholds):
+            raise FastevalValueError(f"{op}: a list of thresholds must hold numbers, got {thresholds!r}")
+        thresholds = torch.tensor([float(v) for v in thresholds], dtype=torch.float32)
+    if not isinstance(thresholds, Tensor):
+        raise FastevalTypeError(f"{op}: thresholds must be an int, a list of floats or a 1-D floating tensor, "
+                                f"got {type(thresholds).__name__}")
+    if thresholds.dim() != 1 or thresholds.numel() == 0 or not thresholds.is_floating_point():
+        raise FastevalValueError(f"{op}: thresholds must be a non-empty 1-D floating tensor, got "
+                                 f"{thresholds.dtype} of shape {tuple(thresholds.shape)}")
+    if thresholds.device.type == "cpu":
+        bad = torch.isnan(thresholds)
+        if probabilities:
+            bad = bad | (thresholds < 0) | (thresholds > 1)
+        if bool(bad.any()):
+            what = "probabilities in [0, 1] (from_logits=True)" if probabilities else "numbers (not NaN)"
+            raise FastevalValueError(f"{op}: thresholds must be {what}, got {float(thresholds[bad][0])}")
     return thresholds.to(device)
 
 
+@public("fasteval.binned_confusion_matrix")
 def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Union[int, Tensor], *,
                             ignore_index: Optional[int] = None, from_logits: bool = False) -> Tensor:
     """Confusion matrices at T thresholds in ONE pass over the samples (bucketize + histogram +
     cumulative sum), not an N x T broadcast.
 
     A sample counts as positive at threshold k when ``preds >= thresholds[k]`` (torchmetrics' binned
-    convention). Layouts:
+    convention), compared exactly as torch compares the two tensors ``preds[:, None] >= thresholds``
+    (in float32, or in float64 when preds or thresholds are float64; torchmetrics does the same below
+    50,000 samples, while its loop for more samples compares with each threshold as a 0-dim tensor,
+    rounded to preds' dtype, and can differ for bfloat16 / float16 preds). With ``from_logits=True``
+    preds are logits and the thresholds probabilities: positive when ``sigmoid(preds) >= thresholds[k]``,
+    evaluated as ``preds >= logit(t)`` (logit in float64, see :func:`binary_confusion_matrix`) without
+    computing a sigmoid. Layouts:
 
     - binary: preds (N,) scores, target (N,) 0/1 -> (T, 2, 2);
     - multilabel: preds (N, L), target (N, L) 0/1 -> (L, T, 2, 2);
     - one-vs-rest multiclass: preds (N, C) scores, target (N,) class indices -> (C, T, 2, 2).
 
-    ``thresholds``: an int T for ``torch.linspace(0, 1, T)``, or a 1-D tensor (any order; the result
-    follows it). Each matrix is ``[[tn, fp], [fn, tp]]``.
+    ``thresholds``: an int T for ``torch.linspace(0, 1, T)``, a list (a float32 tensor, as torchmetrics
+    makes it) or a 1-D floating tensor, in any order: the op runs on the sorted thresholds and the counts
+    come back in the caller's order (sorting happens on the device, without a host sync). NaN thresholds
+    (and probabilities outside [0, 1] with ``from_logits``) raise when the thresholds are an int, a list or
+    a CPU tensor; on another device they are not read back, and no score reaches them.
+    Each matrix is ``[[tn, fp], [fn, tp]]``.
 
     Example:
         >>> import torch, fasteval
@@ -351,30 +429,29 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Union[int
     op = "fasteval.binned_confusion_matrix"
     _check_tensors(preds, target, op)
     if not preds.is_floating_point():
-        raise TypeError(f"{op}: preds must be floating scores, got {preds.dtype}")
+        raise FastevalTypeError(f"{op}: preds must be floating scores, got {preds.dtype}")
     binary = preds.dim() == 1
     if binary:
         if target.shape != preds.shape:
-            raise ValueError(f"{op}: binary preds {tuple(preds.shape)} and target {tuple(target.shape)} must match")
+            raise FastevalValueError(f"{op}: binary preds {tuple(preds.shape)} and target {tuple(target.shape)} "
+                                     "must match")
         preds2, target2 = preds[:, None], target[:, None]
     else:
         if preds.dim() != 2 or not (target.shape == preds.shape or tuple(target.shape) == (preds.shape[0],)):
-            raise ValueError(f"{op}: expected preds (N,), (N, L) or (N, C) with target (N,) / (N, L); got "
-                             f"{tuple(preds.shape)} and {tuple(target.shape)}")
+            raise FastevalValueError(f"{op}: expected preds (N,), (N, L) or (N, C) with target (N,) / (N, L); got "
+                                     f"{tuple(preds.shape)} and {tuple(target.shape)}")
         preds2, target2 = preds, target
     if target2.dtype == torch.bool:
         target2 = target2.view(torch.uint8)
     elif target2.dtype not in (torch.int64, torch.int32, torch.uint8):
         target2 = target2.long()
-    thr = _threshold_tensor(thresholds, preds.device, op)
-    sorted_thr, order = torch.sort(thr.to(torch.float64))
-    if from_logits:
-        sorted_thr = torch.tensor([_to_threshold(float(t), preds.dtype, True, inclusive=True)
-                                   for t in sorted_thr.cpu().tolist()], dtype=torch.float64, device=preds.device)
-    elif preds.dtype != torch.float64:
-        # Compare in float32 like torch's preds >= thresholds (thresholds rounded to float32 first).
-        sorted_thr = sorted_thr.to(torch.float32).to(torch.float64)
-    cm, invalid = _ops.binned_confusion_matrix(preds2, target2, sorted_thr, _check_ignore_index(ignore_index, op))
+    if not isinstance(from_logits, bool):
+        raise FastevalTypeError(f"{op}: from_logits must be a bool, got {from_logits!r}")
+    thr = _threshold_tensor(thresholds, preds.device, op, probabilities=from_logits)
+    # The op's bucket search needs ascending thresholds: sort once, keep the permutation.
+    sorted_thr, order = torch.sort(thr)
+    cmp_thr = _binned_thresholds(sorted_thr, preds.dtype, from_logits)
+    cm, invalid = _ops.binned_confusion_matrix(preds2, target2, cmp_thr, _check_ignore_index(ignore_index, op))
     _record_invalid(invalid)
     out = torch.empty_like(cm)
     out[:, order] = cm

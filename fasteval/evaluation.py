@@ -10,6 +10,8 @@ from typing import Dict, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import _validate
+from .errors import FastevalTypeError, FastevalValueError, public, reraise
 from .evaluator import ClassificationEvaluator
 
 __all__ = ["evaluate", "EvaluationReport"]
@@ -38,12 +40,13 @@ class EvaluationReport:
         digits: decimals in ``str(report)``.
     """
 
+    @public("fasteval.EvaluationReport")
     def __init__(self, metrics: Dict[str, object], target_names: Optional[Sequence[str]] = None, digits: int = 2,
                  top_k: Sequence[int] = ()) -> None:
         self.metrics = metrics
         c = len(metrics["support"])
         if target_names is not None and len(target_names) != c:
-            raise ValueError(f"EvaluationReport: {len(target_names)} target_names for {c} classes")
+            raise FastevalValueError(f"{len(target_names)} target_names for {c} classes")
         self.target_names = [str(n) for n in target_names] if target_names is not None else [str(i) for i in range(c)]
         self.digits = digits
         self.top_k = tuple(top_k)
@@ -110,8 +113,9 @@ class EvaluationReport:
         """Writes the confusion matrix as a PNG (rows: true class, columns: predicted). Returns ``path``."""
         cm = self.metrics.get("confusion_matrix")
         if cm is None:
-            raise ValueError("plot_confusion_matrix: this evaluation kept per-class counts only "
-                             "(full_confusion=False); there is no confusion matrix to plot")
+            raise FastevalValueError("fasteval.EvaluationReport.plot_confusion_matrix: this evaluation kept "
+                                     "per-class counts only "
+                                     "(full_confusion=False); there is no confusion matrix to plot")
         c = cm.shape[0]
         data = cm.double()
         if normalize:
@@ -179,8 +183,8 @@ def _split_batch(batch):
                        ("image", "label")):
             if xk in batch and yk in batch:
                 return batch[xk], batch[yk]
-    raise TypeError("evaluate: each batch must be an (inputs, targets) tuple or list, or a dict with "
-                    "('input', 'target') or ('input_ids', 'labels') keys")
+    raise FastevalTypeError("fasteval.evaluate: each batch must be an (inputs, targets) tuple or list, or a dict with "
+                            "('input', 'target') or ('input_ids', 'labels') keys")
 
 
 def _to(x, device):
@@ -238,12 +242,22 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device=Non
         >>> report.metrics["count"]
         16
     """
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    ev = ClassificationEvaluator(num_classes, top_k=top_k, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                 calibration_bins=calibration_bins, device=device)
+    name = "fasteval.evaluate"
+    try:
+        if not isinstance(model, nn.Module):
+            raise FastevalTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if device is None:
+            p = next(iter(model.parameters()), None)
+            device = p.device if p is not None else torch.device("cpu")
+        device = _validate.device(device)
+        if device.type == "meta":
+            raise FastevalValueError("the report needs the values of the data, which meta tensors do not have")
+        if amp_dtype is not None and not isinstance(amp_dtype, torch.dtype):
+            raise FastevalTypeError(f"amp_dtype must be a torch.dtype or None, got {amp_dtype!r}")
+        ev = ClassificationEvaluator(num_classes, top_k=top_k, ignore_index=ignore_index,
+                                     label_smoothing=label_smoothing, calibration_bins=calibration_bins, device=device)
+    except (ValueError, TypeError, IndexError) as e:
+        reraise(e, name)
     was_training = model.training
     model.eval()
     bar = _progress(loader, progress)
@@ -253,8 +267,11 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device=Non
         with torch.inference_mode(), autocast:
             for batch in loader:
                 inputs, target = _split_batch(batch)
-                logits = model(_to(inputs, device))
-                ev.update(logits, _to(target, device))
+                logits = model(_to(inputs, device))  # the model's own errors pass unchanged
+                try:
+                    ev.update(logits, _to(target, device))
+                except (ValueError, TypeError, IndexError) as e:
+                    reraise(e, name)
                 if bar is not None:
                     bar.update(1)
                     now = time.monotonic()
@@ -268,6 +285,9 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device=Non
         if bar is not None:
             bar.close()
         model.train(was_training)
-    if distributed:
-        ev.sync()
-    return EvaluationReport.from_evaluator(ev, target_names=target_names, digits=digits)
+    try:
+        if distributed:
+            ev.sync()
+        return EvaluationReport.from_evaluator(ev, target_names=target_names, digits=digits)
+    except (ValueError, TypeError, IndexError) as e:
+        reraise(e, name)

@@ -8,12 +8,16 @@ copy; ``sync`` sums it over processes with one ``all_reduce``.
 from __future__ import annotations
 
 import math
+import operator
+import threading
+from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, _validate
+from .errors import FastevalIndexError, FastevalTypeError, FastevalValueError, public, reraise
 
 __all__ = ["ClassificationEvaluator"]
 
@@ -24,6 +28,20 @@ FULL_CONFUSION_MAX_CLASSES = 1024
 _STATE_NAMES = ("loss_sum", "confmat", "topk_hits", "calib_count", "calib_conf", "calib_correct", "count")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_NAME = "fasteval.ClassificationEvaluator"
+_UPDATE = _NAME + ".update"
+_is_compiling = torch.compiler.is_compiling
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss) for a mean cross-entropy: NaN for a NaN loss (or no samples), inf only where exp overflows
+    float64 (loss above about 709.78)."""
+    if math.isnan(loss):
+        return math.nan
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 class ClassificationEvaluator:
@@ -60,23 +78,42 @@ class ClassificationEvaluator:
         [[1, 1, 0], [0, 0, 0], [0, 0, 1]]
     """
 
+    @public(_NAME)
     def __init__(self, num_classes: int, *, top_k: Sequence[int] = (1, 5), ignore_index: Optional[int] = None,
                  label_smoothing: float = 0.0, calibration_bins: int = 15,
                  device: Optional[Union[str, torch.device]] = None, full_confusion: Optional[bool] = None) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"ClassificationEvaluator: num_classes must be a positive int, got {num_classes!r}")
-        top_k = tuple(int(k) for k in top_k)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+            raise FastevalTypeError(f"num_classes must be a positive int, got {num_classes!r}")
+        if num_classes < 1:
+            raise FastevalValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if isinstance(top_k, (str, bytes)) or not hasattr(top_k, "__iter__"):
+            raise FastevalTypeError(f"top_k must be a sequence of ints, got {top_k!r}")
+        top_k = tuple(top_k)
+        if any(isinstance(k, (bool, float)) or not hasattr(k, "__index__") for k in top_k):
+            raise FastevalTypeError(f"every top_k must be an int, got {top_k}")
+        top_k = tuple(operator.index(k) for k in top_k)
         if any(k < 1 for k in top_k):
-            raise ValueError(f"ClassificationEvaluator: every top_k must be >= 1, got {top_k}")
+            raise FastevalValueError(f"every top_k must be >= 1, got {top_k}")
         if len(set(top_k)) != len(top_k):
-            raise ValueError(f"ClassificationEvaluator: top_k has duplicates: {top_k}")
+            raise FastevalValueError(f"top_k has duplicates: {top_k}")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+            raise FastevalTypeError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
         if not 0.0 <= float(label_smoothing) <= 1.0:
-            raise ValueError(f"ClassificationEvaluator: label_smoothing must be in [0, 1], got {label_smoothing}")
-        if isinstance(calibration_bins, bool) or not isinstance(calibration_bins, int) or calibration_bins < 1:
-            raise ValueError(f"ClassificationEvaluator: calibration_bins must be a positive int, got {calibration_bins!r}")
-        if ignore_index is not None and 0 <= int(ignore_index) < num_classes:
-            raise ValueError(f"ClassificationEvaluator: ignore_index={ignore_index} is a valid class index for "
-                             f"{num_classes} classes; use a value outside [0, {num_classes})")
+            raise FastevalValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        if isinstance(calibration_bins, bool) or not isinstance(calibration_bins, int):
+            raise FastevalTypeError(f"calibration_bins must be a positive int, got {calibration_bins!r}")
+        if calibration_bins < 1:
+            raise FastevalValueError(f"calibration_bins must be a positive int, got {calibration_bins!r}")
+        ignore_index = _validate.ignore_index(ignore_index)
+        if ignore_index is not None and 0 <= ignore_index < num_classes:
+            raise FastevalValueError(f"ignore_index={ignore_index} is a valid class index for {num_classes} classes; "
+                                     f"use a value outside [0, {num_classes})")
+        if full_confusion is not None and not isinstance(full_confusion, bool):
+            raise FastevalTypeError(f"full_confusion must be None, True or False, got {full_confusion!r}")
+        # Serialises update / compute / merge / reset / state_dict / load_state_dict / sync / to, so that
+        # several threads can feed one evaluator without losing updates (the in-place adds of the op are
+        # read-modify-write) and every reader sees the state between two whole updates.
+        self._lock = threading.Lock()
         self.num_classes = num_classes
         self.top_k = top_k
         self.ignore_index = ignore_index
@@ -84,7 +121,7 @@ class ClassificationEvaluator:
         self.calibration_bins = calibration_bins
         self.full_confusion = (num_classes <= FULL_CONFUSION_MAX_CLASSES) if full_confusion is None \
             else bool(full_confusion)
-        dev = torch.device(device) if device is not None else torch.device("cpu")
+        dev = _validate.device(device) if device is not None else torch.device("cpu")
         c, b = num_classes, calibration_bins
         i64, f64 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.float64, device=dev)
         self.loss_sum = torch.zeros(1, **f64)
@@ -111,47 +148,136 @@ class ClassificationEvaluator:
                     label_smoothing=self.label_smoothing, calibration_bins=self.calibration_bins,
                     full_confusion=self.full_confusion)
 
+    def __getstate__(self) -> dict:  # copy / deepcopy / pickle: a lock is not copyable
+        with self._lock:
+            state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @public(_NAME + ".reset")
     def reset(self) -> "ClassificationEvaluator":
         """Zeroes the state in place (tensor addresses are kept, so captured CUDA graphs stay valid)."""
-        for t in self._states():
-            t.zero_()
+        with self._lock:
+            for t in self._states():
+                t.zero_()
         return self
 
+    @public(_NAME + ".to")
     def to(self, device: Union[str, torch.device]) -> "ClassificationEvaluator":
         """Moves the state to ``device``; returns self."""
-        for n in _STATE_NAMES + ("calib_boundaries",):
-            setattr(self, n, getattr(self, n).to(device))
+        device = _validate.device(device)
+        with self._lock:
+            moved = {n: getattr(self, n).to(device) for n in _STATE_NAMES + ("calib_boundaries",)}
+            for n, t in moved.items():
+                setattr(self, n, t)
         return self
 
+    @public(_NAME + ".state_dict")
     def state_dict(self) -> Dict[str, object]:
         """The configuration and copies of the state tensors."""
         out: Dict[str, object] = {"config": self._config()}
-        for n in _STATE_NAMES:
-            out[n] = getattr(self, n).detach().clone()
+        with self._lock:
+            for n in _STATE_NAMES:
+                out[n] = getattr(self, n).detach().clone()
         return out
 
+    @public(_NAME + ".load_state_dict")
     def load_state_dict(self, state: Dict[str, object]) -> "ClassificationEvaluator":
-        """Copies a :meth:`state_dict` into this evaluator's state (in place; same configuration required)."""
-        if state.get("config") != self._config():
-            raise ValueError(f"load_state_dict: configuration {state.get('config')} does not match this "
-                             f"evaluator's {self._config()}")
+        """Copies a :meth:`state_dict` into this evaluator's state (in place; same configuration required).
+
+        The state is checked before anything is copied: every key present, shapes and dtypes as this
+        evaluator's, and the counts consistent with what updates can produce (no negative count, the
+        confusion counts, top-k hits and calibration bins within the number of samples, top-k hits not
+        decreasing with k, every bin's correct count and confidence sum within its count, a loss sum that
+        is not negative). A state that breaks any of these raises ``FastevalValueError`` and leaves the
+        evaluator unchanged.
+        """
+        if not isinstance(state, Mapping):
+            raise FastevalTypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = [k for k in ("config",) + _STATE_NAMES if k not in state]
+        if missing:
+            raise FastevalValueError(f"the state is missing the key(s) {missing}")
+        if state["config"] != self._config():
+            raise FastevalValueError(f"configuration {state['config']} does not match this evaluator's "
+                                     f"{self._config()}")
         for n in _STATE_NAMES:
             src, dst = state[n], getattr(self, n)
             if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
-                raise ValueError(f"load_state_dict: {n} must be a {dst.dtype} tensor of shape {tuple(dst.shape)}")
-        for n in _STATE_NAMES:
-            getattr(self, n).copy_(state[n])
+                got = f"{src.dtype} {tuple(src.shape)}" if isinstance(src, Tensor) else type(src).__name__
+                raise FastevalValueError(f"{n} must be a {dst.dtype} tensor of shape {tuple(dst.shape)}, got {got}")
+        if not _validate.is_meta(*(state[n] for n in _STATE_NAMES)):
+            self._check_counts({n: state[n].detach().to("cpu") for n in _STATE_NAMES})
+        with self._lock:
+            for n in _STATE_NAMES:
+                getattr(self, n).copy_(state[n])
         return self
 
+    def _check_counts(self, st: Dict[str, Tensor]) -> None:
+        """Raises unless the (CPU) state tensors are counts that updates could have produced."""
+        n = int(st["count"][0])
+        for name in ("confmat", "topk_hits", "calib_count", "calib_correct", "count"):
+            if bool((st[name] < 0).any()):
+                shown = st[name].tolist() if st[name].numel() < 20 else "(too many to show)"
+                raise FastevalValueError(f"{name} has negative counts: {shown}")
+        cm = st["confmat"]
+        if self.full_confusion:
+            tp_sum = int(cm.diagonal().sum())
+            if int(cm.sum()) != n:
+                raise FastevalValueError(f"the confusion matrix holds {int(cm.sum())} samples but count[0] is {n}")
+        else:
+            tp, pred, true = cm[0], cm[1], cm[2]
+            tp_sum = int(tp.sum())
+            if int(pred.sum()) != n or int(true.sum()) != n:
+                raise FastevalValueError(f"the per-class counts hold {int(pred.sum())} predictions and "
+                                         f"{int(true.sum())} targets but count[0] is {n}")
+            if bool((tp > torch.minimum(pred, true)).any()):
+                raise FastevalValueError("a class has more true positives than predictions or targets")
+        hits = st["topk_hits"]
+        if hits.numel():
+            if int(hits.max()) > n:
+                raise FastevalValueError(f"topk_hits {hits.tolist()} exceed the sample count {n}")
+            order = sorted(range(len(self.top_k)), key=lambda i: self.top_k[i])
+            h = [int(hits[i]) for i in order]
+            if any(a > b for a, b in zip(h, h[1:])):
+                raise FastevalValueError(f"topk_hits {hits.tolist()} decrease with k (top_k={self.top_k})")
+        cc, conf, corr = st["calib_count"], st["calib_conf"], st["calib_correct"]
+        if int(cc.sum()) > n:
+            raise FastevalValueError(f"the calibration bins hold {int(cc.sum())} samples but count[0] is {n}")
+        if bool((corr > cc).any()) or int(corr.sum()) > tp_sum:
+            raise FastevalValueError("a calibration bin has more correct predictions than samples, or the bins "
+                                     "more correct predictions than the confusion counts")
+        # Each confidence is in (0, 1]: a bin's sum lies in [0, count] (float32 / float64 sums of values
+        # <= 1 stay <= count up to rounding, hence the small slack).
+        if bool(torch.isnan(conf).any()) or bool((conf < 0).any()) or \
+                bool((conf > cc.to(conf.dtype) * (1 + 1e-6) + 1e-6).any()):
+            raise FastevalValueError("calib_conf must hold each bin's confidence sum, in [0, the bin's count]")
+        loss = float(st["loss_sum"][0])
+        if loss < 0:  # NaN (NaN logits) and inf (infinite logits) are states updates can produce
+            raise FastevalValueError(f"loss_sum is negative ({loss}); a cross-entropy sum is >= 0")
+
+    @public(_NAME + ".merge")
     def merge(self, other: "ClassificationEvaluator") -> "ClassificationEvaluator":
         """Adds ``other``'s state to this one (as if this evaluator had seen ``other``'s batches too)."""
         if not isinstance(other, ClassificationEvaluator) or other._config() != self._config():
-            raise ValueError("merge: the other evaluator must be a ClassificationEvaluator with the same "
-                             "configuration")
-        for a, b in zip(self._states(), other._states()):
-            a.add_(b.to(a.device))
+            raise FastevalValueError("the other evaluator must be a ClassificationEvaluator with the same "
+                                     "configuration")
+        if other is self:
+            with self._lock:
+                for a in self._states():
+                    a.add_(a.clone())
+            return self
+        # Both locks, always in the same order (two threads merging a into b and b into a do not deadlock).
+        first, second = (self, other) if id(self) < id(other) else (other, self)
+        with first._lock, second._lock:
+            for a, b in zip(self._states(), other._states()):
+                a.add_(b.to(a.device))
         return self
 
+    @public(_NAME + ".sync")
     def sync(self, group=None) -> "ClassificationEvaluator":
         """Sums the state over the processes of ``group`` (default: the default process group), in place.
 
@@ -163,15 +289,16 @@ class ClassificationEvaluator:
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("sync: torch.distributed is not initialised (call init_process_group first)")
-        states = self._states()
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in states])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        offset = 0
-        for t in states:
-            chunk = flat[offset:offset + t.numel()].view(t.shape)
-            t.copy_(chunk if t.is_floating_point() else chunk.round())
-            offset += t.numel()
+            raise FastevalValueError("torch.distributed is not initialised (call init_process_group first)")
+        with self._lock:
+            states = self._states()
+            flat = torch.cat([t.reshape(-1).to(torch.float64) for t in states])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            offset = 0
+            for t in states:
+                chunk = flat[offset:offset + t.numel()].view(t.shape)
+                t.copy_(chunk if t.is_floating_point() else chunk.round())
+                offset += t.numel()
         return self
 
     # ------------------------------------------------------------------------------------------------
@@ -182,17 +309,18 @@ class ClassificationEvaluator:
         (N, C) / (N,) or (N, C, S) / (N, S) views."""
         c = self.num_classes
         if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
-            raise TypeError("update: logits and target must be tensors")
+            raise FastevalTypeError("logits and target must be tensors")
         if logits.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"update: logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+            raise FastevalTypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
         if target.dtype not in _INT_DTYPES:
-            raise TypeError(f"update: target must hold integer class indices, got {target.dtype}")
+            raise FastevalTypeError(f"target must hold integer class indices (int64, int32, int16, int8 or uint8), "
+                                    f"got {target.dtype}")
         if logits.device != self.device or target.device != self.device:
-            raise ValueError(f"update: logits ({logits.device}) and target ({target.device}) must be on the "
-                             f"evaluator's device ({self.device}); use .to(device)")
+            raise FastevalValueError(f"logits ({logits.device}) and target ({target.device}) must be on the "
+                                     f"evaluator's device ({self.device}); use .to(device)")
         shape, tshape = tuple(logits.shape), tuple(target.shape)
         if logits.dim() < 2:
-            raise ValueError(f"update: logits must have shape (N, C), (N, C, d1, ...) or (..., C), got {shape}")
+            raise FastevalValueError(f"logits must have shape (N, C), (N, C, d1, ...) or (..., C), got {shape}")
         if target.dtype not in (torch.int64, torch.int32):
             target = target.long()
         dim1 = shape[1] == c and tshape == (shape[0],) + shape[2:]
@@ -205,42 +333,69 @@ class ClassificationEvaluator:
         if last:
             return logits.reshape(-1, c), target.reshape(-1)
         if shape[1] != c and shape[-1] != c:
-            raise ValueError(f"update: logits of shape {shape} have no class dimension of size "
-                             f"num_classes={c} (expected it at dim 1 or last)")
-        raise ValueError(f"update: target of shape {tshape} does not match logits of shape {shape}: expected "
-                         f"{(shape[0],) + shape[2:] if shape[1] == c else shape[:-1]}")
+            raise FastevalValueError(f"logits of shape {shape} have no class dimension of size "
+                                     f"num_classes={c} (expected it at dim 1 or last)")
+        raise FastevalValueError(f"target of shape {tshape} does not match logits of shape {shape}: expected "
+                                 f"{(shape[0],) + shape[2:] if shape[1] == c else shape[:-1]}")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         """Adds a batch. Bad shapes, dtypes or devices raise before anything changes; so does a target
         outside [0, C) on CPU (IndexError). On CUDA, where that check would need a host sync, such a
-        batch is rejected on the device and :meth:`compute` raises."""
-        x, t = self._prepare(logits, target)
-        ignore = int(self.ignore_index) if self.ignore_index is not None else None
-        _ops.eval_update(x.detach(), t, self.calib_boundaries, ignore, self.label_smoothing, list(self.top_k),
-                         not self.full_confusion, self.loss_sum, self.confmat, self.topk_hits, self.calib_count,
-                         self.calib_conf, self.calib_correct, self.count)
+        batch is rejected on the device and :meth:`compute` raises.
+
+        Thread-safe: updates from several threads are serialised by a lock (none is lost), and
+        :meth:`compute`, :meth:`merge`, :meth:`reset`, :meth:`state_dict`, :meth:`load_state_dict`,
+        :meth:`sync` and :meth:`to` see the state between two whole updates. While tracing with
+        ``torch.compile`` the lock is left out (a compiled graph cannot hold a Python lock).
+        Works on meta tensors (shapes only)."""
+        try:
+            x, t = self._prepare(logits, target)
+            x = x.detach()
+            if _is_compiling():
+                _ops.eval_update(x, t, self.calib_boundaries, self.ignore_index, self.label_smoothing, list(self.top_k),
+                                 not self.full_confusion, self.loss_sum, self.confmat, self.topk_hits,
+                                 self.calib_count, self.calib_conf, self.calib_correct, self.count)
+                return
+            lock = self._lock
+            lock.acquire()  # acquire / release: cheaper than a with statement on this per-batch path
+            try:
+                _ops.eval_update(x, t, self.calib_boundaries, self.ignore_index, self.label_smoothing, list(self.top_k),
+                                 not self.full_confusion, self.loss_sum, self.confmat, self.topk_hits,
+                                 self.calib_count, self.calib_conf, self.calib_correct, self.count)
+            finally:
+                lock.release()
+        except (ValueError, TypeError, IndexError) as e:
+            reraise(e, _UPDATE)
 
     __call__ = update
 
     # ------------------------------------------------------------------------------------------------
     # compute
     # ------------------------------------------------------------------------------------------------
+    @public(_NAME + ".compute")
     def compute(self) -> Dict[str, object]:
         """Every metric from the running state (one device-to-host copy; exact float64 arithmetic).
 
-        Returns a dict: ``loss`` (mean cross-entropy), ``perplexity``, ``accuracy``, ``top{k}_accuracy``,
+        Returns a dict: ``loss`` (mean cross-entropy), ``perplexity`` (``exp(loss)``: NaN when the loss is
+        NaN, inf only where exp overflows), ``accuracy``, ``top{k}_accuracy``,
         ``precision_{micro,macro,weighted}``, ``recall_*``, ``f1_*``, per-class ``precision``,
         ``recall``, ``f1`` (float64 tensors) and ``support`` (int64), ``confusion_matrix`` ((C, C) int64,
         None in per-class-counts mode), ``class_counts`` (per-class ``tp`` / ``predicted`` / ``target``),
         ``ece``, ``calibration`` (the bins) and ``count``. Precision / recall / F1 come from
-        :mod:`fasteval.metrics` on the accumulated counts. Precision / recall / F1 follow
-        scikit-learn's ``precision_recall_fscore_support(labels=range(C), zero_division=0)``.
+        :mod:`fasteval.metrics` on the accumulated counts and follow scikit-learn's
+        ``precision_recall_fscore_support(labels=range(C), zero_division=0)``.
+
+        With no samples: ``loss``, ``perplexity``, ``accuracy``, the top-k accuracies and ``ece`` are NaN,
+        precision / recall / F1 are 0 (``zero_division=0``), ``count`` is 0. An evaluator on the meta
+        device has no values to compute: it raises.
         """
-        host = [t.detach().to("cpu") for t in self._states()]
+        _validate.no_meta("compute()", self.count)
+        with self._lock:
+            host = [t.detach().to("cpu") for t in self._states()]
         loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count = host
         if int(count[1]) > 0:
-            raise IndexError(f"ClassificationEvaluator: {int(count[1])} target(s) outside [0, {self.num_classes}) "
-                             f"(and not ignore_index={self.ignore_index}) were seen; their batches were not counted")
+            raise FastevalIndexError(f"{int(count[1])} target(s) outside [0, {self.num_classes}) (and not "
+                                     f"ignore_index={self.ignore_index}) were seen; their batches were not counted")
         n = int(count[0])
         if self.full_confusion:
             tp = confmat.diagonal()
@@ -251,7 +406,7 @@ class ClassificationEvaluator:
         loss = float(loss_sum[0]) / n if n else nan
         out: Dict[str, object] = {
             "loss": loss,
-            "perplexity": math.exp(loss) if n and loss < 709.0 else (math.inf if n else nan),
+            "perplexity": perplexity(loss),
             "accuracy": int(tp.sum()) / n if n else nan,
         }
         for k, h in zip(self.top_k, topk_hits.tolist()):

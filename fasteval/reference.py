@@ -19,6 +19,15 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _not_ignored(target: Tensor, ignore_index: int) -> Tensor:
+    """``target != ignore_index`` compared as integers: an ignore_index outside the range of target's dtype
+    matches nothing (``!=`` alone would cast it into the dtype, so that 2**32 + 1 matched 1 in int32)."""
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
 def _under_vmap(t: Tensor) -> bool:
     """Whether ``t`` is batched by torch.func.vmap (possibly under other functorch levels)."""
     functorch = torch._C._functorch
@@ -31,9 +40,10 @@ def _under_vmap(t: Tensor) -> bool:
 
 def _check_targets(target: Tensor, valid: Tensor, num_classes: int, ignore_index: Optional[int], op: str,
                    note: str = "") -> None:
-    # A data-dependent check: skipped while tracing with torch.compile, and under torch.func.vmap over
-    # the targets (which has no data-dependent control flow; an out-of-range target then fails the gather).
-    if torch.compiler.is_compiling() or _under_vmap(target):
+    # A data-dependent check: skipped while tracing with torch.compile, on meta tensors (no data), and under
+    # torch.func.vmap over the targets (which has no data-dependent control flow; an out-of-range target then
+    # fails the gather).
+    if torch.compiler.is_compiling() or target.device.type == "meta" or _under_vmap(target):
         return
     bad = valid & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
@@ -102,7 +112,7 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
                            "detach it")
     n, c = logits.shape
     x = logits.to(_compute_dtype(logits))
-    valid = target != ignore_index
+    valid = _not_ignored(target, ignore_index)
     _check_targets(target, valid, c, ignore_index, op)
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if c == 0:  # every row is ignored (a counted row raised above): no classes to gather from
@@ -158,7 +168,7 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
     if not grad_loss.device == lse.device == total_weight.device == logits.device:
         raise ValueError(f"{op}: grad_loss, lse, total_weight and logits must be on the same device")
     x = logits.to(_compute_dtype(logits))
-    valid = target != ignore_index
+    valid = _not_ignored(target, ignore_index)
     _check_targets(target, valid, c, ignore_index, op)
     if c == 0:
         return torch.zeros_like(logits)

@@ -436,3 +436,36 @@ def test_fallback_env_runs_reference():
         assert not _loader.has_kernel("confusion_matrix", "cpu")
     else:
         assert fasteval.backend() in ("compiled", "reference")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("tdtype, ignore", [(torch.int32, 2 ** 32 + 1), (torch.int32, -(2 ** 32) + 1),
+                                            (torch.uint8, 257), (torch.uint8, -255)], ids=str)
+def test_ignore_index_beyond_the_target_dtype_ignores_nothing_anywhere(tdtype, ignore):
+    """Compared as integers, never cast into the target's dtype (where 2**32 + 1, 257, -255 would be 1)."""
+    from fasteval import metrics as M
+
+    g = gen(40)
+    x = torch.randn(60, 3, generator=g)
+    t = torch.randint(0, 3, (60,), generator=g)
+    td = t.to(tdtype)
+    assert torch.equal(fasteval.confusion_matrix(x, td, 3, ignore_index=ignore), fasteval.confusion_matrix(x, t, 3))
+    for a, b in zip(fasteval.class_counts(x, td, 3, ignore_index=ignore), fasteval.class_counts(x, t, 3)):
+        assert torch.equal(a, b)
+    assert torch.equal(M.f1_score(x, td, 3, ignore_index=ignore), M.f1_score(x, t, 3))
+    assert torch.equal(M.top_k_accuracy(x, td, 3, k=2, ignore_index=ignore), M.top_k_accuracy(x, t, 3, k=2))
+    assert torch.equal(M.accuracy(x, td, 3, top_k=2, ignore_index=ignore), M.accuracy(x, t, 3, top_k=2))
+    b = (t == 1).to(tdtype)
+    p = torch.sigmoid(x[:, 1])
+    assert torch.equal(fasteval.binary_confusion_matrix(p, b, ignore_index=ignore),
+                       fasteval.binary_confusion_matrix(p, b))
+    assert torch.equal(fasteval.binned_confusion_matrix(x, td, 5, ignore_index=ignore),
+                       fasteval.binned_confusion_matrix(x, t, 5))
+    for kw in ({}, {"thresholds": 7}):
+        assert torch.equal(M.binary_auroc(p, b, ignore_index=ignore, **kw), M.binary_auroc(p, b, **kw))
+    for dtype in (torch.float32, torch.float64):
+        e1, e2 = (fasteval.ClassificationEvaluator(3, top_k=(1, 2), ignore_index=ignore),
+                  fasteval.ClassificationEvaluator(3, top_k=(1, 2)))
+        e1.update(x.to(dtype), td)
+        e2.update(x.to(dtype), t)
+        assert torch.equal(e1.confmat, e2.confmat) and torch.equal(e1.count, e2.count)

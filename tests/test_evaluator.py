@@ -416,3 +416,236 @@ def test_kernel_property(n, c, eps, dtype, seed, counts_only, ties):
     t = torch.randint(0, c, (n,), generator=g)
     t[torch.rand(n, generator=g) < 0.1] = -100
     assert_states_close(*run_both(x, t, eps, counts_only, top_k=(1, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Perplexity, empty state, threads, state validation.
+
+def test_perplexity_of_a_nan_loss_is_nan():
+    ev = ClassificationEvaluator(3, top_k=(1,))
+    ev.update(torch.tensor([[0.0, math.nan, 1.0], [1.0, 2.0, 3.0]]), torch.tensor([0, 1]))
+    m = ev.compute()
+    assert math.isnan(m["loss"]) and math.isnan(m["perplexity"])
+    from fasteval.evaluation import EvaluationReport
+    assert "nan" in str(EvaluationReport.from_evaluator(ev))
+
+
+@pytest.mark.parametrize("gap, finite", [(700.0, True), (709.0, True), (709.5, True), (710.0, False),
+                                         (5000.0, False)])
+def test_perplexity_overflows_only_where_exp_does(gap, finite):
+    """exp(loss) is finite up to about 709.78: inf only beyond (the former guard gave inf from 709 on)."""
+    ev = ClassificationEvaluator(2, top_k=(1,))
+    ev.update(torch.tensor([[0.0, gap]], dtype=torch.float64), torch.tensor([0]))
+    m = ev.compute()
+    assert m["loss"] == pytest.approx(gap, rel=1e-12)
+    if finite:
+        assert m["perplexity"] == pytest.approx(math.exp(gap), rel=1e-12)
+    else:
+        assert m["perplexity"] == math.inf
+
+
+def test_perplexity_helper():
+    from fasteval.evaluator import perplexity
+    assert perplexity(math.inf) == math.inf and math.isnan(perplexity(math.nan))
+    assert perplexity(0.0) == 1.0 and perplexity(709.78) == math.exp(709.78) and perplexity(709.79) == math.inf
+
+
+def test_empty_evaluator_compute():
+    for full in (True, False):
+        m = ClassificationEvaluator(4, top_k=(1, 2), full_confusion=full).compute()
+        assert m["count"] == 0
+        for key in ("loss", "perplexity", "accuracy", "top1_accuracy", "top2_accuracy", "ece"):
+            assert math.isnan(m[key]), key
+        for avg in ("micro", "macro", "weighted"):
+            for name in ("precision", "recall", "f1"):
+                assert m[f"{name}_{avg}"] == 0.0  # zero_division=0, as documented
+        assert m["support"].tolist() == [0, 0, 0, 0]
+        assert (m["confusion_matrix"] is None) != full
+
+
+def _feed(ev, data):
+    for x, t in data:
+        ev.update(x, t)
+
+
+def test_updates_from_many_threads_are_all_counted():
+    import threading
+
+    c = 10
+    data = batches(400, c, seed=31, sizes=[32] * 400)
+    want = ClassificationEvaluator(c, top_k=(1, 3))
+    _feed(want, data)
+    want = want.state_dict()
+    for n_threads in (4, 8):
+        for _ in range(3):
+            ev = ClassificationEvaluator(c, top_k=(1, 3))
+            snapshots = []
+            stop = threading.Event()
+
+            def reader():  # compute() / state_dict() while updates run: always a state between updates
+                while not stop.is_set():
+                    st = ev.state_dict()
+                    snapshots.append((int(st["count"][0]), int(st["confmat"].sum()), int(st["calib_count"].sum()),
+                                      int(st["topk_hits"][1])))
+                    ev.compute()
+
+            threads = [threading.Thread(target=_feed, args=(ev, data[i::n_threads])) for i in range(n_threads)]
+            r = threading.Thread(target=reader)
+            r.start()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            stop.set()
+            r.join()
+            got = ev.state_dict()
+            for name in ("confmat", "topk_hits", "calib_count", "calib_correct", "count"):
+                assert torch.equal(got[name], want[name]), name
+            torch.testing.assert_close(got["loss_sum"], want["loss_sum"], rtol=1e-12, atol=0)
+            torch.testing.assert_close(got["calib_conf"], want["calib_conf"], rtol=1e-12, atol=1e-9)
+            assert snapshots and all(n == cm == cc and hits <= n for n, cm, cc, hits in snapshots)
+
+
+def test_merge_and_reset_from_threads_keep_the_state_whole():
+    import threading
+
+    c = 5
+    data = batches(200, c, seed=32, sizes=[16] * 200)
+    a, b = ClassificationEvaluator(c, top_k=(1,)), ClassificationEvaluator(c, top_k=(1,))
+    _feed(b, data[:20])
+    merges = 50
+    threads = [threading.Thread(target=_feed, args=(a, data[i::4])) for i in range(4)]
+    threads.append(threading.Thread(target=lambda: [a.merge(b) for _ in range(merges)]))
+    threads.append(threading.Thread(target=lambda: [b.merge(a.__class__(c, top_k=(1,))) for _ in range(merges)]))
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    expected = ClassificationEvaluator(c, top_k=(1,))
+    _feed(expected, data)
+    for _ in range(merges):
+        expected.merge(b)
+    assert torch.equal(a.confmat, expected.confmat) and torch.equal(a.count, expected.count)
+    # reset racing with updates: afterwards the state is that of whole updates (consistent counts)
+    t_reset = threading.Thread(target=lambda: [a.reset() for _ in range(20)])
+    t_upd = threading.Thread(target=_feed, args=(a, data))
+    t_reset.start()
+    t_upd.start()
+    t_reset.join()
+    t_upd.join()
+    st = a.state_dict()
+    assert int(st["confmat"].sum()) == int(st["count"][0]) == int(st["calib_count"].sum())
+
+
+def test_evaluator_can_be_copied_and_pickled():
+    import copy
+    import pickle
+
+    ev = ClassificationEvaluator(4, top_k=(1, 2))
+    _feed(ev, batches(3, 4, seed=33))
+    for clone in (copy.deepcopy(ev), pickle.loads(pickle.dumps(ev))):
+        assert torch.equal(clone.confmat, ev.confmat)
+        _feed(clone, batches(2, 4, seed=34))  # has its own lock and state
+        assert int(clone.count[0]) > int(ev.count[0])
+
+
+def _valid_state(full=True):
+    ev = ClassificationEvaluator(4, top_k=(1, 2), full_confusion=full)
+    _feed(ev, batches(5, 4, seed=35))
+    return ev.state_dict()
+
+
+def _breaks(full=True):
+    """(name, change to a valid state) pairs that no sequence of updates can produce."""
+    def neg_count(s): s["count"][0] = -5
+    def more_count(s): s["count"][0] += 1
+    def neg_confmat(s): s["confmat"].view(-1)[0] -= 1000
+    def hits_above_count(s): s["topk_hits"][1] = s["count"][0] + 1
+    def hits_decrease(s): s["topk_hits"][0] = s["topk_hits"][1] + 1
+    def calib_over(s): s["calib_count"][3] += int(s["count"][0]) + 1
+    def correct_over_bin(s): s["calib_correct"][0] = s["calib_count"][0] + 1
+    def conf_nan(s): s["calib_conf"][1] = math.nan
+    def conf_over(s): s["calib_conf"][2] = float(s["calib_count"][2]) + 5
+    def neg_loss(s): s["loss_sum"][0] = -1.0
+    out = [neg_count, more_count, neg_confmat, hits_above_count, hits_decrease, calib_over, correct_over_bin,
+           conf_nan, conf_over, neg_loss]
+    if not full:
+        def tp_over(s): s["confmat"][0, 0] = s["confmat"][1, 0] + 1
+        out.append(tp_over)
+    return out
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_load_state_dict_refuses_impossible_states(full):
+    good = _valid_state(full)
+    ClassificationEvaluator(4, top_k=(1, 2), full_confusion=full).load_state_dict(good)  # round trip works
+    for change in _breaks(full):
+        st = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in good.items()}
+        change(st)
+        ev = ClassificationEvaluator(4, top_k=(1, 2), full_confusion=full)
+        with pytest.raises(ValueError, match="load_state_dict") as e:
+            ev.load_state_dict(st)
+        assert isinstance(e.value, RuntimeError), change.__name__
+        assert int(ev.count.sum()) == 0 and int(ev.confmat.sum()) == 0, change.__name__  # unchanged
+
+
+def test_load_state_dict_accuracy_example_from_the_report():
+    st = _valid_state()
+    st["count"][0] = -10  # accuracy -1.2 before
+    with pytest.raises(ValueError, match="negative"):
+        ClassificationEvaluator(4, top_k=(1, 2)).load_state_dict(st)
+
+
+def test_load_state_dict_bad_containers():
+    ev = ClassificationEvaluator(4, top_k=(1, 2))
+    for bad in (None, [1, 2], "state", 3):
+        with pytest.raises(TypeError, match="fasteval.ClassificationEvaluator.load_state_dict: state must be a dict"):
+            ev.load_state_dict(bad)
+    st = _valid_state()
+    del st["topk_hits"]
+    with pytest.raises(RuntimeError, match="missing the key"):  # torch's load_state_dict raises RuntimeError too
+        ev.load_state_dict(st)
+    st = _valid_state()
+    st["confmat"] = st["confmat"].tolist()
+    with pytest.raises(ValueError, match="confmat must be a torch.int64 tensor"):
+        ev.load_state_dict(st)
+
+
+def test_load_state_dict_accepts_states_updates_produce():
+    """NaN / inf losses, merged states and states of ignored-only batches all load."""
+    ev = ClassificationEvaluator(3, top_k=(1, 5), ignore_index=-1)
+    ev.update(torch.tensor([[math.inf, 0.0, 1.0], [math.nan, 1.0, 2.0]]), torch.tensor([0, 1]))
+    ev.update(torch.randn(4, 3), torch.tensor([-1, -1, -1, -1]))
+    ev.merge(ev)
+    fresh = ClassificationEvaluator(3, top_k=(1, 5), ignore_index=-1)
+    fresh.load_state_dict(ev.state_dict())
+    assert torch.equal(fresh.count, ev.count)
+
+
+@pytest.mark.parametrize("ignore_index, err", [(-1.5, TypeError), (True, TypeError), ("x", TypeError),
+                                               (2 ** 63, ValueError), (-(2 ** 63) - 1, ValueError), (1, ValueError)])
+def test_constructor_refuses_bad_ignore_index(ignore_index, err):
+    with pytest.raises(err, match="ignore_index"):
+        ClassificationEvaluator(3, ignore_index=ignore_index)
+
+
+def test_constructor_refuses_truncation_and_accepts_integer_likes():
+    with pytest.raises(TypeError, match="top_k"):
+        ClassificationEvaluator(3, top_k=(1.5,))
+    with pytest.raises(TypeError, match="label_smoothing"):
+        ClassificationEvaluator(3, label_smoothing="0.1")
+    ev = ClassificationEvaluator(3, ignore_index=np.int64(-7))
+    assert ev.ignore_index == -7 and type(ev.ignore_index) is int
+    ev.update(torch.randn(3, 3), torch.tensor([0, -7, 2]))
+    assert ev.compute()["count"] == 2
+
+
+@pytest.mark.parametrize("tdtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=str)
+def test_small_integer_targets_count_as_int64(tdtype):
+    data = batches(4, 5, seed=36)
+    a, b = ClassificationEvaluator(5, top_k=(1, 2)), ClassificationEvaluator(5, top_k=(1, 2))
+    for x, t in data:
+        a.update(x, t)
+        b.update(x, t.to(tdtype))
+    assert torch.equal(a.confmat, b.confmat) and torch.equal(a.topk_hits, b.topk_hits)
+    torch.testing.assert_close(a.loss_sum, b.loss_sum)

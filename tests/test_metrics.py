@@ -292,3 +292,162 @@ def test_bad_arguments():
         M.classification_report(p, t, 3, target_names=["a"])
     with pytest.raises(IndexError):
         M.f1_score(torch.tensor([0, 5]), torch.tensor([0, 1]), 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the docstrings claim against scikit-learn / torchmetrics, on ties, empty input and absent classes.
+
+def _sklearn_topk_hits(s: np.ndarray, t: np.ndarray, k: int) -> np.ndarray:
+    """scikit-learn's own ranking line of top_k_accuracy_score (without its finiteness check)."""
+    sorted_pred = np.argsort(s, axis=1, kind="mergesort")[:, ::-1]
+    return (t == sorted_pred[:, :k].T).any(axis=0)
+
+
+@pytest.mark.parametrize("c", [3, 4, 7, 40])
+def test_top_k_accuracy_breaks_ties_as_sklearn(c):
+    g = gen(20 + c)
+    s = torch.randint(0, 3, (3000, c), generator=g).float()  # mostly ties
+    t = torch.randint(0, c, (3000,), generator=g)
+    for k in range(1, min(c, 6)):
+        want = sk.top_k_accuracy_score(t.numpy(), s.numpy(), k=k, labels=list(range(c)))
+        close(M.top_k_accuracy(s, t, c, k=k), want)
+        assert int(M.top_k_accuracy(s, t, c, k=k, normalize=False)) == \
+            sk.top_k_accuracy_score(t.numpy(), s.numpy(), k=k, labels=list(range(c)), normalize=False)
+        # accuracy(top_k=) keeps torch's stable-sort rule (ties to the lower index)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
+        torch_hits = (order[:, :k] == t[:, None]).any(1)
+        close(M.accuracy(s, t, c, top_k=k) if k > 1 else M.accuracy(s.argmax(1), t, c), torch_hits.double().mean())
+
+
+def test_top_k_accuracy_example_from_the_report():
+    s, y = torch.tensor([[1.0, 1.0, 1.0, 1.0]]), torch.tensor([3])
+    assert sk.top_k_accuracy_score(y.numpy(), s.numpy(), k=1, labels=range(4)) == 1.0
+    assert M.top_k_accuracy(s, y, 4, k=1).item() == 1.0
+    assert M.accuracy(s, y, 4).item() == 0.0  # argmax: the first maximal index
+    for k in (1, 2, 3):
+        assert M.top_k_accuracy(s, torch.tensor([0]), 4, k=k).item() == 0.0
+        assert M.accuracy(s, torch.tensor([0]), 4, top_k=k).item() == 1.0
+
+
+def test_top_k_accuracy_nan_follows_sklearns_ranking():
+    """scikit-learn rejects NaN; its argsort line ranks NaN above every number, higher index first among
+    NaNs, which is what fasteval does."""
+    g = gen(21)
+    s = torch.randint(0, 3, (2000, 5), generator=g).float()
+    s[torch.rand(2000, 5, generator=g) < 0.2] = math.nan
+    t = torch.randint(0, 5, (2000,), generator=g)
+    with pytest.raises(ValueError):
+        sk.top_k_accuracy_score(t.numpy(), s.numpy(), k=2, labels=list(range(5)))
+    for k in (1, 2, 3):
+        close(M.top_k_accuracy(s, t, 5, k=k), _sklearn_topk_hits(s.numpy(), t.numpy(), k).mean())
+
+
+def test_top_k_accuracy_chunks_rows(monkeypatch):
+    g = gen(22)
+    s = torch.randint(0, 4, (1001, 6), generator=g).float()
+    t = torch.randint(0, 6, (1001,), generator=g)
+    t[::9] = -1
+    want = M.top_k_accuracy(s, t, 6, k=2, ignore_index=-1)
+    monkeypatch.setattr(M, "_REVERSED_CHUNK_ELEMENTS", 6 * 7)  # 7 rows at a time
+    assert torch.equal(M.top_k_accuracy(s, t, 6, k=2, ignore_index=-1), want)
+    keep = (t != -1).numpy()
+    close(want, sk.top_k_accuracy_score(t.numpy()[keep], s.numpy()[keep], k=2, labels=list(range(6))))
+
+
+@pytest.mark.parametrize("k, c", [(1, 3), (2, 3), (3, 3), (4, 3), (5, 5)])
+def test_top_k_accuracy_warns_where_sklearn_warns(k, c):
+    s = torch.randn(20, c, generator=gen(23))
+    t = torch.randint(0, c, (20,), generator=gen(24))
+    with warnings.catch_warnings(record=True) as want:
+        warnings.simplefilter("always")
+        sk.top_k_accuracy_score(t.numpy(), s.numpy(), k=k, labels=list(range(c)))
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        M.top_k_accuracy(s, t, c, k=k)
+    assert [str(w.message) for w in got] == [str(w.message) for w in want]
+    assert all(w.category is M.UndefinedMetricWarning for w in got)
+    assert all(w.filename == __file__ for w in got)  # reported at the caller's line
+
+
+def test_top_k_accuracy_out_of_range_target_still_raises():
+    s = torch.randn(4, 3)
+    for bad in (3, -1, 2 ** 40):
+        with pytest.raises(IndexError, match=f"target {bad} is out of range"):
+            M.top_k_accuracy(s, torch.tensor([0, bad, 1, 2]), 3, k=2)
+    # an ignore_index inside [0, C) leaves those samples out without touching the others
+    t = torch.tensor([0, 1, 2, 1])
+    close(M.top_k_accuracy(s, t, 3, k=1, ignore_index=1),
+          sk.top_k_accuracy_score(t[[0, 2]].numpy(), s[[0, 2]].numpy(), k=1, labels=list(range(3))))
+
+
+ABSENT = (torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 1, 0, 0, 2]))  # class 3 absent, class 2 never predicted
+PRED_ONLY = (torch.tensor([0, 3, 1, 0]), torch.tensor([0, 1, 1, 0]))  # class 3 predicted, never a target
+
+
+def test_specificity_rule_and_its_difference_with_torchmetrics():
+    tmf = pytest.importorskip("torchmetrics.functional.classification")
+    p, t = ABSENT
+    per_class = M.specificity(p, t, 4, average=None)
+    assert per_class.tolist() == [1.0, 0.5, 1.0, 1.0]
+    np.testing.assert_allclose(per_class.numpy(), tmf.multiclass_specificity(p, t, 4, average="none").numpy())
+    for average in ("micro", "weighted"):
+        np.testing.assert_allclose(M.specificity(p, t, 4, average=average).item(),
+                                   tmf.multiclass_specificity(p, t, 4, average=average).item(), rtol=1e-6)
+    assert M.specificity(p, t, 4).item() == 0.875  # all four classes
+    np.testing.assert_allclose(tmf.multiclass_specificity(p, t, 4, average="macro").item(), 2.5 / 3, rtol=1e-6)
+    # with every class present the macro averages agree
+    np.testing.assert_allclose(M.specificity(p, t, 3).item(), tmf.multiclass_specificity(p, t, 3).item(), rtol=1e-6)
+
+
+def test_macro_accuracy_rule_and_its_differences():
+    tmf = pytest.importorskip("torchmetrics.functional.classification")
+    p, t = PRED_ONLY
+    got = M.accuracy(p, t, 4, average="macro")
+    assert got.item() == 0.375
+    close(got, sk.recall_score(t.numpy(), p.numpy(), labels=list(range(4)), average="macro", zero_division=0))
+    np.testing.assert_allclose(tmf.multiclass_accuracy(p, t, 4, average="macro").item(), 0.5)
+    assert sk.balanced_accuracy_score(t.numpy(), p.numpy()) == 0.75
+    for average in ("micro", "weighted"):
+        np.testing.assert_allclose(M.accuracy(p, t, 4, average=average).item(),
+                                   tmf.multiclass_accuracy(p, t, 4, average=average).item(), rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_empty_input_values_as_documented():
+    e = torch.tensor([], dtype=torch.long)
+    with pytest.raises(ValueError):
+        sk.accuracy_score(e.numpy(), e.numpy())  # scikit-learn refuses empty input
+    for zd in (0, 1):
+        assert M.f1_score(e, e, 3, zero_division=zd).item() == zd
+        assert M.accuracy(e, e, 3, zero_division=zd).item() == zd
+    assert M.matthews_corrcoef(e, e, 3).item() == 0.0
+    assert math.isnan(M.cohen_kappa(e, e, 3).item())
+    assert math.isnan(M.binary_auroc(torch.tensor([]), e).item())
+    assert math.isnan(M.top_k_accuracy(torch.empty(0, 3), e, 3, k=2).item())
+    assert M.top_k_accuracy(torch.empty(0, 3), e, 3, k=2, normalize=False).item() == 0
+
+
+def test_claims_on_absent_classes_against_sklearn():
+    for p, t in (ABSENT, PRED_ONLY):
+        tn, pn, labels = t.numpy(), p.numpy(), list(range(4))
+        for average in ("micro", "macro", "weighted"):
+            close(M.f1_score(p, t, 4, average=average, zero_division=0),
+                  sk.f1_score(tn, pn, labels=labels, average=average, zero_division=0))
+        close(M.matthews_corrcoef(p, t, 4), sk.matthews_corrcoef(tn, pn))
+        close(M.cohen_kappa(p, t, 4), sk.cohen_kappa_score(tn, pn, labels=labels))
+        assert M.classification_report(p, t, 4, zero_division=0) == \
+            sk.classification_report(tn, pn, labels=labels, zero_division=0)
+
+
+def test_exact_curves_rank_nan_as_one_tie_above_every_score():
+    g = gen(25)
+    s = torch.rand(500, generator=g)
+    t = torch.randint(0, 2, (500,), generator=g)
+    s[torch.rand(500, generator=g) < 0.1] = math.nan
+    big = torch.nan_to_num(s, nan=2.0).numpy()  # what NaN means here: one value above every score
+    close(M.binary_auroc(s, t), sk.roc_auc_score(t.numpy(), big))
+    close(M.binary_average_precision(s, t), sk.average_precision_score(t.numpy(), big))
+    p, r, _ = M.binary_precision_recall_curve(s, t)
+    wp, wr, _ = sk.precision_recall_curve(t.numpy(), big)
+    close(p, wp)
+    close(r, wr)

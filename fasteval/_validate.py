@@ -1,0 +1,57 @@
+"""Argument checks shared by the public functions (messages get the public function's prefix from
+:func:`fasteval.errors.public`)."""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .errors import FastevalTypeError, FastevalValueError
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def ignore_index(value, optional: bool = True) -> Optional[int]:
+    """An ``ignore_index`` argument as a Python int in the int64 range (or None when ``optional``).
+
+    Like torch's ``int`` arguments: bools and floats are refused (``-1.5`` is not truncated), anything
+    with ``__index__`` (numpy integers, 0-dim integer tensors) is accepted, values outside int64 raise.
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or isinstance(value, float) or (isinstance(value, Tensor) and
+                                                             (value.is_floating_point() or value.dtype == torch.bool)):
+        raise FastevalTypeError(f"ignore_index must be an int{' or None' if optional else ''}, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise FastevalTypeError(f"ignore_index must be an int{' or None' if optional else ''}, "
+                                f"got {type(value).__name__} {value!r}") from None
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise FastevalValueError(f"ignore_index={value} is outside the int64 range [-2**63, 2**63 - 1]")
+    return value
+
+
+def is_meta(*tensors) -> bool:
+    return any(isinstance(t, Tensor) and t.device.type == "meta" for t in tensors)
+
+
+def no_meta(what: str, *tensors) -> None:
+    """Raises a clear error where a result needs the values of the data (meta tensors have none)."""
+    if is_meta(*tensors):
+        raise FastevalValueError(f"{what} needs the values of the data, which meta tensors do not have (it "
+                                 "returns Python numbers or a data-dependent size); use real tensors")
+
+
+def device(value) -> torch.device:
+    """``torch.device(value)``, with a fasteval error for a bad string or type (torch raises RuntimeError)."""
+    if isinstance(value, torch.device):
+        return value
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise FastevalTypeError(f"device must be a torch.device, a string or an int, got {type(value).__name__}")
+    try:
+        return torch.device(value)
+    except RuntimeError as e:
+        raise FastevalValueError(f"bad device {value!r}: {e}") from None

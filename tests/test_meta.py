@@ -1,0 +1,136 @@
+"""Every public function on the meta device: shapes and dtypes as on the CPU (as torch's own functions work
+on meta), data-dependent checks skipped; functions whose result needs the data's values say so clearly."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fasteval
+from fasteval import metrics as M
+
+META = torch.device("meta")
+
+
+def _real(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(8, 5, generator=g)
+    t = torch.randint(0, 5, (8,), generator=g)
+    p = torch.rand(8, generator=g)
+    b = torch.randint(0, 2, (8,), generator=g)
+    return x, t, p, b
+
+
+def _like(out, ref):
+    """Same structure, shapes and dtypes; ``out`` on meta."""
+    if isinstance(ref, torch.Tensor):
+        assert isinstance(out, torch.Tensor) and out.device.type == "meta"
+        assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+    elif isinstance(ref, (tuple, list)):
+        assert type(out) is type(ref) and len(out) == len(ref)
+        for o, r in zip(out, ref):
+            _like(o, r)
+    else:
+        assert out == ref
+
+
+def _meta(v):
+    return v.to(META) if isinstance(v, torch.Tensor) else v
+
+
+CASES = {
+    "cross_entropy": lambda x, t, p, b: fasteval.cross_entropy(x, t),
+    "cross_entropy none": lambda x, t, p, b: fasteval.cross_entropy(x, t, reduction="none"),
+    "cross_entropy bf16 weight smoothing": lambda x, t, p, b: fasteval.cross_entropy(
+        x.bfloat16(), t, weight=(x[0] * 0 + 1), label_smoothing=0.1),
+    "cross_entropy (N, C, d)": lambda x, t, p, b: fasteval.cross_entropy(
+        x.reshape(2, 4, 5).transpose(1, 2), t.reshape(2, 4), reduction="none"),
+    "cross_entropy unbatched": lambda x, t, p, b: fasteval.cross_entropy(x[0], t[0]),
+    "CrossEntropyLoss": lambda x, t, p, b: fasteval.CrossEntropyLoss(label_smoothing=0.2)(x, t.to(torch.uint8)),
+    "confusion_matrix": lambda x, t, p, b: fasteval.confusion_matrix(x, t, 5),
+    "confusion_matrix labels normalize": lambda x, t, p, b: fasteval.confusion_matrix(x.argmax(1), t, 5,
+                                                                                     normalize="true"),
+    "class_counts": lambda x, t, p, b: fasteval.class_counts(x, t, 5, ignore_index=-1),
+    "binary_confusion_matrix": lambda x, t, p, b: fasteval.binary_confusion_matrix(p, b, 0.3),
+    "binary_confusion_matrix logits": lambda x, t, p, b: fasteval.binary_confusion_matrix(x[:, 0], b,
+                                                                                         from_logits=True),
+    "multilabel_confusion_matrix": lambda x, t, p, b: fasteval.multilabel_confusion_matrix(
+        x.sigmoid(), (x > 0).long(), 5),
+    "binned_confusion_matrix": lambda x, t, p, b: fasteval.binned_confusion_matrix(p, b, 7),
+    "binned_confusion_matrix one-vs-rest": lambda x, t, p, b: fasteval.binned_confusion_matrix(
+        x, t, torch.tensor([0.7, 0.2, 0.5]).to(x.device), from_logits=True),
+    "accuracy": lambda x, t, p, b: M.accuracy(x, t, 5),
+    "accuracy top_k macro": lambda x, t, p, b: M.accuracy(x, t, 5, top_k=2, average="macro"),
+    "precision": lambda x, t, p, b: M.precision(x, t, 5),
+    "recall none": lambda x, t, p, b: M.recall(x, t, 5, average=None),
+    "f1_score": lambda x, t, p, b: M.f1_score(x, t, 5, average="weighted"),
+    "fbeta_score": lambda x, t, p, b: M.fbeta_score(x, t, 5, beta=0.5),
+    "specificity": lambda x, t, p, b: M.specificity(x, t, 5),
+    "precision_recall_fscore_support": lambda x, t, p, b: M.precision_recall_fscore_support(x, t, 5),
+    "matthews_corrcoef": lambda x, t, p, b: M.matthews_corrcoef(x, t, 5),
+    "cohen_kappa": lambda x, t, p, b: M.cohen_kappa(x, t, 5),
+    "cohen_kappa quadratic": lambda x, t, p, b: M.cohen_kappa(x, t, 5, weights="quadratic"),
+    "top_k_accuracy": lambda x, t, p, b: M.top_k_accuracy(x, t, 5, k=2),
+    "binary_auroc binned": lambda x, t, p, b: M.binary_auroc(p, b, thresholds=5, from_logits=False),
+    "binary_auroc binned from_logits=None": lambda x, t, p, b: M.binary_auroc(x[:, 0], b, thresholds=5),
+    "binary_auroc binned ignore_index": lambda x, t, p, b: M.binary_auroc(p, b, thresholds=[0.5, 0.1], ignore_index=0),
+    "binary_average_precision binned": lambda x, t, p, b: M.binary_average_precision(x[:, 0], b, thresholds=9,
+                                                                                     from_logits=True),
+    "binary_precision_recall_curve binned": lambda x, t, p, b: M.binary_precision_recall_curve(
+        p, b, thresholds=4, from_logits=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_public_functions_on_meta(name):
+    real = _real()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero_division="warn" may warn on the real data
+        want = CASES[name](*real)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is read from meta tensors to decide a warning
+        got = CASES[name](*(_meta(v) for v in real))
+    _like(got, want)
+
+
+def test_cross_entropy_on_meta_as_torch():
+    x, t = torch.empty(6, 4, device=META, requires_grad=True), torch.empty(6, dtype=torch.long, device=META)
+    for reduction in ("none", "mean", "sum"):
+        got, want = fasteval.cross_entropy(x, t, reduction=reduction), F.cross_entropy(x, t, reduction=reduction)
+        assert got.device == want.device and got.shape == want.shape and got.dtype == want.dtype
+    fasteval.cross_entropy(x, t).backward()
+    assert x.grad.device.type == "meta" and x.grad.shape == x.shape
+
+
+def test_evaluator_on_meta():
+    ev = fasteval.ClassificationEvaluator(5, top_k=(1, 2), device="meta")
+    ev.update(torch.empty(8, 5, device=META), torch.empty(8, dtype=torch.long, device=META))
+    ev.update(torch.empty(2, 5, 3, device=META, dtype=torch.bfloat16), torch.empty(2, 3, dtype=torch.uint8,
+                                                                                    device=META))
+    st = ev.state_dict()
+    assert st["confmat"].device.type == "meta" and st["confmat"].shape == (5, 5)
+    ev.load_state_dict(st)
+    ev.merge(ev)
+    ev.reset()
+    with pytest.raises(RuntimeError, match="fasteval.ClassificationEvaluator.compute: .*meta tensors"):
+        ev.compute()  # it returns Python numbers: a clear error, not .item() on meta
+
+
+@pytest.mark.parametrize("call", [
+    lambda: M.classification_report(torch.empty(4, 3, device=META), torch.empty(4, dtype=torch.long, device=META), 3),
+    lambda: M.binary_auroc(torch.empty(4, device=META), torch.empty(4, dtype=torch.long, device=META)),
+    lambda: M.binary_precision_recall_curve(torch.empty(4, device=META), torch.empty(4, dtype=torch.long, device=META)),
+    lambda: fasteval.evaluate(torch.nn.Linear(3, 5, device=META),
+                              [(torch.empty(4, 3, device=META), torch.empty(4, dtype=torch.long, device=META))], 5),
+], ids=["classification_report", "binary_auroc exact", "binary_precision_recall_curve exact", "evaluate"])
+def test_data_dependent_results_on_meta_raise_clearly(call):
+    with pytest.raises(ValueError, match="meta tensors do not have") as e:
+        call()
+    assert isinstance(e.value, RuntimeError) and str(e.value).startswith("fasteval.")
+
+
+def test_check_invalid_on_meta_is_a_no_op():
+    fasteval.confusion_matrix(torch.empty(4, dtype=torch.long, device=META),
+                              torch.empty(4, dtype=torch.long, device=META), 3)
+    fasteval.check_invalid("meta")
+    fasteval.check_invalid()
