@@ -18,10 +18,17 @@ def _install_hypothesis_stand_in() -> None:
         return
     except ImportError:
         pass
+    import importlib.machinery
     import types
+
+    def _public(name):
+        if name.startswith("__"):  # keep inspect, pickle and friends working
+            raise AttributeError(name)
+        return name
 
     class _Strategy:  # what any strategy expression evaluates to; never drawn from
         def __getattr__(self, name):
+            _public(name)
             return lambda *a, **k: self
 
         def __call__(self, *a, **k):
@@ -57,7 +64,7 @@ def _install_hypothesis_stand_in() -> None:
 
     class _Names(type):
         def __getattr__(cls, name):
-            return name
+            return _public(name)
 
     class HealthCheck(metaclass=_Names):
         @classmethod
@@ -65,10 +72,12 @@ def _install_hypothesis_stand_in() -> None:
             return []
 
     strategies = types.ModuleType("hypothesis.strategies")
-    strategies.__getattr__ = lambda name: _strategy
+    strategies.__spec__ = importlib.machinery.ModuleSpec("hypothesis.strategies", None)
+    strategies.__getattr__ = lambda name: _public(name) and _strategy
     strategies.composite = lambda fn: _strategy
     mod = types.ModuleType("hypothesis")
-    mod.__file__ = __file__
+    # A spec without an origin: torch._dynamo looks the module up with importlib.util.find_spec.
+    mod.__spec__ = importlib.machinery.ModuleSpec("hypothesis", None)
     mod.given, mod.settings, mod.HealthCheck, mod.strategies = given, settings, HealthCheck, strategies
     mod.assume = mod.note = mod.event = lambda *a, **k: True
     mod.example = lambda *a, **k: (lambda fn: fn)
