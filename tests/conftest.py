@@ -121,6 +121,8 @@ def pytest_configure(config):
 # caused it, and the session stops there (instead of failing everything after it). A driver script (see
 # benchmarks/gpu_check.sh) can then start a fresh process that resumes after that test:
 #   FASTEVAL_PROGRESS_FILE=path   the node id of each test is written there when it starts
+#   FASTEVAL_RESULTS_FILE=path    one line per outcome is appended there as it happens (survives a kill):
+#                                 outcome <TAB> phase <TAB> node id <TAB> first line of the report
 #   FASTEVAL_RESUME_AFTER=nodeid  deselect every collected test up to and including that one
 
 def pytest_runtest_logstart(nodeid, location):
@@ -128,6 +130,21 @@ def pytest_runtest_logstart(nodeid, location):
     if path:
         with open(path, "w") as f:
             f.write(nodeid + "\n")
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("FASTEVAL_RESULTS_FILE")
+    if not path or (report.when != "call" and report.passed):
+        return
+    first = ""
+    if isinstance(report.longrepr, tuple):  # a skip: (path, line, reason)
+        first = str(report.longrepr[-1])[:300]
+    elif report.failed:
+        text = str(report.longrepr) if report.longrepr is not None else ""
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("E ")] or text.strip().splitlines()
+        first = lines[0][:300] if lines else ""
+    with open(path, "a") as f:
+        f.write(f"{report.outcome}\t{report.when}\t{report.nodeid}\t{first}\n")
 
 
 def pytest_collection_modifyitems(config, items):
