@@ -49,7 +49,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1; shift ;;
     --dry-run) DRY=1; shift ;;
     --stages) STAGES=$2; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) OUT_ARG=$1; shift ;;
   esac
@@ -413,7 +413,9 @@ if want bench; then
       # full size needs about 40 s (cross-entropy, evaluator) / 90 s (confusion, scikit-learn baselines)
       need=$([ "$table" = confusion_matrix ] && echo 100 || echo 45)
       if [ "$QUICK" = 1 ] || [ "$l" -lt "$need" ]; then mode=(--quick); fi
-      timeout -k 10 "$((l - 5))" $PY -m fasteval bench --device "$BENCH_DEV" --only "$table" ${mode[@]+"${mode[@]}"} \
+      cap=$((l - 5))
+      case $table in cross_entropy) [ "$cap" -gt 90 ] && cap=90 ;; evaluator) [ "$cap" -gt 60 ] && cap=60 ;; esac
+      timeout -k 10 "$cap" $PY -m fasteval bench --device "$BENCH_DEV" --only "$table" ${mode[@]+"${mode[@]}"} \
         --out "$OUT_DIR/bench-$table" > "$OUT_DIR/bench-$table.log" 2>&1
       rc=$?
       notes="$notes $table:$([ $rc -eq 0 ] && echo ok || echo "rc=$rc")${mode:+(quick)}"

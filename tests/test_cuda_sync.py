@@ -238,10 +238,15 @@ def _evaluator(dtype, layout, full):
             x, t = torch.randn(4, 9, c, device="cuda").to(dtype), torch.randint(0, c, (4, 9), device="cuda").int()
         bad = _targets(64, c, bad=True)
         xb = _logits(64, c, dtype)
+        other = fasteval.ClassificationEvaluator(c, top_k=(1, 5), ignore_index=-100, full_confusion=full,
+                                                 device="cuda")
 
         def call():
             ev.update(x, t)
             ev.update(xb, bad)  # rejected on the device, reported by compute()
+            other.merge(ev)
+            other.load_state_dict(ev.state_dict())
+            other.reset()
         return call
     return make
 
