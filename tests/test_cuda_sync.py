@@ -66,7 +66,8 @@ def _targets(n, c, seed=0, bad=False, dtype=torch.int64):
 
 def _state(c, k, nb, counts_only):
     z = dict(device="cuda")
-    return [torch.zeros(1, dtype=torch.float64, **z), torch.zeros((3, c) if counts_only else (c, c), dtype=torch.int64, **z),
+    return [torch.zeros(1, dtype=torch.float64, **z),
+            torch.zeros((3, c) if counts_only else (c, c), dtype=torch.int64, **z),
             torch.zeros(k, dtype=torch.int64, **z), torch.zeros(nb, dtype=torch.int64, **z),
             torch.zeros(nb, dtype=torch.float64, **z), torch.zeros(nb, dtype=torch.int64, **z),
             torch.zeros(2, dtype=torch.int64, **z)]
