@@ -32,7 +32,7 @@
 # The two suite processes run in parallel with two lanes of the others (sync, memcheck, initcheck |
 # racecheck, synccheck).
 # summary.txt gets one line per stage as it ends (status, wall seconds, counts); failures.txt lists every
-# failed test.
+# failed test; gpu_check-logs.tar.gz holds every log, junit XML, per-test outcome and benchmark output.
 #
 # Estimated on 16 cores + one H100: env 5 s, build 60-120 s, the parallel group 150-250 s, bench 60-150 s
 # (the bench takes what is left: --quick, or tables dropped, when time is short).
@@ -58,6 +58,11 @@ OUT_DIR=${OUT_ARG:-${OUT:-}}
 if [ -z "$OUT_DIR" ]; then echo "usage: gpu_check.sh OUT_DIR (or set OUT)" >&2; exit 2; fi
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
+# Every log goes to LOG, outside OUT_DIR: OUT_DIR gets only summary.txt, failures.txt, environment.txt,
+# sanitizer-reports.txt, bench.csv and gpu_check-logs.tar.gz (all of LOG), packed after each phase so
+# that a run cut short still returns what it did (the GPU runner returns at most 8 files from $OUT).
+LOG=${GPU_CHECK_LOG_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$LOG"
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
@@ -82,6 +87,13 @@ record() {  # record STAGE STATUS SECONDS DETAILS
   printf '%-10s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"
 }
 say() { echo "[$(( $(now) - T0 ))s] $*"; }
+pack() {  # all of LOG into OUT_DIR/gpu_check-logs.tar.gz, and the sanitizers' reports side by side
+  cp "$OUT_DIR"/summary.txt "$OUT_DIR"/failures.txt "$OUT_DIR"/environment.txt "$LOG"/ 2>/dev/null
+  cat "$LOG"/*-reports.txt > "$OUT_DIR/sanitizer-reports.txt" 2>/dev/null || true
+  [ -s "$OUT_DIR/sanitizer-reports.txt" ] || rm -f "$OUT_DIR/sanitizer-reports.txt"
+  tar -C "$LOG" -czf "$OUT_DIR/gpu_check-logs.tar.gz.part" . 2>/dev/null \
+    && mv "$OUT_DIR/gpu_check-logs.tar.gz.part" "$OUT_DIR/gpu_check-logs.tar.gz"
+}
 
 # ---------------------------------------------------------------------------------------------------
 # env
@@ -112,7 +124,7 @@ COMMIT=${FASTEVAL_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 SWEEP_DEV=()
 if [ "$DRY" = 1 ]; then
   SWEEP_DEV=(--device cpu)
-  SAN=$OUT_DIR/sanitizer-stub.sh  # runs the command after the sanitizer's options, reports no errors
+  SAN=$LOG/sanitizer-stub.sh  # runs the command after the sanitizer's options, reports no errors
   cat > "$SAN" <<'STUB'
 #!/usr/bin/env bash
 while [ $# -gt 0 ] && [[ "$1" != *python* ]]; do shift; done
@@ -143,7 +155,7 @@ if want env; then
     echo "packages:"
     $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|pytest|hypothesis|scikit-learn|torchmetrics|ninja|pybind11|matplotlib|setuptools) " | sed 's/^/  /'
   } > "$OUT_DIR/environment.txt" 2>&1
-  nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1
+  nvidia-smi > "$LOG/nvidia-smi.txt" 2>&1
   cat "$OUT_DIR/environment.txt"
   record env ok $(( $(now) - s )) "$(grep '^gpu:' "$OUT_DIR/environment.txt" | cut -c6-)"
 fi
@@ -153,7 +165,7 @@ fi
 BUILT=0
 if [ "$DRY" = 1 ]; then
   BUILT=1
-  $PY -m fasteval info > "$OUT_DIR/info.txt" 2>&1
+  $PY -m fasteval info > "$LOG/info.txt" 2>&1
   want build && record build SKIPPED 0 "dry run: the library in the tree"
 elif want build; then
   s=$(now)
@@ -161,10 +173,10 @@ elif want build; then
   say "build for sm_${ARCH/./} with MAX_JOBS=$(nproc)"
   rm -f fasteval/_C*.so
   timeout -k 10 "$(limit 400 120)" env FASTEVAL_FORCE_CUDA=1 FASTEVAL_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST=$ARCH \
-    MAX_JOBS=$(nproc) $PY setup.py build_ext --inplace > "$OUT_DIR/build.log" 2>&1
+    MAX_JOBS=$(nproc) $PY setup.py build_ext --inplace > "$LOG/build.log" 2>&1
   rc=$?
-  $PY -m fasteval info > "$OUT_DIR/info.txt" 2>&1
-  cat "$OUT_DIR/info.txt"
+  $PY -m fasteval info > "$LOG/info.txt" 2>&1
+  cat "$LOG/info.txt"
   missing=$($PY -c '
 from fasteval import _loader
 k = _loader.kernels()
@@ -173,13 +185,15 @@ print(" ".join(op for op, d in k.items() if "cuda" not in d) if k else "all (not
     BUILT=1
     record build ok $(( $(now) - s )) "sm_${ARCH/./}, CUDA kernels registered for every op"
   else
-    tail -40 "$OUT_DIR/build.log"
+    tail -40 "$LOG/build.log"
     record build FAILED $(( $(now) - s )) "rc=$rc; ops without a CUDA kernel: ${missing:-none} (GPU stages skipped)"
   fi
 else
   $PY -c 'from fasteval import _loader; import sys; sys.exit(0 if _loader.has_kernel("eval_update", "cuda") else 1)' \
     && BUILT=1
 fi
+
+pack
 
 # ---------------------------------------------------------------------------------------------------
 # helpers for the parallel stages
@@ -217,26 +231,28 @@ stage_suite() {  # stage_suite NAME PYTEST_ARGS...: resumes after a CUDA device 
   local name=$1; shift
   local s round=1 resume="" rc=1 tmo killed="" lost=""
   s=$(now)
-  : > "$OUT_DIR/results-$name.tsv"
+  : > "$LOG/results-$name.tsv"
   local marker=()
   [ "$QUICK" = 1 ] && marker=(-m "not large")
+  # pytest-timeout, where installed: a test stuck in Python fails alone instead of holding the process
+  $PY -c 'import pytest_timeout' 2>/dev/null && marker+=(--timeout=300)
   while :; do
     tmo=$(limit 330 "$BENCH_RESERVE")
     if [ "$tmo" -lt 20 ]; then break; fi
     say "$name round $round${resume:+ (resuming after $resume)}, limit ${tmo}s"
-    FASTEVAL_PROGRESS_FILE=$OUT_DIR/progress-$name.txt FASTEVAL_RESULTS_FILE=$OUT_DIR/results-$name.tsv \
+    FASTEVAL_PROGRESS_FILE=$LOG/progress-$name.txt FASTEVAL_RESULTS_FILE=$LOG/results-$name.tsv \
       FASTEVAL_RESUME_AFTER=$resume OMP_NUM_THREADS=8 \
       timeout -k 10 "$tmo" $PY -m pytest -q -rfE --maxfail=100000 --durations=25 ${marker[@]+"${marker[@]}"} \
-      --junitxml="$OUT_DIR/tests-$name-$round.xml" "$@" > "$OUT_DIR/tests-$name-$round.log" 2>&1
+      --junitxml="$LOG/tests-$name-$round.xml" "$@" > "$LOG/tests-$name-$round.log" 2>&1
     rc=$?
-    tail -5 "$OUT_DIR/tests-$name-$round.log"
+    tail -5 "$LOG/tests-$name-$round.log"
     if [ "$round" -ge 8 ]; then break; fi
-    if grep -q "CUDA context lost after" "$OUT_DIR/tests-$name-$round.log"; then
-      resume=$(head -1 "$OUT_DIR/progress-$name.txt")
+    if grep -q "CUDA context lost after" "$LOG/tests-$name-$round.log"; then
+      resume=$(head -1 "$LOG/progress-$name.txt")
       lost="$lost $resume"
       echo "CUDA context lost after $resume (the rest ran in a new process)" >> "$OUT_DIR/failures.txt"
     elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-      resume=$(head -1 "$OUT_DIR/progress-$name.txt")
+      resume=$(head -1 "$LOG/progress-$name.txt")
       killed="$killed $resume"
       echo "KILLED at the time limit while running $resume (not a result)" >> "$OUT_DIR/failures.txt"
     else
@@ -245,7 +261,7 @@ stage_suite() {  # stage_suite NAME PYTEST_ARGS...: resumes after a CUDA device 
     round=$((round + 1))
   done
   local counts status=ok
-  counts=$(results_counts "$OUT_DIR/results-$name.tsv")
+  counts=$(results_counts "$LOG/results-$name.tsv")
   if [ "$rc" -ne 0 ] || [ "$round" -gt 1 ] || ! grep -q " 0 failed, 0 errors" <<< "$counts"; then status=FAILED; fi
   if [ "$DRY" = 0 ] && grep -q ": 0 passed" <<< "$counts"; then status=FAILED; fi  # everything skipped
   record "$name" $status $(( $(now) - s )) "$counts; $round pytest run(s)${lost:+; device fault after:$lost}${killed:+; killed at the time limit in:$killed}"
@@ -255,7 +271,7 @@ stage_suite() {  # stage_suite NAME PYTEST_ARGS...: resumes after a CUDA device 
 # known fault is there; see the header).
 KNOWN_FAULT_K="not ((test_matches_torch_fp32 and cuda and weight and not label_smoothing) or (test_kernel_matches_reference and cuda and cross_entropy) or (test_opcheck and cuda and cross_entropy))"
 probe_known_fault() {  # 0 when the weighted backward without label smoothing runs cleanly
-  timeout -k 5 60 $PY - > "$OUT_DIR/known-fault-probe.log" 2>&1 <<'PY'
+  timeout -k 5 60 $PY - > "$LOG/known-fault-probe.log" 2>&1 <<'PY'
 import torch
 import fasteval  # noqa: F401
 x = torch.randn(4, 10, device="cuda")
@@ -314,15 +330,15 @@ stage_sync() {
   local s rc1 rc2
   s=$(now)
   OMP_NUM_THREADS=2 timeout -k 10 "$(limit 120 "$BENCH_RESERVE")" $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_sync.py \
-    --junitxml="$OUT_DIR/sync-tests.xml" > "$OUT_DIR/sync-tests.log" 2>&1
+    --junitxml="$LOG/sync-tests.xml" > "$LOG/sync-tests.log" 2>&1
   rc1=$?
   local mode=(--no-sync)
   [ "$DRY" = 1 ] && mode=()
-  run_sweep "$OUT_DIR/sync-sweep.log" "$(limit 150 "$BENCH_RESERVE")" -- ${mode[@]+"${mode[@]}"} --exclude "$SWEEP_EXCLUDE"
+  run_sweep "$LOG/sync-sweep.log" "$(limit 150 "$BENCH_RESERVE")" -- ${mode[@]+"${mode[@]}"} --exclude "$SWEEP_EXCLUDE"
   rc2=$?
   local t sw
-  t=$(tail -1 "$OUT_DIR/sync-tests.log")
-  sw=$(grep '^sweep:' "$OUT_DIR/sync-sweep.log" | tail -1 | cut -c1-200)
+  t=$(tail -1 "$LOG/sync-tests.log")
+  sw=$(grep '^sweep:' "$LOG/sync-sweep.log" | tail -1 | cut -c1-200)
   record sync "$([ $rc1 -eq 0 ] && [ $rc2 -eq 0 ] && echo ok || echo FAILED)" $(( $(now) - s )) \
     "test_cuda_sync: $t | sweep (rc $rc2): ${sw:-no summary}"
 }
@@ -331,10 +347,10 @@ SAN_OPTS=()
 probe_sanitizer() {  # the options this compute-sanitizer accepts (a kernel filter keeps torch's own kernels out)
   local full=(--kernel-name kns=fasteval --destroy-on-device-error kernel --report-api-errors no
               --show-backtrace device --print-limit 100)
-  if "$SAN" --tool memcheck "${full[@]}" --error-exitcode 99 true > "$OUT_DIR/sanitizer-probe.log" 2>&1; then
+  if "$SAN" --tool memcheck "${full[@]}" --error-exitcode 99 true > "$LOG/sanitizer-probe.log" 2>&1; then
     SAN_OPTS=("${full[@]}")
   else
-    echo "compute-sanitizer rejected ${full[*]}; running it without them" >> "$OUT_DIR/sanitizer-probe.log"
+    echo "compute-sanitizer rejected ${full[*]}; running it without them" >> "$LOG/sanitizer-probe.log"
     SAN_OPTS=(--print-limit 100)
   fi
 }
@@ -345,12 +361,12 @@ stage_sanitizer() {  # stage_sanitizer TOOL DEFAULT_TIMEOUT SWEEP_ARGS...
   s=$(now)
   tmo=$(limit "$def" "$BENCH_RESERVE")
   if [ "$tmo" -lt 30 ]; then record "$tool" SKIPPED 0 "no time left"; return; fi
-  run_sweep "$OUT_DIR/$tool.log" "$tmo" "$SAN" --tool "$tool" ${SAN_OPTS[@]+"${SAN_OPTS[@]}"} --error-exitcode 99 \
+  run_sweep "$LOG/$tool.log" "$tmo" "$SAN" --tool "$tool" ${SAN_OPTS[@]+"${SAN_OPTS[@]}"} --error-exitcode 99 \
     -- ${@+"$@"}
   rc=$?
   local errs sw status
-  errs=$(grep -a "ERROR SUMMARY" "$OUT_DIR/$tool.log" | sed 's/=* *//' | tr '\n' ' ')
-  sw=$(grep -a '^sweep:' "$OUT_DIR/$tool.log" | tail -1 | cut -c1-160)
+  errs=$(grep -a "ERROR SUMMARY" "$LOG/$tool.log" | sed 's/=* *//' | tr '\n' ' ')
+  sw=$(grep -a '^sweep:' "$LOG/$tool.log" | tail -1 | cut -c1-160)
   case $rc in
     0) status=ok ;;
     124|137) status=TIMEOUT ;;
@@ -359,7 +375,7 @@ stage_sanitizer() {  # stage_sanitizer TOOL DEFAULT_TIMEOUT SWEEP_ARGS...
   record "$tool" $status $(( $(now) - s )) "rc $rc; ${errs:-no error summary}| ${sw:-no sweep summary}"
   # each report's first line, after the sweep case that was running
   awk '/^case [0-9]+\//{c=$0} /^========= (Invalid|Error|Race|Barrier|Uninitialized|Program hit|Warning)/{print c "  ::  " $0}' \
-    "$OUT_DIR/$tool.log" | head -200 > "$OUT_DIR/$tool-reports.txt"
+    "$LOG/$tool.log" | head -200 > "$LOG/$tool-reports.txt"
 }
 
 lane_b() {
@@ -386,15 +402,16 @@ if [ "$BUILT" = 1 ]; then
   if [ -n "$SAN" ]; then probe_sanitizer; else
     for t in memcheck racecheck synccheck initcheck; do want $t && record $t SKIPPED 0 "compute-sanitizer not found"; done
   fi
-  lane_b > "$OUT_DIR/lane-b.log" 2>&1 &
+  lane_b > "$LOG/lane-b.log" 2>&1 &
   PIDS+=($!)
-  lane_c > "$OUT_DIR/lane-c.log" 2>&1 &
+  lane_c > "$LOG/lane-c.log" 2>&1 &
   PIDS+=($!)
 else
   for t in sync memcheck racecheck synccheck initcheck; do want $t && record $t SKIPPED 0 "no CUDA build"; done
 fi
 want suite && stage_suites
 [ ${#PIDS[@]} -gt 0 ] && wait "${PIDS[@]}"
+pack
 
 # ---------------------------------------------------------------------------------------------------
 # bench: alone, one table at a time (each with its own CSV), the fast and most important first
@@ -416,16 +433,21 @@ if want bench; then
       cap=$((l - 5))
       case $table in cross_entropy) [ "$cap" -gt 90 ] && cap=90 ;; evaluator) [ "$cap" -gt 60 ] && cap=60 ;; esac
       timeout -k 10 "$cap" $PY -m fasteval bench --device "$BENCH_DEV" --only "$table" ${mode[@]+"${mode[@]}"} \
-        --out "$OUT_DIR/bench-$table" > "$OUT_DIR/bench-$table.log" 2>&1
+        --out "$LOG/bench-$table" > "$LOG/bench-$table.log" 2>&1
       rc=$?
       notes="$notes $table:$([ $rc -eq 0 ] && echo ok || echo "rc=$rc")${mode:+(quick)}"
-      cat "$OUT_DIR/bench-$table.log"
+      cat "$LOG/bench-$table.log"
     done
     record bench "$(grep -q 'rc=' <<< "$notes" && echo FAILED || echo ok)" $(( $(now) - s )) "$notes"
   fi
 fi
 
-say "done in $(( $(now) - T0 ))s (budget ${BUDGET}s)"
+for f in "$LOG"/bench-*/bench-*.csv; do  # one CSV: the header once
+  [ -f "$f" ] || continue
+  if [ -f "$OUT_DIR/bench.csv" ]; then tail -n +2 "$f" >> "$OUT_DIR/bench.csv"; else cp "$f" "$OUT_DIR/bench.csv"; fi
+done
+say "done in $(( $(now) - T0 ))s (budget ${BUDGET}s); logs: $LOG, packed in $OUT_DIR/gpu_check-logs.tar.gz"
+pack
 echo
 echo "== summary ($OUT_DIR/summary.txt)"
 cat "$SUMMARY"

@@ -122,7 +122,7 @@ def pytest_configure(config):
 # benchmarks/gpu_check.sh) can then start a fresh process that resumes after that test:
 #   FASTEVAL_PROGRESS_FILE=path   the node id of each test is written there when it starts
 #   FASTEVAL_RESULTS_FILE=path    one line per outcome is appended there as it happens (survives a kill):
-#                                 outcome <TAB> phase <TAB> node id <TAB> first line of the report
+#                                 outcome <TAB> phase <TAB> node id <TAB> first lines of the report
 #   FASTEVAL_RESUME_AFTER=nodeid  deselect every collected test up to and including that one
 
 def pytest_runtest_logstart(nodeid, location):
@@ -141,8 +141,9 @@ def pytest_runtest_logreport(report):
         first = str(report.longrepr[-1])[:300]
     elif report.failed:
         text = str(report.longrepr) if report.longrepr is not None else ""
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("E ")] or text.strip().splitlines()
-        first = lines[0][:300] if lines else ""
+        lines = [ln.strip()[1:].strip() for ln in text.splitlines() if ln.strip().startswith("E ")]
+        lines = [ln for ln in lines if ln] or text.strip().splitlines()
+        first = " | ".join(lines[:3])[:400]
     with open(path, "a") as f:
         f.write(f"{report.outcome}\t{report.when}\t{report.nodeid}\t{first}\n")
 
