@@ -20,7 +20,7 @@
 #              and it resumes after that test in a fresh process. A probe first checks the known fault (the
 #              weighted backward with label_smoothing = 0, fix pending): while it is there, the older tests
 #              that hit it are deselected (each would cost a restart); test_cuda_sweep.py still covers it
-#              in a child process            -> tests-{cuda,rest}-N.log/xml, results-*.tsv (every outcome)
+#              in a child process    -> tests-suite-{cuda,rest}-N.log/xml, results-*.tsv (every outcome)
 #   sync       host-sync check: tests/test_cuda_sync.py, and every case of the kernel sweep
 #              (benchmarks/cuda_kernel_sweep.py) under set_sync_debug_mode("error")    -> sync-*.log
 #   memcheck   compute-sanitizer memcheck over the kernel sweep (every kernel)        -> memcheck.log
@@ -31,8 +31,11 @@
 #              time is short)                                                          -> bench-*/, bench-*.log
 # The two suite processes run in parallel with two lanes of the others (sync, memcheck, initcheck |
 # racecheck, synccheck).
-# summary.txt gets one line per stage as it ends (status, wall seconds, counts); failures.txt lists every
-# failed test; gpu_check-logs.tar.gz holds every log, junit XML, per-test outcome and benchmark output.
+# In OUT_DIR: summary.txt (one line per stage as it ends: status, wall seconds, counts), failures.txt (every
+# failed test with the first lines of its report), environment.txt, sanitizer-reports.txt (each report
+# after the sweep case that was running), bench.csv, and gpu_check-logs.tar.gz with every log (the files
+# named above), junit XML, per-test outcomes and benchmark output. The exit status is 0 when every stage
+# passed.
 #
 # Estimated on 16 cores + one H100: env 5 s, build 60-120 s, the parallel group 150-250 s, bench 60-150 s
 # (the bench takes what is left: --quick, or tables dropped, when time is short).
