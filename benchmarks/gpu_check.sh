@@ -1,59 +1,461 @@
 #!/usr/bin/env bash
-# Proves the CUDA kernels on a machine with an NVIDIA GPU, torch with CUDA, nvcc and ninja (no network):
-# builds fasteval for the local GPU, runs the whole test suite (CPU and CUDA), compute-sanitizer memcheck
-# on a small subset, the host-sync check, and `python -m fasteval bench --device cuda`.
-# Logs and CSVs go to the directory given as the first argument. Budget: under 8 minutes on 16 cores + H100.
+# Proves the CUDA kernels on a machine with an NVIDIA GPU, torch with CUDA, nvcc and ninja (no network).
 #
-#   bash benchmarks/gpu_check.sh OUT_DIR
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [--budget SECONDS] [--quick] [--stages a,b,...] [--dry-run]
+#
+# --quick: no large tests, the quick benchmarks. --dry-run: exercises this script's plumbing on a machine
+# without a GPU: no build (the library in the tree is used), the kernel sweep on the CPU kernels, a stub in
+# place of compute-sanitizer, the CPU benchmarks.
+#
+# OUT_DIR defaults to $OUT when set (the GPU runner sets it). FASTEVAL_COMMIT=<hash> records the commit when
+# the copy of the tree has no .git. PYTHON selects the interpreter (default python3).
+#
+# Stages, in order; every stage runs whatever failed before it (no set -e), except that the GPU stages need
+# a successful build. Each has a time limit inside the overall budget (default 480 s):
+#   env        device, driver, nvcc, torch / CUDA versions, python, packages, commit   -> environment.txt
+#   build      setup.py build_ext --inplace, local arch, all cores, strict              -> build.log, info.txt
+#   suite      the whole test suite (doctests and every CUDA test, large ones included), no -x, as two
+#              pytest processes side by side: suite-cuda (the CUDA test files) and suite-rest (the others).
+#              A CUDA device fault stops a pytest process after the test that caused it (tests/conftest.py)
+#              and it resumes after that test in a fresh process. A probe first checks the known fault (the
+#              weighted backward with label_smoothing = 0, fix pending): while it is there, the older tests
+#              that hit it are deselected (each would cost a restart); test_cuda_sweep.py still covers it
+#              in a child process    -> tests-suite-{cuda,rest}-N.log/xml, results-*.tsv (every outcome)
+#   sync       host-sync check: tests/test_cuda_sync.py, and every case of the kernel sweep
+#              (benchmarks/cuda_kernel_sweep.py) under set_sync_debug_mode("error")    -> sync-*.log
+#   memcheck   compute-sanitizer memcheck over the kernel sweep (every kernel)        -> memcheck.log
+#   racecheck  compute-sanitizer racecheck over the sweep's shared-memory cases       -> racecheck.log
+#   synccheck  compute-sanitizer synccheck, same cases                                 -> synccheck.log
+#   initcheck  compute-sanitizer initcheck over the whole sweep, if time is left      -> initcheck.log
+#   bench      python -m fasteval bench --device cuda, alone at the end, one table at a time (--quick when
+#              time is short)                                                          -> bench-*/, bench-*.log
+# The two suite processes run in parallel with two lanes of the others (sync, memcheck, initcheck |
+# racecheck, synccheck).
+# In OUT_DIR: summary.txt (one line per stage as it ends: status, wall seconds, counts), failures.txt (every
+# failed test with the first lines of its report), environment.txt, sanitizer-reports.txt (each report
+# after the sweep case that was running), bench.csv, and gpu_check-logs.tar.gz with every log (the files
+# named above), junit XML, per-test outcomes and benchmark output. The exit status is 0 when every stage
+# passed.
+#
+# Estimated on 16 cores + one H100: env 5 s, build 60-120 s, the parallel group 150-250 s, bench 60-150 s
+# (the bench takes what is left: --quick, or tables dropped, when time is short).
 set -uo pipefail
-OUT=${1:?usage: gpu_check.sh OUT_DIR}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+
+OUT_ARG=""
+BUDGET=480
+QUICK=0
+DRY=0
+STAGES="env,build,suite,sync,memcheck,racecheck,synccheck,initcheck,bench"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget) BUDGET=$2; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --dry-run) DRY=1; shift ;;
+    --stages) STAGES=$2; shift 2 ;;
+    -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+    -*) echo "unknown option $1" >&2; exit 2 ;;
+    *) OUT_ARG=$1; shift ;;
+  esac
+done
+OUT_DIR=${OUT_ARG:-${OUT:-}}
+if [ -z "$OUT_DIR" ]; then echo "usage: gpu_check.sh OUT_DIR (or set OUT)" >&2; exit 2; fi
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+# Every log goes to LOG, outside OUT_DIR: OUT_DIR gets only summary.txt, failures.txt, environment.txt,
+# sanitizer-reports.txt, bench.csv and gpu_check-logs.tar.gz (all of LOG), packed after each phase so
+# that a run cut short still returns what it did (the GPU runner returns at most 8 files from $OUT).
+LOG=${GPU_CHECK_LOG_DIR:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
+mkdir -p "$LOG"
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-status=0
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$OUT/summary.txt"; }
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} FASTEVAL_EXPECT_COMPILED=1
+T0=$(date +%s)
+DEADLINE=$((T0 + BUDGET))
+SUMMARY=$OUT_DIR/summary.txt
+: > "$SUMMARY"
 
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  nvcc --version | tail -2
-  $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
-  git rev-parse --short HEAD 2>/dev/null || true
-} > "$OUT/environment.txt" 2>&1
-cat "$OUT/environment.txt"
+now() { date +%s; }
+left() { echo $((DEADLINE - $(now))); }
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+# limit DEFAULT [RESERVE]: a stage's time limit: DEFAULT, or what is left before the last RESERVE seconds of
+# the budget; at least 1 (timeout 0 would mean no limit).
+limit() {
+  local l=$(( $(left) - ${2:-0} ))
+  [ "$l" -gt "$1" ] && l=$1
+  [ "$l" -lt 1 ] && l=1
+  echo "$l"
+}
+record() {  # record STAGE STATUS SECONDS DETAILS
+  printf '%-10s %-8s %5ss  %s\n' "$1" "$2" "$3" "$4" | tee -a "$SUMMARY"
+}
+say() { echo "[$(( $(now) - T0 ))s] $*"; }
+pack() {  # all of LOG into OUT_DIR/gpu_check-logs.tar.gz, and the sanitizers' reports side by side
+  cp "$OUT_DIR"/summary.txt "$OUT_DIR"/failures.txt "$OUT_DIR"/environment.txt "$LOG"/ 2>/dev/null
+  cat "$LOG"/*-reports.txt > "$OUT_DIR/sanitizer-reports.txt" 2>/dev/null || true
+  [ -s "$OUT_DIR/sanitizer-reports.txt" ] || rm -f "$OUT_DIR/sanitizer-reports.txt"
+  tar -C "$LOG" -czf "$OUT_DIR/gpu_check-logs.tar.gz.part" . 2>/dev/null \
+    && mv "$OUT_DIR/gpu_check-logs.tar.gz.part" "$OUT_DIR/gpu_check-logs.tar.gz"
+}
 
-ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-stamp "build for sm_${ARCH/./} (MAX_JOBS=$(nproc))"
-export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
-if ! FASTEVAL_FORCE_CUDA=1 FASTEVAL_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$(nproc) \
-     $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-  stamp "BUILD FAILED (see build.log)"; tail -30 "$OUT/build.log"; exit 1
+# ---------------------------------------------------------------------------------------------------
+# env
+# CUDA_HOME as CI finds it: nvcc on PATH may be a wrapper script that execs the toolkit's real nvcc.
+if [ -z "${CUDA_HOME:-}" ]; then
+  NVCC=$(command -v nvcc || true)
+  if [ -n "$NVCC" ]; then
+    REAL=$(grep -a -m1 -o '^exec [^ ]*nvcc' "$NVCC" 2>/dev/null | sed 's/^exec //' || true)
+    CUDA_HOME=$(dirname "$(dirname "$(readlink -f "${REAL:-$NVCC}")")")
+  elif [ -x /usr/local/cuda/bin/nvcc ]; then
+    CUDA_HOME=/usr/local/cuda
+  fi
 fi
-$PY -m fasteval info | tee "$OUT/info.txt"
+export CUDA_HOME=${CUDA_HOME:-}
+export PATH=${CUDA_HOME:+$CUDA_HOME/bin:}$PATH
+SITE=$($PY -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null || true)
+# Headers torch's CUDA headers include (cublas, cusparse, ...) when the toolkit is a minimal one: the pip
+# nvidia packages' copies, after the toolkit's own (-I beats CPATH).
+for d in "$SITE"/nvidia/*/include; do
+  [ -d "$d" ] && export CPATH=${CPATH:+$CPATH:}$d
+done
+SAN=""
+for s in "$(command -v compute-sanitizer || true)" "$CUDA_HOME/bin/compute-sanitizer" \
+         "$CUDA_HOME/compute-sanitizer/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
+  if [ -n "$s" ] && [ -x "$s" ]; then SAN=$s; break; fi
+done
+COMMIT=${FASTEVAL_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+SWEEP_DEV=()
+if [ "$DRY" = 1 ]; then
+  SWEEP_DEV=(--device cpu)
+  SAN=$LOG/sanitizer-stub.sh  # runs the command after the sanitizer's options, reports no errors
+  cat > "$SAN" <<'STUB'
+#!/usr/bin/env bash
+while [ $# -gt 0 ] && [[ "$1" != *python* ]]; do shift; done
+rc=0
+[ $# -gt 0 ] && { "$@"; rc=$?; }
+echo "========= ERROR SUMMARY: 0 errors (stub)"
+exit $rc
+STUB
+  chmod +x "$SAN"
+fi
 
-stamp "test suite (CPU and CUDA)"
-timeout 240 $PY -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
-tail -5 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+if want env; then
+  s=$(now)
+  {
+    echo "date: $(date -u +%FT%TZ)"
+    echo "commit: $COMMIT ($(git status --porcelain 2>/dev/null | wc -l) files changed, if git knows)"
+    echo "host: $(hostname) cores: $(nproc) memory: $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB"}')"
+    echo "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1)"
+    echo "CUDA_HOME: ${CUDA_HOME:-not found}"
+    echo "nvcc: $( ("$CUDA_HOME/bin/nvcc" --version 2>&1 || nvcc --version 2>&1) | tail -2 | tr '\n' ' ')"
+    echo "compute-sanitizer: ${SAN:-not found} $([ -n "$SAN" ] && "$SAN" --version 2>&1 | tail -1)"
+    echo "CPATH: ${CPATH:-}"
+    echo "python: $($PY --version 2>&1) ($(command -v $PY))"
+    $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+           "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+           "capability", torch.cuda.get_device_capability() if torch.cuda.is_available() else "-")' 2>&1
+    echo "ninja: $(ninja --version 2>&1)"
+    echo "packages:"
+    $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|pytest|hypothesis|scikit-learn|torchmetrics|ninja|pybind11|matplotlib|setuptools) " | sed 's/^/  /'
+  } > "$OUT_DIR/environment.txt" 2>&1
+  nvidia-smi > "$LOG/nvidia-smi.txt" 2>&1
+  cat "$OUT_DIR/environment.txt"
+  record env ok $(( $(now) - s )) "$(grep '^gpu:' "$OUT_DIR/environment.txt" | cut -c6-)"
+fi
 
-stamp "host-sync check"
-timeout 60 $PY -m pytest tests/test_cuda_sync.py -q -p no:cacheprovider > "$OUT/sync.log" 2>&1 || status=1
-tail -2 "$OUT/sync.log" | tee -a "$OUT/summary.txt"
-
-SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-if [ -x "$SAN" ]; then
-  stamp "compute-sanitizer memcheck (subset)"
-  timeout 150 "$SAN" --tool memcheck --error-exitcode 99 $PY -m pytest -q -p no:cacheprovider -x \
-    tests/test_cross_entropy.py -k "cuda and (kernel_matches_reference or non_contiguous or empty or non_finite)" \
-    > "$OUT/memcheck.log" 2>&1 || status=1
-  grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 | tee -a "$OUT/summary.txt"
+# ---------------------------------------------------------------------------------------------------
+# build
+BUILT=0
+if [ "$DRY" = 1 ]; then
+  BUILT=1
+  $PY -m fasteval info > "$LOG/info.txt" 2>&1
+  want build && record build SKIPPED 0 "dry run: the library in the tree"
+elif want build; then
+  s=$(now)
+  ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || echo 9.0)
+  say "build for sm_${ARCH/./} with MAX_JOBS=$(nproc)"
+  rm -f fasteval/_C*.so
+  timeout -k 10 "$(limit 400 120)" env FASTEVAL_FORCE_CUDA=1 FASTEVAL_STRICT_BUILD=1 TORCH_CUDA_ARCH_LIST=$ARCH \
+    MAX_JOBS=$(nproc) $PY setup.py build_ext --inplace > "$LOG/build.log" 2>&1
+  rc=$?
+  $PY -m fasteval info > "$LOG/info.txt" 2>&1
+  cat "$LOG/info.txt"
+  missing=$($PY -c '
+from fasteval import _loader
+k = _loader.kernels()
+print(" ".join(op for op, d in k.items() if "cuda" not in d) if k else "all (not loaded)")' 2>&1)
+  if [ "$rc" -eq 0 ] && [ -z "$missing" ]; then
+    BUILT=1
+    record build ok $(( $(now) - s )) "sm_${ARCH/./}, CUDA kernels registered for every op"
+  else
+    tail -40 "$LOG/build.log"
+    record build FAILED $(( $(now) - s )) "rc=$rc; ops without a CUDA kernel: ${missing:-none} (GPU stages skipped)"
+  fi
 else
-  stamp "compute-sanitizer not found: memcheck skipped"
+  $PY -c 'from fasteval import _loader; import sys; sys.exit(0 if _loader.has_kernel("eval_update", "cuda") else 1)' \
+    && BUILT=1
 fi
 
-stamp "benchmarks"
-timeout 200 $PY -m fasteval bench --device cuda --out "$OUT" > "$OUT/bench.log" 2>&1 || status=1
-cat "$OUT/bench.log"
-stamp "done, status $status"
-exit $status
+pack
+
+# ---------------------------------------------------------------------------------------------------
+# helpers for the parallel stages
+results_counts() {  # results_counts FILE: "T tests: P passed, F failed, E errors, S skipped"; adds to failures.txt
+  $PY - "$OUT_DIR/failures.txt" "$1" <<'PY'
+import sys
+out, path = sys.argv[1], sys.argv[2]
+n = dict(passed=0, failed=0, errors=0, skipped=0)
+tests, bad = set(), []
+try:
+    lines = open(path).read().splitlines()
+except OSError:
+    lines = []
+for line in lines:
+    parts = line.split("\t")
+    if len(parts) < 3:
+        continue
+    outcome, when, nodeid, msg = (parts + [""])[:4]
+    tests.add(nodeid)
+    if outcome in ("passed", "skipped"):
+        n[outcome] += 1
+    elif when == "call":
+        n["failed"] += 1
+        bad.append(f"FAILED  {nodeid}  {msg}")
+    else:
+        n["errors"] += 1
+        bad.append(f"ERROR   {nodeid} (in {when})  {msg}")
+with open(out, "a") as f:
+    f.write("".join(b + "\n" for b in bad))
+print(f"{len(tests)} tests: {n['passed']} passed, {n['failed']} failed, {n['errors']} errors, {n['skipped']} skipped")
+PY
+}
+
+stage_suite() {  # stage_suite NAME PYTEST_ARGS...: resumes after a CUDA device fault or a killed test
+  local name=$1; shift
+  local s round=1 resume="" rc=1 tmo killed="" lost=""
+  s=$(now)
+  : > "$LOG/results-$name.tsv"
+  local marker=()
+  [ "$QUICK" = 1 ] && marker=(-m "not large")
+  # pytest-timeout, where installed: a test stuck in Python fails alone instead of holding the process
+  $PY -c 'import pytest_timeout' 2>/dev/null && marker+=(--timeout=300)
+  while :; do
+    tmo=$(limit 330 "$BENCH_RESERVE")
+    if [ "$tmo" -lt 20 ]; then break; fi
+    say "$name round $round${resume:+ (resuming after $resume)}, limit ${tmo}s"
+    FASTEVAL_PROGRESS_FILE=$LOG/progress-$name.txt FASTEVAL_RESULTS_FILE=$LOG/results-$name.tsv \
+      FASTEVAL_RESUME_AFTER=$resume OMP_NUM_THREADS=8 \
+      timeout -k 10 "$tmo" $PY -m pytest -q -rfE --maxfail=100000 --durations=25 ${marker[@]+"${marker[@]}"} \
+      --junitxml="$LOG/tests-$name-$round.xml" "$@" > "$LOG/tests-$name-$round.log" 2>&1
+    rc=$?
+    tail -5 "$LOG/tests-$name-$round.log"
+    if [ "$round" -ge 8 ]; then break; fi
+    if grep -q "CUDA context lost after" "$LOG/tests-$name-$round.log"; then
+      resume=$(head -1 "$LOG/progress-$name.txt")
+      lost="$lost $resume"
+      echo "CUDA context lost after $resume (the rest ran in a new process)" >> "$OUT_DIR/failures.txt"
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+      resume=$(head -1 "$LOG/progress-$name.txt")
+      killed="$killed $resume"
+      echo "KILLED at the time limit while running $resume (not a result)" >> "$OUT_DIR/failures.txt"
+    else
+      break
+    fi
+    round=$((round + 1))
+  done
+  local counts status=ok
+  counts=$(results_counts "$LOG/results-$name.tsv")
+  if [ "$rc" -ne 0 ] || [ "$round" -gt 1 ] || ! grep -q " 0 failed, 0 errors" <<< "$counts"; then status=FAILED; fi
+  if [ "$DRY" = 0 ] && grep -q ": 0 passed" <<< "$counts"; then status=FAILED; fi  # everything skipped
+  record "$name" $status $(( $(now) - s )) "$counts; $round pytest run(s)${lost:+; device fault after:$lost}${killed:+; killed at the time limit in:$killed}"
+}
+
+# The older tests that run the weighted backward without label smoothing on CUDA (deselected while the
+# known fault is there; see the header).
+KNOWN_FAULT_K="not ((test_matches_torch_fp32 and cuda and weight and not label_smoothing) or (test_kernel_matches_reference and cuda and cross_entropy) or (test_opcheck and cuda and cross_entropy))"
+probe_known_fault() {  # 0 when the weighted backward without label smoothing runs cleanly
+  timeout -k 5 60 $PY - > "$LOG/known-fault-probe.log" 2>&1 <<'PY'
+import torch
+import fasteval  # noqa: F401
+x = torch.randn(4, 10, device="cuda")
+t = torch.tensor([0, 1, 2, 3], device="cuda")
+w = torch.rand(10, device="cuda")
+loss, lse, tw = torch.ops.fasteval.softmax_cross_entropy(x, t, w, -100, 0.0, 0)
+torch.ops.fasteval.softmax_cross_entropy_backward(torch.ones(4, device="cuda"), x, t, w, lse, tw, -100, 0.0, 0)
+torch.cuda.synchronize()
+print("weighted backward without label smoothing: ran cleanly")
+PY
+}
+
+CUDA_TEST_FILES=(tests/test_cuda_sweep.py tests/test_cuda_sync.py tests/test_confusion_cuda.py tests/test_evaluator_cuda.py)
+stage_suites() {
+  local rest=() f
+  for f in "${CUDA_TEST_FILES[@]}"; do rest+=("--ignore=$f"); done
+  if [ "$DRY" = 1 ]; then
+    :
+  elif [ "$BUILT" = 1 ] && ! probe_known_fault; then
+    rest+=(-k "$KNOWN_FAULT_K")
+    record probe FAULT 0 "weighted backward with label_smoothing=0 faults (known): the older tests that hit it are deselected in suite-rest"
+  elif [ "$BUILT" = 1 ]; then
+    record probe ok 0 "weighted backward with label_smoothing=0 runs cleanly: nothing deselected"
+  fi
+  stage_suite suite-cuda "${CUDA_TEST_FILES[@]}" &
+  local pid=$!
+  stage_suite suite-rest "${rest[@]}"
+  wait "$pid"
+}
+
+SWEEP_EXCLUDE="w=True/eps=0.0"  # the known weighted-backward fault: covered by memcheck and the tests
+
+run_sweep() {  # run_sweep LOG TIMEOUT PREFIX... -- SWEEP_ARGS...: resumes after a lost CUDA context (3 times)
+  local log=$1 tmo=$2; shift 2
+  local pre=() args=() resume="" n=0 rc
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do pre+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  args=("$@")
+  : > "$log"
+  local end=$(( $(now) + tmo ))
+  while :; do
+    if [ $((end - $(now))) -lt 5 ]; then echo "no time left for the sweep" >> "$log"; return 124; fi
+    OMP_NUM_THREADS=2 timeout -k 10 $((end - $(now))) ${pre[@]+"${pre[@]}"} $PY benchmarks/cuda_kernel_sweep.py \
+      ${SWEEP_DEV[@]+"${SWEEP_DEV[@]}"} ${args[@]+"${args[@]}"} ${resume:+--resume-after "$resume"} >> "$log" 2>&1
+    rc=$?
+    n=$((n + 1))
+    if [ "$rc" -eq 3 ] && [ "$n" -lt 4 ] && [ $((end - $(now))) -gt 20 ]; then
+      resume=$(grep -o 'CUDA CONTEXT LOST after case [^:]*' "$log" | tail -1 | sed 's/.*after case //')
+      [ -n "$resume" ] && continue
+    fi
+    return "$rc"
+  done
+}
+
+stage_sync() {
+  local s rc1 rc2
+  s=$(now)
+  OMP_NUM_THREADS=2 timeout -k 10 "$(limit 120 "$BENCH_RESERVE")" $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_sync.py \
+    --junitxml="$LOG/sync-tests.xml" > "$LOG/sync-tests.log" 2>&1
+  rc1=$?
+  local mode=(--no-sync)
+  [ "$DRY" = 1 ] && mode=()
+  run_sweep "$LOG/sync-sweep.log" "$(limit 150 "$BENCH_RESERVE")" -- ${mode[@]+"${mode[@]}"} --exclude "$SWEEP_EXCLUDE"
+  rc2=$?
+  local t sw
+  t=$(tail -1 "$LOG/sync-tests.log")
+  sw=$(grep '^sweep:' "$LOG/sync-sweep.log" | tail -1 | cut -c1-200)
+  record sync "$([ $rc1 -eq 0 ] && [ $rc2 -eq 0 ] && echo ok || echo FAILED)" $(( $(now) - s )) \
+    "test_cuda_sync: $t | sweep (rc $rc2): ${sw:-no summary}"
+}
+
+SAN_OPTS=()
+probe_sanitizer() {  # the options this compute-sanitizer accepts (a kernel filter keeps torch's own kernels out)
+  local full=(--kernel-name kns=fasteval --destroy-on-device-error kernel --report-api-errors no
+              --show-backtrace device --print-limit 100)
+  if "$SAN" --tool memcheck "${full[@]}" --error-exitcode 99 true > "$LOG/sanitizer-probe.log" 2>&1; then
+    SAN_OPTS=("${full[@]}")
+  else
+    echo "compute-sanitizer rejected ${full[*]}; running it without them" >> "$LOG/sanitizer-probe.log"
+    SAN_OPTS=(--print-limit 100)
+  fi
+}
+
+stage_sanitizer() {  # stage_sanitizer TOOL DEFAULT_TIMEOUT SWEEP_ARGS...
+  local tool=$1 def=$2; shift 2
+  local s rc tmo
+  s=$(now)
+  tmo=$(limit "$def" "$BENCH_RESERVE")
+  if [ "$tmo" -lt 30 ]; then record "$tool" SKIPPED 0 "no time left"; return; fi
+  run_sweep "$LOG/$tool.log" "$tmo" "$SAN" --tool "$tool" ${SAN_OPTS[@]+"${SAN_OPTS[@]}"} --error-exitcode 99 \
+    -- ${@+"$@"}
+  rc=$?
+  local errs sw status
+  errs=$(grep -a "ERROR SUMMARY" "$LOG/$tool.log" | sed 's/=* *//' | tr '\n' ' ')
+  sw=$(grep -a '^sweep:' "$LOG/$tool.log" | tail -1 | cut -c1-160)
+  case $rc in
+    0) status=ok ;;
+    124|137) status=TIMEOUT ;;
+    *) status=FAILED ;;
+  esac
+  record "$tool" $status $(( $(now) - s )) "rc $rc; ${errs:-no error summary}| ${sw:-no sweep summary}"
+  # each report's first line, after the sweep case that was running
+  awk '/^case [0-9]+\//{c=$0} /^========= (Invalid|Error|Race|Barrier|Uninitialized|Program hit|Warning)/{print c "  ::  " $0}' \
+    "$LOG/$tool.log" | head -200 > "$LOG/$tool-reports.txt"
+}
+
+lane_b() {
+  want sync && stage_sync
+  if [ -n "$SAN" ]; then
+    want memcheck && stage_sanitizer memcheck 200
+    want initcheck && stage_sanitizer initcheck 150
+  fi
+}
+
+lane_c() {
+  if [ -n "$SAN" ]; then
+    want racecheck && stage_sanitizer racecheck 200 --only smem
+    want synccheck && stage_sanitizer synccheck 120 --only smem
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------------
+# the parallel group: suite-cuda | suite-rest | sync, memcheck, initcheck | racecheck, synccheck
+BENCH_RESERVE=$([ "$QUICK" = 1 ] && echo 40 || echo 100)
+: > "$OUT_DIR/failures.txt"
+PIDS=()
+if [ "$BUILT" = 1 ]; then
+  if [ -n "$SAN" ]; then probe_sanitizer; else
+    for t in memcheck racecheck synccheck initcheck; do want $t && record $t SKIPPED 0 "compute-sanitizer not found"; done
+  fi
+  lane_b > "$LOG/lane-b.log" 2>&1 &
+  PIDS+=($!)
+  lane_c > "$LOG/lane-c.log" 2>&1 &
+  PIDS+=($!)
+else
+  for t in sync memcheck racecheck synccheck initcheck; do want $t && record $t SKIPPED 0 "no CUDA build"; done
+fi
+want suite && stage_suites
+[ ${#PIDS[@]} -gt 0 ] && wait "${PIDS[@]}"
+pack
+
+# ---------------------------------------------------------------------------------------------------
+# bench: alone, one table at a time (each with its own CSV), the fast and most important first
+if want bench; then
+  if [ "$BUILT" != 1 ]; then
+    record bench SKIPPED 0 "no CUDA build"
+  else
+    s=$(now)
+    notes=""
+    BENCH_DEV=cuda
+    [ "$DRY" = 1 ] && { BENCH_DEV=cpu; QUICK=1; }
+    for table in cross_entropy evaluator confusion_matrix; do
+      l=$(left)
+      if [ "$l" -lt 25 ]; then notes="$notes $table:skipped(no time)"; continue; fi
+      mode=()
+      # full size needs about 40 s (cross-entropy, evaluator) / 90 s (confusion, scikit-learn baselines)
+      need=$([ "$table" = confusion_matrix ] && echo 100 || echo 45)
+      if [ "$QUICK" = 1 ] || [ "$l" -lt "$need" ]; then mode=(--quick); fi
+      cap=$((l - 5))
+      case $table in cross_entropy) [ "$cap" -gt 90 ] && cap=90 ;; evaluator) [ "$cap" -gt 60 ] && cap=60 ;; esac
+      timeout -k 10 "$cap" $PY -m fasteval bench --device "$BENCH_DEV" --only "$table" ${mode[@]+"${mode[@]}"} \
+        --out "$LOG/bench-$table" > "$LOG/bench-$table.log" 2>&1
+      rc=$?
+      notes="$notes $table:$([ $rc -eq 0 ] && echo ok || echo "rc=$rc")${mode:+(quick)}"
+      cat "$LOG/bench-$table.log"
+    done
+    record bench "$(grep -q 'rc=' <<< "$notes" && echo FAILED || echo ok)" $(( $(now) - s )) "$notes"
+  fi
+fi
+
+for f in "$LOG"/bench-*/bench-*.csv; do  # one CSV: the header once
+  [ -f "$f" ] || continue
+  if [ -f "$OUT_DIR/bench.csv" ]; then tail -n +2 "$f" >> "$OUT_DIR/bench.csv"; else cp "$f" "$OUT_DIR/bench.csv"; fi
+done
+say "done in $(( $(now) - T0 ))s (budget ${BUDGET}s); logs: $LOG, packed in $OUT_DIR/gpu_check-logs.tar.gz"
+pack
+echo
+echo "== summary ($OUT_DIR/summary.txt)"
+cat "$SUMMARY"
+if [ -s "$OUT_DIR/failures.txt" ]; then
+  echo "== failed tests ($(wc -l < "$OUT_DIR/failures.txt"), first 40; all in failures.txt)"
+  head -40 "$OUT_DIR/failures.txt"
+fi
+! grep -q -E "FAILED|TIMEOUT" "$SUMMARY"
