@@ -66,6 +66,16 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         ...                torch.nn.functional.cross_entropy(logits, target))
         True
     """
+    # Fast path for the common case, a few attribute reads: (N, C) CPU logits the compiled kernel serves,
+    # (N,) int64 / int32 targets, no class weights. Everything else, invalid input included, takes the
+    # general path below (the op itself validates the rest either way).
+    op = _ops.SCE_CPU
+    if op is not None and weight is None and input.is_cpu and input.dim() == 2 and target.dim() == 1:
+        dtype = input.dtype
+        red = _REDUCTIONS.get(reduction)
+        if dtype in _ops.KERNEL_DTYPES and target.dtype in _INDEX_DTYPES and red is not None:
+            loss = op(input, target, None, ignore_index, label_smoothing, red)[0]
+            return loss if dtype is torch.float32 else loss.to(dtype)
     red = _REDUCTIONS.get(reduction)
     if red is None:
         raise ValueError(f"{reduction} is not a valid value for reduction")

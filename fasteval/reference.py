@@ -77,7 +77,7 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
     check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction)
     n, c = logits.shape
     x = logits.to(_compute_dtype(logits))
-    valid = target != ignore_index
+    valid = target.long() != ignore_index  # in int64: an int32 target must not match a truncated ignore_index
     _check_targets(target, valid, c, ignore_index, "fasteval.softmax_cross_entropy")
     t = torch.where(valid, target, torch.zeros_like(target)).long()
     logp = torch.log_softmax(x, dim=1)
@@ -107,7 +107,7 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
     :func:`softmax_cross_entropy` returns it for ``reduction``."""
     n, c = logits.shape
     x = logits.to(_compute_dtype(logits))
-    valid = target != ignore_index
+    valid = target.long() != ignore_index
     _check_targets(target, valid, c, ignore_index, "fasteval.softmax_cross_entropy_backward")
     t = torch.where(valid, target, torch.zeros_like(target)).long()
     g = grad_loss.to(x.dtype)
