@@ -12,6 +12,10 @@ __all__ = ["cross_entropy", "CrossEntropyLoss"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # at::Reduction codes
 _INDEX_DTYPES = (torch.int64, torch.int32)
+# The fast path of cross_entropy: the op's entry point where it has a compiled CPU kernel, else None.
+_SCE_CPU = _ops.SCE_CPU
+_KERNEL_DTYPES = _ops.KERNEL_DTYPES
+_FLOAT32 = torch.float32
 
 
 def _flatten_logits(input: Tensor, target: Tensor):
@@ -69,13 +73,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # Fast path for the common case, a few attribute reads: (N, C) CPU logits the compiled kernel serves,
     # (N,) int64 / int32 targets, no class weights. Everything else, invalid input included, takes the
     # general path below (the op itself validates the rest either way).
-    op = _ops.SCE_CPU
-    if op is not None and weight is None and input.is_cpu and input.dim() == 2 and target.dim() == 1:
+    if _SCE_CPU is not None and weight is None and input.is_cpu and input.ndim == 2 and target.ndim == 1:
         dtype = input.dtype
         red = _REDUCTIONS.get(reduction)
-        if dtype in _ops.KERNEL_DTYPES and target.dtype in _INDEX_DTYPES and red is not None:
-            loss = op(input, target, None, ignore_index, label_smoothing, red)[0]
-            return loss if dtype is torch.float32 else loss.to(dtype)
+        if dtype in _KERNEL_DTYPES and target.dtype in _INDEX_DTYPES and red is not None:
+            loss = _SCE_CPU(input, target, None, ignore_index, label_smoothing, red)[0]
+            return loss if dtype is _FLOAT32 else loss.to(dtype)
     red = _REDUCTIONS.get(reduction)
     if red is None:
         raise ValueError(f"{reduction} is not a valid value for reduction")

@@ -274,16 +274,30 @@ def _avx2_cpu():
     return " avx2 " in flags and " fma " in flags
 
 
+def _build(tmp_path_factory, name, extra_includes=()):
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if cxx is None or not _avx2_cpu() or not sys.platform.startswith("linux"):
+        pytest.skip("needs a C++ compiler, Linux and an AVX2 + FMA CPU")
+    exe = str(tmp_path_factory.mktemp("csrc") / name)
+    cmd = [cxx, "-O2", "-std=c++17", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2",
+           "-I", os.path.join(_ROOT, "csrc")]
+    for inc in extra_includes:
+        cmd += ["-I", inc]
+    out = subprocess.run(cmd + [os.path.join(_ROOT, "tests", "csrc", name + ".cpp"), "-o", exe], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return exe
+
+
 @pytest.fixture(scope="module")
 def simd_math_check(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
-    if cxx is None or not _avx2_cpu():
-        pytest.skip("needs a C++ compiler and an AVX2 + FMA CPU")
-    exe = str(tmp_path_factory.mktemp("simd") / "simd_math_check")
-    src = os.path.join(_ROOT, "tests", "csrc", "simd_math_check.cpp")
-    subprocess.run([cxx, "-O2", "-std=c++17", "-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2",
-                    "-I", os.path.join(_ROOT, "csrc"), src, "-o", exe], check=True, capture_output=True)
-    return exe
+    return _build(tmp_path_factory, "simd_math_check")
+
+
+@pytest.fixture(scope="module")
+def row_lanes_check(tmp_path_factory):
+    from torch.utils.cpp_extension import include_paths
+    return _build(tmp_path_factory, "row_lanes_check", include_paths()[:1])  # torch/include, for c10's float types
 
 
 def test_vector_log_against_libm(simd_math_check):
@@ -297,3 +311,11 @@ def test_vector_log_against_libm(simd_math_check):
 def test_vector_exp_term_against_libm(simd_math_check):
     out = subprocess.run([simd_math_check, "exp"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_row_lanes_header_against_scalar_code(row_lanes_check):
+    # Block loads and stores (every C <= 32, 1..8 rows, strided, ending at an inaccessible page), targets,
+    # max / sum of exp / pick, argmax and rank in torch's order, the medium-C row statistics.
+    out = subprocess.run([row_lanes_check], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"exit {out.returncode}\n" + out.stdout[-3000:] + out.stderr[-3000:]
+    assert "all checks passed" in out.stdout

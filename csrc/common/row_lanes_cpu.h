@@ -250,16 +250,19 @@ FASTEVAL_LANES_INLINE Targets load_targets(const I* target, int nrows, int64_t C
       // valid: 0 <= t < C, i.e. not (0 > t) and (C > t)
       const __m256i va = _mm256_andnot_si256(_mm256_cmpgt_epi64(zero, a), _mm256_cmpgt_epi64(cv, a));
       const __m256i vb = _mm256_andnot_si256(_mm256_cmpgt_epi64(zero, b), _mm256_cmpgt_epi64(cv, b));
-      // Low 32 bits of each 64-bit lane, a's four then b's four.
-      const __m256i lo = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+      // Low 32 bits of each 64-bit lane, a's four then b's four: [a0 a1 b0 b1 | a2 a3 b2 b3], then the
+      // middle 64-bit quarters swapped.
       auto pack = [&](__m256i x, __m256i y) {
-        return _mm256_blend_epi32(_mm256_permutevar8x32_epi32(x, lo), _mm256_permutevar8x32_epi32(y, lo), 0xF0);
+        const __m256 q = _mm256_shuffle_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(y), 0x88);
+        return _mm256_permute4x64_epi64(_mm256_castps_si256(q), 0xD8);
       };
       out.t = pack(a, b);
       const __m256i ig = pack(ia, ib);
       out.ignored = _mm256_castsi256_ps(ig);
-      const __m256i ok = _mm256_or_si256(pack(va, vb), ig);
-      out.bad = ~static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(ok))) & 0xFFu;
+      // movemask of the 64-bit masks: bit k of each is lane k of a (b)
+      const uint32_t ok = static_cast<uint32_t>(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_or_si256(va, ia)))) |
+                          static_cast<uint32_t>(_mm256_movemask_pd(_mm256_castsi256_pd(_mm256_or_si256(vb, ib)))) << 4;
+      out.bad = ~ok & 0xFFu;
     } else {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(target));
       const bool ign_fits = ignore_index >= INT32_MIN && ignore_index <= INT32_MAX;
@@ -589,6 +592,19 @@ struct LaneSum {
     _mm256_store_pd(a, lo);
     _mm256_store_pd(a + 4, hi);
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+  }
+};
+
+// Per-lane count of 0 / 1 values (float lanes, exact below 2^24 per lane): LaneSum's interface, cheaper.
+struct LaneCount {
+  __m256 n = _mm256_setzero_ps();
+  FASTEVAL_LANES_INLINE void add(__m256 v) { n = _mm256_add_ps(n, v); }
+  FASTEVAL_LANES_INLINE double total() const {
+    alignas(32) float a[8];
+    _mm256_store_ps(a, n);
+    double t = 0;
+    for (int k = 0; k < 8; ++k) t += a[k];
+    return t;
   }
 };
 

@@ -1,9 +1,20 @@
 // CPU kernels of fasteval::softmax_cross_entropy and its backward.
 //
-// Forward: one read of each row (see common/row_softmax_cpu.h), x[target] gathered from the row, the
-// label-smoothing sum accumulated in the same sweep; fp32 accumulation for every input dtype; rows split
-// over threads with at::parallel_for; 64-bit indexing throughout.
-// Backward: one read of the logits and one write of the gradient, from the saved log-sum-exp.
+// Forward: one read of each row from memory, x[target] and the label-smoothing sum from the same data;
+// fp32 accumulation for every input dtype; rows split over threads with at::parallel_for (small inputs
+// run inline); 64-bit indexing throughout. Three paths by C (AVX2 / AVX512 builds; the portable build
+// has the third only):
+//   C <= 24           8 rows per vector (common/row_lanes_cpu.h, load_block): a block of rows transposed
+//                     in registers, every step a vertical vector operation for 8 rows;
+//   24 < C <= 4096    8 rows swept one by one (row_lanes_cpu.h, rows_stats), their reductions transposed
+//                     into the lanes, so the epilogue (log, loss) is again one vector operation;
+//   C > 4096          the blocked per-row pass (common/row_softmax_cpu.h), which keeps a block of each row
+//                     in L1 between its two sweeps.
+// Every path gives the same per-row results up to fp32 rounding; rows with a NaN or a max that is not
+// finite take the per-row pass in all of them. The reduction sums per-row losses in double, in an order
+// fixed by N and C (never by the thread count).
+// Backward: one read of the logits and one write of the gradient, from the saved log-sum-exp; C <= 24 by
+// transposed blocks of 8 rows, wider rows one by one.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -143,6 +154,8 @@ void forward_lanes(const T* x, int64_t row_stride, const I* target, const float*
   const int64_t nparts = (N + rpp - 1) / rpp;
   const T* limit = x + (N - 1) * row_stride + C;  // one past the last element read
   const __m256 vkeep = _mm256_set1_ps(keep), veps = _mm256_set1_ps(eps_over_c), vwsum = _mm256_set1_ps(wsum);
+  // Without weights the total weight is a count of rows.
+  using WeightSum = std::conditional_t<WEIGHTED, L::LaneSum, L::LaneCount>;
   // Label smoothing needs sum_c w_c (x_c - max) (see lanes::Shifted).
   constexpr L::Shifted SH = !SMOOTH ? L::Shifted::kNone : WEIGHTED ? L::Shifted::kWeighted : L::Shifted::kPlain;
   constexpr int64_t kPrefetchRows = 64;
@@ -150,12 +163,12 @@ void forward_lanes(const T* x, int64_t row_stride, const I* target, const float*
   // Loss, lse, stores and partial sums of the 8 rows from r0 (nr of them) from their lane statistics:
   // max m, sum sx (NaN detection), sumexp s, target logit xt, shifted sum sd (SMOOTH).
   auto finish = [&](int64_t r0, int nr, const L::Targets& tg, __m256 m, __m256 sx, __m256 s, __m256 xt, __m256 sd,
-                    L::LaneSum& sum_loss, L::LaneSum& sum_weight) {
+                    L::LaneSum& sum_loss, WeightSum& sum_weight) {
     const __m256 counted = _mm256_xor_ps(tg.ignored, _mm256_castsi256_ps(_mm256_set1_epi32(-1)));
     const __m256 wt = WEIGHTED ? _mm256_mask_i32gather_ps(_mm256_setzero_ps(), w, tg.t, counted, 4)
                                : _mm256_and_ps(counted, _mm256_set1_ps(1.f));
     // lse - x_t = log(s) - (x_t - m) and W lse - sum_c w_c x_c = W log(s) - sd: no cancellation of huge logits.
-    const __m256 log_s = L::log_ps(s);
+    const __m256 log_s = L::log_normal_ps(s);  // s >= 1 where it is used (redone and ignored lanes are replaced)
     __m256 l = _mm256_add_ps(m, log_s);
     __m256 v = _mm256_mul_ps(_mm256_mul_ps(vkeep, wt), _mm256_sub_ps(log_s, _mm256_sub_ps(xt, m)));
     if constexpr (SMOOTH) v = _mm256_fmadd_ps(veps, _mm256_fmsub_ps(vwsum, log_s, sd), v);
@@ -193,7 +206,7 @@ void forward_lanes(const T* x, int64_t row_stride, const I* target, const float*
   };
 
   // C <= kMaxC: NB transposed blocks of 8 rows from row i (the last one may be partial), phase by phase.
-  auto step = [&](auto nb_tag, int64_t i, int64_t end, __m256* col, L::LaneSum& sum_loss, L::LaneSum& sum_weight) {
+  auto step = [&](auto nb_tag, int64_t i, int64_t end, __m256* col, L::LaneSum& sum_loss, WeightSum& sum_weight) {
     constexpr int NB = decltype(nb_tag)::value;
     int nr[NB];
     L::Targets tg[NB];
@@ -218,7 +231,7 @@ void forward_lanes(const T* x, int64_t row_stride, const I* target, const float*
   };
 
   // MEDIUM: 8 rows from row i swept one by one.
-  auto group = [&](int64_t i, int64_t end, L::LaneSum& sum_loss, L::LaneSum& sum_weight) {
+  auto group = [&](int64_t i, int64_t end, L::LaneSum& sum_loss, WeightSum& sum_weight) {
     const int nr = static_cast<int>(std::min<int64_t>(L::kLanes, end - i));
     const L::Targets tg = targets(i, nr);
     __m256 m, sx, s, sd;
@@ -236,7 +249,8 @@ void forward_lanes(const T* x, int64_t row_stride, const I* target, const float*
   auto run = [&](int64_t pb, int64_t pe) {
     __m256 col[MEDIUM ? 1 : 2 * L::kMaxC];
     for (int64_t part = pb; part < pe; ++part) {
-      L::LaneSum sum_loss, sum_weight;
+      L::LaneSum sum_loss;
+      WeightSum sum_weight;
       const int64_t end = std::min(N, (part + 1) * rpp);
       int64_t i = part * rpp;
       if constexpr (MEDIUM) {

@@ -1,4 +1,5 @@
-// Checks csrc/common/simd_math_avx2.h against the C library (built and run by tests/test_simd_math.py).
+// Checks csrc/common/simd_math_avx2.h against the C library (built and run by
+// tests/test_cross_entropy_paths.py).
 //   simd_math_check log [step]   log_ps over the float range: every step-th bit pattern of every binade
 //                                (step 1 = all 2^32 patterns), specials; prints the largest error in ulps
 //   simd_math_check exp          exp_le0 over [-87.5, 0] and its special inputs
@@ -94,6 +95,19 @@ static int check_log(uint64_t step) {
   if (!(worst <= 1.0)) {
     std::printf("FAIL log error above 1 ulp\n");
     return 1;
+  }
+  // log_normal_ps: the same values as log_ps on positive normal inputs.
+  for (uint32_t b = 0x00800000u; b + 997 * 8 < 0x7f800000u; b += 997 * 8) {
+    for (int j = 0; j < 8; ++j) in[j] = from_bits(b + 997 * j);
+    alignas(32) float a[8], c[8];
+    _mm256_store_ps(a, log_ps(_mm256_load_ps(in)));
+    _mm256_store_ps(c, fasteval::cpu::lanes::log_normal_ps(_mm256_load_ps(in)));
+    for (int j = 0; j < 8; ++j) {
+      if (a[j] != c[j]) {
+        std::printf("FAIL log_normal_ps(%a) = %a, log_ps gives %a\n", in[j], c[j], a[j]);
+        return 1;
+      }
+    }
   }
   return 0;
 }
