@@ -156,7 +156,8 @@ def test_rows_ending_at_a_guard_page(dtype, c):
 
 
 @pytest.mark.parametrize("c", [2, 5, 10, 24, 25, 100, 5000])
-def test_non_finite_rows(c):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_non_finite_rows(c, weighted):
     g = torch.Generator().manual_seed(c)
     n = 27
     x = torch.randn(n, c, generator=g) * 2
@@ -172,24 +173,23 @@ def test_non_finite_rows(c):
     x[10, 1 % c] = float("inf")
     x[17, :] = -1e30  # huge but finite
     x[18, :] = 3e38  # max near the top of the float range
+    x[19, :] += 2e3  # large offsets: the raw sum of logits would lose bits to the smoothing term
+    x[20, :] -= 5e4
+    w = torch.rand(c, generator=g) + 0.5 if weighted else None
     for ls in (0.0, 0.1):
-        a = fasteval.cross_entropy(x, t, reduction="none", label_smoothing=ls)
-        b = F.cross_entropy(x, t, reduction="none", label_smoothing=ls)
-        # Rows of logits near +-1e30 / 3e38 with label smoothing: exact up to C = 4096; the blocked pass for
-        # wider rows sums the raw logits for the smoothing term, which cancels (or overflows) there.
-        rows = [i for i in range(n) if ls == 0.0 or c <= 4096 or i not in (17, 18)]
-        torch.testing.assert_close(a[rows], b[rows], equal_nan=True)
+        a = fasteval.cross_entropy(x, t, reduction="none", label_smoothing=ls, weight=w)
+        b = F.cross_entropy(x, t, reduction="none", label_smoothing=ls, weight=w)
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-5, atol=2e-5)
         if c > 1 and ls == 0.0:
             assert torch.isfinite(a[3]), "a -inf logit of another class must not give NaN"
-        if ls == 0.0 or c <= 4096:
-            _check_op(x, t, label_smoothing=ls, grad=False)
-        # Gradients: rows whose max is not finite are NaN throughout, as torch's. (Not rows 17 and 18: the
-        # backward gets the row's log-sum-exp, which for logits of 1e30 has no bits left for log(sum exp).)
+        _check_op(x, t, weight=w, label_smoothing=ls, grad=False)
+        # Gradients: rows whose max is not finite are NaN throughout, as torch's. (Not rows 17 to 20: the
+        # backward gets the row's log-sum-exp, which for large logits keeps few bits of log(sum exp).)
         xa = x.clone().requires_grad_()
         xb = x.clone().requires_grad_()
-        fasteval.cross_entropy(xa, t, reduction="sum", label_smoothing=ls).backward()
-        F.cross_entropy(xb, t, reduction="sum", label_smoothing=ls).backward()
-        rows = [i for i in range(n) if i not in (17, 18)]
+        fasteval.cross_entropy(xa, t, reduction="sum", label_smoothing=ls, weight=w).backward()
+        F.cross_entropy(xb, t, reduction="sum", label_smoothing=ls, weight=w).backward()
+        rows = [i for i in range(n) if i not in (17, 18, 19, 20)]
         torch.testing.assert_close(xa.grad[rows], xb.grad[rows], rtol=1e-5, atol=1e-6, equal_nan=True)
         assert xa.grad[[0, 1, 2, 9, 10]].isnan().all()
 

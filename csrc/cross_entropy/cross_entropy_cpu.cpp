@@ -83,6 +83,32 @@ inline int64_t forward_rows_per_partial(int64_t C) {
   return rows_per_partial(C);
 }
 
+// sum_c w_c (x_c - m) (w may be null: ones), vectorized, in fp32.
+template <typename T>
+float shifted_sum(const T* row, int64_t C, const float* w, float m) {
+  using L = ChunkLoader<T>;
+  const fVec vm(m);
+  fVec acc_lo(0.f), acc_hi(0.f);
+  for (int64_t j = 0; j < C; j += kChunk) {
+    const int64_t n = std::min<int64_t>(kChunk, C - j);
+    const Chunk c = n == kChunk ? L::load(row + j) : L::load(row + j, n);
+    Chunk d{c.lo - vm, c.hi - vm};
+    if (n < kChunk) d = cpu::mask_tail(d, n, fVec(0.f));
+    if (w) {
+      const Chunk cw = n == kChunk ? ChunkLoader<float>::load(w + j) : ChunkLoader<float>::load(w + j, n);
+      acc_lo = at::vec::fmadd(d.lo, cw.lo, acc_lo);
+      acc_hi = at::vec::fmadd(d.hi, cw.hi, acc_hi);
+    } else {
+      acc_lo = acc_lo + d.lo;
+      acc_hi = acc_hi + d.hi;
+    }
+  }
+  return cpu::hsum(acc_lo + acc_hi);
+}
+
+// Beyond this |row max| the raw sum of the logits loses too many bits to the difference with W max.
+constexpr float kHugeLogit = 1024.f;
+
 // Loss and log-sum-exp of one counted row (target t in [0, C)) from the per-row pass.
 template <typename T, bool SMOOTH>
 FASTEVAL_ALWAYS_INLINE void row_loss(const T* row, int64_t C, int64_t t, const float* w, float wsum, float keep,
@@ -93,7 +119,12 @@ FASTEVAL_ALWAYS_INLINE void row_loss(const T* row, int64_t C, int64_t t, const f
   // lse - x_t as log(sumexp) - (x_t - max): no cancellation for rows of huge logits (NaN stays NaN).
   const float nll = std::isfinite(st.max) ? std::log(st.sumexp) - (static_cast<float>(row[t]) - st.max) : l;
   float v = keep * wt * nll;
-  if constexpr (SMOOTH) v += eps_over_c * (wsum * l - st.sum_wx);
+  if constexpr (SMOOTH) {
+    // W lse - sum_c w_c x_c = W log(sumexp) - sum_c w_c (x_c - max). From the raw sum the difference cancels
+    // (or overflows) for rows of huge logits: those get the shifted sum in one more pass over the row.
+    const bool huge = std::isfinite(st.max) && (std::fabs(st.max) > kHugeLogit || !std::isfinite(st.sum_wx));
+    v += eps_over_c * (huge ? wsum * std::log(st.sumexp) - shifted_sum(row, C, w, st.max) : wsum * l - st.sum_wx);
+  }
   loss = v;
   lse = l;
 }
