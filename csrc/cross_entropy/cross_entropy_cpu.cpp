@@ -343,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(
           auto pick = [&](auto medium) {
             constexpr bool M = decltype(medium)::value;
             if (eps > 0.f) {
-              std::apply(wp ? forward_lanes<T, index_t, true, true, M> : forward_lanes<T, index_t, true, false, M>, args);
+              std::apply(wp ? forward_lanes<T, index_t, true, true, M> : forward_lanes<T, index_t, true, false, M>,
+                         args);
             } else {
               std::apply(wp ? forward_lanes<T, index_t, false, true, M> : forward_lanes<T, index_t, false, false, M>,
                          args);
