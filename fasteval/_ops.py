@@ -156,3 +156,28 @@ def topk_rank(scores, target, ignore_index):
 _register()
 # Resolved once: attribute look-ups through torch.ops cost microseconds on small inputs.
 _SCE = torch.ops.fasteval.softmax_cross_entropy.default if _REGISTERED else None
+KERNEL_DTYPES = _KERNEL_DTYPES
+
+
+def _sce_cpu_fast():
+    """The callable behind ``fasteval.cross_entropy``'s fast path: the op's C++ entry point itself where it
+    has a compiled CPU kernel (calling it skips ``OpOverload.__call__``, a Python frame that is a visible
+    share of a small call), else None. torch.compile cannot trace that builtin, so it is registered to be
+    traced as the op overload; if that registration is not available, the overload itself is returned."""
+    if _SCE is None or not _loader.has_kernel("softmax_cross_entropy", "cpu"):
+        return None
+    raw = getattr(_SCE, "_op", None)
+    substitute = getattr(torch.compiler, "substitute_in_graph", None)
+    if raw is None or substitute is None:
+        return _SCE
+    try:
+        @substitute(raw, skip_signature_check=True)
+        def _traced(*args):
+            return _SCE(*args)
+    except Exception:  # an API change: keep the traceable overload
+        return _SCE
+    return raw
+
+
+# The fast path of losses.cross_entropy (None when the compiled CPU kernel is not there).
+SCE_CPU = _sce_cpu_fast()

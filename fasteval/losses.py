@@ -36,6 +36,11 @@ def _check_weight(weight, input: Tensor) -> None:
         # torch refuses it the same way: the loss is not differentiable with respect to the weight.
         raise FastevalValueError("the class weight requires grad, but the loss is not differentiable with respect "
                                  "to it (as in torch); pass weight.detach()")
+# The fast path of cross_entropy: the op's entry point where it has a compiled CPU kernel, else None.
+_SCE_CPU = _ops.SCE_CPU
+_KERNEL_DTYPES = _ops.KERNEL_DTYPES
+_FLOAT32 = torch.float32
+_INT64_MIN, _INT64_MAX = _validate.INT64_MIN, _validate.INT64_MAX
 
 
 def _flatten_logits(input: Tensor, target: Tensor):
@@ -99,6 +104,20 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         ...                torch.nn.functional.cross_entropy(logits, target))
         True
     """
+    # Fast path for the common case, a few attribute reads: (N, C) CPU logits the compiled kernel serves,
+    # (N,) int64 / int32 targets, no class weights, an int ignore_index. Everything else takes the general
+    # path below; the op validates the rest either way (its errors get this function's prefix and types).
+    if _SCE_CPU is not None and weight is None and reduction.__class__ is str and input.is_cpu and \
+            input.ndim == 2 and target.ndim == 1 and ignore_index.__class__ is int:
+        dtype = input.dtype
+        red = _REDUCTIONS.get(reduction)
+        if dtype in _KERNEL_DTYPES and target.dtype in _INDEX_DTYPES and red is not None and \
+                _INT64_MIN <= ignore_index <= _INT64_MAX:
+            try:
+                loss = _SCE_CPU(input, target, None, ignore_index, label_smoothing, red)[0]
+            except (ValueError, TypeError, IndexError) as e:
+                reraise(e, _NAME)
+            return loss if dtype is _FLOAT32 else loss.to(dtype)
     try:
         red = _REDUCTIONS.get(reduction) if isinstance(reduction, str) else None
         if red is None:

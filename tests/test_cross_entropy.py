@@ -76,7 +76,14 @@ def test_matches_torch_fp32(device, shape, reduction, opts):
     g = torch.randn_like(b)
     (a * g).sum().backward()
     (b * g).sum().backward()
-    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-4, atol=1e-6)
+    # Gradient: within the tolerance of the float64 gradient, or no further from it than torch's own float32
+    # gradient is (which at C = 32000 with label smoothing misses that tolerance for some draws of g).
+    xd = x.double().requires_grad_()
+    kwd = dict(kw, weight=kw["weight"].double()) if "weight" in kw else kw
+    (torch_ce(xd, t, **kwd) * g.double()).sum().backward()
+    err, err_torch = (xa.grad.double() - xd.grad).abs(), (xb.grad.double() - xd.grad).abs()
+    bound = torch.maximum(1e-6 + 1e-4 * xd.grad.abs(), 1.5 * err_torch + 1e-7)
+    assert (err <= bound).all(), f"gradient off by {(err - bound).max().item():.3g} beyond the bound"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -8,11 +8,23 @@
 // read from memory once and exp is evaluated once per element.
 #include "common/cpu_vec.h"
 #include "common/row_rank_cpu.h"
+#include "common/simd_math_avx2.h"
 
 namespace fasteval {
 namespace cpu {
 
 constexpr int64_t kBlock = 4096;  // elements per block: 16 KiB of float32, L1-resident
+
+// exp(d) for d = x - max <= 0 as a term of the row's sum of exp. On AVX2 the leaner lanes::exp_le0 (terms
+// below exp(-86.5), -inf included, count as ~2.7e-38 instead of 0: nothing next to the sum's exp(0) = 1);
+// elsewhere fast_exp.
+FASTEVAL_ALWAYS_INLINE fVec exp_term(const fVec& d) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return lanes::exp_le0(d);
+#else
+  return fast_exp(d);
+#endif
+}
 
 struct RowStats {
   float max;      // row max (NaN if any element is NaN)
@@ -117,16 +129,16 @@ FASTEVAL_ALWAYS_INLINE RowStats row_stats_impl(const T* row, int64_t C, const fl
     if (full < len) {  // the partial chunk first, as in sweep 1
       const int64_t n = len - full;
       Chunk c = mask_tail(L::load(p + full, n), n, ninf);
-      se_lo = fast_exp(c.lo - vm);
-      se_hi = fast_exp(c.hi - vm);
+      se_lo = exp_term(c.lo - vm);
+      se_hi = exp_term(c.hi - vm);
     }
     for (int64_t j = 0; j < full; j += kChunk) {
       // Pull the next block towards L1 while this one is busy with exp: memory traffic overlaps the
       // arithmetic instead of alternating with it (prefetches never fault past the end).
       __builtin_prefetch(p + kBlock + j, 0, 3);
       Chunk c = L::load(p + j);
-      se_lo = se_lo + fast_exp(c.lo - vm);
-      se_hi = se_hi + fast_exp(c.hi - vm);
+      se_lo = se_lo + exp_term(c.lo - vm);
+      se_hi = se_hi + exp_term(c.hi - vm);
     }
     s += hsum(se_lo + se_hi);
   }
