@@ -189,7 +189,7 @@ def _ceil_float32(t: Tensor) -> Tensor:
 
 
 def _binned_thresholds(thr: Tensor, preds_dtype: torch.dtype, from_logits: bool) -> Tensor:
-    """Ascending thresholds ``thr`` -> the float64 thresholds the binned op compares ``preds >= thr`` with
+    """Thresholds ``thr`` -> the float64 thresholds the binned op compares ``preds >= thr`` with
     (in float32 for non-float64 preds, in float64 for float64 preds), on thr's device, without a sync.
 
     Without ``from_logits`` the result is torch's ``preds >= thr``, compared in the dtype torch promotes
@@ -448,10 +448,11 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Union[int
     - one-vs-rest multiclass: preds (N, C) scores, target (N,) class indices -> (C, T, 2, 2).
 
     ``thresholds``: an int T for ``torch.linspace(0, 1, T)``, a list (a float32 tensor, as torchmetrics
-    makes it) or a 1-D floating tensor, in any order: the op runs on the sorted thresholds and the counts
-    come back in the caller's order (sorting happens on the device, without a host sync). NaN thresholds
+    makes it) or a 1-D floating tensor, in any order (duplicates allowed): the counts come back in the
+    order given (the op sorts a copy on the device, without a host sync). NaN thresholds
     (and probabilities outside [0, 1] with ``from_logits``) raise when the thresholds are an int, a list or
-    a CPU tensor; on another device they are not read back, and no score reaches them.
+    a CPU tensor; on another device they are not read back, and no score reaches them (their counts are
+    those of a threshold above every score).
     Each matrix is ``[[tn, fp], [fn, tp]]``.
 
     Example:
@@ -482,11 +483,7 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Union[int
     if not isinstance(from_logits, bool):
         raise FastevalTypeError(f"{op}: from_logits must be a bool, got {from_logits!r}")
     thr = _threshold_tensor(thresholds, preds.device, op, probabilities=from_logits)
-    # The op's bucket search needs ascending thresholds: sort once, keep the permutation.
-    sorted_thr, order = torch.sort(thr)
-    cmp_thr = _binned_thresholds(sorted_thr, preds.dtype, from_logits)
+    cmp_thr = _binned_thresholds(thr, preds.dtype, from_logits)  # the op takes them in any order
     cm, invalid = _ops.binned_confusion_matrix(preds2, target2, cmp_thr, _check_ignore_index(ignore_index, op))
     _record_invalid(invalid)
-    out = torch.empty_like(cm)
-    out[:, order] = cm
-    return out[0] if binary else out
+    return cm[0] if binary else cm
