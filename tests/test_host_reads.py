@@ -159,9 +159,9 @@ def test_evaluator_update_reads_nothing(dtype, layout):
 
 def test_float64_eval_update_op_counts_bad_targets_without_reading():
     x, t = torch.randn(6, 4, dtype=torch.float64, generator=_g(4)), torch.tensor([0, 5, 1, -1, 3, 2])
-    state = [torch.zeros(1, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.int64), torch.zeros(1, dtype=torch.int64),
-             torch.zeros(6, dtype=torch.int64), torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.int64),
-             torch.zeros(2, dtype=torch.int64)]
+    i64, f64 = torch.int64, torch.float64
+    state = [torch.zeros(1, dtype=f64), torch.zeros(4, 4, dtype=i64), torch.zeros(1, dtype=i64),
+             torch.zeros(6, dtype=i64), torch.zeros(6, dtype=f64), torch.zeros(6, dtype=i64), torch.zeros(2, dtype=i64)]
     with device_like():
         reference.eval_update(x, t, torch.linspace(0, 1, 6), None, 0.0, [1], False, *state)
     assert state[-1].tolist() == [0, 2] and all(not bool(s.any()) for s in state[:-1])

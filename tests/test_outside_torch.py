@@ -387,7 +387,8 @@ def _torch_error(api: str, case: ErrorCase) -> BaseException:
     raise AssertionError(f"{case.id}: torch accepts this input, so it is not an error case")
 
 
-ERROR_PARAMS = [pytest.param(case, api, id=f"{case.id}-{api}") for case in ERROR_CASES for api in ("function", "module")]
+ERROR_PARAMS = [pytest.param(case, api, id=f"{case.id}-{api}")
+                for case in ERROR_CASES for api in ("function", "module")]
 
 
 @pytest.mark.parametrize("case,api", ERROR_PARAMS)
