@@ -85,10 +85,13 @@ TORCH_LIBRARY(fasteval, m) {
   // equals ignore_index are skipped.
   m.def("multilabel_confusion_matrix(Tensor preds, Tensor target, float threshold, int? ignore_index) -> "
         "(Tensor confmat, Tensor invalid)");
-  // Binned (multi-threshold) confusion matrices in one pass: thresholds (T,) sorted ascending, a
-  // sample is predicted positive at threshold k when preds >= thresholds[k]. preds (N, L) floating;
-  // target (N, L) integer 0/1 (binary / multilabel) or target (N,) class labels (one-vs-rest over the
-  // L = C columns of preds). confmat (L, T, 2, 2) = [[tn, fp], [fn, tp]] per label and threshold.
+  // Binned (multi-threshold) confusion matrices in one pass: thresholds (T,) floating, in any order
+  // (duplicates allowed); counts are returned in the order given. A sample is predicted positive at
+  // threshold k when preds >= thresholds[k], compared in float32 (float64 for float64 preds; the
+  // thresholds are rounded to nearest first); never for a NaN threshold or a NaN score, as torch's >=.
+  // preds (N, L) floating; target (N, L) integer 0/1 (binary / multilabel) or target (N,) class labels
+  // (one-vs-rest over the L = C columns of preds). confmat (L, T, 2, 2) = [[tn, fp], [fn, tp]] per label
+  // and threshold.
   m.def("binned_confusion_matrix(Tensor preds, Tensor target, Tensor thresholds, int? ignore_index) -> "
         "(Tensor confmat, Tensor invalid)");
   // Rank of the target's score within its row of scores (N, C): the target's position in the row

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import reference
 from .errors import FastevalTypeError, FastevalValueError
 
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
@@ -32,6 +33,12 @@ def ignore_index(value, optional: bool = True) -> Optional[int]:
     if not INT64_MIN <= value <= INT64_MAX:
         raise FastevalValueError(f"ignore_index={value} is outside the int64 range [-2**63, 2**63 - 1]")
     return value
+
+
+def host_readable(t: Tensor) -> bool:
+    """Whether ``t``'s values can be read on the host for free (see :func:`fasteval.reference.host_readable`,
+    the one place that decides it)."""
+    return reference.host_readable(t)
 
 
 def is_meta(*tensors) -> bool:

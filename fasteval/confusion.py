@@ -9,6 +9,7 @@ synchronises with the host: samples whose label is out of range are skipped and 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -110,6 +111,41 @@ def _prepare_multiclass(preds: Tensor, target: Tensor, num_classes: int, op: str
     return preds, target
 
 
+def _pack_round(x: float, fmt: str) -> float:
+    """x rounded to the IEEE format ``fmt`` of :mod:`struct` ("f" float32, "e" float16), to nearest even;
+    inf beyond the format's range (as a C cast; struct raises instead)."""
+    try:
+        return struct.unpack(fmt, struct.pack(fmt, x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+
+def _round_scalar(x: float, dtype: torch.dtype) -> float:
+    """The Python float x converted to ``dtype`` as torch converts it (``torch.tensor(x, dtype=float64).to(
+    dtype)``: through float32 for float16 / bfloat16, each step to nearest even), without making a tensor."""
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return x
+    y = _pack_round(x, "f")
+    if dtype == torch.float16:
+        return _pack_round(y, "e")
+    if dtype == torch.bfloat16:
+        bits = struct.unpack("<I", struct.pack("<f", y))[0]
+        if bits & 0x7F800000 != 0x7F800000:  # finite: round the low 16 bits away, to nearest even
+            bits += 0x7FFF + ((bits >> 16) & 1)
+        y = struct.unpack("<f", struct.pack("<I", bits & 0xFFFF0000))[0]
+    return y
+
+
+def _next_float32(f: float, up: bool) -> float:
+    """The float32 next to the finite float32 value f, towards +inf (up) or -inf."""
+    if f == 0.0:
+        tiny = struct.unpack("<f", struct.pack("<I", 1))[0]
+        return tiny if up else -tiny
+    bits = struct.unpack("<I", struct.pack("<f", f))[0]
+    bits += 1 if (f > 0) == up else -1
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
 def _to_threshold(threshold: float, dtype: torch.dtype, from_logits: bool, inclusive: bool) -> float:
     """The threshold to compare scores of ``dtype`` with (``x > thr``, or ``x >= thr`` when inclusive), as a
     float the kernels compare with exactly.
@@ -123,13 +159,11 @@ def _to_threshold(threshold: float, dtype: torch.dtype, from_logits: bool, inclu
     With ``from_logits`` the scores are logits and a probability threshold t applies to sigmoid(x): the
     comparison becomes x > logit(t) (x >= logit(t)), with logit(t) = log(t) - log1p(-t) in float64 and
     rounded towards the side that keeps the comparison exact in float32 arithmetic. No sigmoid is
-    evaluated and nothing depends on the data.
+    evaluated and nothing depends on the data (no tensor is made: plain Python arithmetic).
     """
     threshold = float(threshold)
     if not from_logits:
-        if dtype in (torch.float32, torch.float16, torch.bfloat16):
-            return float(torch.tensor(threshold, dtype=torch.float64).to(dtype))
-        return threshold
+        return _round_scalar(threshold, dtype)
     if not 0.0 <= threshold <= 1.0:
         raise FastevalValueError(f"threshold must be a probability in [0, 1] with from_logits=True, got {threshold}")
     if threshold == 0.0:
@@ -139,12 +173,12 @@ def _to_threshold(threshold: float, dtype: torch.dtype, from_logits: bool, inclu
     logit = math.log(threshold) - math.log1p(-threshold)
     if dtype == torch.float64:
         return logit
-    f = torch.tensor(logit, dtype=torch.float64).to(torch.float32)
-    if not inclusive and f.double() > logit:  # x > logit <=> x > (largest float32 <= logit)
-        f = torch.nextafter(f, torch.tensor(-math.inf))
-    if inclusive and f.double() < logit:  # x >= logit <=> x >= (smallest float32 >= logit)
-        f = torch.nextafter(f, torch.tensor(math.inf))
-    return float(f)
+    f = _round_scalar(logit, torch.float32)
+    if not inclusive and f > logit:  # x > logit <=> x > (largest float32 <= logit)
+        f = _next_float32(f, up=False)
+    if inclusive and f < logit:  # x >= logit <=> x >= (smallest float32 >= logit)
+        f = _next_float32(f, up=True)
+    return f
 
 
 def _ceil_float32(t: Tensor) -> Tensor:
@@ -155,7 +189,7 @@ def _ceil_float32(t: Tensor) -> Tensor:
 
 
 def _binned_thresholds(thr: Tensor, preds_dtype: torch.dtype, from_logits: bool) -> Tensor:
-    """Ascending thresholds ``thr`` -> the float64 thresholds the binned op compares ``preds >= thr`` with
+    """Thresholds ``thr`` -> the float64 thresholds the binned op compares ``preds >= thr`` with
     (in float32 for non-float64 preds, in float64 for float64 preds), on thr's device, without a sync.
 
     Without ``from_logits`` the result is torch's ``preds >= thr``, compared in the dtype torch promotes
@@ -384,7 +418,7 @@ def _threshold_tensor(thresholds, device, op: str, probabilities: bool = False) 
     if thresholds.dim() != 1 or thresholds.numel() == 0 or not thresholds.is_floating_point():
         raise FastevalValueError(f"{op}: thresholds must be a non-empty 1-D floating tensor, got "
                                  f"{thresholds.dtype} of shape {tuple(thresholds.shape)}")
-    if thresholds.device.type == "cpu":
+    if _validate.host_readable(thresholds):
         bad = torch.isnan(thresholds)
         if probabilities:
             bad = bad | (thresholds < 0) | (thresholds > 1)
@@ -414,10 +448,11 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Union[int
     - one-vs-rest multiclass: preds (N, C) scores, target (N,) class indices -> (C, T, 2, 2).
 
     ``thresholds``: an int T for ``torch.linspace(0, 1, T)``, a list (a float32 tensor, as torchmetrics
-    makes it) or a 1-D floating tensor, in any order: the op runs on the sorted thresholds and the counts
-    come back in the caller's order (sorting happens on the device, without a host sync). NaN thresholds
+    makes it) or a 1-D floating tensor, in any order (duplicates allowed): the counts come back in the
+    order given (the op sorts a copy on the device, without a host sync). NaN thresholds
     (and probabilities outside [0, 1] with ``from_logits``) raise when the thresholds are an int, a list or
-    a CPU tensor; on another device they are not read back, and no score reaches them.
+    a CPU tensor; on another device they are not read back, and no score reaches them (their counts are
+    those of a threshold above every score).
     Each matrix is ``[[tn, fp], [fn, tp]]``.
 
     Example:
@@ -448,11 +483,7 @@ def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Union[int
     if not isinstance(from_logits, bool):
         raise FastevalTypeError(f"{op}: from_logits must be a bool, got {from_logits!r}")
     thr = _threshold_tensor(thresholds, preds.device, op, probabilities=from_logits)
-    # The op's bucket search needs ascending thresholds: sort once, keep the permutation.
-    sorted_thr, order = torch.sort(thr)
-    cmp_thr = _binned_thresholds(sorted_thr, preds.dtype, from_logits)
+    cmp_thr = _binned_thresholds(thr, preds.dtype, from_logits)  # the op takes them in any order
     cm, invalid = _ops.binned_confusion_matrix(preds2, target2, cmp_thr, _check_ignore_index(ignore_index, op))
     _record_invalid(invalid)
-    out = torch.empty_like(cm)
-    out[:, order] = cm
-    return out[0] if binary else out
+    return cm[0] if binary else cm

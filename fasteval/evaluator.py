@@ -194,7 +194,8 @@ class ClassificationEvaluator:
         confusion counts, top-k hits and calibration bins within the number of samples, top-k hits not
         decreasing with k, every bin's correct count and confidence sum within its count, a loss sum that
         is not negative). A state that breaks any of these raises ``FastevalValueError`` and leaves the
-        evaluator unchanged.
+        evaluator unchanged. The check reads the state on the host (one copy to the CPU: on a GPU, a
+        synchronisation), unlike :meth:`update`, :meth:`merge`, :meth:`state_dict` and :meth:`reset`.
         """
         if not isinstance(state, Mapping):
             raise FastevalTypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")

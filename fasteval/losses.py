@@ -35,7 +35,9 @@ def _check_weight(weight, input: Tensor) -> None:
     if weight.requires_grad and torch.is_grad_enabled():
         # torch refuses it the same way: the loss is not differentiable with respect to the weight.
         raise FastevalValueError("the class weight requires grad, but the loss is not differentiable with respect "
-                                 "to it (as in torch); pass weight.detach()")
+                                 "to argument 'weight' (as in torch); pass weight.detach()")
+
+
 # The fast path of cross_entropy: the op's entry point where it has a compiled CPU kernel, else None.
 _SCE_CPU = _ops.SCE_CPU
 _KERNEL_DTYPES = _ops.KERNEL_DTYPES

@@ -457,7 +457,7 @@ def top_k_accuracy(preds: Tensor, target: Tensor, num_classes: int, k: int = 2, 
     t = target.reshape(-1).long()
     keep = torch.ones_like(t, dtype=torch.bool) if ign is None else t != ign
     bad = keep & ((t < 0) | (t >= c))
-    if t.device.type == "cpu" and not torch.compiler.is_compiling() and bool(bad.any()):
+    if _validate.host_readable(t) and bool(bad.any()):
         raise FastevalIndexError(f"{op}: target {int(t[bad][0])} is out of range (valid values are 0..{c - 1}"
                                  + ("" if ign is None else f" or ignore_index={ign}") + ")")
     # Class c of a row is class c - 1 - c of the reversed row: ignored samples get -1 (the op's
@@ -511,7 +511,9 @@ def cohen_kappa(preds=None, target=None, num_classes=None, *, weights: Optional[
     """Cohen's kappa, as ``sklearn.metrics.cohen_kappa_score(target, preds, labels=range(C), weights=...)``
     (NaN when undefined, scikit-learn's default ``replace_undefined_by``). ``weights`` None | "linear" |
     "quadratic"; the unweighted kappa needs only per-class sums (``counts=`` works), the weighted ones
-    the confusion matrix."""
+    the confusion matrix. An undefined kappa warns (``UndefinedMetricWarning``, as scikit-learn) when the
+    counts are on the CPU; on a GPU the flag is not read back (no host synchronisation) and the NaN alone
+    reports it."""
     op = "fasteval.metrics.cohen_kappa"
     if weights not in (None, "linear", "quadratic"):
         raise FastevalValueError(f"{op}: weights must be None, 'linear' or 'quadratic', got {weights!r}")
@@ -534,7 +536,8 @@ def cohen_kappa(preds=None, target=None, num_classes=None, *, weights: Optional[
         num = (w * cm).sum()
         den = (w * expected).sum()
     undefined = (n == 0) | (den == 0)
-    _warn_if(undefined, f"{op}: kappa is undefined (no samples, or a single label in common); returning nan")
+    if _validate.host_readable(undefined):  # on a GPU the flag is not read back: the NaN alone reports it
+        _warn_if(undefined, f"{op}: kappa is undefined (no samples, or a single label in common); returning nan")
     return torch.where(undefined, nan, 1 - num / torch.where(den == 0, torch.ones_like(den), den))
 
 
@@ -669,7 +672,7 @@ def _binned_state(preds: Tensor, target: Tensor, thresholds, ignore_index, from_
                                                            torch.full_like(preds, 0.5))
         lo, hi = torch.aminmax(v)  # one pass; NaN propagates and counts as outside [0, 1]
         outside = ~((lo >= 0) & (hi <= 1))
-        if preds.device.type == "cpu" and not torch.compiler.is_compiling():
+        if _validate.host_readable(outside):
             if bool(outside):  # free on the CPU: no device to wait for
                 preds = preds.sigmoid()
         else:  # no host read (CUDA, meta, torch.compile): both computed, the choice made on the device

@@ -15,6 +15,14 @@ from torch import Tensor
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_backward", "eval_update"]
 
 
+def host_readable(t: Tensor) -> bool:
+    """Whether the values of ``t`` can be read on the host without waiting for a device: a CPU tensor,
+    outside ``torch.compile`` tracing. Every data-dependent raise or warning of fasteval asks this first;
+    elsewhere (CUDA, meta, compiled graphs) the condition is counted on the device or not reported, never
+    read back (the paths documented as free of host synchronisations rely on it)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -40,10 +48,11 @@ def _under_vmap(t: Tensor) -> bool:
 
 def _check_targets(target: Tensor, valid: Tensor, num_classes: int, ignore_index: Optional[int], op: str,
                    note: str = "") -> None:
-    # A data-dependent check: skipped while tracing with torch.compile, on meta tensors (no data), and under
-    # torch.func.vmap over the targets (which has no data-dependent control flow; an out-of-range target then
-    # fails the gather).
-    if torch.compiler.is_compiling() or target.device.type == "meta" or _under_vmap(target):
+    # A data-dependent check, made where the data can be read for free: skipped while tracing with
+    # torch.compile, on meta tensors (no data), off the CPU (a host synchronisation), and under
+    # torch.func.vmap over the targets (which has no data-dependent control flow). Where it is skipped the
+    # callers do what the CUDA kernels do instead (a NaN loss, a zero gradient, a counted target).
+    if not host_readable(target) or _under_vmap(target):
         return
     bad = valid & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
@@ -103,6 +112,8 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
     target equals ``ignore_index`` get ``l = lse = 0``. Returns ``(loss, lse, total_weight)`` in float32
     (float64 for float64 logits): ``loss`` is ``l`` (N,) for reduction 0 (none), ``sum(l) / total_weight``
     for 1 (mean), ``sum(l)`` for 2 (sum); ``total_weight`` is the summed ``w[t]`` of the non-ignored rows.
+    A target outside [0, C) raises IndexError on the CPU; off the CPU (where raising needs a host
+    synchronisation) its row's loss and lse are NaN, as in the CUDA kernel.
     """
     op = "fasteval.softmax_cross_entropy"
     check_cross_entropy_inputs(logits, target, weight, label_smoothing, reduction, op)
@@ -110,15 +121,25 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
         raise RuntimeError(f"{op} is not differentiable with respect to argument 'weight' (as torch's "
                            "F.cross_entropy): this input cannot have requires_grad=True or a forward-mode tangent; "
                            "detach it")
-    n, c = logits.shape
     x = logits.to(_compute_dtype(logits))
     valid = _not_ignored(target, ignore_index)
-    _check_targets(target, valid, c, ignore_index, op)
+    _check_targets(target, valid, logits.shape[1], ignore_index, op)
+    return _cross_entropy_rows(x, target, valid, weight, label_smoothing, reduction)
+
+
+def _cross_entropy_rows(x: Tensor, target: Tensor, valid: Tensor, weight: Optional[Tensor], label_smoothing: float,
+                        reduction: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`softmax_cross_entropy` of the (N, C) logits ``x`` (already in the compute dtype) for the rows
+    where ``valid`` is True, without checks: no data is read on the host. A valid row whose target is
+    outside [0, C) (one the CPU check would have refused) gets a NaN loss and lse and counts the weight of
+    the nearest class in total_weight, as in the CUDA kernel."""
+    n, c = x.shape
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    if c == 0:  # every row is ignored (a counted row raised above): no classes to gather from
-        loss = x.sum(1)
-        lse = torch.zeros(n, dtype=x.dtype, device=x.device)
-        total_weight = torch.zeros((), dtype=x.dtype, device=x.device)
+    nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
+    if c == 0:  # no classes to gather from: every counted row is out of range
+        loss = x.sum(1) + torch.where(valid, nan, zero)  # x.sum(1): 0, attached to the graph
+        lse = torch.where(valid, nan, zero)
+        total_weight = valid.sum().to(x.dtype)
         if reduction == 1:
             loss = loss.sum() / total_weight
         elif reduction == 2:
@@ -126,24 +147,28 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
         if label_smoothing > 0:  # as torch: eps / C * (a sum of no terms) = NaN, even for no rows
             loss = loss + float("nan")
         return loss, lse, total_weight
-    t = torch.where(valid, target, torch.zeros_like(target)).long()
-    logp = torch.log_softmax(x, dim=1)
+    bad = valid & ((target < 0) | (target >= c))
+    t = torch.where(valid, target.clamp(0, c - 1), torch.zeros_like(target)).long()
+    # Rows that do not count are not used at all: their gradient is exactly 0 as in the kernels, even where
+    # their logits are NaN / inf (torch's log_softmax backward gives NaN there: 0 * NaN).
+    counted = (valid & ~bad)[:, None]
+    logp = torch.log_softmax(torch.where(counted, x, zero), dim=1)
     # torch's log_softmax gives NaN when the row max is not finite (NaN, +inf, all -inf); so does lse.
     lse = torch.logsumexp(x, dim=1)
     lse = torch.where(torch.isfinite(x.amax(dim=1)), lse, torch.full_like(lse, float("nan")))
     nll = -logp.gather(1, t[:, None]).squeeze(1)
     wt = weight.to(x.dtype).gather(0, t) if weight is not None else torch.ones_like(nll)
-    loss = (1.0 - label_smoothing) * nll * wt
+    loss = (1.0 - label_smoothing) * (nll * wt)  # in torch's order: 0 * inf is NaN at eps = 1, as in torch
     if label_smoothing > 0:
         smooth = -(logp * weight.to(x.dtype)).sum(1) if weight is not None else -logp.sum(1)
         loss = loss + (label_smoothing / c) * smooth
-    loss = torch.where(valid, loss, zero)
+    loss = torch.where(bad, nan, torch.where(valid, loss, zero))
     total_weight = torch.where(valid, wt, zero).sum()
     if reduction == 1:
         loss = loss.sum() / total_weight
     elif reduction == 2:
         loss = loss.sum()
-    return loss, torch.where(valid, lse, zero), total_weight
+    return loss, torch.where(bad, nan, torch.where(valid, lse, zero)), total_weight
 
 
 def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
@@ -172,6 +197,7 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
     _check_targets(target, valid, c, ignore_index, op)
     if c == 0:
         return torch.zeros_like(logits)
+    valid = valid & (target >= 0) & (target < c)  # out-of-range rows (off the CPU): a zero gradient
     t = torch.where(valid, target, torch.zeros_like(target)).long()
     g = grad_loss.to(x.dtype)
     if reduction == 1:
@@ -282,16 +308,16 @@ def eval_update(logits: Tensor, target: Tensor, calib_boundaries: Tensor, ignore
     x = x2.to(_compute_dtype(x2))
     t = t.long()
     valid = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
-    if x.device.type == "cpu":  # on CUDA the check would synchronise with the host: count instead
-        _check_targets(t, valid, c, ignore_index, op, "; the state was not changed")
+    # Raises on the CPU; elsewhere (a host synchronisation) the batch is rejected on the device below.
+    _check_targets(t, valid, c, ignore_index, op, "; the state was not changed")
     bad = valid & ((t < 0) | (t >= c))
     ok = (~bad.any()).to(torch.int64)  # 0 rejects the batch (only reachable while compiling)
     valid = valid & ~bad
     ts = torch.where(valid, t, torch.zeros_like(t))
     vi = valid.to(torch.int64) * ok
 
-    # Rows that do not count get a target the loss ignores (-1 never is a class index).
-    loss = softmax_cross_entropy(x, torch.where(valid, t, torch.full_like(t, -1)), None, -1, label_smoothing, 0)[0]
+    # Only the rows that count: their targets are in range, nothing is checked (or read) again.
+    loss = _cross_entropy_rows(x, ts, valid, None, label_smoothing, 0)[0]
     loss_sum.add_((loss.double() * vi).sum().reshape(1).to(loss_sum.dtype))
 
     pred = x.argmax(dim=1) if c > 0 else ts
@@ -339,7 +365,7 @@ def _invalid_labels(bad: Tensor, values: Tensor, what: str, valid_range: str, ig
                     op: str) -> Tensor:
     """Returns the number of invalid samples as a 0-dim int64 tensor; raises on CPU if there are any."""
     count = bad.sum(dtype=torch.int64)
-    if values.device.type == "cpu" and not torch.compiler.is_compiling() and bool(count):
+    if host_readable(values) and bool(count):
         v = int(values[bad].reshape(-1)[0])
         ign = "" if ignore_index is None else f" or ignore_index={ignore_index}"
         raise IndexError(f"{op}: {what} {v} is out of range (valid values are {valid_range}{ign})")
@@ -482,7 +508,8 @@ def multilabel_confusion_matrix(preds: Tensor, target: Tensor, threshold: float 
 
 def binned_confusion_matrix(preds: Tensor, target: Tensor, thresholds: Tensor,
                             ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-    """(L, T, 2, 2) int64 counts at each threshold (positive when preds >= thresholds[k]).
+    """(L, T, 2, 2) int64 counts at each threshold (positive when preds >= thresholds[k]; thresholds in
+    any order, counts in that order; a NaN threshold is never reached).
 
     preds (N, L); target (N, L) of 0/1, or (N,) class labels (one-vs-rest over the L columns).
     Written as the N x L x T broadcast the compiled kernel avoids.

@@ -1,5 +1,7 @@
 import os
+import random
 import sys
+import zlib
 
 import pytest
 
@@ -158,6 +160,23 @@ def pytest_collection_modifyitems(config, items):
     k = ids.index(after) + 1
     config.hook.pytest_deselected(items=items[:k])
     del items[:k]
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng(request):
+    """Every test starts from a random state of its own, derived from its node id: a draw from torch's
+    global generator (torch.rand, randn_like, ...) or Python's random module gives the same numbers on
+    every run, whichever tests ran before. (Tests that need several independent streams pass explicit
+    torch.Generator objects.) The previous state is restored afterwards."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
 
 
 @pytest.fixture(autouse=True)

@@ -54,6 +54,27 @@ def tol(dtype):
 SHAPES = [(10,), (1, 10), (16, 1), (16, 2), (16, 7), (33, 10), (8, 1000), (4, 32000), (3, 5, 4, 2), (2, 7, 3)]
 
 
+FP32_SLACK = 16 * 2.0 ** -24  # 16 float32 ulps: the kernels' vectorised exp is within about 7 of the true exp
+
+
+def assert_as_close_as_torch(ours, theirs, truth, what, slack=FP32_SLACK):
+    """ours (fasteval) is at least as close to truth (float64 on the same inputs) as theirs (torch in the
+    same precision) is, up to ``slack`` times the magnitude of the truth: max |ours - truth| <= max |theirs -
+    truth| + slack * max(1, max |truth|). NaN where truth has NaN. A bound that follows torch's own error
+    instead of a fixed relative tolerance, which the smallest entries of a gradient can exceed by chance."""
+    assert ours.shape == theirs.shape == truth.shape, f"{what}: shapes {ours.shape} {theirs.shape} {truth.shape}"
+    o, t, r = ours.double(), theirs.double(), truth.double()
+    assert torch.equal(torch.isnan(o), torch.isnan(r)), f"{what}: NaN positions differ from the float64 result"
+    ok = ~torch.isnan(r)
+    if not bool(ok.any()):
+        return
+    err_ours = float((o[ok] - r[ok]).abs().max())
+    err_torch = float((t[ok] - r[ok]).abs().max())
+    bound = err_torch + slack * max(1.0, float(r[ok].abs().max()))
+    assert err_ours <= bound, (f"{what}: fasteval is {err_ours:.3g} from the float64 result, torch {err_torch:.3g} "
+                               f"(allowed {bound:.3g})")
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -61,29 +82,28 @@ SHAPES = [(10,), (1, 10), (16, 1), (16, 2), (16, 7), (33, 10), (8, 1000), (4, 32
                                   {"weight": True, "label_smoothing": 0.3}, {"ignore": True},
                                   {"ignore": True, "weight": True, "label_smoothing": 0.05}], ids=str)
 def test_matches_torch_fp32(device, shape, reduction, opts):
+    """Loss and gradient (for a random cotangent) against torch in float32, both measured against float64 on
+    the same inputs: fasteval must be at least as close to it as torch is (see assert_as_close_as_torch)."""
     c = shape[0] if len(shape) == 1 else shape[1]
     ignore = opts.get("ignore", False) and len(shape) > 1
-    x, t = make_case(shape, device=device, ignore_frac=0.3 if ignore else 0.0, seed=len(shape) * 100 + c)
+    seed = len(shape) * 100 + c
+    x, t = make_case(shape, device=device, ignore_frac=0.3 if ignore else 0.0, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)  # weight and cotangent: the same numbers on every run
     kw = dict(reduction=reduction, label_smoothing=opts.get("label_smoothing", 0.0))
     if opts.get("weight"):
-        kw["weight"] = torch.rand(c, device=device, generator=None) + 0.5
-    xa = x.clone().requires_grad_()
-    xb = x.clone().requires_grad_()
+        kw["weight"] = (torch.rand(c, generator=g) + 0.5).to(device)
+    kw64 = dict(kw, weight=kw["weight"].double() if "weight" in kw else None)
+    xa, xb, xc = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
     a = fasteval.cross_entropy(xa, t, **kw)
     b = torch_ce(xb, t, **kw)
+    truth = torch_ce(xc, t, **kw64)
     assert a.shape == b.shape and a.dtype == b.dtype
-    torch.testing.assert_close(a, b, **tol(torch.float32), equal_nan=True)
-    g = torch.randn_like(b)
-    (a * g).sum().backward()
-    (b * g).sum().backward()
-    # Gradient: within the tolerance of the float64 gradient, or no further from it than torch's own float32
-    # gradient is (which at C = 32000 with label smoothing misses that tolerance for some draws of g).
-    xd = x.double().requires_grad_()
-    kwd = dict(kw, weight=kw["weight"].double()) if "weight" in kw else kw
-    (torch_ce(xd, t, **kwd) * g.double()).sum().backward()
-    err, err_torch = (xa.grad.double() - xd.grad).abs(), (xb.grad.double() - xd.grad).abs()
-    bound = torch.maximum(1e-6 + 1e-4 * xd.grad.abs(), 1.5 * err_torch + 1e-7)
-    assert (err <= bound).all(), f"gradient off by {(err - bound).max().item():.3g} beyond the bound"
+    assert_as_close_as_torch(a.detach(), b.detach(), truth.detach(), "loss")
+    cot = torch.randn(b.shape, generator=g, dtype=torch.float64).to(device)
+    (a * cot.float()).sum().backward()
+    (b * cot.float()).sum().backward()
+    (truth * cot).sum().backward()
+    assert_as_close_as_torch(xa.grad, xb.grad, xc.grad, "gradient")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,6 +11,7 @@ Each test checks everything it can on its input and reports every mismatch at on
 device is visible and the op's CUDA kernel is registered. Tests marked ``large`` (N * C > 2^31 elements,
 10M labels) need about 20 GB of device memory.
 """
+import math
 import os
 import subprocess
 import sys
@@ -506,7 +507,8 @@ def expected_binned(p, t, thr, ignore):
 @pytest.mark.parametrize("l", (1, 3, 17))
 @pytest.mark.parametrize("pdtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16), ids=_id)
 def test_binned_sweep(n, l, pdtype):
-    """Binary / multilabel (N, L) 0/1 targets and one-vs-rest (N,) class targets, T thresholds (sorted), values
+    """Binary / multilabel (N, L) 0/1 targets and one-vs-rest (N,) class targets, T thresholds sorted and in
+    any order (shuffled, a duplicate, NaN; T = 301 spans two tiles of the CUDA ranking kernel), values
     exactly on thresholds and NaN scores."""
     m = Mismatches(f"n={n} l={l} {pdtype}")
     for tdtype in BINARY_TARGETS:
@@ -518,13 +520,17 @@ def test_binned_sweep(n, l, pdtype):
                                       ignore=ignore if tdtype != torch.uint8 else None)
                 if tdtype == torch.uint8:
                     labels = labels.clamp(0, 255).to(torch.uint8)
-                for T in (1, 7, 200):
+                for T, any_order in ((1, False), (7, False), (200, False), (7, True), (301, True)):
                     thr = torch.sort(torch.rand(T, generator=gen(T), dtype=torch.float64)).values
                     if T > 1:
                         thr[0], thr[-1] = 0.0, 1.0
                         thr = torch.sort((thr * 8).round() / 8).values if T == 7 else thr
+                    if any_order:
+                        thr = torch.cat([thr, thr[1:2], torch.tensor([math.nan], dtype=torch.float64)])
+                        thr = thr[torch.randperm(thr.numel(), generator=gen(T + 1))]
                     for target in (tc, labels):
-                        tag = f"{tdtype} bad={bad} ignore={ignore} T={T} target{tuple(target.shape)}"
+                        tag = (f"{tdtype} bad={bad} ignore={ignore} T={T} any_order={any_order} "
+                               f"target{tuple(target.shape)}")
                         got = m.run(tag, ops.binned_confusion_matrix, pc.to(DEV), target.to(DEV), thr.to(DEV), ignore)
                         if got is None:
                             continue

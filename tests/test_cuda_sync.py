@@ -3,7 +3,9 @@
 Covers every op called directly (every layout, out-of-range targets included: on CUDA they are counted or
 give NaN, never raised), and every public path documented as free of host reads: cross_entropy and its
 backward, the confusion-matrix functions, the metrics (except zero_division="warn", classification_report
-and the exact curve metrics, which read results back by design), and ClassificationEvaluator.update.
+and the exact curve metrics, which read results back by design), and ClassificationEvaluator.update, merge,
+state_dict and reset (not load_state_dict, which validates the counts on the host by design).
+tests/test_host_reads.py checks the same paths on any machine.
 Each call runs once before the check (first calls may initialise libraries) and once under the check.
 """
 import contextlib
@@ -145,6 +147,7 @@ def _public_cross_entropy():
             fasteval.cross_entropy(x4, t4, reduction="none").sum().backward()
             fasteval.cross_entropy(xs, ts, weight=w, label_smoothing=0.05).backward()
             fasteval.cross_entropy(x[0], t[2].long()).backward()
+            fasteval.cross_entropy(x.double(), t, label_smoothing=0.1).backward()  # float64: the reference
             crit(x, t.long()).backward()
         return call
     return make
@@ -246,7 +249,7 @@ def _evaluator(dtype, layout, full):
             ev.update(x, t)
             ev.update(xb, bad)  # rejected on the device, reported by compute()
             other.merge(ev)
-            other.load_state_dict(ev.state_dict())
+            ev.state_dict()
             other.reset()
         return call
     return make

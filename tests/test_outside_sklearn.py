@@ -60,10 +60,6 @@ RK = "test_ranking.py::"
 NAN = float("nan")
 ZERO_DIVISION = ["warn", 0, 1, NAN]
 
-TOPK_TIE_BUG = "top_k_accuracy tie rule differs from scikit-learn (scikit-learn ranks tied higher indices first)"
-TOPK_WARN_NEW = ("NEW: fasteval.metrics.top_k_accuracy does not warn when k >= num_classes; scikit-learn "
-                 "warns UndefinedMetricWarning ('k' greater than or equal to 'n_classes' ... meaningless)")
-
 
 @dataclass
 class Case:
@@ -482,10 +478,10 @@ CASES: List[Case] = [
                          ([1, 1, 1, 1], 0.5, [0, 1, 2, 3]), (["a", "e", "e", "a"], 0.75, ["a", "b", "d", "e"])]],
     *[Case(RK + "test_top_k_accuracy_score_ties", "top_k_accuracy_score", [0, 1, 2, 3],
            y_score=[[5, 5, 7, 0], [1, 5, 5, 5], [0, 0, 3, 3], [1, 1, 1, 1]], expected=e, cmp=("approx",),
-           kw=dict(k=k), bug=TOPK_TIE_BUG) for k, e in [(1, 0.25), (2, 0.5), (3, 1)]],
+           kw=dict(k=k)) for k, e in [(1, 0.25), (2, 0.5), (3, 1)]],
     *[Case(RK + "test_top_k_accuracy_score_warning", "top_k_accuracy_score", [0, 1, 2, 3],
            y_score=[[0.4, 0.3, 0.2, 0.1], [0.1, 0.4, 0.3, 0.2], [0.2, 0.1, 0.4, 0.3], [0.3, 0.2, 0.1, 0.4]],
-           expected=1, cmp=("equal",), kw=dict(k=k), bug=TOPK_WARN_NEW,
+           expected=1, cmp=("equal",), kw=dict(k=k),
            warns=r"'k' \(\d+\) greater than or equal to 'n_classes' \(\d+\) will result in a perfect score "
                  r"and is therefore meaningless.") for k in (4, 5)],
 

@@ -127,9 +127,10 @@ inline void check_topk(const at::Tensor& scores, const at::Tensor& target, const
               scores.size(0), ",), got ", target.sizes());
 }
 
-// hist (L, T + 1, 2) [bucket][target] -> out (L, T, 2, 2) [[tn, fp], [fn, tp]] at each threshold k:
-// predicted positive <=> bucket > k.
-inline void binned_suffix_sums(const int64_t* hist, int64_t L, int64_t T, int64_t* out) {
+// hist (L, T + 1, 2) [bucket][target] over the ascending thresholds -> out (L, T, 2, 2) [[tn, fp], [fn, tp]]:
+// at the k-th smallest threshold, predicted positive <=> bucket > k; its counts go to out[:, order[k]],
+// the threshold's position in the caller's order.
+inline void binned_suffix_sums(const int64_t* hist, int64_t L, int64_t T, const int64_t* order, int64_t* out) {
   for (int64_t l = 0; l < L; ++l) {
     const int64_t* h = hist + l * (T + 1) * 2;
     int64_t neg = 0, pos = 0;
@@ -141,7 +142,7 @@ inline void binned_suffix_sums(const int64_t* hist, int64_t L, int64_t T, int64_
     for (int64_t k = T - 1; k >= 0; --k) {
       fp += h[2 * (k + 1)];
       tp += h[2 * (k + 1) + 1];
-      int64_t* o = out + (l * T + k) * 4;
+      int64_t* o = out + (l * T + order[k]) * 4;
       o[0] = neg - fp;
       o[1] = fp;
       o[2] = pos - tp;

@@ -12,9 +12,12 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/histogram_cpu.h"
@@ -288,13 +291,28 @@ std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cpu(const at::Ten
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Binned: bucket b = #{k : thresholds[k] <= x} (a branchless binary search), histogram over
-// (label, bucket, target), then a suffix sum over buckets gives the counts at every threshold:
-// x >= thresholds[k]  <=>  bucket > k.
+// Binned: the thresholds, in any order, are sorted first (a copy, stable, NaN last) with the permutation
+// that gives each one's position in the caller's order. Then bucket b = #{k : sorted[k] <= x} (a
+// branchless binary search; a NaN threshold is never <= x, so no score reaches it, as torch's x >= NaN),
+// histogram over (label, bucket, target), and a suffix sum over buckets gives the counts at every
+// threshold: x >= sorted[k]  <=>  bucket > k, written back to the threshold's own position.
+
+// order[k] = index (in thr) of the k-th smallest threshold: ascending, NaN after every number, equal
+// values (and NaNs) in index order; sorted[k] = thr[order[k]].
+inline void sort_thresholds(const double* thr, int64_t T, std::vector<double>& sorted, std::vector<int64_t>& order) {
+  order.resize(T);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::stable_sort(order.begin(), order.end(), [thr](int64_t a, int64_t b) {
+    return !std::isnan(thr[a]) && (std::isnan(thr[b]) || thr[a] < thr[b]);
+  });
+  sorted.resize(T);
+  for (int64_t k = 0; k < T; ++k) sorted[k] = thr[order[k]];
+}
 
 template <typename CT>
 FASTEVAL_ALWAYS_INLINE int64_t bucket_of(const CT* thr, int64_t T, CT x) {
-  // Number of thresholds <= x in the ascending thr[0, T). NaN compares false: bucket 0.
+  // Number of thresholds <= x in the ascending thr[0, T) (NaN thresholds last: never <= x). A NaN x
+  // compares false: bucket 0.
   if (T == 0) return 0;
   int64_t base = 0, n = T;
   while (n > 1) {
@@ -306,13 +324,12 @@ FASTEVAL_ALWAYS_INLINE int64_t bucket_of(const CT* thr, int64_t T, CT x) {
 }
 
 template <typename P, typename TT>
-void count_binned(const P* pp, const TT* tp, int64_t N, int64_t L, bool one_vs_rest, const at::Tensor& thr_t,
+void count_binned(const P* pp, const TT* tp, int64_t N, int64_t L, bool one_vs_rest, const double* td, int64_t T,
                   std::optional<int64_t> ignore_index, int64_t* hist) {
   constexpr const char* op = "fasteval.binned_confusion_matrix";
   using CT = score_compute_t<P>;
-  const int64_t T = thr_t.numel();
+  // td is ascending (NaN last); rounding to CT keeps it so (rounding is monotone).
   std::vector<CT> thr(T);
-  const double* td = thr_t.const_data_ptr<double>();
   for (int64_t k = 0; k < T; ++k) thr[k] = static_cast<CT>(td[k]);
   const CT* th = thr.data();
   const bool has_ign = ignore_index.has_value();
@@ -355,17 +372,21 @@ std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cpu(const at::Tensor&
   const int64_t N = preds_in.size(0), L = preds_in.size(1), T = thresholds.numel();
   const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
   const at::Tensor thr = thresholds.to(at::kDouble).contiguous();
+  std::vector<double> sorted;
+  std::vector<int64_t> order;
+  sort_thresholds(thr.const_data_ptr<double>(), T, sorted, order);
   at::Tensor hist = at::zeros({L, T + 1, 2}, target_in.options().dtype(at::kLong));
   int64_t* h = hist.data_ptr<int64_t>();
   FASTEVAL_DISPATCH_BINARY_TARGET(target.scalar_type(), "fasteval_binned_target", [&] {
     using TT = scalar_t;
     const TT* tp = target.const_data_ptr<TT>();
     FASTEVAL_DISPATCH_SCORE_TYPES(preds.scalar_type(), "fasteval_binned_preds", [&] {
-      count_binned<scalar_t, TT>(preds.const_data_ptr<scalar_t>(), tp, N, L, one_vs_rest, thr, ignore_index, h);
+      count_binned<scalar_t, TT>(preds.const_data_ptr<scalar_t>(), tp, N, L, one_vs_rest, sorted.data(), T,
+                                 ignore_index, h);
     });
   });
   at::Tensor out = at::empty({L, T, 2, 2}, target_in.options().dtype(at::kLong));
-  binned_suffix_sums(h, L, T, out.data_ptr<int64_t>());
+  binned_suffix_sums(h, L, T, order.data(), out.data_ptr<int64_t>());
   return {out, zero_invalid(target_in)};
 }
 

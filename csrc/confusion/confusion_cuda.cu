@@ -151,8 +151,46 @@ struct MultilabelWork {
   }
 };
 
+// The thresholds, in any order, sorted on the device without a host synchronisation. Each threshold's
+// position in the ascending order (NaN after every number, ties in index order) is its rank
+//   rank_k = #{j : thr_j < thr_k, or thr_j ties thr_k and j < k}     (a NaN ties only a NaN)
+// a permutation of 0..T-1; then sorted[rank_k] = thr_k and order[rank_k] = k. O(T^2) comparisons over
+// tiles of the thresholds in shared memory, one thread per threshold (T is small: hundreds).
+constexpr int kRankThreads = 256;
+
+template <typename CT>
+__global__ void threshold_rank_kernel(const CT* __restrict__ thr, int64_t T, CT* __restrict__ sorted,
+                                      int64_t* __restrict__ order) {
+  __shared__ CT tile[kRankThreads];
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const CT v = k < T ? thr[k] : CT(0);
+  const bool vnan = v != v;
+  int64_t rank = 0;
+  for (int64_t base = 0; base < T; base += kRankThreads) {
+    const int64_t j = base + threadIdx.x;
+    if (j < T) tile[threadIdx.x] = thr[j];
+    __syncthreads();
+    const int64_t n = T - base < kRankThreads ? T - base : kRankThreads;
+    if (k < T) {
+      for (int64_t i = 0; i < n; ++i) {
+        const CT u = tile[i];
+        const bool unan = u != u;
+        const bool less = !unan && (vnan || u < v);
+        const bool tie = unan ? vnan : (!vnan && u == v);
+        rank += (less || (tie && base + i < k)) ? 1 : 0;
+      }
+    }
+    __syncthreads();
+  }
+  if (k < T) {
+    sorted[rank] = v;
+    order[rank] = k;
+  }
+}
+
 template <typename CT>
 __device__ __forceinline__ int64_t bucket_of(const CT* __restrict__ thr, int64_t T, CT x) {
+  // Number of thresholds <= x in the ascending thr[0, T) (NaN thresholds last: never <= x).
   if (T == 0) return 0;  // no thresholds: one bucket (nothing is read)
   int64_t base = 0, n = T;
   while (n > 1) {
@@ -198,8 +236,10 @@ struct BinnedWork {
   }
 };
 
-// hist (L, T + 1, 2) -> out (L, T, 2, 2): one thread per label (T is small).
-__global__ void binned_suffix_kernel(const ull* __restrict__ hist, int64_t L, int64_t T, int64_t* __restrict__ out) {
+// hist (L, T + 1, 2) over the sorted thresholds -> out (L, T, 2, 2), the k-th smallest threshold's counts
+// at its position order[k] in the caller's order: one thread per label (T is small).
+__global__ void binned_suffix_kernel(const ull* __restrict__ hist, int64_t L, int64_t T,
+                                     const int64_t* __restrict__ order, int64_t* __restrict__ out) {
   const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (l >= L) return;
   const ull* h = hist + l * (T + 1) * 2;
@@ -212,7 +252,7 @@ __global__ void binned_suffix_kernel(const ull* __restrict__ hist, int64_t L, in
   for (int64_t k = T - 1; k >= 0; --k) {
     fp += static_cast<int64_t>(h[2 * (k + 1)]);
     tp += static_cast<int64_t>(h[2 * (k + 1) + 1]);
-    int64_t* o = out + (l * T + k) * 4;
+    int64_t* o = out + (l * T + order[k]) * 4;
     o[0] = neg - fp;
     o[1] = fp;
     o[2] = pos - tp;
@@ -355,6 +395,7 @@ std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cuda(const at::Tensor
   const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
   at::Tensor hist = at::zeros({L, T + 1, 2}, target_in.options().dtype(at::kLong));
   at::Tensor invalid = new_invalid(target_in);
+  at::Tensor order = at::empty({T}, target_in.options().dtype(at::kLong));
   FASTEVAL_DISPATCH_BINARY_TARGET(target.scalar_type(), "fasteval_binned_cuda_target", [&] {
     using TT = scalar_t;
     const TT* tp = target.const_data_ptr<TT>();
@@ -362,7 +403,14 @@ std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cuda(const at::Tensor
       using P = scalar_t;
       using CT = score_compute_t<P>;
       const at::Tensor thr = thresholds.to(std::is_same_v<CT, double> ? at::kDouble : at::kFloat).contiguous();
-      BinnedWork<P, TT> w{preds.const_data_ptr<P>(), tp, thr.const_data_ptr<CT>(), L, T, one_vs_rest,
+      const at::Tensor sorted = at::empty({T}, thr.options());
+      if (T > 0) {
+        threshold_rank_kernel<CT><<<static_cast<unsigned>((T + kRankThreads - 1) / kRankThreads), kRankThreads, 0,
+                                    at::cuda::getCurrentCUDAStream()>>>(
+            thr.const_data_ptr<CT>(), T, sorted.data_ptr<CT>(), order.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      BinnedWork<P, TT> w{preds.const_data_ptr<P>(), tp, sorted.const_data_ptr<CT>(), L, T, one_vs_rest,
                           ignore_index.has_value(), ignore_index.value_or(0), ull_ptr(invalid)};
       launch_histogram(w, N * L, L * (T + 1) * 2, hist);
     });
@@ -379,7 +427,8 @@ std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cuda(const at::Tensor
   if (L == 0 || T == 0) return {out, invalid};  // an empty result: no launch with an empty grid
   const int threads = 128;
   binned_suffix_kernel<<<(L + threads - 1) / threads, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const ull*>(hist.const_data_ptr<int64_t>()), L, T, out.data_ptr<int64_t>());
+      reinterpret_cast<const ull*>(hist.const_data_ptr<int64_t>()), L, T, order.const_data_ptr<int64_t>(),
+      out.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, invalid};
 }
