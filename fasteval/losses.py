@@ -109,7 +109,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # Fast path for the common case, a few attribute reads: (N, C) CPU logits the compiled kernel serves,
     # (N,) int64 / int32 targets, no class weights, an int ignore_index. Everything else takes the general
     # path below; the op validates the rest either way (its errors get this function's prefix and types).
-    if _SCE_CPU is not None and weight is None and reduction.__class__ is str and input.is_cpu and \
+    if _SCE_CPU is not None and weight is None and reduction.__class__ is str and input.is_cpu and target.is_cpu and \
             input.ndim == 2 and target.ndim == 1 and ignore_index.__class__ is int:
         dtype = input.dtype
         red = _REDUCTIONS.get(reduction)
