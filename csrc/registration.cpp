@@ -23,7 +23,9 @@ TORCH_LIBRARY(fasteval, m) {
   //   l_i = (1 - eps) * w[t] * (lse_i - x[i, t]) + eps / C * sum_c w[c] * (lse_i - x[i, c]),
   // 0 where t == ignore_index. reduction (at::Reduction): 0 none -> loss = l (N,); 1 mean -> loss =
   // sum_i l_i / total_weight; 2 sum -> loss = sum_i l_i (0-dim). total_weight = sum of w[t] over the
-  // non-ignored rows (their count without weights), 0-dim. lse (N,) is 0 on ignored rows. All float32.
+  // non-ignored rows (their count without weights), 0-dim; loss and total_weight float32. lse (N,) =
+  // max_c x[i, c] + log sum_c exp(x[i, c] - max) in float64 (so that the backward's exp(x - lse) is exact
+  // for logits of any magnitude), 0 on ignored rows.
   m.def(
       "softmax_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction) -> (Tensor loss, Tensor lse, Tensor total_weight)");

@@ -26,7 +26,7 @@ def _register() -> None:
         torch._check(target.dim() == 1 and target.shape[0] == logits.shape[0], lambda: "target must have shape (N,)")
         n = logits.shape[0]
         loss = logits.new_empty((n,) if reduction == 0 else (), dtype=torch.float32)
-        return loss, logits.new_empty((n,), dtype=torch.float32), logits.new_empty((), dtype=torch.float32)
+        return loss, logits.new_empty((n,), dtype=torch.float64), logits.new_empty((), dtype=torch.float32)
 
     @torch.library.register_fake("fasteval::softmax_cross_entropy_backward")
     def _sce_backward_fake(grad_loss, logits, target, weight, lse, total_weight, ignore_index, label_smoothing,

@@ -109,9 +109,10 @@ def softmax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tenso
 
     Per row ``l[i] = (1 - eps) * w[t] * (lse[i] - x[i, t]) + eps / C * sum_c w[c] * (lse[i] - x[i, c])``
     with ``t = target[i]``, ``eps = label_smoothing``, ``w`` the class weights (ones if None); rows whose
-    target equals ``ignore_index`` get ``l = lse = 0``. Returns ``(loss, lse, total_weight)`` in float32
-    (float64 for float64 logits): ``loss`` is ``l`` (N,) for reduction 0 (none), ``sum(l) / total_weight``
-    for 1 (mean), ``sum(l)`` for 2 (sum); ``total_weight`` is the summed ``w[t]`` of the non-ignored rows.
+    target equals ``ignore_index`` get ``l = lse = 0``. Returns ``(loss, lse, total_weight)``, loss and
+    total_weight in float32 (float64 for float64 logits), lse in float64 (the row max plus the log of the
+    sum of exp(x - max): the backward's exp(x - lse) stays exact for logits of any magnitude). ``loss`` is
+    ``l`` (N,) for reduction 0 (none), ``sum(l) / total_weight`` for 1 (mean), ``sum(l)`` for 2 (sum); ``total_weight`` is the summed ``w[t]`` of the non-ignored rows.
     A target outside [0, C) raises IndexError on the CPU; off the CPU (where raising needs a host
     synchronisation) its row's loss and lse are NaN, as in the CUDA kernel.
     """
@@ -138,7 +139,7 @@ def _cross_entropy_rows(x: Tensor, target: Tensor, valid: Tensor, weight: Option
     nan = torch.full((), float("nan"), dtype=x.dtype, device=x.device)
     if c == 0:  # no classes to gather from: every counted row is out of range
         loss = x.sum(1) + torch.where(valid, nan, zero)  # x.sum(1): 0, attached to the graph
-        lse = torch.where(valid, nan, zero)
+        lse = torch.where(valid, nan, zero).double()
         total_weight = valid.sum().to(x.dtype)
         if reduction == 1:
             loss = loss.sum() / total_weight
@@ -154,8 +155,11 @@ def _cross_entropy_rows(x: Tensor, target: Tensor, valid: Tensor, weight: Option
     counted = (valid & ~bad)[:, None]
     logp = torch.log_softmax(torch.where(counted, x, zero), dim=1)
     # torch's log_softmax gives NaN when the row max is not finite (NaN, +inf, all -inf); so does lse.
-    lse = torch.logsumexp(x, dim=1)
-    lse = torch.where(torch.isfinite(x.amax(dim=1)), lse, torch.full_like(lse, float("nan")))
+    mx = x.detach().amax(dim=1)
+    finite = torch.isfinite(mx)
+    m0 = torch.where(finite, mx, zero)
+    lse = m0.double() + torch.log(torch.exp(x.detach() - m0[:, None]).sum(1)).double()
+    lse = torch.where(finite, lse, torch.full_like(lse, float("nan")))
     nll = -logp.gather(1, t[:, None]).squeeze(1)
     wt = weight.to(x.dtype).gather(0, t) if weight is not None else torch.ones_like(nll)
     loss = (1.0 - label_smoothing) * (nll * wt)  # in torch's order: 0 * inf is NaN at eps = 1, as in torch
@@ -168,7 +172,7 @@ def _cross_entropy_rows(x: Tensor, target: Tensor, valid: Tensor, weight: Option
         loss = loss.sum() / total_weight
     elif reduction == 2:
         loss = loss.sum()
-    return loss, torch.where(bad, nan, torch.where(valid, lse, zero)), total_weight
+    return loss, torch.where(bad, nan.double(), torch.where(valid, lse, zero.double())), total_weight
 
 
 def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
@@ -186,8 +190,8 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
         raise ValueError(f"{op}: grad_loss must be 0-dim for reduction mean or sum, got {list(grad_loss.shape)}")
     if lse.dim() != 1 or lse.shape[0] != n:
         raise ValueError(f"{op}: lse must have shape ({n},), got {list(lse.shape)}")
-    if not lse.is_floating_point():
-        raise TypeError(f"{op}: lse must be floating point, got {lse.dtype}")
+    if lse.dtype != torch.float64:
+        raise TypeError(f"{op}: lse must be float64, got {lse.dtype}")
     if total_weight.dim() != 0:
         raise ValueError(f"{op}: total_weight must be 0-dim, got {list(total_weight.shape)}")
     if not grad_loss.device == lse.device == total_weight.device == logits.device:
@@ -203,7 +207,12 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
     if reduction == 1:
         g = g / total_weight.to(x.dtype)
     g = torch.where(valid, g.expand(n), torch.zeros((), dtype=x.dtype, device=x.device))
-    p = torch.exp(x - lse.to(x.dtype)[:, None])
+    if x.dtype == torch.float64:
+        p = torch.exp(x - lse.double()[:, None])
+    else:  # x - lse as (x - hi) - lo, lse = hi + lo in floats: exact for the logits near the row max
+        hi = lse.to(x.dtype)
+        lo = (lse.double() - hi.double()).to(x.dtype)
+        p = torch.exp((x - hi[:, None]) - lo[:, None])
     eps = label_smoothing
     w = weight.to(x.dtype) if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
     wt = w.gather(0, t)

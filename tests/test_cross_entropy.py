@@ -329,7 +329,7 @@ def test_target_out_of_range_raises_on_cpu(bad):
     if _loader.has_kernel("softmax_cross_entropy", "cpu"):
         with pytest.raises(IndexError, match="out of bounds"):
             torch.ops.fasteval.softmax_cross_entropy(x, t, None, -100, 0.0, 0)
-        lse = torch.zeros(4)
+        lse = torch.zeros(4, dtype=torch.float64)
         with pytest.raises(IndexError, match="out of bounds"):
             torch.ops.fasteval.softmax_cross_entropy_backward(torch.ones(4), x, t, None, lse, torch.tensor(4.0),
                                                               -100, 0.0, 0)

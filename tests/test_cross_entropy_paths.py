@@ -50,7 +50,7 @@ def _check_op(x, t, weight=None, ignore_index=-100, label_smoothing=0.0, reducti
     loss, lse, tw = fasteval._ops.softmax_cross_entropy(x, t, weight, ignore_index, label_smoothing, reduction)
     w64 = weight.double() if weight is not None else None
     rloss, rlse, rtw = reference.softmax_cross_entropy(x.double(), t, w64, ignore_index, label_smoothing, reduction)
-    assert loss.dtype == torch.float32 and lse.dtype == torch.float32
+    assert loss.dtype == torch.float32 and lse.dtype == torch.float64
     torch.testing.assert_close(loss.double(), rloss, rtol=2e-5, atol=2e-5, equal_nan=True)
     torch.testing.assert_close(lse.double(), rlse, rtol=2e-6, atol=2e-6, equal_nan=True)
     torch.testing.assert_close(tw.double(), rtw, rtol=1e-6, atol=1e-6)
@@ -210,7 +210,7 @@ def test_out_of_range_target_raises(c, where, bad, tdt):
     with pytest.raises(IndexError, match=msg if HAS_KERNEL else "out of bounds"):
         fasteval.cross_entropy(x, t, reduction="none", label_smoothing=0.1, weight=torch.ones(c))
     if HAS_KERNEL:
-        lse = torch.zeros(40)
+        lse = torch.zeros(40, dtype=torch.float64)
         with pytest.raises(IndexError, match=msg):
             torch.ops.fasteval.softmax_cross_entropy_backward(torch.ones(40), x, t, None, lse, torch.tensor(40.0),
                                                               -100, 0.0, 0)

@@ -23,7 +23,7 @@ def ce_args(**kw):
 
 def ce_bwd_args(**kw):
     a = dict(grad_loss=torch.ones(4), logits=torch.randn(4, 5), target=torch.tensor([0, 1, 4, -100]), weight=None,
-             lse=torch.zeros(4), total_weight=torch.tensor(3.0), ignore_index=-100, label_smoothing=0.0, reduction=0)
+             lse=torch.zeros(4, dtype=torch.float64), total_weight=torch.tensor(3.0), ignore_index=-100, label_smoothing=0.0, reduction=0)
     a.update(kw)
     return tuple(a.values())
 
@@ -76,8 +76,9 @@ CASES = [
     ("softmax_cross_entropy_backward", "target = C", ce_bwd_args(target=torch.tensor([0, 5, 1, 1])), IndexError),
     ("softmax_cross_entropy_backward", "grad_loss shape (none)", ce_bwd_args(grad_loss=torch.ones(3)), ValueError),
     ("softmax_cross_entropy_backward", "grad_loss shape (mean)", ce_bwd_args(reduction=1), ValueError),
-    ("softmax_cross_entropy_backward", "lse shape", ce_bwd_args(lse=torch.zeros(3)), ValueError),
+    ("softmax_cross_entropy_backward", "lse shape", ce_bwd_args(lse=torch.zeros(3, dtype=torch.float64)), ValueError),
     ("softmax_cross_entropy_backward", "integer lse", ce_bwd_args(lse=torch.zeros(4, dtype=L)), TypeError),
+    ("softmax_cross_entropy_backward", "float32 lse", ce_bwd_args(lse=torch.zeros(4)), TypeError),
     ("softmax_cross_entropy_backward", "total_weight shape", ce_bwd_args(total_weight=torch.ones(1)), ValueError),
     ("softmax_cross_entropy_backward", "weight shape", ce_bwd_args(weight=torch.ones(4)), ValueError),
     ("softmax_cross_entropy_backward", "label_smoothing", ce_bwd_args(label_smoothing=2.0), ValueError),

@@ -73,7 +73,7 @@ inline void check_cross_entropy_backward_inputs(const at::Tensor& grad_loss, con
                       grad_loss.sizes());
   }
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == N, op, ": lse must have shape (", N, ",), got ", lse.sizes());
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kDouble, op, ": lse must be float64, got ", lse.scalar_type());
   TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
   TORCH_CHECK_VALUE(grad_loss.device() == logits.device() && lse.device() == logits.device() &&
                         total_weight.device() == logits.device(),

@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_forward(const at::
   at::Tensor loss, lse, wt;
   if (C == 0) {  // every row is ignored (a counted row raised above or is NaN)
     loss = x.sum(1);
-    lse = at::zeros({N}, x.options());
+    lse = at::zeros({N}, x.options().dtype(at::kDouble));
     wt = at::zeros({N}, x.options());
   } else {
     const at::Tensor logp = at::log_softmax(x, 1);
@@ -130,12 +130,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_forward(const at::
       const at::Tensor smooth = (w.defined() ? logp.mul(w.unsqueeze(0)) : logp).sum(1).neg();
       loss = loss.add(smooth.mul(eps / static_cast<double>(C)));
     }
-    // lse, NaN where the row max is not finite (as the kernel and torch's log_softmax).
-    const at::Tensor xd = x.detach();
-    lse = at::where(xd.amax(1).isfinite(), at::logsumexp(xd, {1}), nan);
+    // lse in float64, NaN where the row max is not finite (as the kernel and torch's log_softmax).
+    const at::Tensor xd = x.detach().to(at::kDouble);
+    const at::Tensor nan64 = scalar_like(std::numeric_limits<double>::quiet_NaN(), xd);
+    lse = at::where(xd.amax(1).isfinite(), at::logsumexp(xd, {1}), nan64);
   }
   loss = at::where(m.valid, loss, at::where(m.bad, nan, zero));
-  lse = at::where(m.valid, lse, at::where(m.bad, nan, zero));
+  lse = at::where(m.valid, lse, at::where(m.bad, scalar_like(std::numeric_limits<double>::quiet_NaN(), lse),
+                                          scalar_like(0.0, lse)));
   const at::Tensor total_weight = at::where(m.valid, wt.detach(), zero).sum();
   if (reduction == 1) {
     loss = loss.sum().div(total_weight);

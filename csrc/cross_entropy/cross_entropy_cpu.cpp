@@ -111,10 +111,18 @@ float shifted_sum(const T* row, int64_t C, const float* w, float m) {
 // Beyond this |row max| the raw sum of the logits loses too many bits to the difference with W max.
 constexpr float kHugeLogit = 1024.f;
 
+// The saved log-sum-exp of a row, max + log(sumexp) in double: the backward's exp(x_c - lse) is then as exact
+// for logits of any magnitude as for small ones (a float32 lse is off by up to ulp(max) / 2, a relative error
+// of the gradient of 0.24 at logits of 1e7). NaN when the max is not finite, as torch's log_softmax.
+FASTEVAL_ALWAYS_INLINE double row_lse(float max, float sumexp) {
+  return std::isfinite(max) ? static_cast<double>(max) + static_cast<double>(std::log(sumexp))
+                            : std::numeric_limits<double>::quiet_NaN();
+}
+
 // Loss and log-sum-exp of one counted row (target t in [0, C)) from the per-row pass.
 template <typename T, bool SMOOTH>
 FASTEVAL_ALWAYS_INLINE void row_loss(const T* row, int64_t C, int64_t t, const float* w, float wsum, float keep,
-                                     float eps_over_c, float& loss, float& lse) {
+                                     float eps_over_c, float& loss, double& lse) {
   const cpu::RowStats st = cpu::row_softmax_stats<T, SMOOTH>(row, C, w);
   const float l = st.lse();
   const float wt = w ? w[t] : 1.f;
@@ -128,12 +136,12 @@ FASTEVAL_ALWAYS_INLINE void row_loss(const T* row, int64_t C, int64_t t, const f
     v += eps_over_c * (huge ? wsum * std::log(st.sumexp) - shifted_sum(row, C, w, st.max) : wsum * l - st.sum_wx);
   }
   loss = v;
-  lse = l;
+  lse = row_lse(st.max, st.sumexp);
 }
 
 template <typename T, typename I, bool SMOOTH>
 void forward_rows(const T* x, int64_t row_stride, const I* target, const float* w, int64_t N, int64_t C,
-                  int64_t ignore_index, float eps, float* loss_rows, float* lse, double* part_loss,
+                  int64_t ignore_index, float eps, float* loss_rows, double* lse, double* part_loss,
                   double* part_weight) {
   const float wsum = weight_sum(w, C);
   const float keep = 1.f - eps;
@@ -146,7 +154,8 @@ void forward_rows(const T* x, int64_t row_stride, const I* target, const float* 
       const int64_t end = std::min(N, (part + 1) * rpp);
       for (int64_t i = part * rpp; i < end; ++i) {
         const int64_t t = static_cast<int64_t>(target[i]);
-        float v = 0.f, l = 0.f;
+        float v = 0.f;
+        double l = 0.0;
         if (t != ignore_index) {
           if (t < 0 || t >= C) bad_target(t, C, ignore_index);
           row_loss<T, SMOOTH>(x + i * row_stride, C, t, w, wsum, keep, eps_over_c, v, l);
@@ -177,7 +186,7 @@ void forward_rows(const T* x, int64_t row_stride, const I* target, const float* 
 // double and combined in a fixed order: they depend on N and C only.
 template <typename T, typename I, bool SMOOTH, bool WEIGHTED, bool MEDIUM>
 void forward_lanes(const T* x, int64_t row_stride, const I* target, const float* w, int64_t N, int64_t C,
-                   int64_t ignore_index, float eps, float* loss_rows, float* lse, double* part_loss,
+                   int64_t ignore_index, float eps, float* loss_rows, double* lse, double* part_loss,
                    double* part_weight) {
   namespace L = cpu::lanes;
   const float wsum = weight_sum(w, C);
@@ -202,13 +211,12 @@ void forward_lanes(const T* x, int64_t row_stride, const I* target, const float*
                                : _mm256_and_ps(counted, _mm256_set1_ps(1.f));
     // lse - x_t = log(s) - (x_t - m) and W lse - sum_c w_c x_c = W log(s) - sd: no cancellation of huge logits.
     const __m256 log_s = L::log_normal_ps(s);  // s >= 1 where it is used (redone and ignored lanes are replaced)
-    __m256 l = _mm256_add_ps(m, log_s);
     __m256 v = _mm256_mul_ps(_mm256_mul_ps(vkeep, wt), _mm256_sub_ps(log_s, _mm256_sub_ps(xt, m)));
     if constexpr (SMOOTH) v = _mm256_fmadd_ps(veps, _mm256_fmsub_ps(vwsum, log_s, sd), v);
     const int redo = _mm256_movemask_ps(_mm256_and_ps(counted, L::rows_need_row_pass(m, sx)));
+    alignas(32) double lv[L::kLanes];
     if (redo) {  // NaN / inf / all -inf rows: rare
-      alignas(32) float lv[L::kLanes], vv[L::kLanes];
-      _mm256_store_ps(lv, l);
+      alignas(32) float vv[L::kLanes];
       _mm256_store_ps(vv, v);
       for (int r = 0; r < L::kLanes; ++r) {
         if (redo >> r & 1) {
@@ -216,18 +224,29 @@ void forward_lanes(const T* x, int64_t row_stride, const I* target, const float*
                               eps_over_c, vv[r], lv[r]);
         }
       }
-      l = _mm256_load_ps(lv);
       v = _mm256_load_ps(vv);
     }
-    l = _mm256_and_ps(counted, l);  // ignored rows: loss 0, lse 0
-    v = _mm256_and_ps(counted, v);
+    v = _mm256_and_ps(counted, v);  // ignored rows: loss 0, lse 0
+    // lse = m + log(s) in double (see row_lse), 4 lanes at a time.
+    const __m256 mc = _mm256_and_ps(counted, m), lc = _mm256_and_ps(counted, log_s);
+    const __m256d l_lo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(mc)),
+                                       _mm256_cvtps_pd(_mm256_castps256_ps128(lc)));
+    const __m256d l_hi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(mc, 1)),
+                                       _mm256_cvtps_pd(_mm256_extractf128_ps(lc, 1)));
     if (nr == L::kLanes) {
       if (loss_rows) _mm256_storeu_ps(loss_rows + r0, v);
-      _mm256_storeu_ps(lse + r0, l);
+      _mm256_storeu_pd(lse + r0, l_lo);
+      _mm256_storeu_pd(lse + r0 + 4, l_hi);
     } else {
       const __m256i mask = L::first_lanes(nr);
       if (loss_rows) _mm256_maskstore_ps(loss_rows + r0, mask, v);
-      _mm256_maskstore_ps(lse + r0, mask, l);
+      _mm256_maskstore_pd(lse + r0, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(mask)), l_lo);
+      _mm256_maskstore_pd(lse + r0 + 4, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(mask, 1)), l_hi);
+    }
+    if (redo) {
+      for (int r = 0; r < nr; ++r) {
+        if (redo >> r & 1) lse[r0 + r] = lv[r];
+      }
     }
     sum_loss.add(v);
     sum_weight.add(wt);
@@ -317,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(
   const at::Tensor target = target_in.contiguous();
   // Outputs straight from the CPU allocator (at::empty would go through the dispatcher once more: a
   // visible share of the time of a small call).
-  at::Tensor lse = at::detail::empty_cpu({N}, at::kFloat);
+  at::Tensor lse = at::detail::empty_cpu({N}, at::kDouble);
   at::Tensor loss = at::detail::empty_cpu(reduction == kReductionNone ? at::IntArrayRef{N} : at::IntArrayRef{},
                                           at::kFloat);
   at::Tensor total_weight = at::detail::empty_cpu({}, at::kFloat);
@@ -339,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(
         const T* xp = logits.const_data_ptr<T>();
         const index_t* tp = target.const_data_ptr<index_t>();
         auto args = std::make_tuple(xp, logits.stride(0), tp, wp, N, C, ignore_index, eps, loss_rows,
-                                    lse.data_ptr<float>(), part_loss, part_weight);
+                                    lse.data_ptr<double>(), part_loss, part_weight);
 #ifdef FASTEVAL_ROW_LANES
         if (C > 0 && C <= kLanesMaxC) {  // C = 0 (every row ignored or raising): the row path
           auto pick = [&](auto medium) {
@@ -384,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(
 // p_c = exp(x_c - lse), a = g * ((1 - eps) * w_t + eps * W / C), b = g * eps / C.
 template <typename T, typename I>
 void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, int64_t row_stride, const I* target,
-                   const float* w, const float* lse, int64_t N, int64_t C, int64_t ignore_index, float eps,
+                   const float* w, const double* lse, int64_t N, int64_t C, int64_t ignore_index, float eps,
                    T* grad) {
   using L = ChunkLoader<T>;
   const float wsum = weight_sum(w, C);
@@ -408,11 +427,15 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
       const float wt = w ? w[t] : 1.f;
       const float a = gi * (keep * wt + eps_over_c * wsum);
       const float b = gi * eps_over_c;
-      const fVec va(a), vb(b), vl(lse[i]);
+      // x_c - lse as (x_c - hi) - lo with lse = hi + lo split into floats: x_c - hi is exact for the logits
+      // near the max (the ones whose probabilities matter), whatever their magnitude.
+      const float hi = static_cast<float>(lse[i]);
+      const float lo = static_cast<float>(lse[i] - static_cast<double>(hi));
+      const fVec va(a), vb(b), vhi(hi), vlo(lo);
       auto grad_chunk = [&](const Chunk& c, const float* wc, int64_t n) {
         Chunk r;
-        r.lo = va * cpu::fast_exp(c.lo - vl);
-        r.hi = va * cpu::fast_exp(c.hi - vl);
+        r.lo = va * cpu::fast_exp((c.lo - vhi) - vlo);
+        r.hi = va * cpu::fast_exp((c.hi - vhi) - vlo);
         if (b != 0.f) {
           if (wc) {
             Chunk cw = n == kChunk ? ChunkLoader<float>::load(wc) : ChunkLoader<float>::load(wc, n);
@@ -429,7 +452,7 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
       for (; j + kChunk <= C; j += kChunk) L::store(out + j, grad_chunk(L::load(row + j), w ? w + j : nullptr, kChunk));
       if (j < C) L::store(out + j, grad_chunk(L::load(row + j, C - j), w ? w + j : nullptr, C - j), C - j);
       // The target column, recomputed in fp32 rather than corrected after rounding.
-      const float pt = std::exp(static_cast<float>(row[t]) - lse[i]);
+      const float pt = std::exp((static_cast<float>(row[t]) - hi) - lo);
       out[t] = static_cast<T>(a * pt - b * wt - gi * keep * wt);
     }
   };
@@ -446,7 +469,7 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
 // lse is NaN get NaN throughout.
 template <typename T, typename I, bool WEIGHTED>
 void backward_lanes(const float* g, int64_t g_stride, float g_scale, const T* x, int64_t row_stride, const I* target,
-                    const float* w, const float* lse, int64_t N, int64_t C, int64_t ignore_index, float eps, T* grad) {
+                    const float* w, const double* lse, int64_t N, int64_t C, int64_t ignore_index, float eps, T* grad) {
   namespace L = cpu::lanes;
   const float wsum = weight_sum(w, C);
   const __m256 vkeep = _mm256_set1_ps(1.f - eps), veps = _mm256_set1_ps(eps / static_cast<float>(C));
@@ -471,12 +494,25 @@ void backward_lanes(const float* g, int64_t g_stride, float g_scale, const T* x,
       const __m256 a = _mm256_mul_ps(gi, _mm256_fmadd_ps(veps, vwsum, keep_wt));  // g ((1 - eps) w_t + eps W / C)
       const __m256 b = _mm256_mul_ps(gi, veps);                                   // g eps / C
       const __m256 gk = _mm256_mul_ps(gi, keep_wt);                               // g (1 - eps) w_t
-      const __m256 vl = nr == L::kLanes ? _mm256_loadu_ps(lse + i) : _mm256_maskload_ps(lse + i, L::first_lanes(nr));
-      const __m256 nan_rows = _mm256_and_ps(counted, _mm256_cmp_ps(vl, vl, _CMP_UNORD_Q));
+      // lse = hi + lo in floats (see backward_rows)
+      __m256d l_lo, l_hi;
+      if (nr == L::kLanes) {
+        l_lo = _mm256_loadu_pd(lse + i);
+        l_hi = _mm256_loadu_pd(lse + i + 4);
+      } else {
+        const __m256i mask = L::first_lanes(nr);
+        l_lo = _mm256_maskload_pd(lse + i, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(mask)));
+        l_hi = _mm256_maskload_pd(lse + i + 4, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(mask, 1)));
+      }
+      const __m128 h_lo = _mm256_cvtpd_ps(l_lo), h_hi = _mm256_cvtpd_ps(l_hi);
+      const __m256 vhi = _mm256_set_m128(h_hi, h_lo);
+      const __m256 vlo = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_sub_pd(l_hi, _mm256_cvtps_pd(h_hi))),
+                                         _mm256_cvtpd_ps(_mm256_sub_pd(l_lo, _mm256_cvtps_pd(h_lo))));
+      const __m256 nan_rows = _mm256_and_ps(counted, _mm256_cmp_ps(vhi, vhi, _CMP_UNORD_Q));
       __m256i cidx = _mm256_setzero_si256();
       for (int64_t c = 0; c < C; ++c) {
         // x - lse <= 0 (lse >= the row max); exact 0 for -inf logits (NaN rows are replaced below)
-        const __m256 p = L::exp_le0_flush(_mm256_sub_ps(col[c], vl));
+        const __m256 p = L::exp_le0_flush(_mm256_sub_ps(_mm256_sub_ps(col[c], vhi), vlo));
         __m256 gc = WEIGHTED ? _mm256_fnmadd_ps(b, _mm256_set1_ps(w[c]), _mm256_mul_ps(a, p))
                              : _mm256_fmsub_ps(a, p, b);
         gc = _mm256_sub_ps(gc, _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(tg.t, cidx)), gk));
@@ -525,7 +561,7 @@ at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad_loss_in, co
     using T = scalar_t;
     AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "softmax_cross_entropy_backward_cpu_target", [&] {
       auto args = std::make_tuple(grad_loss.const_data_ptr<float>(), g_stride, g_scale, logits.const_data_ptr<T>(),
-                                  logits.stride(0), target.const_data_ptr<index_t>(), wp, lse.const_data_ptr<float>(),
+                                  logits.stride(0), target.const_data_ptr<index_t>(), wp, lse.const_data_ptr<double>(),
                                   N, C, ignore_index, eps, grad.data_ptr<T>());
 #ifdef FASTEVAL_ROW_LANES
       if (C > 0 && C <= kBlockMaxC) {

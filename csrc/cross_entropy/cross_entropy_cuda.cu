@@ -2,7 +2,7 @@
 //
 // Forward, per row i of logits x (N, C) with target t = target[i], eps = label_smoothing,
 // w = weight (w_c = 1 when weight is None) and W = sum_c w_c:
-//   lse_i  = log(sum_c exp(x_c))                      (one pass, online max / sum-exp, fp32)
+//   lse_i  = log(sum_c exp(x_c))          (one pass, online max / sum-exp, fp32; saved as m + log s in float64)
 //   loss_i = (1 - eps) * w_t * (lse_i - x_t) + (eps / C) * (W * lse_i - sum_c w_c x_c)
 // To keep the result accurate the kernel evaluates
 //   lse_i - x_t               as (m - x_t) + log1p(s - 1)        m = row max, s = sum_c exp(x_c - m)
@@ -88,7 +88,7 @@ struct ForwardParams {
   float one_minus_eps;  // 1 - eps
   float eps_over_c;     // eps / C
   float* __restrict__ loss;
-  float* __restrict__ lse;
+  double* __restrict__ lse;  // max + log sum exp(x - max) in float64 (the backward splits it into two floats)
 };
 
 // Per-thread partial result of one row: online (max, sum-exp) and, with label smoothing,
@@ -144,13 +144,13 @@ __device__ __forceinline__ void finish_row(const ForwardParams<scalar_t, index_t
                                            int64_t t, float x_t, float pivot, const RowPartial& r) {
   if (status == kIgnored) {
     p.loss[row] = 0.f;
-    p.lse[row] = 0.f;
+    p.lse[row] = 0.0;
     return;
   }
   const float m = r.mse.max;
   if (status == kBadTarget || !is_finite_bits(m)) {
     p.loss[row] = quiet_nan();
-    p.lse[row] = quiet_nan();
+    p.lse[row] = static_cast<double>(quiet_nan());
     return;
   }
   const float log_s = r.mse.log_sum();  // lse = m + log_s
@@ -161,7 +161,7 @@ __device__ __forceinline__ void finish_row(const ForwardParams<scalar_t, index_t
     loss += p.eps_over_c * (w_sum * ((m - pivot) + log_s) - r.smooth_sum);
   }
   p.loss[row] = loss;
-  p.lse[row] = m + log_s;
+  p.lse[row] = static_cast<double>(m) + static_cast<double>(log_s);
 }
 
 // Forward for short rows: groups of `group` lanes (power of two <= 32) share a row; a 256-thread
@@ -230,7 +230,7 @@ struct BackwardParams {
   int64_t target_stride;
   const float* __restrict__ weight;
   const float* __restrict__ weight_sum;  // sum of weight when label smoothing is on, else nullptr (unused)
-  const float* __restrict__ lse;
+  const double* __restrict__ lse;
   int64_t lse_stride;
   int64_t num_rows;
   int64_t num_classes;
@@ -256,7 +256,11 @@ __global__ void __launch_bounds__(kBackwardBlock)
       continue;
     }
     const float g = p.grad_loss[row * p.grad_stride];
-    const float row_lse = p.lse[row * p.lse_stride];
+    // x - lse as (x - hi) - lo with lse = hi + lo in floats: x - hi is exact for the logits near the row max,
+    // whatever their magnitude.
+    const double row_lse = p.lse[row * p.lse_stride];
+    const float lse_hi = static_cast<float>(row_lse);
+    const float lse_lo = static_cast<float>(row_lse - static_cast<double>(lse_hi));
     const float w_t = p.weight != nullptr ? p.weight[t] : 1.f;
     // W only matters with label smoothing (it is multiplied by eps / C); the host computes weight_sum
     // only then, so it is read only when present.
@@ -268,12 +272,12 @@ __global__ void __launch_bounds__(kBackwardBlock)
     if (p.weight != nullptr && coef_w != 0.f) {
       const float* __restrict__ weight = p.weight;
       cuda::transform_vectorized(x, out, C, lane, group, [&](int64_t c, float v) {
-        const float gc = coef_p * fast_exp(v - row_lse) - coef_w * weight[c];
+        const float gc = coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w * weight[c];
         return c == t ? gc - coef_t : gc;
       });
     } else {
       cuda::transform_vectorized(x, out, C, lane, group, [&](int64_t c, float v) {
-        const float gc = coef_p * fast_exp(v - row_lse) - coef_w;
+        const float gc = coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w;
         return c == t ? gc - coef_t : gc;
       });
     }
@@ -330,7 +334,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_rows_cuda(const at::Tensor& log
   const at::Tensor weight_sum = smooth ? weight_sum_of(weight) : at::Tensor();
 
   at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({N}, logits.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({N}, logits.options().dtype(at::kDouble));
   if (N == 0) return {loss, lse};
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -356,7 +360,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_rows_cuda(const at::Tensor& log
       p.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
       p.eps_over_c = C > 0 ? static_cast<float>(label_smoothing / static_cast<double>(C)) : 0.f;
       p.loss = loss.mutable_data_ptr<float>();
-      p.lse = lse.mutable_data_ptr<float>();
+      p.lse = lse.mutable_data_ptr<double>();
 
       if (row_bytes <= kGroupPathMaxRowBytes) {
         // About four 16-byte vectors per lane: G = 1 for C <= 4 * vec, 32 from C > 64 * vec.
@@ -432,7 +436,7 @@ at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, cons
   const at::Tensor weight_sum = (label_smoothing > 0.0) ? weight_sum_of(weight) : at::Tensor();
   // Float32 views (no copy when already float32); strides are honoured, so expanded tensors are fine.
   const at::Tensor& g = g_rows;
-  const at::Tensor lse_f = lse.to(at::kFloat);
+  const at::Tensor lse_d = lse;  // float64 (checked)
 
   at::Tensor grad = at::empty({N, C}, logits.options());
   if (N == 0) return grad;
@@ -457,8 +461,8 @@ at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, cons
       p.target_stride = target.stride(0);
       p.weight = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
       p.weight_sum = weight_sum.defined() ? weight_sum.const_data_ptr<float>() : nullptr;
-      p.lse = lse_f.const_data_ptr<float>();
-      p.lse_stride = lse_f.stride(0);
+      p.lse = lse_d.const_data_ptr<double>();
+      p.lse_stride = lse_d.stride(0);
       p.num_rows = N;
       p.num_classes = C;
       p.ignore_index = ignore_index;
