@@ -28,7 +28,20 @@ import traceback
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+
+
+def _read_version():
+    """The version is kept once, as fasteval.__version__ (read as text: the package cannot be imported
+    before it is built)."""
+    import re
+    with open(os.path.join(ROOT, "fasteval", "__init__.py"), encoding="utf-8") as f:
+        m = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M)
+    if m is None:
+        raise SystemExit("setup.py: no __version__ = \"...\" line in fasteval/__init__.py")
+    return m.group(1)
+
+
+VERSION = _read_version()
 
 
 def _flag(name):
