@@ -151,7 +151,8 @@ __device__ __forceinline__ T block_reduce(T v, Op op, T identity, T* shared) {
 }
 
 struct SumOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
 };
 
 // NaN-propagating max.
@@ -160,6 +161,9 @@ struct MaxOp {
 };
 
 __device__ __forceinline__ float warp_reduce_sum(float v, int width = 32) { return warp_reduce(v, SumOp{}, width); }
+__device__ __forceinline__ int64_t warp_reduce_sum(int64_t v, int width = 32) {
+  return warp_reduce(v, SumOp{}, width);  // exact: integer addition is associative
+}
 __device__ __forceinline__ float warp_reduce_max(float v, int width = 32) { return warp_reduce(v, MaxOp{}, width); }
 __device__ __forceinline__ float block_reduce_sum(float v, float* shared) {
   return block_reduce(v, SumOp{}, 0.f, shared);

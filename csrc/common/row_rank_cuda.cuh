@@ -3,11 +3,13 @@
 // common/row_rank_cpu.h, with the same total order (torch.sort(descending=True, stable=True): larger
 // first, NaN above every number, ties in index order), so that
 //   warp_row_argmax(x) == torch.argmax(x),   warp_row_rank(x, t) < k <=> t is in the top k.
-// Shared by the confusion-matrix / top-k kernels and the fused evaluation pass. Self-contained (its own
-// warp reductions) until the common CUDA helpers land.
+// Shared by the confusion-matrix / top-k kernels and the fused evaluation pass. Sums use the butterfly
+// reductions of common/cuda_utils.cuh; the argmax reduction (value and index) is here.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "common/cuda_utils.cuh"
 
 namespace fasteval {
 namespace cuda {
@@ -37,12 +39,6 @@ __device__ __forceinline__ ArgBest warp_reduce_argbest(ArgBest b) {
     if (precedes(v, i, b.v, b.i)) b = {v, i};
   }
   return b;  // valid in lane 0
-}
-
-__device__ __forceinline__ int64_t warp_reduce_sum(int64_t v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
-  return v;  // valid in lane 0
 }
 
 // torch.argmax of row[0, C) by the whole warp (every lane calls it); the result is valid in lane 0.
