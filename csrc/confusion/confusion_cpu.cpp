@@ -21,6 +21,7 @@
 
 #include "common/checks.h"
 #include "common/histogram_cpu.h"
+#include "common/row_lanes_cpu.h"
 #include "common/row_rank_cpu.h"
 #include "confusion/confusion_common.h"
 
@@ -140,6 +141,12 @@ inline int64_t argmax_column(const S* base, int64_t C, int64_t D) {
   return arg;
 }
 
+#ifdef FASTEVAL_ROW_LANES
+// Up to this many classes rows of scores are transposed into the vector lanes 8 at a time
+// (common/row_lanes_cpu.h) for the argmax and the rank; wider rows take the per-row passes.
+constexpr int64_t kLanesMaxC = cpu::lanes::kMaxC;
+#endif
+
 template <Mode M, typename S, typename T>
 void count_scores(const at::Tensor& scores, const T* target, int64_t N, int64_t C, int64_t D, int64_t bins,
                   const LabelCheck& chk, int64_t* out) {
@@ -147,6 +154,28 @@ void count_scores(const at::Tensor& scores, const T* target, int64_t N, int64_t 
   const int64_t row_stride = scores.stride(0);
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(C * D, 1));
   if (D == 1) {
+#ifdef FASTEVAL_ROW_LANES
+    if (C > 0 && C <= kLanesMaxC) {
+      // 8 rows transposed into the lanes at a time; block_argmax follows torch.argmax's order.
+      namespace L = cpu::lanes;
+      const S* limit = x + (N - 1) * row_stride + C;  // one past the last element read
+      cpu::parallel_histogram(N, bins, grain, out, [&](int64_t b, int64_t e, auto acc) {
+        __m256 col[L::kMaxC];
+        alignas(32) int32_t arg[L::kLanes];
+        for (int64_t i = b; i < e; i += L::kLanes) {
+          const int nr = static_cast<int>(std::min<int64_t>(L::kLanes, e - i));
+          L::load_block(x + i * row_stride, row_stride, nr, C, limit, col);
+          _mm256_store_si256(reinterpret_cast<__m256i*>(arg), L::block_argmax(col, C));
+          for (int r = 0; r < nr; ++r) {
+            const int64_t t = static_cast<int64_t>(target[i + r]);
+            if (!chk.target_ok(t)) continue;
+            emit<M>(acc, t, arg[r], C);
+          }
+        }
+      });
+      return;
+    }
+#endif
     cpu::parallel_histogram(N, bins, grain, out, [&](int64_t b, int64_t e, auto acc) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t t = static_cast<int64_t>(target[i]);
@@ -409,6 +438,43 @@ std::tuple<at::Tensor, at::Tensor> topk_rank_cpu(const at::Tensor& scores_in, co
     FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_topk_scores", [&] {
       const scalar_t* x = scores.const_data_ptr<scalar_t>();
       const int64_t rs = scores.stride(0);
+#ifdef FASTEVAL_ROW_LANES
+      if (C > 0 && C <= kLanesMaxC) {
+        // 8 rows transposed into the lanes at a time; block_rank follows the order of row_rank.
+        namespace L = cpu::lanes;
+        const scalar_t* limit = x + (N - 1) * rs + C;
+        const int64_t nblocks = (N + L::kLanes - 1) / L::kLanes;
+        at::parallel_for(0, nblocks, std::max<int64_t>(1, 4096 / C), [&](int64_t b, int64_t e) {
+          __m256 col[L::kMaxC];
+          alignas(32) int32_t tv[L::kLanes], rk[L::kLanes];
+          for (int64_t blk = b; blk < e; ++blk) {
+            const int64_t i = blk * L::kLanes;
+            const int nr = static_cast<int>(std::min<int64_t>(L::kLanes, N - i));
+            uint32_t ignored = 0;
+            for (int q = 0; q < L::kLanes; ++q) {
+              tv[q] = 0;
+              if (q >= nr) continue;
+              const int64_t t = static_cast<int64_t>(tp[i + q]);
+              if (has_ign && t == ign) {
+                ignored |= 1u << q;
+                continue;
+              }
+              if (C10_UNLIKELY(static_cast<uint64_t>(t) >= static_cast<uint64_t>(C))) {
+                bad_label(op, "target", t, nullptr, C, ignore_index);
+              }
+              tv[q] = static_cast<int32_t>(t);
+            }
+            L::load_block(x + i * rs, rs, nr, C, limit, col);
+            __m256i t = _mm256_load_si256(reinterpret_cast<const __m256i*>(tv));
+            __m256 m, sum, xt;
+            L::block_max_sum_pick<1>(col, C, &t, &m, &sum, &xt);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(rk), L::block_rank(col, C, t, xt));
+            for (int k = 0; k < nr; ++k) r[i + k] = ignored >> k & 1 ? -1 : rk[k];
+          }
+        });
+        return;
+      }
+#endif
       at::parallel_for(0, N, std::max<int64_t>(1, 32768 / C), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const int64_t t = static_cast<int64_t>(tp[i]);
