@@ -13,10 +13,19 @@ import torch
 import torch.nn.functional as F
 
 import fasteval
+from conftest import DEVICES
 from fasteval import _loader, _ops, metrics, reference
 
-compiled = pytest.mark.skipif(not _loader.has_kernel("softmax_cross_entropy", "cpu"),
+compiled = pytest.mark.skipif(not _loader.loaded(),
                               reason="the compiled library is not loaded (FASTEVAL_DISABLE_EXT=1 or not built)")
+on_devices = pytest.mark.parametrize("device", DEVICES)
+
+
+def need(device, *ops):
+    """Skips unless every op has a compiled kernel on the device (a CPU-only build has no CUDA kernels)."""
+    missing = [op for op in ops if not _loader.has_kernel(op, device)]
+    if missing:
+        pytest.skip(f"no compiled {device} kernel for {missing}")
 
 REFERENCE_OPS = ("softmax_cross_entropy", "softmax_cross_entropy_backward", "eval_update", "confusion_matrix",
                  "class_counts", "multilabel_confusion_matrix", "binned_confusion_matrix", "topk_rank")
@@ -77,12 +86,19 @@ def test_every_op_has_a_cpu_kernel():
 
 
 @compiled
+@on_devices
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 @pytest.mark.parametrize("tdtype", INDEX_DTYPES)
-def test_cross_entropy_reaches_kernel(no_reference, dtype, tdtype):
+def test_cross_entropy_reaches_kernel(no_reference, device, dtype, tdtype):
+    need(device, "softmax_cross_entropy")
     x = torch.randn(6, 5).to(dtype)
     t = _labels(6, 5, tdtype)
     w = torch.rand(5) + 0.5
+    want_dev = F.cross_entropy(x.float(), t.long(), reduction="none")
+    got_dev = fasteval.cross_entropy(x.to(device), t.to(device), weight=w.to(dtype).to(device), reduction="none")
+    assert got_dev.device.type == device and got_dev.dtype == dtype
+    torch.testing.assert_close(got_dev.float().cpu() / w[t.long()].to(dtype).float(), want_dev,
+                               **(dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else {}))
     want = F.cross_entropy(x.float(), t.long(), reduction="none")
     tol = dict(rtol=1e-2, atol=1e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-6)
     # fast path (2-D, no weight), general path (weight; (N, C, d) logits), every reduction
@@ -98,10 +114,12 @@ def test_cross_entropy_reaches_kernel(no_reference, dtype, tdtype):
 
 
 @compiled
+@on_devices
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
-def test_cross_entropy_backward_reaches_kernel(no_reference, dtype):
-    x = torch.randn(4, 7).to(dtype).requires_grad_()
-    t = torch.tensor([0, 6, 3, 3])
+def test_cross_entropy_backward_reaches_kernel(no_reference, device, dtype):
+    need(device, "softmax_cross_entropy", "softmax_cross_entropy_backward")
+    x = torch.randn(4, 7).to(dtype).to(device).requires_grad_()
+    t = torch.tensor([0, 6, 3, 3], device=device)
     fasteval.cross_entropy(x, t).backward()
     xr = x.detach().float().requires_grad_()
     F.cross_entropy(xr, t).backward()
@@ -109,28 +127,32 @@ def test_cross_entropy_backward_reaches_kernel(no_reference, dtype):
     torch.testing.assert_close(x.grad.float(), xr.grad, **tol)
     # the general path (a weight) too
     x.grad = None
-    w = torch.rand(7) + 0.5
+    w = torch.rand(7, device=device) + 0.5
     fasteval.cross_entropy(x, t, weight=w.to(dtype)).backward()
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
 
 
 @compiled
+@on_devices
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 @pytest.mark.parametrize("full_confusion", [True, False])
-def test_evaluator_update_reaches_kernel(no_reference, dtype, full_confusion):
-    ev = fasteval.ClassificationEvaluator(4, top_k=(1, 2), full_confusion=full_confusion)
-    x = torch.randn(10, 4).to(dtype)
-    t = _labels(10, 4, torch.int64)
+def test_evaluator_update_reaches_kernel(no_reference, device, dtype, full_confusion):
+    need(device, "eval_update")
+    ev = fasteval.ClassificationEvaluator(4, top_k=(1, 2), full_confusion=full_confusion, device=device)
+    x = torch.randn(10, 4).to(dtype).to(device)
+    t = _labels(10, 4, torch.int64).to(device)
     ev.update(x, t)
-    ev.update(torch.randn(2, 4, 3).to(dtype), torch.randint(0, 4, (2, 3)))  # (N, C, S)
+    ev.update(torch.randn(2, 4, 3).to(dtype).to(device), torch.randint(0, 4, (2, 3), device=device))  # (N, C, S)
     assert ev.count.tolist() == [16, 0]
     assert int(ev.topk_hits[1]) >= int(ev.topk_hits[0])
 
 
 @compiled
+@on_devices
 @pytest.mark.parametrize("tdtype", INDEX_DTYPES)
 @pytest.mark.parametrize("pdtype", SCORE_DTYPES + INDEX_DTYPES)
-def test_confusion_matrix_and_counts_reach_kernel(no_reference, pdtype, tdtype):
+def test_confusion_matrix_and_counts_reach_kernel(no_reference, device, pdtype, tdtype):
+    need(device, "confusion_matrix", "class_counts")
     c = 4
     t = _labels(12, c, tdtype)
     if pdtype.is_floating_point:
@@ -140,8 +162,9 @@ def test_confusion_matrix_and_counts_reach_kernel(no_reference, pdtype, tdtype):
         preds = _labels(12, c, pdtype)
         labels = preds.long()
     want = _cm_loop(labels, t.long(), c)
-    assert torch.equal(fasteval.confusion_matrix(preds, t, c), want)
-    tp, npred, ntrue = fasteval.class_counts(preds, t, c)
+    preds, t = preds.to(device), t.to(device)
+    assert torch.equal(fasteval.confusion_matrix(preds, t, c).cpu(), want)
+    tp, npred, ntrue = (v.cpu() for v in fasteval.class_counts(preds, t, c))
     assert torch.equal(tp, want.diagonal()) and torch.equal(npred, want.sum(0)) and torch.equal(ntrue, want.sum(1))
     # the metrics reach the same kernels
     metrics.f1_score(preds, t, c, zero_division=0)
@@ -149,9 +172,11 @@ def test_confusion_matrix_and_counts_reach_kernel(no_reference, pdtype, tdtype):
 
 
 @compiled
+@on_devices
 @pytest.mark.parametrize("tdtype", BINARY_DTYPES)
 @pytest.mark.parametrize("pdtype", SCORE_DTYPES + BINARY_DTYPES + (torch.float64,))
-def test_multilabel_and_binary_reach_kernel(no_reference, pdtype, tdtype):
+def test_multilabel_and_binary_reach_kernel(no_reference, device, pdtype, tdtype):
+    need(device, "multilabel_confusion_matrix")
     t = torch.randint(0, 2, (9, 3)).to(tdtype)
     if pdtype.is_floating_point:
         preds = torch.rand(9, 3).to(pdtype)
@@ -159,35 +184,41 @@ def test_multilabel_and_binary_reach_kernel(no_reference, pdtype, tdtype):
     else:
         preds = torch.randint(0, 2, (9, 3)).to(pdtype)
         pos = preds.long()
-    cm = fasteval.multilabel_confusion_matrix(preds, t, 3)
     tl = t.long()
+    preds, t = preds.to(device), t.to(device)
+    cm = fasteval.multilabel_confusion_matrix(preds, t, 3).cpu()
     for j in range(3):
         assert cm[j].tolist() == [[int(((tl[:, j] == a) & (pos[:, j] == b)).sum()) for b in (0, 1)] for a in (0, 1)]
-    assert torch.equal(fasteval.binary_confusion_matrix(preds[:, 0], t[:, 0]), cm[0])
+    assert torch.equal(fasteval.binary_confusion_matrix(preds[:, 0], t[:, 0]).cpu(), cm[0])
 
 
 @compiled
+@on_devices
 @pytest.mark.parametrize("tdtype", BINARY_DTYPES)
 @pytest.mark.parametrize("pdtype", SCORE_DTYPES + (torch.float64,))
-def test_binned_reaches_kernel(no_reference, pdtype, tdtype):
+def test_binned_reaches_kernel(no_reference, device, pdtype, tdtype):
+    need(device, "binned_confusion_matrix")
     preds = torch.rand(20).to(pdtype)
     t = torch.randint(0, 2, (20,)).to(tdtype)
-    cm = fasteval.binned_confusion_matrix(preds, t, 5)
+    cm = fasteval.binned_confusion_matrix(preds.to(device), t.to(device), 5).cpu()
     thr = torch.linspace(0, 1, 5)
     tp = [int(((preds.double() >= float(v)) & (t == 1)).sum()) for v in thr.tolist()]
     assert cm[:, 1, 1].tolist() == tp
-    metrics.binary_auroc(preds, t, thresholds=5)
-    metrics.binary_average_precision(preds, t, thresholds=[0.2, 0.7])
+    metrics.binary_auroc(preds.to(device), t.to(device), thresholds=5)
+    metrics.binary_average_precision(preds.to(device), t.to(device), thresholds=[0.2, 0.7])
 
 
 @compiled
+@on_devices
 @pytest.mark.parametrize("tdtype", INDEX_DTYPES)
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
-def test_topk_reaches_kernel(no_reference, dtype, tdtype):
+def test_topk_reaches_kernel(no_reference, device, dtype, tdtype):
+    need(device, "topk_rank", "class_counts")
     scores = torch.randn(15, 6).to(dtype)
     t = _labels(15, 6, tdtype)
     order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices
     rank = (order == t.long()[:, None]).int().argmax(1)
+    scores, t = scores.to(device), t.to(device)
     assert math.isclose(float(metrics.accuracy(scores, t, 6, top_k=3)), float((rank < 3).double().mean()))
     metrics.top_k_accuracy(scores, t, 6, k=2)
 

@@ -402,3 +402,26 @@ def test_binned_curves_sort_their_thresholds():
     pp = [int((preds >= v).sum()) for v in th.tolist()]
     assert p[:-1].tolist() == pytest.approx([a / b for a, b in zip(tp, pp)])
     assert r[:-1].tolist() == pytest.approx([a / int(t.sum()) for a in tp])
+
+
+def test_undefined_metric_messages_as_sklearn():
+    """The UndefinedMetricWarning texts are scikit-learn's, per label ("in labels with") and for a single
+    value ("due to")."""
+    import warnings
+
+    from sklearn.metrics import precision_recall_fscore_support as sk_prfs
+
+    y_true, y_pred = [0, 1, 1], [0, 0, 0]  # class 1 never predicted, class 2 absent
+    with warnings.catch_warnings(record=True) as sk:
+        warnings.simplefilter("always")
+        sk_prfs(y_true, y_pred, labels=[0, 1, 2], average=None)
+    with warnings.catch_warnings(record=True) as fe:
+        warnings.simplefilter("always")
+        metrics.precision_recall_fscore_support(torch.tensor(y_pred), torch.tensor(y_true), 3)
+    assert sorted(str(w.message) for w in fe) == sorted(str(w.message) for w in sk)
+    assert any("in labels with no predicted samples" in str(w.message) for w in fe)
+    e = torch.empty(0, dtype=torch.long)
+    with pytest.warns(metrics.UndefinedMetricWarning) as rec:
+        metrics.precision(e, e, 3, average="micro")
+    assert [str(w.message) for w in rec] == ["Precision is ill-defined and being set to 0.0 due to no predicted "
+                                             "samples. Use `zero_division` parameter to control this behavior."]
