@@ -103,4 +103,38 @@ TORCH_LIBRARY(fasteval, m) {
   //   rank[i] = #{j < t : isnan(x_j)}                                      (x_t NaN)
   // so rank 0 <=> argmax == target, and the target is in the top k <=> rank < k. -1 for ignored rows.
   m.def("topk_rank(Tensor scores, Tensor target, int? ignore_index) -> (Tensor rank, Tensor invalid)");
+
+  // ---- Logit comparison (csrc/compare/): a reference model's logits a against a candidate's b.
+  // reference (a) and candidate (b): (N, C) with unit class stride, or (N, C, S) (class stride S), the
+  // same shape; float32 / bfloat16 / float16 each (they may differ). A position is a row (or (n, s)).
+  // target: None or (N,) / (N, S) int64 / int32; positions whose target == ignore_index count nowhere.
+  // A target outside [0, C) other than ignore_index rejects the whole batch: the CPU kernel raises
+  // IndexError before any write; the CUDA kernel adds the number of such targets to counts[6] and
+  // changes nothing else (the Python API raises when it next reads the state).
+  // For every counted position, in nats, with p = softmax(a), q = softmax(b), 0 log 0 = 0:
+  //   kl   = KL(p||q) = sum_c p_c (log p_c - log q_c)   (a class with a_c = b_c = -inf adds 0; one with
+  //          b_c = -inf < a_c adds +inf); rkl = KL(q||p) likewise;
+  //   js   = (KL(p||m) + KL(q||m)) / 2, m = (p + q) / 2;
+  //   all three NaN when max a or max b is not finite (a NaN, a +inf, or only -inf), as log_softmax;
+  //   ia, ib = argmax a, argmax b (first maximal index, NaN above all, as torch.argmax);
+  //   r    = rank of a_ia's class in b: #{c : b_c > b_ia or isnan(b_c)} + #{c < ia : b_c == b_ia}
+  //          (the rule of topk_rank; ia is in b's top k <=> r < k);
+  //   y    = target (when given) else ia;  dp = q_y - p_y;  nll_a = -log p_y, nll_b = -log q_y;
+  //   d    = max_c |a_c - b_c| over the classes where a_c != b_c (0 if none; NaN if any value is NaN).
+  // Per-row values are computed in float32 (KL-type sums from non-negative terms), the state in
+  // float64 / int64:
+  //   stats (7, 3) float64, rows kl, rkl, js, dp, nll_a, nll_b, d; columns (sum, sum of squares, max)
+  //        += / max= the position's value (NaN propagates); the nll rows only when target is given;
+  //   counts (8 + K,) int64: [0] += 1, [1] += (ia == ib), [2] += (ia == y), [3] += (ib == y),
+  //        [4] += (ia == y && ib != y), [5] += (ia != y && ib == y), [7] += 1 ([2..5], [7] only with
+  //        a target), [6] rejected targets (above), [8 + j] += (r < top_k[j]);
+  //   kl_hist (2787,) int64: bin 0 kl < 1e-10, bin 1 + floor(232 (log10 kl + 10)) for kl in
+  //        [1e-10, 1e2), 2785 for kl >= 1e2, 2786 for NaN;
+  //   dp_hist (20001,) int64: bin min(floor((dp + 1) 1e4), 19999), 20000 for NaN.
+  // row_stats (P, 4) float32 (kl, rkl, js, dp) and row_argmax (P, 2) int64 (ia, ib), P = N * S, when
+  // given, are overwritten for every position (NaN / -1 where ignored).
+  m.def(
+      "compare_update(Tensor reference, Tensor candidate, Tensor? target, int? ignore_index, int[] top_k, "
+      "Tensor(a!) stats, Tensor(b!) counts, Tensor(c!) kl_hist, Tensor(d!) dp_hist, Tensor(e!)? row_stats, "
+      "Tensor(f!)? row_argmax) -> ()");
 }

@@ -13,6 +13,7 @@ from .errors import (FastevalError, FastevalIndexError, FastevalNotImplementedEr
 from .evaluation import EvaluationReport, evaluate
 from .evaluator import ClassificationEvaluator
 from .losses import CrossEntropyLoss, cross_entropy
+from .compare import ComparisonReport, LogitComparator, compare_logits, compare_models
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "class_counts", "check_invalid", "metrics",
     # evaluation
     "ClassificationEvaluator", "evaluate", "EvaluationReport",
+    # model comparison
+    "LogitComparator", "compare_logits", "compare_models", "ComparisonReport",
     # errors (each also an instance of the exception torch raises for the same input)
     "errors", "FastevalError", "FastevalValueError", "FastevalTypeError", "FastevalIndexError",
     "FastevalNotImplementedError",

@@ -1,4 +1,4 @@
-"""``python -m fasteval info | demo | bench``."""
+"""``python -m fasteval info | demo | compare | bench``."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,12 @@ def _demo(args) -> int:
     return demo.main(args.rest)
 
 
+def _compare(args) -> int:
+    from fasteval import demo
+
+    return demo.compare_main(args)
+
+
 def _bench(args) -> int:
     from fasteval.bench import cli
 
@@ -58,12 +64,16 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="version, backend, compiled kernels, SIMD level, CUDA architectures")
     d = sub.add_parser("demo", help="train the small SimpleNet and evaluate it with fasteval.evaluate")
     d.add_argument("rest", nargs=argparse.REMAINDER)
+    cm = sub.add_parser("compare", help="compare a model's logits with a changed copy's (--demo: SimpleNet against "
+                                         "a bfloat16 and an int8 copy)")
+    from fasteval.demo import add_compare_arguments
+    add_compare_arguments(cm)
     b = sub.add_parser("bench", help="fasteval against torch, torch.compile and peers: medians, ratios and parity "
                                      "measured in one run")
     from fasteval.bench.cli import add_arguments
     add_arguments(b)
     args = p.parse_args(argv)
-    return {"info": _info, "demo": _demo, "bench": _bench}[args.cmd](args)
+    return {"info": _info, "demo": _demo, "compare": _compare, "bench": _bench}[args.cmd](args)
 
 
 if __name__ == "__main__":

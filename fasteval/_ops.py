@@ -181,3 +181,35 @@ def _sce_cpu_fast():
 
 # The fast path of losses.cross_entropy (None when the compiled CPU kernel is not there).
 SCE_CPU = _sce_cpu_fast()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logit comparison (fasteval::compare_update): fake implementation and dispatch.
+
+def _register_compare() -> None:
+    if not _REGISTERED or not hasattr(torch.ops.fasteval, "compare_update"):  # a library built without it
+        return
+
+    @torch.library.register_fake("fasteval::compare_update")
+    def _compare_update_fake(reference, candidate, target, ignore_index, top_k, stats, counts, kl_hist, dp_hist,
+                             row_stats, row_argmax):
+        torch._check(reference.dim() in (2, 3), lambda: "expected logits of shape (N, C) or (N, C, S)")
+        return None
+
+
+_register_compare()
+_reference = reference  # the op's first argument is also called "reference"
+
+
+def compare_update(reference, candidate, target, ignore_index, top_k, stats, counts, kl_hist, dp_hist,
+                   row_stats=None, row_argmax=None) -> None:
+    """``fasteval::compare_update`` (in place on the state tensors) on the compiled kernel when one serves
+    these inputs, else the reference."""
+    if reference.dtype in _KERNEL_DTYPES and candidate.dtype in _KERNEL_DTYPES and \
+            (target is None or target.dtype in _INDEX_DTYPES) and \
+            _loader.has_kernel("compare_update", reference.device.type):
+        torch.ops.fasteval.compare_update(reference, candidate, target, ignore_index, top_k, stats, counts, kl_hist,
+                                          dp_hist, row_stats, row_argmax)
+    else:
+        _reference.compare_update(reference, candidate, target, ignore_index, top_k, stats, counts, kl_hist, dp_hist,
+                                  row_stats, row_argmax)

@@ -121,3 +121,75 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------------
+# ``python -m fasteval compare --demo``: the trained SimpleNet against a bfloat16 copy and a dynamically
+# int8-quantized copy, compared with fasteval.compare_models.
+
+class CastInputs(nn.Module):
+    """Runs ``module`` on its inputs cast to ``dtype`` (a bfloat16 copy of a float32 model)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module = module
+        self.dtype = dtype
+
+    def forward(self, x):
+        return self.module(x.to(self.dtype))
+
+
+def int8_dynamic(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` with its Linear layers dynamically quantized to int8 (weights int8, activations
+    quantized per batch), as ``torch.ao.quantization.quantize_dynamic`` makes it."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():  # the eager quantization API warns that it is being moved to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(net), {nn.Linear}, dtype=torch.qint8)
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m fasteval compare``."""
+    parser.add_argument("--demo", action="store_true",
+                        help="train the demo's SimpleNet and compare it with a bfloat16 and an int8 copy")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--train-size", type=int, default=2000)
+    parser.add_argument("--test-size", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default=None, metavar="PREFIX",
+                        help="also write PREFIX-bf16.png and PREFIX-int8.png (needs matplotlib)")
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    import copy
+
+    import fasteval
+
+    if not args.demo:
+        print("python -m fasteval compare: only --demo is available from the command line; compare your own "
+              "models with fasteval.compare_models(reference, candidate, loader, num_classes)")
+        return 2
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    train_set = SimpleDataset(*make_data(args.train_size, g))
+    test_set = SimpleDataset(*make_data(args.test_size, g))
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, generator=g)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=100, shuffle=False)
+    net = SimpleNet()
+    last_loss = train(net, train_loader, args.epochs)
+    net.eval()
+    print(f"trained SimpleNet (10 -> 5 -> 2) for {args.epochs} epochs (last batch loss {last_loss:.4f}); "
+          f"fasteval backend: {fasteval.backend()}\n")
+    candidates = [("bf16", "SimpleNet bfloat16 copy vs float32", CastInputs(copy.deepcopy(net).to(torch.bfloat16),
+                                                                             torch.bfloat16)),
+                  ("int8", "SimpleNet dynamic int8 copy vs float32", int8_dynamic(net))]
+    for key, title, cand in candidates:
+        report = fasteval.compare_models(net, cand, test_loader, num_classes=2, top_k=(1,), progress=False,
+                                         title=title)
+        print(report)
+        if args.plot:
+            print(f"plot: {report.plot(f'{args.plot}-{key}.png')}")
+        print()
+    return 0

@@ -589,3 +589,215 @@ def topk_rank(scores: Tensor, target: Tensor, ignore_index: Optional[int] = None
     above = torch.where(tnan, xnan & before, (x > xt) | xnan | ((x == xt) & before))
     rank = above.sum(1)
     return torch.where(ok, rank, torch.where(keep, torch.full_like(rank, -2), torch.full_like(rank, -1))), inv
+
+# ---------------------------------------------------------------------------------------------------
+# Logit comparison (fasteval::compare_update): a reference model's logits a against a candidate's b.
+
+__all__ += ["compare_update", "COMPARE_STAT_ROWS", "COMPARE_COUNT_NAMES", "KL_HIST_BINS", "DP_HIST_BINS",
+            "kl_bin_edges", "dp_bin_edges"]
+
+# Rows of the (7, 3) float64 ``stats`` state; its columns are (sum, sum of squares, max).
+COMPARE_STAT_ROWS = ("kl", "reverse_kl", "js", "delta_p", "ref_nll", "cand_nll", "max_abs_diff")
+# Entries of the int64 ``counts`` state before the top-k containment counts (one per k of top_k).
+COMPARE_COUNT_NAMES = ("count", "agree", "ref_correct", "cand_correct", "correct_to_wrong", "wrong_to_correct",
+                       "rejected", "with_target")
+# KL histogram: bin 0 holds KL < 1e-10, bins 1..KL_DECADES * KL_BINS_PER_DECADE are log-spaced over
+# [1e-10, 1e2) (relative width 10**(1/232) - 1 = 0.997%), then KL >= 1e2 (and +inf), then NaN.
+KL_LOG10_LO, KL_DECADES, KL_BINS_PER_DECADE = -10, 12, 232
+KL_HIST_BINS = KL_DECADES * KL_BINS_PER_DECADE + 3
+# Delta-p histogram: bins of width 1e-4 over [-1, 1] (the last one closed), then NaN.
+DP_BINS_PER_UNIT = 10000
+DP_HIST_BINS = 2 * DP_BINS_PER_UNIT + 1
+
+
+def kl_bin_edges() -> Tensor:
+    """The KL_DECADES * KL_BINS_PER_DECADE + 1 edges of the log-spaced KL bins 1..(last regular bin)."""
+    k = torch.arange(KL_DECADES * KL_BINS_PER_DECADE + 1, dtype=torch.float64)
+    return 10.0 ** (KL_LOG10_LO + k / KL_BINS_PER_DECADE)
+
+
+def dp_bin_edges() -> Tensor:
+    """The 2 * DP_BINS_PER_UNIT + 1 edges of the delta-p bins."""
+    return torch.arange(-DP_BINS_PER_UNIT, DP_BINS_PER_UNIT + 1, dtype=torch.float64) / DP_BINS_PER_UNIT
+
+
+def kl_bin(kl: Tensor) -> Tensor:
+    """Histogram bin of each KL value (float64 arithmetic, as the kernels)."""
+    nreg = KL_DECADES * KL_BINS_PER_DECADE
+    x = kl.double()
+    pos = torch.floor((torch.log10(x.clamp_min(1e-300)) - KL_LOG10_LO) * KL_BINS_PER_DECADE)
+    b = 1 + pos.clamp(0, nreg - 1).long()
+    b = torch.where(x < 10.0 ** KL_LOG10_LO, torch.zeros_like(b), b)
+    b = torch.where(x >= 10.0 ** (KL_LOG10_LO + KL_DECADES), torch.full_like(b, nreg + 1), b)
+    return torch.where(torch.isnan(x), torch.full_like(b, nreg + 2), b)
+
+
+def dp_bin(dp: Tensor) -> Tensor:
+    """Histogram bin of each delta-p value in [-1, 1] (float64 arithmetic, as the kernels)."""
+    x = dp.double()
+    b = torch.floor((x + 1.0) * DP_BINS_PER_UNIT).clamp(0, 2 * DP_BINS_PER_UNIT - 1).long()
+    return torch.where(torch.isnan(x), torch.full_like(b, 2 * DP_BINS_PER_UNIT), b)
+
+
+def check_compare_inputs(reference: Tensor, candidate: Tensor, target: Optional[Tensor], top_k: Sequence[int],
+                         stats: Tensor, counts: Tensor, kl_hist: Tensor, dp_hist: Tensor,
+                         row_stats: Optional[Tensor], row_argmax: Optional[Tensor],
+                         op: str = "fasteval.compare_update") -> None:
+    """The checks the compiled op makes before touching the state, in the same order, with the same
+    exception types (ValueError for shapes, values and devices, TypeError for dtypes)."""
+    if reference.dim() not in (2, 3):
+        raise ValueError(f"{op}: expected reference logits of shape (N, C) or (N, C, S), got {list(reference.shape)}")
+    if tuple(candidate.shape) != tuple(reference.shape):
+        raise ValueError(f"{op}: reference logits {list(reference.shape)} and candidate logits "
+                         f"{list(candidate.shape)} must have the same shape")
+    if not reference.is_floating_point():
+        raise TypeError(f"{op}: reference logits must be floating point, got {reference.dtype}")
+    if not candidate.is_floating_point():
+        raise TypeError(f"{op}: candidate logits must be floating point, got {candidate.dtype}")
+    if candidate.device != reference.device:
+        raise ValueError(f"{op}: candidate logits are on {candidate.device} but reference logits are on "
+                         f"{reference.device}")
+    n, c = reference.shape[0], reference.shape[1]
+    s = reference.shape[2] if reference.dim() == 3 else 1
+    if c <= 0:
+        raise ValueError(f"{op}: the number of classes C must be positive, got logits of shape {list(reference.shape)}")
+    if target is not None:
+        if target.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{op}: target must hold class indices as int64 or int32, got {target.dtype}")
+        expected = (n,) if reference.dim() == 2 else (n, s)
+        if tuple(target.shape) != expected:
+            raise ValueError(f"{op}: expected target of shape {expected} to match logits {list(reference.shape)}, "
+                             f"got {list(target.shape)}")
+        if target.device != reference.device:
+            raise ValueError(f"{op}: target is on {target.device} but logits are on {reference.device}")
+    if any(k < 1 for k in top_k):
+        raise ValueError(f"{op}: every top_k must be >= 1, got {list(top_k)}")
+    if len(top_k) > 32:
+        raise ValueError(f"{op}: at most 32 top_k values are supported, got {len(top_k)}")
+    _check_state(stats, "stats", torch.float64, (len(COMPARE_STAT_ROWS), 3), reference, op)
+    _check_state(counts, "counts", torch.int64, (len(COMPARE_COUNT_NAMES) + len(top_k),), reference, op)
+    _check_state(kl_hist, "kl_hist", torch.int64, (KL_HIST_BINS,), reference, op)
+    _check_state(dp_hist, "dp_hist", torch.int64, (DP_HIST_BINS,), reference, op)
+    if row_stats is not None:
+        _check_state(row_stats, "row_stats", torch.float32, (n * s, 4), reference, op)
+    if row_argmax is not None:
+        _check_state(row_argmax, "row_argmax", torch.int64, (n * s, 2), reference, op)
+
+
+def _rank_rows(x: Tensor, t: Tensor) -> Tensor:
+    """Rank of x[i, t[i]] in each row in the order of topk_rank (larger first, NaN above all, ties by
+    index)."""
+    c = x.shape[1]
+    xt = x.gather(1, t[:, None])
+    before = torch.arange(c, device=x.device)[None, :] < t[:, None]
+    xnan, tnan = torch.isnan(x), torch.isnan(xt)
+    above = torch.where(tnan, xnan & before, (x > xt) | xnan | ((x == xt) & before))
+    return above.sum(1)
+
+
+def _compare_rows(a: Tensor, b: Tensor, y_target: Optional[Tensor]):
+    """Per-row comparison of float64 (P, C) logits (the math of the op's schema). y_target: the class of
+    each row for delta-p and the losses (None: a's argmax)."""
+    ninf = float("-inf")
+    finite = torch.isfinite(a.amax(1)) & torch.isfinite(b.amax(1))  # NaN, +inf, all -inf: NaN results
+    la, lb = torch.log_softmax(a, 1), torch.log_softmax(b, 1)
+    p, q = la.exp(), lb.exp()
+    amask, bmask = a == ninf, b == ninf
+    inf, zero = torch.full((), float("inf"), dtype=a.dtype), torch.zeros((), dtype=a.dtype)
+    # 0 log 0 = 0 (a class masked in p adds nothing), p > 0 where q = 0 adds +inf.
+    kl = torch.where(amask, zero, torch.where(bmask, inf, p * (la - lb))).sum(1)
+    rkl = torch.where(bmask, zero, torch.where(amask, inf, q * (lb - la))).sum(1)
+    lm = torch.log((p + q) / 2)
+    js = 0.5 * (torch.where(p > 0, p * (la - lm), zero) + torch.where(q > 0, q * (lb - lm), zero)).sum(1)
+    nan = torch.full((), float("nan"), dtype=a.dtype)
+    kl, rkl, js = (torch.where(finite, v, nan) for v in (kl, rkl, js))
+    ia, ib = a.argmax(1), b.argmax(1)
+    y = ia if y_target is None else y_target
+    py, qy = p.gather(1, y[:, None]).squeeze(1), q.gather(1, y[:, None]).squeeze(1)
+    dp = torch.where(finite, qy - py, nan)
+    nll_a = torch.where(finite, -la.gather(1, y[:, None]).squeeze(1), nan)
+    nll_b = torch.where(finite, -lb.gather(1, y[:, None]).squeeze(1), nan)
+    absdiff = torch.where(a == b, zero, (a - b).abs()).amax(1)
+    return kl, rkl, js, dp, nll_a, nll_b, absdiff, ia, ib
+
+
+def compare_update(reference: Tensor, candidate: Tensor, target: Optional[Tensor], ignore_index: Optional[int],
+                   top_k: Sequence[int], stats: Tensor, counts: Tensor, kl_hist: Tensor, dp_hist: Tensor,
+                   row_stats: Optional[Tensor] = None, row_argmax: Optional[Tensor] = None) -> None:
+    """Adds the comparison of one batch of reference logits a and candidate logits b to the running state,
+    in place (the math is in csrc/registration.cpp).
+
+    Args:
+        reference, candidate: (N, C) or (N, C, S) floating logits of the same shape (dtypes may differ).
+        target: None, or (N,) / (N, S) class indices.
+        ignore_index: None, or the target value of positions that count nowhere.
+        top_k: the k of each containment count (a's argmax within b's top k).
+        stats: (7, 3) float64 (sum, sum of squares, max) of kl, reverse_kl, js, delta_p, ref_nll, cand_nll,
+            max_abs_diff (rows of COMPARE_STAT_ROWS).
+        counts: (8 + len(top_k),) int64, COMPARE_COUNT_NAMES then the top-k containment counts.
+        kl_hist, dp_hist: (KL_HIST_BINS,) and (DP_HIST_BINS,) int64 histograms.
+        row_stats: None or (P, 4) float32 written with each position's (kl, reverse_kl, js, delta_p) (NaN
+            where ignored); row_argmax: None or (P, 2) int64 written with (argmax a, argmax b) (-1 where
+            ignored). P = N * S.
+
+    A target outside [0, C) other than ``ignore_index`` raises IndexError before anything is mutated (CPU);
+    where raising would need a host synchronisation the batch is rejected instead: only
+    ``counts[6]`` grows, by the number of such targets.
+    """
+    op = "fasteval.compare_update"
+    check_compare_inputs(reference, candidate, target, top_k, stats, counts, kl_hist, dp_hist, row_stats,
+                         row_argmax, op)
+    a2, _ = _eval_rows(reference, reference.new_zeros(reference.shape[0], dtype=torch.long))
+    b2, _ = _eval_rows(candidate, candidate.new_zeros(candidate.shape[0], dtype=torch.long))
+    n_pos, c = a2.shape
+    dev = reference.device
+    if target is not None:
+        t = target.reshape(-1).long()
+        valid = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else _not_ignored(target.reshape(-1),
+                                                                                              ignore_index)
+        _check_targets(t, valid, c, ignore_index, op, "; the state was not changed")
+        bad = valid & ((t < 0) | (t >= c))
+        ok = ~bad.any()
+        valid = valid & ok
+        ts = torch.where(valid, t, torch.zeros_like(t))
+    else:
+        bad = torch.zeros(n_pos, dtype=torch.bool, device=dev)
+        ok = torch.ones((), dtype=torch.bool, device=dev)
+        valid = torch.ones(n_pos, dtype=torch.bool, device=dev)
+        ts = None
+    a, b = a2.double(), b2.double()
+    kl, rkl, js, dp, nll_a, nll_b, absdiff, ia, ib = _compare_rows(a, b, ts)
+    vi = valid.to(torch.int64)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    ninf = torch.full((), float("-inf"), dtype=torch.float64, device=dev)
+    rows = [kl, rkl, js, dp]
+    if target is not None:
+        rows += [nll_a, nll_b]
+    for i, v in enumerate(rows + [absdiff]):
+        r = i if i < len(rows) else len(COMPARE_STAT_ROWS) - 1
+        vs = torch.where(valid, v, zero)
+        stats[r, 0] += vs.sum()
+        stats[r, 1] += (vs * vs).sum()
+        stats[r, 2] = torch.maximum(stats[r, 2], torch.where(valid, v, ninf).amax() if n_pos else ninf)
+    new = torch.zeros(len(COMPARE_COUNT_NAMES) + len(top_k), dtype=torch.int64, device=dev)
+    new[0] = vi.sum()
+    new[1] = ((ia == ib).long() * vi).sum()
+    if target is not None:
+        ca, cb = (ia == ts).long(), (ib == ts).long()
+        new[2], new[3] = (ca * vi).sum(), (cb * vi).sum()
+        new[4], new[5] = (ca * (1 - cb) * vi).sum(), ((1 - ca) * cb * vi).sum()
+        new[7] = vi.sum()
+    new[6] = bad.sum() * (~ok).long()
+    if len(top_k) and n_pos:
+        rank = _rank_rows(b, ia)
+        for j, k in enumerate(top_k):
+            new[len(COMPARE_COUNT_NAMES) + j] = ((rank < k).long() * vi).sum()
+    counts.add_(new)
+    kl_hist.index_add_(0, kl_bin(kl), vi)
+    dp_hist.index_add_(0, dp_bin(dp), vi)
+    if row_stats is not None:
+        nanf = torch.full((), float("nan"), dtype=torch.float64, device=dev)
+        row_stats.copy_(torch.stack([torch.where(valid, v, nanf) for v in (kl, rkl, js, dp)], 1).float())
+    if row_argmax is not None:
+        m1 = torch.full_like(ia, -1)
+        row_argmax.copy_(torch.stack([torch.where(valid, ia, m1), torch.where(valid, ib, m1)], 1))

@@ -525,3 +525,79 @@ for _c, _q in ((1000, 100),):
         _not_in_process, [Baseline("torchmetrics", _not_in_process, requires=("torchmetrics",))],
         quick={"c": _q}, devices=("cpu",), runner=_sync_runner,
         note="each process holds the state of 2048 samples; torchmetrics: sync() of the same five metrics"))
+
+
+# --- logit comparison (LogitComparator / fasteval::compare_update) ---------------------------------
+TABLES["compare"] = "Logit comparison: LogitComparator vs the torch composition"
+_CMP_TOP_K = (1, 5)
+_CMP_KEYS = ("kl_mean", "reverse_kl_mean", "js_mean", "delta_p_mean", "top1_agreement", "top5_agreement",
+             "ref_loss", "cand_loss", "max_abs_logit_diff", "kl_q99", "delta_p_q01")
+
+
+def _cmp_inputs(p, device, gen):
+    """Reference logits and a candidate that differs a little (as a quantized copy would)."""
+    n, c, dt = p["n"], p["c"], _dtype(p)
+    a = torch.randn(n, c, generator=gen) * 2
+    b = a + 0.05 * torch.randn(n, c, generator=gen)
+    t = torch.randint(0, c, (n,), generator=gen)
+    return {"a": a.to(dt).to(device), "b": b.to(dt).to(device), "t": t.to(device)}
+
+
+def _cmp_fasteval(d):
+    a = d["a"]
+    cmp = fasteval.LogitComparator(a.shape[1], top_k=_CMP_TOP_K, quantiles=(0.01, 0.99), device=a.device)
+    cmp.update(a, d["b"], d["t"])
+    m = cmp.compute()
+    m["kl_q99"], m["delta_p_q01"] = m["kl_quantiles"][0.99], m["delta_p_quantiles"][0.01]
+    return torch.tensor([m[k] for k in _CMP_KEYS], dtype=torch.float64)
+
+
+def _cmp_torch(d):
+    """The comparison as people write it in torch: two log_softmax copies, kl_div both ways, JS through
+    the mixture, two argmax, topk, gathers for delta-p and the losses, and quantiles of the kept values."""
+    a, b, t = d["a"].float(), d["b"].float(), d["t"]
+    la, lb = torch.log_softmax(a, 1), torch.log_softmax(b, 1)
+    kl = F.kl_div(lb, la, log_target=True, reduction="none").sum(1)
+    rkl = F.kl_div(la, lb, log_target=True, reduction="none").sum(1)
+    lm = torch.logaddexp(la, lb) - math.log(2.0)
+    js = 0.5 * (F.kl_div(lm, la, log_target=True, reduction="none").sum(1)
+                + F.kl_div(lm, lb, log_target=True, reduction="none").sum(1))
+    ia, ib = a.argmax(1), b.argmax(1)
+    top5 = (b.topk(5, dim=1).indices == ia[:, None]).any(1)
+    lpy, lqy = la.gather(1, t[:, None]).squeeze(1), lb.gather(1, t[:, None]).squeeze(1)
+    dp = lqy.exp() - lpy.exp()
+    vals = [kl.mean(), rkl.mean(), js.mean(), dp.mean(), (ia == ib).float().mean(), top5.float().mean(),
+            -lpy.mean(), -lqy.mean(), (a - b).abs().amax(), torch.quantile(kl, 0.99), torch.quantile(dp, 0.01)]
+    return torch.stack([v.double() for v in vals])
+
+
+def _cmp_parity(ours, theirs, d):
+    """Means to 1e-3 relative (the eager float32 sums are the less exact side), agreements to half a
+    sample, the 99th KL percentile within its 1% bin, the 1st delta-p percentile within 1e-4."""
+    n = d["a"].shape[0]
+    ours, theirs = ours.double().cpu(), theirs.double().cpu()
+    bad = []
+    for i, k in enumerate(_CMP_KEYS):
+        x, y = float(ours[i]), float(theirs[i])
+        if k.endswith("agreement"):
+            ok = abs(x - y) <= 0.5 / n
+        elif k == "kl_q99":
+            ok = abs(x - y) <= 0.01 * abs(y) + 1e-9
+        elif k == "delta_p_q01":
+            ok = abs(x - y) <= 1.5e-4
+        else:
+            ok = math.isclose(x, y, rel_tol=1e-3, abs_tol=1e-7)
+        if not ok:
+            bad.append(f"{k} {x:.6g} vs {y:.6g}")
+    return not bad, ", ".join(bad)
+
+
+for _n, _c, _dt, _q in ((8192, 32000, "float32", 256), (8192, 32000, "bfloat16", 256),
+                        (65536, 1000, "float32", 4096)):
+    register(Case(
+        "compare", "update+compute ({n}, {c}) {dtype}", dict(n=_n, c=_c, dtype=_dt), _cmp_inputs, _cmp_fasteval,
+        torch_and_compiled(_cmp_torch, "log_softmax + kl_div + topk + quantile"), parity=_cmp_parity,
+        quick={"n": _q}, main=("a", "b"), memory=True,
+        note="torch: log_softmax of both, kl_div both ways, JS via logaddexp, argmax, topk(5), gathers for "
+             "delta-p and the losses, torch.quantile of the kept per-row KL and delta-p; fasteval: "
+             "LogitComparator(C, top_k=(1, 5)).update(a, b, t) then compute() (histogram quantiles)"))
