@@ -13,6 +13,7 @@ from .errors import (FastevalError, FastevalIndexError, FastevalNotImplementedEr
 from .evaluation import EvaluationReport, evaluate
 from .evaluator import ClassificationEvaluator
 from .losses import CrossEntropyLoss, cross_entropy
+from .linear import linear_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,8 @@ __all__ = [
     # evaluation
     "ClassificationEvaluator", "evaluate", "EvaluationReport",
     # errors (each also an instance of the exception torch raises for the same input)
+    # from hidden states (the logits never materialised)
+    "linear_cross_entropy",
     "errors", "FastevalError", "FastevalValueError", "FastevalTypeError", "FastevalIndexError",
     "FastevalNotImplementedError",
 ]
