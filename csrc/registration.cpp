@@ -137,4 +137,35 @@ TORCH_LIBRARY(fasteval, m) {
       "compare_update(Tensor reference, Tensor candidate, Tensor? target, int? ignore_index, int[] top_k, "
       "Tensor(a!) stats, Tensor(b!) counts, Tensor(c!) kl_hist, Tensor(d!) dp_hist, Tensor(e!)? row_stats, "
       "Tensor(f!)? row_argmax) -> ()");
+  // ---- Cross-entropy and the evaluation pass from hidden states (csrc/linear_ce/): the logits
+  // x = input @ linear_weight^T + linear_bias (N, V) are never materialised; the kernels work over chunks
+  // of the vocabulary with an online softmax and accumulate in float32. input (N, H), linear_weight
+  // (V, H), linear_bias (V,) or None, all float32, bfloat16 or float16 of one dtype; target (N,) int64 /
+  // int32.
+  //
+  // Loss: exactly fasteval::softmax_cross_entropy of the logits x (see above), with
+  // x_it = <input_i, linear_weight_t> + linear_bias_t; loss, lse_i = log sum_c exp(x_ic) and total_weight
+  // all float32 here (the backward's exp(x - lse) is exact to about ulp(lse), enough for the logits of
+  // language-model heads; softmax_cross_entropy keeps lse in float64 for logits of any magnitude).
+  m.def(
+      "linear_cross_entropy(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+      "Tensor? weight, int ignore_index, float label_smoothing, int reduction) -> "
+      "(Tensor loss, Tensor lse, Tensor total_weight)");
+  // Gradients of <grad_loss, loss> with the saved lse and total_weight. With g the gradient with respect
+  // to the logits (softmax_cross_entropy_backward's, recomputed chunk by chunk, never materialised):
+  //   grad_input = g @ linear_weight (N, H), grad_linear_weight = g^T @ input (V, H),
+  //   grad_linear_bias = sum_i g_i (V,) (returned also when linear_bias is None), in input's dtype.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor linear_weight, Tensor? linear_bias, "
+      "Tensor target, Tensor? weight, Tensor lse, Tensor total_weight, int ignore_index, float label_smoothing, "
+      "int reduction) -> (Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias)");
+  // The fused evaluation pass from hidden states: exactly fasteval::eval_update of the (N, V) logits x
+  // above (same state, same mutations, same handling of ignore_index and of targets outside [0, V)).
+  // The target logit is computed as one dot product per row; argmax and rank follow torch.argmax's order
+  // and are exact except where two logits tie within float32 rounding.
+  m.def(
+      "linear_eval_update(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+      "Tensor calib_boundaries, int? ignore_index, float label_smoothing, int[] top_k, bool counts_only, "
+      "Tensor(a!) loss_sum, Tensor(b!) confmat, Tensor(c!) topk_hits, Tensor(d!) calib_count, "
+      "Tensor(e!) calib_conf, Tensor(f!) calib_correct, Tensor(g!) count) -> ()");
 }

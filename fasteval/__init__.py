@@ -14,6 +14,7 @@ from .evaluation import EvaluationReport, evaluate
 from .evaluator import ClassificationEvaluator
 from .losses import CrossEntropyLoss, cross_entropy
 from .compare import ComparisonReport, LogitComparator, compare_logits, compare_models
+from .linear import linear_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "ClassificationEvaluator", "evaluate", "EvaluationReport",
     # model comparison
     "LogitComparator", "compare_logits", "compare_models", "ComparisonReport",
+    # from hidden states (the logits never materialised)
+    "linear_cross_entropy",
     # errors (each also an instance of the exception torch raises for the same input)
     "errors", "FastevalError", "FastevalValueError", "FastevalTypeError", "FastevalIndexError",
     "FastevalNotImplementedError",

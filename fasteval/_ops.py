@@ -213,3 +213,80 @@ def compare_update(reference, candidate, target, ignore_index, top_k, stats, cou
     else:
         _reference.compare_update(reference, candidate, target, ignore_index, top_k, stats, counts, kl_hist, dp_hist,
                                   row_stats, row_argmax)
+# ---------------------------------------------------------------------------------------------------
+# Cross-entropy and the evaluation pass from hidden states (fasteval::linear_cross_entropy,
+# linear_cross_entropy_backward, linear_eval_update): fakes, the autograd formula of the loss, dispatch.
+
+def _register_linear() -> None:
+    """Fakes and the autograd formula of the linear ops (called once the compiled library is loaded)."""
+
+    @torch.library.register_fake("fasteval::linear_cross_entropy")
+    def _lce_fake(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, reduction):
+        torch._check(input.dim() == 2, lambda: "expected input of shape (N, H)")
+        torch._check(linear_weight.dim() == 2, lambda: "expected linear_weight of shape (V, H)")
+        n = input.shape[0]
+        loss = input.new_empty((n,) if reduction == 0 else (), dtype=torch.float32)
+        return loss, input.new_empty((n,), dtype=torch.float32), input.new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake("fasteval::linear_cross_entropy_backward")
+    def _lce_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, lse, total_weight,
+                           ignore_index, label_smoothing, reduction):
+        torch._check(input.dim() == 2, lambda: "expected input of shape (N, H)")
+        torch._check(linear_weight.dim() == 2, lambda: "expected linear_weight of shape (V, H)")
+        return (torch.empty(input.shape, dtype=input.dtype, device=input.device),
+                torch.empty(linear_weight.shape, dtype=input.dtype, device=input.device),
+                torch.empty((linear_weight.shape[0],), dtype=input.dtype, device=input.device))
+
+    @torch.library.register_fake("fasteval::linear_eval_update")
+    def _linear_eval_update_fake(input, linear_weight, linear_bias, target, calib_boundaries, ignore_index,
+                                 label_smoothing, top_k, counts_only, loss_sum, confmat, topk_hits, calib_count,
+                                 calib_conf, calib_correct, count):
+        torch._check(input.dim() == 2, lambda: "expected input of shape (N, H)")
+        return None
+
+    def _setup(ctx, inputs, output):
+        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, reduction = inputs
+        _, lse, total_weight = output
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, total_weight)
+        ctx.config = (ignore_index, label_smoothing, reduction)
+        ctx.has_bias = linear_bias is not None
+
+    def _backward(ctx, grad_loss, grad_lse, grad_total_weight):
+        input, linear_weight, linear_bias, target, weight, lse, total_weight = ctx.saved_tensors
+        if grad_loss is None:  # only lse / total_weight were used: they are not differentiable
+            return None, None, None, None, None, None, None, None
+        gi, gw, gb = torch.ops.fasteval.linear_cross_entropy_backward(
+            grad_loss, input, linear_weight, linear_bias, target, weight, lse, total_weight, *ctx.config)
+        return gi, gw, (gb if ctx.has_bias else None), None, None, None, None, None
+
+    torch.library.register_autograd("fasteval::linear_cross_entropy", _backward, setup_context=_setup)
+
+
+if _REGISTERED:
+    _register_linear()
+
+
+def linear_cross_entropy(input, linear_weight, linear_bias, target, weight, ignore_index: int,
+                         label_smoothing: float, reduction: int):
+    """``fasteval::linear_cross_entropy`` -> (loss, lse, total_weight) on the compiled kernel when one serves
+    this input, else the reference. Differentiable with respect to input, linear_weight and linear_bias."""
+    if input.dtype in _KERNEL_DTYPES and _loader.has_kernel("linear_cross_entropy", input.device.type):
+        return torch.ops.fasteval.linear_cross_entropy(input, linear_weight, linear_bias, target, weight,
+                                                       ignore_index, label_smoothing, reduction)
+    return reference.linear_cross_entropy(input, linear_weight, linear_bias, target, weight, ignore_index,
+                                          label_smoothing, reduction)
+
+
+def linear_eval_update(input, linear_weight, linear_bias, target, calib_boundaries, ignore_index,
+                       label_smoothing: float, top_k, counts_only: bool, loss_sum, confmat, topk_hits, calib_count,
+                       calib_conf, calib_correct, count) -> None:
+    """``fasteval::linear_eval_update`` (in place on the state tensors) on the compiled kernel when one serves
+    this input, else the reference."""
+    if input.dtype in _KERNEL_DTYPES and _loader.has_kernel("linear_eval_update", input.device.type):
+        torch.ops.fasteval.linear_eval_update(input, linear_weight, linear_bias, target, calib_boundaries,
+                                              ignore_index, label_smoothing, top_k, counts_only, loss_sum, confmat,
+                                              topk_hits, calib_count, calib_conf, calib_correct, count)
+    else:
+        reference.linear_eval_update(input, linear_weight, linear_bias, target, calib_boundaries, ignore_index,
+                                     label_smoothing, top_k, counts_only, loss_sum, confmat, topk_hits, calib_count,
+                                     calib_conf, calib_correct, count)

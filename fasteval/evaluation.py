@@ -208,10 +208,32 @@ def _progress(loader, enabled: bool):
     return tqdm(total=total, desc="evaluate", unit="batch", leave=False)
 
 
+def _head_parameters(head):
+    """(weight, bias or None) of the ``head=`` argument of :func:`evaluate` ((None, None) without one)."""
+    if head is None:
+        return None, None
+    if isinstance(head, nn.Linear):
+        return head.weight, head.bias
+    if isinstance(head, torch.Tensor):
+        if head.dim() != 2:
+            raise FastevalValueError(f"head must be an nn.Linear or its (num_classes, H) weight, got a tensor of "
+                                     f"shape {tuple(head.shape)}")
+        return head, None
+    raise FastevalTypeError(f"head must be an nn.Linear or its weight tensor, got {type(head).__name__}")
+
+
+def _head_as(weight, bias, hidden):
+    """The head in the hidden states' dtype (autocast runs F.linear in the autocast dtype as well)."""
+    if isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)
+        bias = bias.to(hidden.dtype) if bias is not None else None
+    return weight, bias
+
+
 def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device=None, top_k: Sequence[int] = (1, 5),
              amp_dtype: Optional[torch.dtype] = None, progress: bool = True, distributed: bool = False,
              ignore_index: Optional[int] = None, label_smoothing: float = 0.0, calibration_bins: int = 15,
-             target_names: Optional[Sequence[str]] = None, digits: int = 2) -> EvaluationReport:
+             target_names: Optional[Sequence[str]] = None, digits: int = 2, head=None) -> EvaluationReport:
     """Evaluates a classifier over ``loader`` with one fused pass per batch.
 
     Puts the model in eval mode (restoring its mode afterwards), runs under ``torch.inference_mode()``
@@ -230,6 +252,11 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device=Non
         distributed: sum the state over the default process group before computing (every rank then
             gets the global report; each rank must see a disjoint part of the data).
         target_names, digits: for the text report.
+        head: the classification head when ``model`` returns hidden states (..., H) instead of logits: an
+            ``nn.Linear(H, num_classes)`` or its weight (num_classes, H). Each batch then goes through
+            :meth:`ClassificationEvaluator.update_from_hidden`, which never materialises the logits (a
+            language model's (tokens, vocabulary) logits are the largest tensor of its evaluation). The head
+            is cast to the hidden states' dtype when they differ (autocast), as ``F.linear`` would be.
 
     Returns:
         An :class:`EvaluationReport`.
@@ -256,6 +283,7 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device=Non
             raise FastevalTypeError(f"amp_dtype must be a torch.dtype or None, got {amp_dtype!r}")
         ev = ClassificationEvaluator(num_classes, top_k=top_k, ignore_index=ignore_index,
                                      label_smoothing=label_smoothing, calibration_bins=calibration_bins, device=device)
+        head_weight, head_bias = _head_parameters(head)
     except (ValueError, TypeError, IndexError) as e:
         reraise(e, name)
     was_training = model.training
@@ -269,7 +297,11 @@ def evaluate(model: nn.Module, loader: Iterable, num_classes: int, *, device=Non
                 inputs, target = _split_batch(batch)
                 logits = model(_to(inputs, device))  # the model's own errors pass unchanged
                 try:
-                    ev.update(logits, _to(target, device))
+                    if head_weight is None:
+                        ev.update(logits, _to(target, device))
+                    else:
+                        w, b = _head_as(head_weight, head_bias, logits)
+                        ev.update_from_hidden(logits, w, _to(target, device), b)
                 except (ValueError, TypeError, IndexError) as e:
                     reraise(e, name)
                 if bar is not None:

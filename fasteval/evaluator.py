@@ -370,6 +370,82 @@ class ClassificationEvaluator:
 
     __call__ = update
 
+    def update_from_hidden(self, hidden: Tensor, linear_weight: Tensor, target: Tensor,
+                           linear_bias: Optional[Tensor] = None) -> None:
+        """Adds a batch given as hidden states and the classification head, without the logits: exactly
+        what ``update(F.linear(hidden, linear_weight, linear_bias), target)`` adds (loss, confusion counts,
+        top-k hits, calibration bins, count), computed over chunks of the V = num_classes columns of the
+        head (``torch.ops.fasteval.linear_eval_update``; the (N, V) logits are never held). The loss agrees
+        within float32 rounding; the argmax and the top-k rank are exact except where two logits tie
+        within rounding.
+
+        Args:
+            hidden: (N, H) hidden states, or (..., H) (e.g. (B, T, H) for a language model); float32,
+                bfloat16, float16 or float64.
+            linear_weight: the head's weight (V, H), in hidden's dtype.
+            target: (N,) class indices, or hidden's leading dims (e.g. (B, T)).
+            linear_bias: optional (V,) bias, in hidden's dtype.
+
+        Same guarantees as :meth:`update`: bad shapes, dtypes or devices raise before anything changes, a
+        target outside [0, V) raises IndexError on the CPU (a rejected batch on CUDA), no host
+        synchronisation, thread-safe, usable under ``torch.inference_mode()`` and ``torch.compile``.
+
+        Example:
+            >>> import torch, fasteval
+            >>> head = torch.nn.Linear(4, 3)
+            >>> h, t = torch.randn(2, 5, 4), torch.randint(0, 3, (2, 5))
+            >>> a, b = fasteval.ClassificationEvaluator(3), fasteval.ClassificationEvaluator(3)
+            >>> a.update_from_hidden(h, head.weight, t, head.bias)
+            >>> b.update(head(h).detach(), t)
+            >>> bool(torch.equal(a.confmat, b.confmat)), a.compute()["count"]
+            (True, 10)
+        """
+        try:
+            h, w, b, t = self._prepare_hidden(hidden, linear_weight, target, linear_bias)
+            args = (h, w, b, t, self.calib_boundaries, self.ignore_index, self.label_smoothing, list(self.top_k),
+                    not self.full_confusion, self.loss_sum, self.confmat, self.topk_hits, self.calib_count,
+                    self.calib_conf, self.calib_correct, self.count)
+            if _is_compiling():
+                _ops.linear_eval_update(*args)
+                return
+            lock = self._lock
+            lock.acquire()
+            try:
+                _ops.linear_eval_update(*args)
+            finally:
+                lock.release()
+        except (ValueError, TypeError, IndexError) as e:
+            reraise(e, _NAME + ".update_from_hidden")
+
+    def _prepare_hidden(self, hidden, linear_weight, target, linear_bias):
+        """Validates metadata only (no host sync) and returns detached (N, H), (V, H), (V,) or None, (N,)."""
+        for name, x in (("hidden", hidden), ("linear_weight", linear_weight), ("target", target)):
+            if not isinstance(x, Tensor):
+                raise FastevalTypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        if linear_bias is not None and not isinstance(linear_bias, Tensor):
+            raise FastevalTypeError(f"linear_bias must be a tensor or None, got {type(linear_bias).__name__}")
+        if hidden.dtype not in _FLOAT_DTYPES:
+            raise FastevalTypeError(f"hidden must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+        if target.dtype not in _INT_DTYPES:
+            raise FastevalTypeError(f"target must hold integer class indices (int64, int32, int16, int8 or uint8), "
+                                    f"got {target.dtype}")
+        for name, x in (("hidden", hidden), ("linear_weight", linear_weight), ("target", target),
+                        ("linear_bias", linear_bias)):
+            if x is not None and x.device != self.device:
+                raise FastevalValueError(f"{name} is on {x.device} but the evaluator is on {self.device}; use "
+                                         ".to(device)")
+        if linear_weight.dim() != 2 or linear_weight.shape[0] != self.num_classes:
+            raise FastevalValueError(f"linear_weight must have shape (num_classes={self.num_classes}, H), got "
+                                     f"{tuple(linear_weight.shape)}")
+        if hidden.dim() < 1 or tuple(target.shape) != tuple(hidden.shape[:-1]):
+            raise FastevalValueError(f"target of shape {tuple(target.shape)} does not match hidden of shape "
+                                     f"{tuple(hidden.shape)}: expected {tuple(hidden.shape[:-1])}")
+        if target.dtype not in (torch.int64, torch.int32):
+            target = target.long()
+        h = hidden.detach().reshape(-1, hidden.shape[-1])
+        b = linear_bias.detach() if linear_bias is not None else None
+        return h, linear_weight.detach(), b, target.reshape(-1)
+
     # ------------------------------------------------------------------------------------------------
     # compute
     # ------------------------------------------------------------------------------------------------

@@ -801,3 +801,124 @@ def compare_update(reference: Tensor, candidate: Tensor, target: Optional[Tensor
     if row_argmax is not None:
         m1 = torch.full_like(ia, -1)
         row_argmax.copy_(torch.stack([torch.where(valid, ia, m1), torch.where(valid, ib, m1)], 1))
+# Cross-entropy and the evaluation pass from hidden states (fasteval::linear_cross_entropy,
+# linear_cross_entropy_backward, linear_eval_update): the plain composition of F.linear with the ops above.
+# It materialises the (N, V) logits the compiled kernels never hold.
+
+__all__ += ["linear_cross_entropy", "linear_cross_entropy_backward", "linear_eval_update"]
+
+
+def check_linear_inputs(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], op: str) -> None:
+    """The checks of the compiled linear ops on input (N, H), linear_weight (V, H) and linear_bias (V,), in
+    the same order and with the same exception types (float64 is served here as well)."""
+    if input.dim() != 2:
+        raise ValueError(f"{op}: expected input of shape (N, H), got {input.dim()} dims {list(input.shape)}")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"{op}: expected linear_weight of shape (V, H), got {linear_weight.dim()} dims "
+                         f"{list(linear_weight.shape)}")
+    if not input.is_floating_point():
+        raise TypeError(f"{op}: input must be float32, bfloat16 or float16, got {input.dtype}")
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"{op}: linear_weight has dtype {linear_weight.dtype} but input has {input.dtype}")
+    if linear_weight.shape[1] != input.shape[1]:
+        raise ValueError(f"{op}: linear_weight of shape {list(linear_weight.shape)} does not match the hidden size "
+                         f"H = {input.shape[1]} of input {list(input.shape)}")
+    if linear_weight.device != input.device:
+        raise ValueError(f"{op}: linear_weight is on {linear_weight.device} but input is on {input.device}")
+    if linear_bias is not None:
+        v = linear_weight.shape[0]
+        if linear_bias.dim() != 1 or linear_bias.shape[0] != v:
+            raise ValueError(f"{op}: linear_bias must have shape ({v},), got {list(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"{op}: linear_bias has dtype {linear_bias.dtype} but input has {input.dtype}")
+        if linear_bias.device != input.device:
+            raise ValueError(f"{op}: linear_bias is on {linear_bias.device} but input is on {input.device}")
+
+
+class _renamed:
+    """Re-raises the ValueError / TypeError / IndexError of the op called inside with the message prefix
+    of the linear op (the compiled linear ops check the same things under their own name)."""
+
+    def __init__(self, inner: str, outer: str) -> None:
+        self.inner, self.outer = inner + ":", outer + ":"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if isinstance(e, (ValueError, TypeError, IndexError)) and str(e).startswith(self.inner):
+            raise type(e)(self.outer + str(e)[len(self.inner):]).with_traceback(tb) from None
+        return False
+
+
+def _linear_logits(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor]) -> Tensor:
+    """F.linear in the compute dtype (float32 products for 16-bit inputs, as the kernels)."""
+    cd = _compute_dtype(input)
+    b = linear_bias.to(cd) if linear_bias is not None else None
+    return torch.nn.functional.linear(input.to(cd), linear_weight.to(cd), b)
+
+
+def _check_linear_target(input: Tensor, target: Tensor, op: str) -> None:
+    n = input.shape[0]
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: target must hold class indices as int64 or int32, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != n:
+        raise ValueError(f"{op}: expected target of shape ({n},) to match input {list(input.shape)}, got "
+                         f"{list(target.shape)}")
+    if target.device != input.device:
+        raise ValueError(f"{op}: target is on {target.device} but input is on {input.device}")
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+                         weight: Optional[Tensor] = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                         reduction: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`softmax_cross_entropy` of ``F.linear(input, linear_weight, linear_bias)`` (input (N, H),
+    linear_weight (V, H), linear_bias (V,) or None): ``(loss, lse, total_weight)``, differentiable with
+    respect to input, linear_weight and linear_bias through torch's autograd."""
+    op = "fasteval.linear_cross_entropy"
+    check_linear_inputs(input, linear_weight, linear_bias, op)
+    _check_linear_target(input, target, op)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{op}: label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    if reduction not in (0, 1, 2):
+        raise ValueError(f"{op}: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    logits = _linear_logits(input, linear_weight, linear_bias)
+    with _renamed("fasteval.softmax_cross_entropy", op):
+        return softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction)
+
+
+def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
+                                  linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor], lse: Tensor,
+                                  total_weight: Tensor, ignore_index: int, label_smoothing: float,
+                                  reduction: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``<grad_loss, loss>`` with respect to input, linear_weight and linear_bias (the last
+    one also when linear_bias is None: the sum over rows of the logits' gradient), in input's dtype."""
+    op = "fasteval.linear_cross_entropy_backward"
+    check_linear_inputs(input, linear_weight, linear_bias, op)
+    _check_linear_target(input, target, op)
+    logits = _linear_logits(input, linear_weight, linear_bias)
+    with _renamed("fasteval.softmax_cross_entropy_backward", op):
+        g = softmax_cross_entropy_backward(grad_loss, logits, target, weight, lse, total_weight, ignore_index,
+                                           label_smoothing, reduction)
+    cd = logits.dtype
+    grad_input = g @ linear_weight.to(cd)
+    grad_weight = g.t() @ input.to(cd)
+    return grad_input.to(input.dtype), grad_weight.to(input.dtype), g.sum(0).to(input.dtype)
+
+
+def linear_eval_update(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
+                       calib_boundaries: Tensor, ignore_index: Optional[int], label_smoothing: float,
+                       top_k: Sequence[int], counts_only: bool, loss_sum: Tensor, confmat: Tensor, topk_hits: Tensor,
+                       calib_count: Tensor, calib_conf: Tensor, calib_correct: Tensor, count: Tensor) -> None:
+    """:func:`eval_update` of ``F.linear(input, linear_weight, linear_bias)`` (in place on the state)."""
+    op = "fasteval.linear_eval_update"
+    check_linear_inputs(input, linear_weight, linear_bias, op)
+    if linear_weight.shape[0] <= 0:
+        raise ValueError(f"{op}: the number of classes V must be positive, got linear_weight of shape "
+                         f"{list(linear_weight.shape)}")
+    _check_linear_target(input, target, op)
+    logits = _linear_logits(input.detach(), linear_weight.detach(),
+                            linear_bias.detach() if linear_bias is not None else None)
+    with _renamed("fasteval.eval_update", op):
+        eval_update(logits, target, calib_boundaries, ignore_index, label_smoothing, top_k, counts_only, loss_sum,
+                    confmat, topk_hits, calib_count, calib_conf, calib_correct, count)

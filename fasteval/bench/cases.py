@@ -601,3 +601,145 @@ for _n, _c, _dt, _q in ((8192, 32000, "float32", 256), (8192, 32000, "bfloat16",
         note="torch: log_softmax of both, kl_div both ways, JS via logaddexp, argmax, topk(5), gathers for "
              "delta-p and the losses, torch.quantile of the kept per-row KL and delta-p; fasteval: "
              "LogitComparator(C, top_k=(1, 5)).update(a, b, t) then compute() (histogram quantiles)"))
+# ==================================================================================================
+# From hidden states: fasteval.linear_cross_entropy, ClassificationEvaluator.update_from_hidden
+# ==================================================================================================
+TABLES["linear_cross_entropy"] = "From hidden states: fasteval.linear_cross_entropy vs F.linear + F.cross_entropy"
+
+
+def _hidden(p, device, gen):
+    """Hidden states ``randn(n, h)``, a head ``randn(c, h) / sqrt(h)`` (c: the vocabulary) in ``dtype`` and
+    uniform targets."""
+    x = torch.randn(p["n"], p["h"], generator=gen).to(_dtype(p)).to(device)
+    w = (torch.randn(p["c"], p["h"], generator=gen) / math.sqrt(p["h"])).to(_dtype(p)).to(device)
+    t = torch.randint(0, p["c"], (p["n"],), generator=gen).to(device)
+    return {"x": x, "w": w, "t": t}
+
+
+def _hidden_grad(p, device, gen):
+    d = _hidden(p, device, gen)
+    d["x"].requires_grad_()
+    d["w"].requires_grad_()
+    return d
+
+
+def _lce_torch(d):
+    return F.cross_entropy(F.linear(d["x"], d["w"]), d["t"])
+
+
+def _lce_torch_chunked(d):
+    return F.linear_cross_entropy(d["x"], d["w"], d["t"], options=torch.nn.LinearCrossEntropyOptions())
+
+
+def _grads(loss_fn):
+    return lambda d: torch.autograd.grad(loss_fn(d), (d["x"], d["w"]))
+
+
+def _lce_fasteval(d):
+    return fasteval.linear_cross_entropy(d["x"], d["w"], d["t"])
+
+
+def _lce_parity(dtype: str):
+    """float32: within float32 accumulation error. bfloat16: fasteval (float32 products, loss rounded once)
+    within one bf16 rounding step of the float32 composition on the same inputs, or closer to it than the
+    baseline (which rounds every logit to bf16)."""
+    def check(ours, theirs, d):
+        ours = ours if isinstance(ours, (tuple, list)) else (ours,)
+        theirs = theirs if isinstance(theirs, (tuple, list)) else (theirs,)
+        if dtype == "float32":
+            ok = all(torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-4 * float(b.abs().max()) + 1e-7)
+                     for a, b in zip(ours, theirs))
+            return ok, ""
+        x = d["x"].detach().float().requires_grad_()
+        w = d["w"].detach().float().requires_grad_()
+        loss = F.cross_entropy(F.linear(x, w), d["t"])
+        refs = (loss,) if len(ours) == 1 else torch.autograd.grad(loss, (x, w))
+        details, ok = [], True
+        for a, b, r in zip(ours, theirs, refs):
+            r = r.detach().double()
+            err_o = float((a.double() - r).abs().max())
+            err_t = float((b.double() - r).abs().max())
+            ok = ok and (err_o <= 2 ** -7 * float(r.abs().max()) or err_o <= err_t)
+            details.append(f"max|fasteval - fp32| = {err_o:.3g}, max|baseline - fp32| = {err_t:.3g}")
+        return ok, "; ".join(details)
+    return check
+
+
+_LCE_SHAPES = [(2048, 512, 128256), (8192, 256, 32000)]
+_LCE_QUICK = {"n": 256, "c": 4096}
+if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+    _chunked = [Baseline("torch", _lce_torch_chunked, "F.linear_cross_entropy chunked")]
+    _chunked_bwd = [Baseline("torch", _grads(_lce_torch_chunked), "F.linear_cross_entropy chunked")]
+else:
+    _chunked, _chunked_bwd = [], []
+for (_n, _h, _v) in _LCE_SHAPES:
+    for _dt in ("float32", "bfloat16"):
+        _p = dict(n=_n, h=_h, c=_v, dtype=_dt)
+        register(Case(
+            "linear_cross_entropy", "fwd ({n}, {h}, {c}) {dtype}", _p, _hidden, _lce_fasteval,
+            torch_and_compiled(_lce_torch, "F.linear + F.cross_entropy") + _chunked, parity=_lce_parity(_dt),
+            quick=_LCE_QUICK, main=("x", "w"), memory=True))
+        register(Case(
+            "linear_cross_entropy", "fwd+bwd ({n}, {h}, {c}) {dtype}", _p, _hidden_grad, _grads(_lce_fasteval),
+            torch_and_compiled(_grads(_lce_torch), "F.linear + F.cross_entropy") + _chunked_bwd,
+            parity=_lce_parity(_dt), quick=_LCE_QUICK, main=("x", "w"), memory=True,
+            note="gradients with respect to the hidden states and the head's weight"))
+
+
+def _hidden_state(d):
+    v, dev = d["w"].shape[0], d["x"].device
+    i64, f64 = dict(dtype=torch.int64, device=dev), dict(dtype=torch.float64, device=dev)
+    return {"ev": fasteval.ClassificationEvaluator(v, top_k=TOP_K, calibration_bins=BINS, device=dev,
+                                                   full_confusion=False),
+            "loss": torch.zeros(1, **f64), "pred_count": torch.zeros(v, **i64), "hits": torch.zeros(len(TOP_K), **i64),
+            "bin_count": torch.zeros(BINS + 1, **i64), "edges": torch.linspace(0, 1, BINS + 1, device=dev)}
+
+
+def _update_from_hidden(d):
+    ev = d["ev"]
+    ev.update_from_hidden(d["x"], d["w"], d["t"])
+    return {"loss": ev.loss_sum, "pred_count": ev.confmat[1], "hits": ev.topk_hits, "bin_count": ev.calib_count}
+
+
+def _hidden_update_torch(d):
+    """The evaluation update of F.linear's logits in plain torch (per-class prediction counts, as the
+    evaluator keeps for V > 1024)."""
+    x = F.linear(d["x"], d["w"])
+    t = d["t"]
+    d["loss"].add_(F.cross_entropy(x, t, reduction="sum"))
+    pred = x.argmax(1)
+    d["pred_count"].add_(torch.bincount(pred, minlength=x.shape[1]))
+    rank = (x > x.gather(1, t[:, None])).sum(1)
+    d["hits"].add_(torch.stack([(rank < k).sum() for k in TOP_K]))
+    conf = torch.softmax(x, 1).amax(1)
+    b = (torch.bucketize(conf, d["edges"], right=True) - 1).clamp_(0, BINS)
+    d["bin_count"].index_add_(0, b, torch.ones_like(b))
+    return {k: d[k] for k in ("loss", "pred_count", "hits", "bin_count")}
+
+
+def _hidden_update_parity(ours, theirs, d):
+    """Counts exact but for ties within rounding (none expected on random inputs: at most 1 sample per
+    counter is allowed for a confidence at a bin edge); the loss sum within float32 accumulation error."""
+    bad = [k for k in ("pred_count", "hits") if not torch.equal(ours[k].cpu(), theirs[k].cpu())]
+    if int((ours["bin_count"] - theirs["bin_count"]).abs().sum()) > 2:
+        bad.append("bin_count")
+    if not math.isclose(float(ours["loss"]), float(theirs["loss"]), rel_tol=1e-5):
+        bad.append(f"loss {float(ours['loss'])} vs {float(theirs['loss'])}")
+    return not bad, ", ".join(bad)
+
+
+def _same_mean_loss(ours, theirs, d):
+    """The loss-only row: the evaluator's loss sum over the batch is its mean loss times N."""
+    mean = float(ours["loss"]) / d["t"].numel()
+    return math.isclose(mean, float(theirs), rel_tol=1e-5), f"{mean} vs {float(theirs)}"
+
+
+for (_n, _h, _v) in _LCE_SHAPES:
+    register(Case(
+        "linear_cross_entropy", "update_from_hidden ({n}, {h}, {c}) {dtype}", dict(n=_n, h=_h, c=_v, dtype="float32"),
+        _hidden, _update_from_hidden,
+        torch_and_compiled(_hidden_update_torch, "F.linear + update formula")
+        + [Baseline("fasteval", _lce_fasteval, "linear_cross_entropy (loss only)", parity=_same_mean_loss)],
+        parity=_hidden_update_parity, quick=_LCE_QUICK, main=("x", "w"), state=_hidden_state, memory=True,
+        note="top-1 and top-5 hits, 15 calibration bins, per-class counts and the loss, from the hidden "
+             "states; the loss-only row is the time update_from_hidden is measured against"))

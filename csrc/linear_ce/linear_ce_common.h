@@ -1,0 +1,136 @@
+#pragma once
+// Host-side pieces of fasteval::linear_cross_entropy (+ backward) and fasteval::linear_eval_update shared
+// by the CPU and CUDA kernels: input checks (the reference makes the same ones in the same order, with
+// the same exception types) and the vocabulary chunk size.
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "common/checks.h"
+#include "evaluator/eval_update_common.h"
+
+namespace fasteval {
+namespace linear_ce {
+
+constexpr const char* kOp = "fasteval.linear_cross_entropy";
+constexpr const char* kBackwardOp = "fasteval.linear_cross_entropy_backward";
+constexpr const char* kEvalOp = "fasteval.linear_eval_update";
+
+struct Sizes {
+  int64_t N, H, V;
+};
+
+// input (N, H), linear_weight (V, H), linear_bias (V,) or None: dims, dtypes (float32 / bfloat16 /
+// float16, all the same), sizes and devices.
+inline Sizes check_linear(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                          const char* op) {
+  TORCH_CHECK_VALUE(input.dim() == 2, op, ": expected input of shape (N, H), got ", input.dim(), " dims ",
+                    input.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2, op, ": expected linear_weight of shape (V, H), got ", w.dim(), " dims ", w.sizes());
+  const auto st = input.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+                   ": input must be float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK_TYPE(w.scalar_type() == st, op, ": linear_weight has dtype ", w.scalar_type(), " but input has ", st);
+  TORCH_CHECK_VALUE(w.size(1) == input.size(1), op, ": linear_weight of shape ", w.sizes(),
+                    " does not match the hidden size H = ", input.size(1), " of input ", input.sizes());
+  TORCH_CHECK_VALUE(w.device() == input.device(), op, ": linear_weight is on ", w.device(), " but input is on ",
+                    input.device());
+  if (bias.has_value() && bias->defined()) {
+    const auto& b = *bias;
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), op, ": linear_bias must have shape (", w.size(0),
+                      ",), got ", b.sizes());
+    TORCH_CHECK_TYPE(b.scalar_type() == st, op, ": linear_bias has dtype ", b.scalar_type(), " but input has ", st);
+    TORCH_CHECK_VALUE(b.device() == input.device(), op, ": linear_bias is on ", b.device(), " but input is on ",
+                      input.device());
+  }
+  return {input.size(0), input.size(1), w.size(0)};
+}
+
+// Checks of the loss op (forward): the linear layer, then the cross-entropy arguments as
+// fasteval::softmax_cross_entropy checks them against logits of shape (N, V). Returns the sizes.
+inline Sizes check_forward(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                           const at::Tensor& target, double label_smoothing, int64_t reduction, const char* op) {
+  const Sizes s = check_linear(input, w, bias, op);
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                   ": target must hold class indices as int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == s.N, op, ": expected target of shape (", s.N,
+                    ",) to match input ", input.sizes(), ", got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == input.device(), op, ": target is on ", target.device(), " but input is on ",
+                    input.device());
+  check_label_smoothing(label_smoothing, op);
+  check_reduction(reduction, op);
+  return s;
+}
+
+// The class weights as a float32 (V,) tensor (undefined when None), checked as in softmax_cross_entropy.
+inline at::Tensor checked_class_weight(const std::optional<at::Tensor>& weight, int64_t V, const at::Tensor& input,
+                                       const char* op) {
+  return checked_weight(weight, V, input, op);
+}
+
+// Checks of fasteval::linear_eval_update, before any state is touched: the linear layer, the target
+// (N,), then everything fasteval::eval_update checks for logits of shape (N, V).
+inline Sizes check_eval_inputs(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& target, const at::Tensor& boundaries, double label_smoothing,
+                               at::IntArrayRef top_k, bool counts_only, const at::Tensor& loss_sum,
+                               const at::Tensor& confmat, const at::Tensor& topk_hits, const at::Tensor& calib_count,
+                               const at::Tensor& calib_conf, const at::Tensor& calib_correct, const at::Tensor& count,
+                               const char* op) {
+  const Sizes s = check_linear(input, w, bias, op);
+  TORCH_CHECK_VALUE(s.V > 0, op, ": the number of classes V must be positive, got linear_weight of shape ",
+                    w.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                   ": target must hold class indices as int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == s.N, op, ": expected target of shape (", s.N,
+                    ",) to match input ", input.sizes(), ", got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == input.device(), op, ": target is on ", target.device(), " but input is on ",
+                    input.device());
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
+                    label_smoothing);
+  for (int64_t k : top_k) TORCH_CHECK_VALUE(k >= 1, op, ": every top_k must be >= 1, got ", top_k);
+  TORCH_CHECK_TYPE(boundaries.scalar_type() == at::kFloat, op, ": calib_boundaries must be float32, got ",
+                   boundaries.scalar_type());
+  TORCH_CHECK_VALUE(boundaries.dim() == 1 && boundaries.numel() >= 2, op,
+                    ": calib_boundaries must be a 1-D tensor of at least 2 edges, got shape ", boundaries.sizes());
+  TORCH_CHECK_VALUE(boundaries.device() == input.device(), op, ": calib_boundaries is on ", boundaries.device(),
+                    " but input is on ", input.device());
+  const int64_t nb = boundaries.numel();
+  const int64_t K = static_cast<int64_t>(top_k.size());
+  using evaluator::check_state;
+  check_state(loss_sum, "loss_sum", at::kDouble, {1}, input);
+  if (counts_only) {
+    check_state(confmat, "confmat (per-class counts)", at::kLong, {3, s.V}, input);
+  } else {
+    check_state(confmat, "confmat", at::kLong, {s.V, s.V}, input);
+  }
+  check_state(topk_hits, "topk_hits", at::kLong, {K}, input);
+  check_state(calib_count, "calib_count", at::kLong, {nb}, input);
+  check_state(calib_conf, "calib_conf", at::kDouble, {nb}, input);
+  check_state(calib_correct, "calib_correct", at::kLong, {nb}, input);
+  check_state(count, "count", at::kLong, {2}, input);
+  return s;
+}
+
+// Columns of the vocabulary per chunk. The chunk's logits (N x vc float32) are the workspace: about
+// kTarget bytes (a few MiB, so that the row pass finds them in the last-level cache right after the
+// matmul wrote them), at least kMinCols columns (matmul efficiency), never more than
+// max(64 MiB, 2% of the N x V float32 logits), never more than V.
+inline int64_t chunk_columns(int64_t N, int64_t V, int64_t target_bytes) {
+  if (V <= 0) return 1;
+  const int64_t n = std::max<int64_t>(N, 1);
+  const int64_t kMinCols = 256;
+  const double logits_bytes = 4.0 * static_cast<double>(n) * static_cast<double>(V);
+  const int64_t limit = std::max<int64_t>(int64_t(64) << 20, static_cast<int64_t>(0.02 * logits_bytes));
+  int64_t vc = target_bytes / (4 * n);
+  vc = vc / 64 * 64;
+  vc = std::max(vc, kMinCols);
+  vc = std::min(vc, limit / (4 * n));
+  vc = std::max<int64_t>(vc, 1);
+  vc = std::min<int64_t>(vc, int64_t(1) << 22);  // per-lane float counts of the row pass stay exact
+  return std::min(vc, V);
+}
+
+}  // namespace linear_ce
+}  // namespace fasteval

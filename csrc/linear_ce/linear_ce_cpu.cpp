@@ -1,0 +1,543 @@
+// CPU kernels of fasteval::linear_cross_entropy, its backward and fasteval::linear_eval_update: the
+// cross-entropy (and the evaluation pass) of logits = input @ linear_weight^T + linear_bias without the
+// (N, V) logits. The math is in registration.cpp.
+//
+// Forward, over chunks of vc vocabulary columns (linear_ce::chunk_columns: a workspace of a few MiB,
+// never more than max(64 MiB, 2% of the N x V float32 logits)):
+//   1. the chunk's logits (N, vc) in float32 from one BLAS matmul (at::addmm_out / at::mm_out) into the
+//      workspace;
+//   2. a fused row pass over the chunk while it is in cache (at::parallel_for over rows), updating per-row
+//      running state: the max and the sum of exp (online softmax, rescaled when the max grows), the argmax
+//      (first maximal index, NaN as the maximum, as torch.argmax), sum_c w_c x_c for label smoothing, and
+//      the counts that give the rank of the target (#{c != t : x_c > x_t or NaN} + #{c < t : x_c == x_t},
+//      the order of common/row_rank_cpu.h).
+// The target logit is computed up front, one dot product per row, so that the rank is counted in the same
+// pass as everything else. bfloat16 / float16 inputs and weights are converted to float32 (the input once,
+// the weight one chunk at a time): every product is accumulated in float32, and on CPUs without native
+// 16-bit matmuls the float32 matmul is also the fast one.
+// Backward recomputes each chunk's logits, turns them in place into the gradient of the loss with respect
+// to them (exact: nothing is filtered), and adds its contributions to the three gradients with matmuls:
+// grad_input += dL @ W_chunk, grad_linear_weight[chunk] = dL^T @ input, grad_linear_bias[chunk] = sum dL.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/row_rank_cpu.h"
+#include "common/row_softmax_cpu.h"
+#include "evaluator/eval_update_common.h"
+#include "linear_ce/linear_ce_common.h"
+
+namespace fasteval {
+namespace {
+
+using cpu::Chunk;
+using cpu::ChunkLoader;
+using cpu::fVec;
+using cpu::kChunk;
+using cpu::kVecWidth;
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// The workspace the chunk size aims at: a chunk's logits stay in the last-level cache between the matmul
+// and the row pass.
+constexpr int64_t kWorkspaceBytes = int64_t(8) << 20;
+
+// Running state of one row over the vocabulary chunks.
+struct RowAcc {
+  float m = -kInf;     // running max (NaN once a NaN was seen)
+  float s = 0.f;       // sum of exp(x - m)
+  float sx = 0.f;      // sum_c w_c x_c (sum_c x_c without weights); only with WITH_SUM
+  int64_t arg = 0;     // first index of the maximum
+  int64_t above = 0;   // #{c != t : !(x_c <= x_t)} (x_t not NaN), i.e. larger or NaN
+  int64_t eqb = 0;     // #{c < t : x_c == x_t} (x_t not NaN); #{c < t : isnan(x_c)} (x_t NaN)
+  inline float lse() const { return std::isfinite(m) ? m + std::log(s) : kNaN; }
+  inline int64_t rank() const { return above + eqb; }
+};
+
+// Folds one row of a chunk (len float32 logits p of the classes [v0, v0 + len)) into the row's state.
+// w: the class weights of the chunk for the smoothing sum (or null); t, xt: the target and its logit.
+template <bool WITH_SUM, bool WITH_EVAL>
+FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, const float* w, int64_t t, float xt,
+                                     RowAcc& a) {
+  using L = ChunkLoader<float>;
+  const fVec ninf = cpu::neg_inf_vec();
+  const fVec vnan(kNaN), vxt(xt), one(1.f);
+  const int64_t full = len - len % kChunk;
+  fVec mx_lo = ninf, mx_hi = ninf;
+  fVec le_lo(0.f), le_hi(0.f), eq_lo(0.f), eq_hi(0.f), sx_lo(0.f), sx_hi(0.f);  // counts exact below 2^24
+  for (int64_t j = 0; j < full; j += kChunk) {
+    const Chunk c = L::load(p + j);
+    mx_lo = at::vec::maximum(mx_lo, c.lo);
+    mx_hi = at::vec::maximum(mx_hi, c.hi);
+    if constexpr (WITH_EVAL) {
+      le_lo = le_lo + ((c.lo <= vxt) & one);
+      le_hi = le_hi + ((c.hi <= vxt) & one);
+      eq_lo = eq_lo + ((c.lo == vxt) & one);
+      eq_hi = eq_hi + ((c.hi == vxt) & one);
+    }
+    if constexpr (WITH_SUM) {
+      if (w) {
+        const Chunk cw = L::load(w + j);
+        sx_lo = at::vec::fmadd(c.lo, cw.lo, sx_lo);
+        sx_hi = at::vec::fmadd(c.hi, cw.hi, sx_hi);
+      } else {
+        sx_lo = sx_lo + c.lo;
+        sx_hi = sx_hi + c.hi;
+      }
+    }
+  }
+  if (full < len) {
+    const int64_t n = len - full;
+    const Chunk c = L::load(p + full, n);  // zero-filled beyond n
+    const Chunk cm = cpu::mask_tail(c, n, ninf);
+    mx_lo = at::vec::maximum(mx_lo, cm.lo);
+    mx_hi = at::vec::maximum(mx_hi, cm.hi);
+    if constexpr (WITH_EVAL) {
+      const Chunk cn = cpu::mask_tail(c, n, vnan);  // NaN compares false: the padding counts nowhere
+      le_lo = le_lo + ((cn.lo <= vxt) & one);
+      le_hi = le_hi + ((cn.hi <= vxt) & one);
+      eq_lo = eq_lo + ((cn.lo == vxt) & one);
+      eq_hi = eq_hi + ((cn.hi == vxt) & one);
+    }
+    if constexpr (WITH_SUM) {
+      if (w) {
+        const Chunk cw = L::load(w + full, n);
+        sx_lo = at::vec::fmadd(c.lo, cw.lo, sx_lo);
+        sx_hi = at::vec::fmadd(c.hi, cw.hi, sx_hi);
+      } else {
+        sx_lo = sx_lo + c.lo;
+        sx_hi = sx_hi + c.hi;
+      }
+    }
+  }
+  if constexpr (WITH_SUM) a.sx += cpu::hsum(sx_lo + sx_hi);
+  if constexpr (WITH_EVAL) {
+    const int64_t end = v0 + len;
+    if (!std::isnan(xt)) {
+      const int64_t le = static_cast<int64_t>(cpu::hsum(le_lo + le_hi));
+      const int64_t eq = static_cast<int64_t>(cpu::hsum(eq_lo + eq_hi));
+      int64_t above = len - le;
+      if (t >= v0 && t < end) {
+        // The target itself is not above itself (its logit from the matmul may differ from the dot
+        // product's in the last bit); ties before it in this chunk are counted one by one (rare).
+        if (!(p[t - v0] <= xt)) above -= 1;
+        if (eq > 0) {
+          for (int64_t c = 0; c < t - v0; ++c) a.eqb += p[c] == xt;
+        }
+      } else if (t >= end) {
+        a.eqb += eq;
+      }
+      a.above += above;
+    } else if (t > v0) {  // a NaN target logit ranks below the NaNs before it only
+      const int64_t stop = std::min(len, t - v0);
+      for (int64_t c = 0; c < stop; ++c) a.eqb += std::isnan(p[c]);
+    }
+  }
+  if (std::isnan(a.m)) return;  // sticky: lse is NaN and the argmax is the first NaN, already found
+  const float bm = cpu::hmax(at::vec::maximum(mx_lo, mx_hi));
+  if (std::isnan(bm)) {
+    a.m = bm;
+    a.s = kNaN;
+    a.arg = v0 + cpu::row_find_first(p, len, bm);
+    return;
+  }
+  if (bm > a.m) {
+    a.s *= std::exp(a.m - bm);  // exp(-inf) = 0 before the first finite value
+    a.m = bm;
+    a.arg = v0 + cpu::row_find_first(p, len, bm);
+  }
+  if (!std::isfinite(a.m)) return;  // +inf, or only -inf so far: lse() reports NaN or keeps going
+  const fVec vm(a.m);
+  fVec se_lo(0.f), se_hi(0.f);
+  for (int64_t j = 0; j < full; j += kChunk) {
+    const Chunk c = L::load(p + j);
+    se_lo = se_lo + cpu::exp_term(c.lo - vm);
+    se_hi = se_hi + cpu::exp_term(c.hi - vm);
+  }
+  if (full < len) {
+    const int64_t n = len - full;
+    const Chunk c = cpu::mask_tail(L::load(p + full, n), n, ninf);
+    se_lo = se_lo + cpu::exp_term(c.lo - vm);
+    se_hi = se_hi + cpu::exp_term(c.hi - vm);
+  }
+  a.s += cpu::hsum(se_lo + se_hi);
+}
+
+// Dot product of a float32 row with a row of T, accumulated in float32.
+template <typename T>
+inline float dot_row(const float* x, const T* w, int64_t H) {
+  fVec acc_lo(0.f), acc_hi(0.f);
+  const int64_t full = H - H % kChunk;
+  for (int64_t j = 0; j < full; j += kChunk) {
+    const Chunk a = ChunkLoader<float>::load(x + j);
+    const Chunk b = ChunkLoader<T>::load(w + j);
+    acc_lo = at::vec::fmadd(a.lo, b.lo, acc_lo);
+    acc_hi = at::vec::fmadd(a.hi, b.hi, acc_hi);
+  }
+  if (full < H) {
+    const int64_t n = H - full;
+    const Chunk a = ChunkLoader<float>::load(x + full, n);
+    const Chunk b = ChunkLoader<T>::load(w + full, n);
+    acc_lo = at::vec::fmadd(a.lo, b.lo, acc_lo);
+    acc_hi = at::vec::fmadd(a.hi, b.hi, acc_hi);
+  }
+  return cpu::hsum(acc_lo + acc_hi);
+}
+
+// The inputs in the layout the kernels use: float32 contiguous input, the weight contiguous in its dtype,
+// float32 bias and class weights (undefined when absent), int64 targets with -1 for rows that count
+// nowhere (ignore_index).
+struct Prepared {
+  at::Tensor x;     // (N, H) float32
+  at::Tensor w;     // (V, H) input dtype, contiguous
+  at::Tensor bias;  // (V,) float32 or undefined
+  std::vector<int64_t> tgt;
+  int64_t N, H, V;
+};
+
+inline Prepared prepare(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& target, bool has_ignore, int64_t ignore_index, const char* op,
+                        const char* note) {
+  Prepared p;
+  p.N = input.size(0);
+  p.H = input.size(1);
+  p.V = w.size(0);
+  const at::Tensor t = target.contiguous();
+  p.tgt.resize(static_cast<size_t>(p.N));
+  AT_DISPATCH_INDEX_TYPES(t.scalar_type(), "linear_ce_targets", [&] {
+    const index_t* tp = t.const_data_ptr<index_t>();
+    for (int64_t i = 0; i < p.N; ++i) {
+      const int64_t v = static_cast<int64_t>(tp[i]);
+      if (has_ignore && v == ignore_index) {
+        p.tgt[i] = -1;
+        continue;
+      }
+      if (v < 0 || v >= p.V) {
+        TORCH_CHECK_INDEX(false, op, ": target ", v, " is out of bounds for ", p.V, " classes (valid targets are 0..",
+                          p.V - 1, has_ignore ? " or ignore_index=" + std::to_string(ignore_index) : std::string(),
+                          ")", note);
+      }
+      p.tgt[i] = v;
+    }
+  });
+  p.x = input.to(at::kFloat).contiguous();
+  p.w = w.contiguous();
+  if (bias.has_value() && bias->defined()) p.bias = bias->to(at::kFloat).contiguous();
+  return p;
+}
+
+// The weight rows [v0, v0 + len) as float32 (a view for float32 weights).
+inline at::Tensor weight_chunk(const at::Tensor& w, int64_t v0, int64_t len) {
+  at::Tensor c = w.narrow(0, v0, len);
+  return c.scalar_type() == at::kFloat ? c : c.to(at::kFloat);
+}
+
+// logits[:, v0:v0+len] = x @ w[v0:v0+len]^T (+ bias) into the first N * len floats of ws, as (N, len).
+inline at::Tensor chunk_logits(const Prepared& p, const at::Tensor& wc, const at::Tensor& ws, int64_t v0,
+                               int64_t len) {
+  at::Tensor out = ws.narrow(0, 0, p.N * len).view({p.N, len});
+  if (p.bias.defined()) {
+    at::addmm_out(out, p.bias.narrow(0, v0, len), p.x, wc.t());
+  } else {
+    at::mm_out(out, p.x, wc.t());
+  }
+  return out;
+}
+
+// Target logits, one dot product per counted row (0 for the others).
+std::vector<float> target_logits(const Prepared& p) {
+  std::vector<float> xt(static_cast<size_t>(p.N), 0.f);
+  const float* x = p.x.const_data_ptr<float>();
+  const float* b = p.bias.defined() ? p.bias.const_data_ptr<float>() : nullptr;
+  FASTEVAL_DISPATCH_LOGITS_TYPES(p.w.scalar_type(), "linear_ce_target_logits", [&] {
+    const scalar_t* w = p.w.const_data_ptr<scalar_t>();
+    const int64_t H = p.H;
+    at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t t = p.tgt[i];
+        if (t < 0) continue;
+        xt[i] = dot_row<scalar_t>(x + i * H, w + t * H, H) + (b ? b[t] : 0.f);
+      }
+    });
+  });
+  return xt;
+}
+
+// The chunked forward pass: every counted row's state after all V classes.
+template <bool WITH_SUM, bool WITH_EVAL>
+std::vector<RowAcc> forward_pass(const Prepared& p, const std::vector<float>& xt, const float* class_w) {
+  std::vector<RowAcc> acc(static_cast<size_t>(p.N));
+  if (p.N == 0 || p.V == 0) return acc;
+  const int64_t vc = linear_ce::chunk_columns(p.N, p.V, kWorkspaceBytes);
+  const at::Tensor ws = at::empty({p.N * vc}, p.x.options());
+  for (int64_t v0 = 0; v0 < p.V; v0 += vc) {
+    const int64_t len = std::min(vc, p.V - v0);
+    const at::Tensor logits = chunk_logits(p, weight_chunk(p.w, v0, len), ws, v0, len);
+    const float* lp = logits.const_data_ptr<float>();
+    const float* wv = class_w ? class_w + v0 : nullptr;
+    at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t t = p.tgt[i];
+        if (t < 0) continue;
+        tile_row<WITH_SUM, WITH_EVAL>(lp + i * len, len, v0, wv, t, xt[i], acc[i]);
+      }
+    });
+  }
+  return acc;
+}
+
+inline double weight_total(const float* w, int64_t V) {
+  if (!w) return static_cast<double>(V);
+  double s = 0;
+  for (int64_t c = 0; c < V; ++c) s += w[c];
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
+    const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction) {
+  using namespace linear_ce;
+  const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, kOp);
+  // The matmuls below write into the workspace (out= variants): no autograd inside the kernel (the op's
+  // autograd formula is registered separately).
+  const at::NoGradGuard no_grad;
+  const at::Tensor cw = checked_class_weight(weight, sz.V, input, kOp);
+  const Prepared p = prepare(input, linear_weight, linear_bias, target, true, ignore_index, kOp, "");
+  const float* w = cw.defined() ? cw.const_data_ptr<float>() : nullptr;
+  const float eps = static_cast<float>(label_smoothing);
+  const std::vector<float> xt = target_logits(p);
+  const std::vector<RowAcc> acc =
+      eps > 0.f ? forward_pass<true, false>(p, xt, w) : forward_pass<false, false>(p, xt, w);
+  const auto f32 = input.options().dtype(at::kFloat);
+  at::Tensor loss_rows = at::empty({sz.N}, f32);
+  at::Tensor lse = at::empty({sz.N}, f32);
+  float* lr = loss_rows.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const float keep = 1.f - eps;
+  const float eps_over_v = sz.V > 0 ? eps / static_cast<float>(sz.V) : 0.f;
+  const float wsum = static_cast<float>(weight_total(w, sz.V));
+  double total = 0, sum = 0;
+  for (int64_t i = 0; i < sz.N; ++i) {
+    const int64_t t = p.tgt[i];
+    if (t < 0) {
+      lr[i] = 0.f;
+      lp[i] = 0.f;
+      continue;
+    }
+    const float wt = w ? w[t] : 1.f;
+    const float l = acc[i].lse();
+    float v = keep * (wt * (l - xt[i]));
+    if (eps > 0.f) v += eps_over_v * (wsum * l - acc[i].sx);
+    lr[i] = v;
+    lp[i] = l;
+    total += wt;
+    sum += v;
+  }
+  at::Tensor total_weight = at::empty({}, f32);
+  total_weight.fill_(total);
+  at::Tensor loss;
+  if (reduction == 0) {
+    loss = loss_rows;
+  } else {
+    loss = at::empty({}, f32);
+    loss.fill_(reduction == 1 ? static_cast<double>(static_cast<float>(sum)) / static_cast<float>(total) : sum);
+  }
+  return {loss, lse, total_weight};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
+    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& total_weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction) {
+  using namespace linear_ce;
+  const char* op = kBackwardOp;
+  const at::NoGradGuard no_grad;
+  const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
+  const at::Tensor cw = checked_class_weight(weight, sz.V, input, op);
+  if (reduction == 0) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == sz.N, op, ": grad_loss must have shape (", sz.N,
+                      ",) for reduction none, got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 0, op, ": grad_loss must be 0-dim for reduction mean or sum, got ",
+                      grad_loss.sizes());
+  }
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == sz.N, op, ": lse must have shape (", sz.N, ",), got ",
+                    lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == input.device() && lse.device() == input.device() &&
+                        total_weight.device() == input.device(),
+                    op, ": grad_loss, lse, total_weight and input must be on the same device");
+  const Prepared p = prepare(input, linear_weight, linear_bias, target, true, ignore_index, op, "");
+  const int64_t N = sz.N, H = sz.H, V = sz.V;
+  const float* w = cw.defined() ? cw.const_data_ptr<float>() : nullptr;
+  const float eps = static_cast<float>(label_smoothing);
+  const at::Tensor g = grad_loss.to(at::kFloat).contiguous();
+  const at::Tensor ls = lse.contiguous();
+  const float* gp = g.const_data_ptr<float>();
+  const float* lsp = ls.const_data_ptr<float>();
+  const float tw = total_weight.item<float>();
+  const float wsum = static_cast<float>(weight_total(w, V));
+  const float eps_over_v = V > 0 ? eps / static_cast<float>(V) : 0.f;
+  // dL[i, c] = a_i exp(x_ic - lse_i) - b_i w_c - [c == t] d_i
+  std::vector<float> ca(N, 0.f), cb(N, 0.f), cd(N, 0.f);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t t = p.tgt[i];
+    if (t < 0) continue;
+    float gi = reduction == 0 ? gp[i] : gp[0];
+    if (reduction == 1) gi = gi / tw;
+    const float wt = w ? w[t] : 1.f;
+    ca[i] = gi * ((1.f - eps) * wt + eps_over_v * wsum);
+    cb[i] = gi * eps_over_v;
+    cd[i] = gi * (1.f - eps) * wt;
+  }
+  const auto f32 = input.options().dtype(at::kFloat);
+  at::Tensor grad_x = at::zeros({N, H}, f32);
+  at::Tensor grad_w = at::empty({V, H}, linear_weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_b = at::empty({V}, f32);
+  if (N == 0 || V == 0) {
+    grad_w.zero_();
+    grad_b.zero_();
+    return {grad_x.to(input.scalar_type()), grad_w, grad_b.to(input.scalar_type())};
+  }
+  const int64_t vc = chunk_columns(N, V, kWorkspaceBytes);
+  const at::Tensor ws = at::empty({N * vc}, f32);
+  const bool w32 = linear_weight.scalar_type() == at::kFloat;
+  for (int64_t v0 = 0; v0 < V; v0 += vc) {
+    const int64_t len = std::min(vc, V - v0);
+    const at::Tensor wc = weight_chunk(p.w, v0, len);
+    at::Tensor d = chunk_logits(p, wc, ws, v0, len);
+    float* dp = d.data_ptr<float>();
+    const float* wv = w ? w + v0 : nullptr;
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / len), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        float* row = dp + i * len;
+        const int64_t t = p.tgt[i];
+        if (t < 0) {
+          std::fill(row, row + len, 0.f);
+          continue;
+        }
+        const fVec va(ca[i]), vb(cb[i]), vl(lsp[i]);
+        const int64_t full = len - len % kChunk;
+        for (int64_t j = 0; j < full; j += kChunk) {
+          Chunk c = ChunkLoader<float>::load(row + j);
+          Chunk wj = wv ? ChunkLoader<float>::load(wv + j) : Chunk{fVec(1.f), fVec(1.f)};
+          c.lo = va * cpu::fast_exp(c.lo - vl) - vb * wj.lo;
+          c.hi = va * cpu::fast_exp(c.hi - vl) - vb * wj.hi;
+          ChunkLoader<float>::store(row + j, c);
+        }
+        for (int64_t j = full; j < len; ++j) {
+          row[j] = ca[i] * std::exp(row[j] - lsp[i]) - cb[i] * (wv ? wv[j] : 1.f);
+        }
+        if (t >= v0 && t < v0 + len) row[t - v0] -= cd[i];
+      }
+    });
+    grad_x.addmm_(d, wc);
+    at::Tensor gw = grad_w.narrow(0, v0, len);
+    if (w32) {
+      at::mm_out(gw, d.t(), p.x);
+    } else {
+      gw.copy_(at::mm(d.t(), p.x));
+    }
+    at::Tensor gb = grad_b.narrow(0, v0, len);
+    at::sum_out(gb, d, {0});
+  }
+  return {grad_x.to(input.scalar_type()), grad_w, grad_b.to(input.scalar_type())};
+}
+
+void linear_eval_update_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
+                            const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                            const at::Tensor& boundaries, std::optional<int64_t> ignore_index, double label_smoothing,
+                            at::IntArrayRef top_k, bool counts_only, const at::Tensor& loss_sum,
+                            const at::Tensor& confmat, const at::Tensor& topk_hits, const at::Tensor& calib_count,
+                            const at::Tensor& calib_conf, const at::Tensor& calib_correct, const at::Tensor& count) {
+  using namespace linear_ce;
+  const char* op = kEvalOp;
+  const at::NoGradGuard no_grad;
+  const Sizes sz = check_eval_inputs(input, linear_weight, linear_bias, target, boundaries, label_smoothing, top_k,
+                                     counts_only, loss_sum, confmat, topk_hits, calib_count, calib_conf,
+                                     calib_correct, count, op);
+  const bool has_ignore = ignore_index.has_value();
+  const Prepared p = prepare(input, linear_weight, linear_bias, target, has_ignore, ignore_index.value_or(0), op,
+                             "; the state was not changed");
+  if (sz.N == 0) return;
+  const int64_t V = sz.V;
+  const float eps = static_cast<float>(label_smoothing);
+  const std::vector<float> xt = target_logits(p);
+  const std::vector<RowAcc> acc =
+      eps > 0.f ? forward_pass<true, true>(p, xt, nullptr) : forward_pass<false, true>(p, xt, nullptr);
+  const at::Tensor bnd = boundaries.contiguous();
+  const float* bp = bnd.const_data_ptr<float>();
+  const int64_t nb = bnd.numel();
+  const float keep = 1.f - eps, eps_over_v = eps / static_cast<float>(V);
+  double loss = 0;
+  int64_t valid = 0;
+  int64_t* hits = topk_hits.data_ptr<int64_t>();
+  int64_t* cc = calib_count.data_ptr<int64_t>();
+  double* cf = calib_conf.data_ptr<double>();
+  int64_t* cr = calib_correct.data_ptr<int64_t>();
+  int64_t* cm = confmat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < sz.N; ++i) {
+    const int64_t t = p.tgt[i];
+    if (t < 0) continue;
+    const RowAcc& a = acc[i];
+    float l, conf;
+    if (!std::isfinite(a.m)) {  // NaN, +inf or only -inf: loss and confidence are NaN (as torch's)
+      l = kNaN;
+      conf = kNaN;
+    } else {
+      const float lse = a.lse();
+      l = keep * (lse - xt[i]);
+      if (eps > 0.f) l += eps_over_v * (static_cast<float>(V) * lse - a.sx);
+      conf = 1.f / a.s;
+    }
+    const int64_t pred = a.arg, rank = a.rank();
+    loss += static_cast<double>(l);
+    valid += 1;
+    for (size_t k = 0; k < top_k.size(); ++k) hits[k] += rank < top_k[k];
+    if (!std::isnan(conf)) {
+      int64_t b = static_cast<int64_t>(std::upper_bound(bp, bp + nb, conf) - bp) - 1;
+      b = std::min(std::max<int64_t>(b, 0), nb - 1);
+      cc[b] += 1;
+      cf[b] += static_cast<double>(conf);
+      cr[b] += pred == t;
+    }
+    if (counts_only) {
+      cm[t] += pred == t;
+      cm[V + pred] += 1;
+      cm[2 * V + t] += 1;
+    } else {
+      cm[t * V + pred] += 1;
+    }
+  }
+  loss_sum.data_ptr<double>()[0] += loss;
+  count.data_ptr<int64_t>()[0] += valid;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasteval, CPU, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
+  m.impl("linear_eval_update", &linear_eval_update_cpu);
+}
+
+}  // namespace fasteval

@@ -1,0 +1,533 @@
+// CUDA kernels of fasteval::linear_cross_entropy, its backward and fasteval::linear_eval_update (the math
+// is in registration.cpp; the CPU kernels in linear_ce_cpu.cpp describe the algorithm).
+//
+// The same vocabulary chunking as on the CPU: each chunk's logits (N, vc) come from one cuBLAS matmul
+// into a float32 workspace (at::mm_out; bfloat16 / float16 inputs with out_dtype float32, so the products
+// are accumulated and stored in float32), then a row-pass kernel (one warp per row) folds the chunk into
+// per-row running state in global memory: max and sum of exp (online softmax), the argmax (first maximal
+// index, NaN as the maximum), sum_c w_c x_c for label smoothing and the counts that give the target's
+// rank. The bias is added by the row pass as it reads the chunk. Targets are validated on the device:
+// an out-of-range target gives its row a NaN loss (loss op) or rejects the batch (evaluation op, counted
+// in count[1]), never a host synchronisation. The backward recomputes each chunk, turns it into the
+// gradient of the logits in place and applies it with three matmuls (float32 operands).
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+#include "linear_ce/linear_ce_common.h"
+
+namespace fasteval {
+namespace {
+
+using cuda::fast_exp;
+using cuda::is_nan_bits;
+using cuda::neg_inf;
+using cuda::quiet_nan;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kWorkspaceBytes = int64_t(32) << 20;
+constexpr int64_t kIgnored = -1, kBad = -2;
+
+// Per-row running state (structure of arrays in one float and one int64 buffer).
+struct RowState {
+  float* m;         // running max (NaN once a NaN was seen)
+  float* s;         // sum of exp(x - m)
+  float* sx;        // sum_c w_c x_c
+  float* xt;        // target logit (dot product)
+  int64_t* arg;     // first index of the maximum
+  int64_t* above;   // #{c != t : !(x_c <= x_t)}
+  int64_t* eqb;     // #{c < t : x_c == x_t}  (x_t NaN: #{c < t : isnan(x_c)})
+  int64_t* tgt;     // target, kIgnored or kBad
+};
+
+inline RowState make_state(const at::Tensor& f, const at::Tensor& i, int64_t N) {
+  float* fp = f.data_ptr<float>();
+  int64_t* ip = i.data_ptr<int64_t>();
+  return {fp, fp + N, fp + 2 * N, fp + 3 * N, ip, ip + N, ip + 2 * N, ip + 3 * N};
+}
+
+// Targets and target logits, one warp per row: tgt = t, kIgnored or kBad (outside [0, V)); xt = <x_i, w_t>
+// + b_t in float32. bad_count (may be null) counts the bad targets.
+template <typename T, typename I>
+__global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
+                                    const I* __restrict__ target, int64_t N, int64_t H, int64_t V, bool has_ignore,
+                                    int64_t ignore_index, RowState st, int64_t* bad_count) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t i = warp; i < N; i += nwarps) {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    int64_t code = t;
+    if (has_ignore && t == ignore_index) code = kIgnored;
+    else if (t < 0 || t >= V) code = kBad;
+    float acc = 0.f;
+    if (code >= 0) {
+      const T* xr = x + i * H;
+      const T* wr = w + code * H;
+      for (int64_t j = lane; j < H; j += 32) acc += cuda::to_float(xr[j]) * cuda::to_float(wr[j]);
+    }
+    acc = cuda::warp_reduce_sum(acc);
+    if (lane == 0) {
+      st.tgt[i] = code;
+      st.xt[i] = code >= 0 ? acc + (bias ? bias[code] : 0.f) : 0.f;
+      st.m[i] = neg_inf();
+      st.s[i] = 0.f;
+      st.sx[i] = 0.f;
+      st.arg[i] = 0;
+      st.above[i] = 0;
+      st.eqb[i] = 0;
+      if (code == kBad && bad_count) atomicAdd(reinterpret_cast<unsigned long long*>(bad_count), 1ull);
+    }
+  }
+}
+
+// Folds columns [v0, v0 + len) of every counted row (logits at lg + i * len, bias added here) into the
+// row state. One warp per row.
+__global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t len, int64_t v0,
+                                const float* __restrict__ bias, const float* __restrict__ cw, bool with_sum,
+                                RowState st) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t i = warp; i < N; i += nwarps) {
+    const int64_t t = st.tgt[i];
+    if (t < 0) continue;  // warp-uniform
+    const float xt = st.xt[i];
+    const bool tnan = is_nan_bits(xt);
+    const float* row = lg + i * len;
+    float m = neg_inf(), s = 0.f, sx = 0.f;
+    int64_t arg = INT64_MAX, first_nan = INT64_MAX;
+    long long above = 0, eqb = 0;
+    for (int64_t j = lane; j < len; j += 32) {
+      const int64_t c = v0 + j;
+      const float v = row[j] + (bias ? bias[c] : 0.f);
+      if (is_nan_bits(v)) {
+        first_nan = min(first_nan, c);
+      } else if (v > m) {
+        s = s * fast_exp(m - v) + 1.f;  // exp(-inf) = 0 on the first value
+        m = v;
+        arg = c;
+      } else if (v > neg_inf()) {
+        s += fast_exp(v - m);
+      }
+      if (with_sum) sx += cw ? cw[c] * v : v;
+      if (!tnan) {
+        above += (c != t) && !(v <= xt);
+        eqb += (c < t) && (v == xt);
+      } else {
+        eqb += (c < t) && is_nan_bits(v);
+      }
+    }
+    // Warp merge (lanes visit columns in increasing order, so each lane's arg is its first maximum).
+    for (int off = 16; off > 0; off >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+      const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+      const long long a2 = __shfl_xor_sync(0xffffffffu, static_cast<long long>(arg), off);
+      const long long n2 = __shfl_xor_sync(0xffffffffu, static_cast<long long>(first_nan), off);
+      const float mm = fmaxf(m, m2);
+      if (mm > neg_inf()) {
+        s = (m > neg_inf() ? s * fast_exp(m - mm) : 0.f) + (m2 > neg_inf() ? s2 * fast_exp(m2 - mm) : 0.f);
+      }
+      arg = m2 > m ? a2 : (m > m2 ? arg : min(static_cast<long long>(arg), a2));
+      m = mm;
+      first_nan = min(static_cast<long long>(first_nan), n2);
+      sx += __shfl_xor_sync(0xffffffffu, sx, off);
+      above += __shfl_xor_sync(0xffffffffu, above, off);
+      eqb += __shfl_xor_sync(0xffffffffu, eqb, off);
+    }
+    if (lane == 0) {
+      st.above[i] += above;
+      st.eqb[i] += eqb;
+      st.sx[i] += sx;
+      float rm = st.m[i];
+      if (is_nan_bits(rm)) continue;  // sticky
+      if (first_nan != INT64_MAX) {
+        st.m[i] = quiet_nan();
+        st.s[i] = quiet_nan();
+        st.arg[i] = first_nan;
+        continue;
+      }
+      if (arg == INT64_MAX) arg = v0;  // only -inf in this chunk
+      float rs = st.s[i];
+      if (m > rm) {
+        rs = (rm > neg_inf() ? rs * fast_exp(rm - m) : 0.f) + s;
+        st.m[i] = m;
+        st.arg[i] = arg;
+      } else if (m > neg_inf()) {
+        rs += s * fast_exp(m - rm);
+      }
+      st.s[i] = rs;
+    }
+  }
+}
+
+__device__ __forceinline__ float row_lse(float m, float s) {
+  return cuda::is_finite_bits(m) ? m + logf(s) : quiet_nan();
+}
+
+// Per-row losses of the loss op, the lse and each row's weight in total_weight.
+__global__ void loss_rows_kernel(RowState st, int64_t N, int64_t V, const float* __restrict__ cw,
+                                 const float* __restrict__ wsum_ptr, float eps, float* __restrict__ loss,
+                                 float* __restrict__ lse, float* __restrict__ wrow) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = st.tgt[i];
+    if (t == kIgnored) {
+      loss[i] = 0.f;
+      lse[i] = 0.f;
+      wrow[i] = 0.f;
+      continue;
+    }
+    if (t == kBad) {  // the CPU raises; here the row's loss is NaN (it shows in any reduction)
+      loss[i] = quiet_nan();
+      lse[i] = quiet_nan();
+      wrow[i] = cw ? cw[0] : 1.f;
+      continue;
+    }
+    const float wt = cw ? cw[t] : 1.f;
+    const float wsum = wsum_ptr ? *wsum_ptr : static_cast<float>(V);  // sum_c w_c
+    const float l = row_lse(st.m[i], st.s[i]);
+    float v = (1.f - eps) * (wt * (l - st.xt[i]));
+    if (eps > 0.f) v += eps / static_cast<float>(V) * (wsum * l - st.sx[i]);
+    loss[i] = v;
+    lse[i] = l;
+    wrow[i] = wt;
+  }
+}
+
+template <typename F>
+void dispatch_types(const at::Tensor& input, const at::Tensor& target, F&& f) {
+  FASTEVAL_DISPATCH_LOGITS_TYPES(input.scalar_type(), "linear_ce_cuda", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "linear_ce_cuda_target", [&] { f(T{}, index_t{}); });
+  });
+}
+
+inline int row_blocks(int64_t N) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((N + kWarps - 1) / kWarps, 65535)));
+}
+
+// logits[:, v0:v0+len] (without the bias) into the workspace, float32.
+inline at::Tensor chunk_logits(const at::Tensor& x, const at::Tensor& w, const at::Tensor& ws, int64_t N, int64_t v0,
+                               int64_t len) {
+  at::Tensor out = ws.narrow(0, 0, N * len).view({N, len});
+  const at::Tensor wc = w.narrow(0, v0, len);
+  if (x.scalar_type() == at::kFloat) {
+    at::mm_out(out, x, wc.t());
+  } else {
+    at::mm_out(out, x, wc.t(), at::kFloat);
+  }
+  return out;
+}
+
+// The forward chunk loop shared by the loss and the evaluation ops; returns the row state buffers.
+std::pair<at::Tensor, at::Tensor> forward_state(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias32,
+                                                const at::Tensor& target, bool has_ignore, int64_t ignore_index,
+                                                const float* cw, bool with_sum, int64_t* bad_count) {
+  const int64_t N = x.size(0), H = x.size(1), V = w.size(0);
+  at::Tensor fbuf = at::empty({4 * N}, x.options().dtype(at::kFloat));
+  at::Tensor ibuf = at::empty({4 * N}, x.options().dtype(at::kLong));
+  if (N == 0) return {fbuf, ibuf};
+  const RowState st = make_state(fbuf, ibuf, N);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const float* bp = bias32.defined() ? bias32.const_data_ptr<float>() : nullptr;
+  dispatch_types(x, target, [&](auto tz, auto iz) {
+    using T = decltype(tz);
+    using I = decltype(iz);
+    prepare_rows_kernel<T, I><<<row_blocks(N), kThreads, 0, stream>>>(
+        x.const_data_ptr<T>(), w.const_data_ptr<T>(), bp, target.const_data_ptr<I>(), N, H, V, has_ignore,
+        ignore_index, st, bad_count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
+  const at::Tensor ws = at::empty({N * vc}, x.options().dtype(at::kFloat));
+  for (int64_t v0 = 0; v0 < V; v0 += vc) {
+    const int64_t len = std::min(vc, V - v0);
+    const at::Tensor lg = chunk_logits(x, w, ws, N, v0, len);
+    row_pass_kernel<<<row_blocks(N), kThreads, 0, stream>>>(lg.const_data_ptr<float>(), N, len, v0, bp, cw, with_sum,
+                                                            st);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {fbuf, ibuf};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cuda(
+    const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction) {
+  using namespace linear_ce;
+  const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, kOp);
+  const at::Tensor cwt = checked_class_weight(weight, sz.V, input, kOp);
+  const at::NoGradGuard no_grad;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor x = input.contiguous(), w = linear_weight.contiguous(), t = target.contiguous();
+  at::Tensor b32;
+  if (linear_bias.has_value() && linear_bias->defined()) b32 = linear_bias->to(at::kFloat).contiguous();
+  const float* cw = cwt.defined() ? cwt.const_data_ptr<float>() : nullptr;
+  const float eps = static_cast<float>(label_smoothing);
+  auto [fbuf, ibuf] = forward_state(x, w, b32, t, true, ignore_index, cw, eps > 0.f, nullptr);
+  const auto f32 = input.options().dtype(at::kFloat);
+  at::Tensor loss_rows = at::empty({sz.N}, f32), lse = at::empty({sz.N}, f32), wrow = at::empty({sz.N}, f32);
+  if (sz.N > 0) {
+    // sum_c w_c stays on the device (reading it here would synchronise with the host).
+    const at::Tensor wsum = cwt.defined() ? cwt.sum() : at::Tensor();
+    const RowState st = make_state(fbuf, ibuf, sz.N);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const int blocks = static_cast<int>(std::min<int64_t>((sz.N + kThreads - 1) / kThreads, 65535));
+    loss_rows_kernel<<<blocks, kThreads, 0, stream>>>(st, sz.N, sz.V, cw,
+                                                      wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps,
+                                                      loss_rows.data_ptr<float>(), lse.data_ptr<float>(),
+                                                      wrow.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    loss_rows.zero_();
+  }
+  at::Tensor total_weight = wrow.sum();
+  at::Tensor loss;
+  if (reduction == 0) {
+    loss = loss_rows;
+  } else if (reduction == 2) {
+    loss = loss_rows.sum();
+  } else {
+    loss = loss_rows.sum().div(total_weight);
+  }
+  return {loss, lse, total_weight};
+}
+
+// dL[i, c] = a_i exp(x_ic + b_c - lse_i) - e_i w_c - [c == t_i] d_i, in place over a chunk; 0 on rows that
+// do not count. The coefficients come from grad_loss and total_weight on the device.
+__global__ void grad_chunk_kernel(float* __restrict__ lg, int64_t N, int64_t len, int64_t v0,
+                                  const float* __restrict__ bias, const float* __restrict__ cw,
+                                  const float* __restrict__ wsum_ptr, float eps,
+                                  int64_t V, const int64_t* __restrict__ tgt, const float* __restrict__ lse,
+                                  const float* __restrict__ grad_loss, bool per_row, const float* __restrict__ tw,
+                                  bool mean) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t i = warp; i < N; i += nwarps) {
+    float* row = lg + i * len;
+    const int64_t t = tgt[i];
+    if (t < 0) {
+      for (int64_t j = lane; j < len; j += 32) row[j] = 0.f;
+      continue;
+    }
+    float g = per_row ? grad_loss[i] : grad_loss[0];
+    if (mean) g = g / tw[0];
+    const float wt = cw ? cw[t] : 1.f;
+    const float wsum = wsum_ptr ? *wsum_ptr : static_cast<float>(V);
+    const float a = g * ((1.f - eps) * wt + eps / static_cast<float>(V) * wsum);
+    const float e = g * eps / static_cast<float>(V);
+    const float d = g * (1.f - eps) * wt;
+    const float l = lse[i];
+    for (int64_t j = lane; j < len; j += 32) {
+      const int64_t c = v0 + j;
+      const float v = row[j] + (bias ? bias[c] : 0.f);
+      float r = a * expf(v - l) - e * (cw ? cw[c] : 1.f);
+      if (c == t) r -= d;
+      row[j] = r;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
+    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    const at::Tensor& lse, const at::Tensor& total_weight, int64_t ignore_index, double label_smoothing,
+    int64_t reduction) {
+  using namespace linear_ce;
+  const char* op = kBackwardOp;
+  const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
+  const at::Tensor cwt = checked_class_weight(weight, sz.V, input, op);
+  if (reduction == 0) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == sz.N, op, ": grad_loss must have shape (", sz.N,
+                      ",) for reduction none, got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 0, op, ": grad_loss must be 0-dim for reduction mean or sum, got ",
+                      grad_loss.sizes());
+  }
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == sz.N, op, ": lse must have shape (", sz.N, ",), got ",
+                    lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == input.device() && lse.device() == input.device() &&
+                        total_weight.device() == input.device(),
+                    op, ": grad_loss, lse, total_weight and input must be on the same device");
+  const at::NoGradGuard no_grad;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const int64_t N = sz.N, H = sz.H, V = sz.V;
+  const auto f32 = input.options().dtype(at::kFloat);
+  const at::Tensor x32 = input.to(at::kFloat).contiguous();
+  const at::Tensor w = linear_weight.contiguous();
+  const at::Tensor t = target.contiguous();
+  at::Tensor b32;
+  if (linear_bias.has_value() && linear_bias->defined()) b32 = linear_bias->to(at::kFloat).contiguous();
+  at::Tensor grad_x = at::zeros({N, H}, f32);
+  at::Tensor grad_w = at::zeros({V, H}, linear_weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_b = at::zeros({V}, f32);
+  if (N == 0 || V == 0) return {grad_x.to(input.scalar_type()), grad_w, grad_b.to(input.scalar_type())};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // Targets (kIgnored / kBad rows get a zero gradient) through the forward's preparation kernel.
+  at::Tensor fbuf = at::empty({4 * N}, f32);
+  at::Tensor ibuf = at::empty({4 * N}, input.options().dtype(at::kLong));
+  const RowState st = make_state(fbuf, ibuf, N);
+  dispatch_types(input, t, [&](auto tz, auto iz) {
+    using T = decltype(tz);
+    using I = decltype(iz);
+    const at::Tensor xc = input.contiguous();
+    prepare_rows_kernel<T, I><<<row_blocks(N), kThreads, 0, stream>>>(
+        xc.const_data_ptr<T>(), w.const_data_ptr<T>(), nullptr, t.const_data_ptr<I>(), N, H, V, true, ignore_index,
+        st, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const float* cw = cwt.defined() ? cwt.const_data_ptr<float>() : nullptr;
+  const at::Tensor wsum = cwt.defined() ? cwt.sum() : at::Tensor();  // on the device
+  const at::Tensor g = grad_loss.to(at::kFloat).contiguous();
+  const at::Tensor ls = lse.contiguous();
+  const at::Tensor tw = total_weight.to(at::kFloat).contiguous();
+  const int64_t vc = chunk_columns(N, V, kWorkspaceBytes);
+  const at::Tensor ws = at::empty({N * vc}, f32);
+  const float eps = static_cast<float>(label_smoothing);
+  for (int64_t v0 = 0; v0 < V; v0 += vc) {
+    const int64_t len = std::min(vc, V - v0);
+    const at::Tensor wc32 = w.narrow(0, v0, len).to(at::kFloat);
+    at::Tensor d = ws.narrow(0, 0, N * len).view({N, len});
+    at::mm_out(d, x32, wc32.t());
+    grad_chunk_kernel<<<row_blocks(N), kThreads, 0, stream>>>(
+        d.data_ptr<float>(), N, len, v0, b32.defined() ? b32.const_data_ptr<float>() : nullptr, cw,
+        wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps, V,
+        st.tgt, ls.const_data_ptr<float>(), g.const_data_ptr<float>(), reduction == 0, tw.const_data_ptr<float>(),
+        reduction == 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_x.addmm_(d, wc32);
+    at::Tensor gw = grad_w.narrow(0, v0, len);
+    if (linear_weight.scalar_type() == at::kFloat) {
+      at::mm_out(gw, d.t(), x32);
+    } else {
+      gw.copy_(at::mm(d.t(), x32));
+    }
+    at::Tensor gb = grad_b.narrow(0, v0, len);
+    at::sum_out(gb, d, {0});
+  }
+  return {grad_x.to(input.scalar_type()), grad_w, grad_b.to(input.scalar_type())};
+}
+
+// Adds every counted row to the evaluation state (atomics), unless the batch had a bad target: then only
+// count[1] grows, by their number (block 0, thread 0).
+__global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float eps, const float* __restrict__ bnd,
+                                       int nb, const int64_t* __restrict__ top_k, int K, bool counts_only,
+                                       const int64_t* __restrict__ bad_count, double* loss_sum, int64_t* confmat,
+                                       int64_t* topk_hits, int64_t* calib_count, double* calib_conf,
+                                       int64_t* calib_correct, int64_t* count) {
+  const long long bad = *bad_count;
+  if (bad > 0) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      atomicAdd(reinterpret_cast<unsigned long long*>(count + 1), static_cast<unsigned long long>(bad));
+    }
+    return;
+  }
+  using ull = unsigned long long;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = st.tgt[i];
+    if (t < 0) continue;
+    const float m = st.m[i];
+    float l, conf;
+    if (!cuda::is_finite_bits(m)) {
+      l = quiet_nan();
+      conf = quiet_nan();
+    } else {
+      const float lse = m + logf(st.s[i]);
+      l = (1.f - eps) * (lse - st.xt[i]);
+      if (eps > 0.f) l += eps / static_cast<float>(V) * (static_cast<float>(V) * lse - st.sx[i]);
+      conf = 1.f / st.s[i];
+    }
+    const int64_t pred = st.arg[i];
+    const int64_t rank = st.above[i] + st.eqb[i];
+    atomicAdd(loss_sum, static_cast<double>(l));
+    atomicAdd(reinterpret_cast<ull*>(count), 1ull);
+    for (int k = 0; k < K; ++k) {
+      if (rank < top_k[k]) atomicAdd(reinterpret_cast<ull*>(topk_hits + k), 1ull);
+    }
+    if (!is_nan_bits(conf)) {
+      int lo = 0, hi = nb;  // upper_bound(bnd, conf) - 1
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (bnd[mid] <= conf) lo = mid + 1;
+        else hi = mid;
+      }
+      const int b = min(max(lo - 1, 0), nb - 1);
+      atomicAdd(reinterpret_cast<ull*>(calib_count + b), 1ull);
+      atomicAdd(calib_conf + b, static_cast<double>(conf));
+      if (pred == t) atomicAdd(reinterpret_cast<ull*>(calib_correct + b), 1ull);
+    }
+    if (counts_only) {
+      if (pred == t) atomicAdd(reinterpret_cast<ull*>(confmat + t), 1ull);
+      atomicAdd(reinterpret_cast<ull*>(confmat + V + pred), 1ull);
+      atomicAdd(reinterpret_cast<ull*>(confmat + 2 * V + t), 1ull);
+    } else {
+      atomicAdd(reinterpret_cast<ull*>(confmat + t * V + pred), 1ull);
+    }
+  }
+}
+
+void linear_eval_update_cuda(const at::Tensor& input, const at::Tensor& linear_weight,
+                             const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                             const at::Tensor& boundaries, std::optional<int64_t> ignore_index, double label_smoothing,
+                             at::IntArrayRef top_k, bool counts_only, const at::Tensor& loss_sum,
+                             const at::Tensor& confmat, const at::Tensor& topk_hits, const at::Tensor& calib_count,
+                             const at::Tensor& calib_conf, const at::Tensor& calib_correct, const at::Tensor& count) {
+  using namespace linear_ce;
+  const char* op = kEvalOp;
+  const Sizes sz = check_eval_inputs(input, linear_weight, linear_bias, target, boundaries, label_smoothing, top_k,
+                                     counts_only, loss_sum, confmat, topk_hits, calib_count, calib_conf,
+                                     calib_correct, count, op);
+  const at::NoGradGuard no_grad;
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (sz.N == 0) return;
+  const at::Tensor x = input.contiguous(), w = linear_weight.contiguous(), t = target.contiguous();
+  at::Tensor b32;
+  if (linear_bias.has_value() && linear_bias->defined()) b32 = linear_bias->to(at::kFloat).contiguous();
+  at::Tensor bad = at::zeros({1}, input.options().dtype(at::kLong));
+  const float eps = static_cast<float>(label_smoothing);
+  auto [fbuf, ibuf] = forward_state(x, w, b32, t, ignore_index.has_value(), ignore_index.value_or(0), nullptr,
+                                    eps > 0.f, bad.data_ptr<int64_t>());
+  const RowState st = make_state(fbuf, ibuf, sz.N);
+  // top_k to the device without a synchronisation: a pinned host buffer copied on the stream.
+  const int K = static_cast<int>(top_k.size());
+  at::Tensor ks = at::empty({std::max(K, 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  for (int k = 0; k < K; ++k) ks.data_ptr<int64_t>()[k] = top_k[k];
+  const at::Tensor ks_dev = ks.to(input.device(), /*non_blocking=*/true);
+  const at::Tensor bnd = boundaries.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int blocks = static_cast<int>(std::min<int64_t>((sz.N + kThreads - 1) / kThreads, 65535));
+  eval_accumulate_kernel<<<blocks, kThreads, 0, stream>>>(
+      st, sz.N, sz.V, eps, bnd.const_data_ptr<float>(), static_cast<int>(bnd.numel()), ks_dev.const_data_ptr<int64_t>(),
+      K, counts_only, bad.const_data_ptr<int64_t>(), loss_sum.data_ptr<double>(), confmat.data_ptr<int64_t>(),
+      topk_hits.data_ptr<int64_t>(), calib_count.data_ptr<int64_t>(), calib_conf.data_ptr<double>(),
+      calib_correct.data_ptr<int64_t>(), count.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasteval, CUDA, m) {
+  m.impl("linear_cross_entropy", &linear_cross_entropy_cuda);
+  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cuda);
+  m.impl("linear_eval_update", &linear_eval_update_cuda);
+}
+
+}  // namespace fasteval

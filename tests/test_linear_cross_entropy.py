@@ -1,0 +1,367 @@
+"""fasteval.linear_cross_entropy and ClassificationEvaluator.update_from_hidden against the composition they
+replace (F.linear followed by F.cross_entropy / ClassificationEvaluator.update): values, gradients,
+ignore_index, label smoothing, class weights, bias, ties, non-contiguous inputs, several vocabulary chunks,
+bad inputs, opcheck and torch.compile. Runs on the compiled kernels and, with FASTEVAL_DISABLE_EXT=1, on
+the reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fasteval
+from fasteval import _loader, reference
+
+HAS_KERNEL = _loader.has_kernel("linear_cross_entropy", "cpu")
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no compiled CPU kernel for fasteval::linear_cross_entropy")
+
+_STATE = ("loss_sum", "confmat", "topk_hits", "calib_count", "calib_conf", "calib_correct", "count")
+
+
+def make(n, h, v, dtype=torch.float32, bias=True, scale=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g).to(dtype)
+    w = (torch.randn(v, h, generator=g) * scale).to(dtype)
+    b = torch.randn(v, generator=g).to(dtype) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    return x, w, b, t
+
+
+def composition(x, w, b, t, **kw):
+    """The float64 truth of F.cross_entropy(F.linear(...)) on the same (rounded) inputs."""
+    b64 = b.double() if b is not None else None
+    return F.cross_entropy(F.linear(x.double(), w.double(), b64), t, **kw)
+
+
+# (N, H, V): one chunk, a vocabulary that is not a multiple of the vector width, several chunks with a
+# partial last one (4100 rows give 448-column chunks).
+SHAPES = [(5, 7, 33), (33, 16, 1000), (4100, 8, 1000)]
+
+
+@pytest.mark.parametrize("n,h,v", SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_values_and_gradients_match_the_composition(n, h, v, reduction, eps, weighted):
+    x, w, b, t = make(n, h, v, seed=n + v)
+    t[::7] = -100
+    cw = torch.rand(v, generator=torch.Generator().manual_seed(1)) + 0.5 if weighted else None
+    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
+    loss = fasteval.linear_cross_entropy(xs, ws, t, linear_bias=bs, weight=cw, reduction=reduction,
+                                         label_smoothing=eps)
+    x64, w64, b64 = (a.double().requires_grad_() for a in (x, w, b))
+    ref = F.cross_entropy(F.linear(x64, w64, b64), t, weight=cw.double() if weighted else None,
+                          reduction=reduction, label_smoothing=eps)
+    assert loss.dtype == torch.float32 and loss.shape == ref.shape
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
+    go = torch.rand(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad(loss, (xs, ws, bs), go.float())
+    want = torch.autograd.grad(ref, (x64, w64, b64), go)
+    for a, e in zip(got, want):
+        # float32 sums over up to N rows (grad_linear_weight) or V classes (grad_input)
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5 * float(e.abs().max()) + 1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_inputs_accumulate_in_float32(dtype):
+    x, w, b, t = make(300, 24, 700, dtype=dtype)
+    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
+    loss = fasteval.linear_cross_entropy(xs, ws, t, linear_bias=bs, label_smoothing=0.1)
+    assert loss.dtype == dtype
+    x64, w64, b64 = (a.double().requires_grad_() for a in (x, w, b))
+    ref = F.cross_entropy(F.linear(x64, w64, b64), t, label_smoothing=0.1)
+    # only the final rounding of the loss to 16 bits separates it from the float64 truth
+    torch.testing.assert_close(loss.double(), ref, rtol=8e-3, atol=0)
+    eager = F.cross_entropy(F.linear(x, w, b), t, label_smoothing=0.1)  # torch's own 16-bit path
+    assert abs(loss.item() - ref.item()) <= abs(eager.item() - ref.item()) + 1e-6
+    got = torch.autograd.grad(loss, (xs, ws, bs))
+    want = torch.autograd.grad(ref, (x64, w64, b64))
+    for a, e in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), e, rtol=2e-2, atol=2e-3 * float(e.abs().max()))
+
+
+def test_non_contiguous_inputs():
+    x, w, b, t = make(40, 12, 90)
+    xn = torch.randn(12, 80)[:, ::2].t()  # (40, 12), strided
+    wn = torch.randn(12, 90).t()  # (90, 12), transposed
+    bn = torch.randn(180)[::2]
+    tn = torch.randint(0, 90, (80,))[::2]
+    assert not (xn.is_contiguous() or wn.is_contiguous() or bn.is_contiguous() or tn.is_contiguous())
+    args = [a.clone().requires_grad_() for a in (xn, wn, bn)]
+    loss = fasteval.linear_cross_entropy(args[0], args[1], tn, linear_bias=args[2], label_smoothing=0.1)
+    ref_args = [a.detach().double().requires_grad_() for a in (xn, wn, bn)]
+    ref = F.cross_entropy(F.linear(*ref_args), tn, label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for a, e in zip(torch.autograd.grad(loss, args), torch.autograd.grad(ref, ref_args)):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-6)
+
+
+def test_no_bias_shapes_and_ignored_rows():
+    x, w, _, t = make(6, 5, 20, bias=False)
+    t[1] = -100
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fasteval.linear_cross_entropy(xs, ws, t, reduction="none")
+    torch.testing.assert_close(loss.double(), composition(x, w, None, t, reduction="none"), rtol=1e-5, atol=1e-6)
+    assert loss[1].item() == 0.0
+    gx, = torch.autograd.grad(loss.sum(), xs)
+    assert torch.equal(gx[1], torch.zeros(5))  # an ignored row has no gradient
+    # (H,) with a 0-dim target, and (B, T, H) with (B, T) targets
+    one = fasteval.linear_cross_entropy(x[0], w, t[0])
+    assert one.shape == () and torch.allclose(one, loss[0])
+    lm = fasteval.linear_cross_entropy(x.reshape(2, 3, 5), w, t.reshape(2, 3), reduction="none")
+    assert lm.shape == (2, 3) and torch.allclose(lm.reshape(-1), loss)
+
+
+def test_all_ignored_and_empty():
+    x, w, b, t = make(4, 3, 6)
+    t[:] = -100
+    assert torch.isnan(fasteval.linear_cross_entropy(x, w, t, linear_bias=b))  # mean over no rows, as torch
+    assert fasteval.linear_cross_entropy(x, w, t, reduction="sum").item() == 0.0
+    e = torch.zeros(0, 3, requires_grad=True)
+    out = fasteval.linear_cross_entropy(e, w, torch.zeros(0, dtype=torch.long), reduction="sum")
+    assert out.item() == 0.0
+    out.backward()
+    assert e.grad.shape == (0, 3)
+
+
+def test_weight_requires_grad_is_refused():
+    x, w, b, t = make(4, 3, 6)
+    with pytest.raises(RuntimeError):
+        fasteval.linear_cross_entropy(x, w, t, weight=torch.ones(6, requires_grad=True))
+
+
+BAD = [
+    ("H mismatch", dict(w=torch.randn(9, 4)), ValueError),
+    ("3-D weight", dict(w=torch.randn(9, 5, 1)), ValueError),
+    ("weight dtype", dict(w=torch.randn(9, 5, dtype=torch.float64)), TypeError),
+    ("bias shape", dict(b=torch.randn(8)), ValueError),
+    ("bias dtype", dict(b=torch.randn(9, dtype=torch.float16)), TypeError),
+    ("target dtype", dict(t=torch.zeros(4)), TypeError),
+    ("target shape", dict(t=torch.zeros(3, dtype=torch.long)), ValueError),
+    ("target = V", dict(t=torch.tensor([0, 9, 1, 1])), IndexError),
+    ("target = -1", dict(t=torch.tensor([0, -1, 1, 1])), IndexError),
+    ("class weight shape", dict(cw=torch.ones(8)), ValueError),
+    ("label smoothing", dict(eps=1.5), ValueError),
+    ("weight on meta", dict(w=torch.randn(9, 5, device="meta")), ValueError),
+]
+
+
+def _args(w=None, b=None, t=None, cw=None, eps=0.0):
+    return (torch.randn(4, 5), torch.randn(9, 5) if w is None else w, torch.randn(9) if b is None else b,
+            torch.tensor([0, 1, 8, -100]) if t is None else t, cw, -100, eps, 1)
+
+
+@pytest.mark.parametrize("name,kw,exc", BAD, ids=[c[0] for c in BAD])
+def test_bad_inputs_raise_the_same_type_from_kernel_reference_and_api(name, kw, exc):
+    args = _args(**kw)
+    with pytest.raises(exc, match="^fasteval.linear_cross_entropy: "):
+        reference.linear_cross_entropy(*args)
+    if HAS_KERNEL and "meta" not in name:  # a meta tensor dispatches to the fake (shapes only)
+        with pytest.raises(exc, match="^fasteval.linear_cross_entropy: "):
+            torch.ops.fasteval.linear_cross_entropy(*args)
+    x, w, b, t, cw, _, eps, _ = args
+    with pytest.raises(exc, match="^fasteval.linear_cross_entropy: "):
+        fasteval.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=eps)
+
+
+@needs_kernel
+def test_opcheck():
+    x, w, b, t = make(20, 6, 50)
+    t[3] = -100
+    for args in [(x, w, b, t, None, -100, 0.0, 1), (x, w, None, t, torch.rand(50), -100, 0.1, 0),
+                 (x.bfloat16(), w.bfloat16(), b.bfloat16(), t, None, -100, 0.0, 2)]:
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and i < 3 else a
+                     for i, a in enumerate(args))
+        torch.library.opcheck(torch.ops.fasteval.linear_cross_entropy.default, args)
+    st = [torch.zeros(1, dtype=torch.float64), torch.zeros(50, 50, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+          torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.long),
+          torch.zeros(2, dtype=torch.long)]
+    torch.library.opcheck(torch.ops.fasteval.linear_eval_update.default,
+                          (x, w, b, t, torch.linspace(0, 1, 6), -100, 0.1, [1, 5], False, *st))
+
+
+def test_torch_compile_forward_and_backward():
+    x, w, b, t = make(64, 8, 300)
+
+    def f(x, w, b):
+        return fasteval.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+
+    args = [a.clone().requires_grad_() for a in (x, w, b)]
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = cf(*args)
+    gg = torch.autograd.grad(got, args)
+    args2 = [a.clone().requires_grad_() for a in (x, w, b)]
+    want = f(*args2)
+    gw = torch.autograd.grad(want, args2)
+    torch.testing.assert_close(got, want)
+    for a, e in zip(gg, gw):
+        torch.testing.assert_close(a, e)
+
+
+# ---------------------------------------------------------------------------------------------------
+# ClassificationEvaluator.update_from_hidden
+
+
+def _pair(v, **kw):
+    return fasteval.ClassificationEvaluator(v, **kw), fasteval.ClassificationEvaluator(v, **kw)
+
+
+def _assert_same_state(a, b, loss_rtol=1e-5):
+    for n in _STATE:
+        x, y = getattr(a, n), getattr(b, n)
+        if n in ("loss_sum", "calib_conf"):
+            torch.testing.assert_close(x, y, rtol=loss_rtol, atol=1e-6)
+        else:
+            assert torch.equal(x, y), n
+
+
+@pytest.mark.parametrize("n,h,v", SHAPES)
+@pytest.mark.parametrize("full", [True, False])
+def test_update_from_hidden_adds_what_update_adds(n, h, v, full):
+    x, w, b, t = make(n, h, v, scale=1.0, seed=v)
+    t[::5] = -1
+    kw = dict(top_k=(1, 5), ignore_index=-1, label_smoothing=0.1, full_confusion=full)
+    a, c = _pair(v, **kw)
+    a.update_from_hidden(x, w, t, b)
+    c.update(F.linear(x, w, b), t)
+    _assert_same_state(a, c)
+    assert a.compute()["count"] == int((t != -1).sum())
+
+
+def test_update_from_hidden_ties_and_exact_integers():
+    # Integer-valued hidden states and weights: every logit is exact in float32, duplicated weight rows tie
+    # exactly, so argmax (first index), top-k rank (ties in index order) and the bins must match exactly.
+    g = torch.Generator().manual_seed(3)
+    v, h = 600, 6
+    w = torch.randint(-2, 3, (v, h), generator=g).float()
+    w[300:] = w[:300]  # every class has a tied twin
+    x = torch.randint(-2, 3, (4100, h), generator=g).float()
+    t = torch.randint(0, v, (4100,), generator=g)
+    a, c = _pair(v, top_k=(1, 2, 5, 50), full_confusion=False)
+    a.update_from_hidden(x, w, t)
+    c.update(x @ w.t(), t)
+    _assert_same_state(a, c)
+
+
+def test_update_from_hidden_language_model_shapes_and_bias_module():
+    head = torch.nn.Linear(8, 40)
+    hid = torch.randn(3, 7, 8)
+    t = torch.randint(0, 40, (3, 7))
+    t[0, :2] = -100
+    a, c = _pair(40, ignore_index=-100)
+    with torch.inference_mode():
+        a.update_from_hidden(hid, head.weight, t, head.bias)
+        c.update(head(hid), t)
+    _assert_same_state(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_update_from_hidden_16_bit(dtype):
+    x, w, b, t = make(200, 16, 300, dtype=dtype)
+    a, c = _pair(300)
+    a.update_from_hidden(x, w, t, b)
+    c.update(F.linear(x.float(), w.float(), b.float()), t)  # the float32 products of the same inputs
+    _assert_same_state(a, c, loss_rtol=1e-4)
+
+
+def test_update_from_hidden_bad_inputs_leave_the_state_alone():
+    x, w, b, t = make(4, 5, 9)
+    ev = fasteval.ClassificationEvaluator(9)
+    cases = [
+        ((x, torch.randn(8, 5), t, None), ValueError),  # V != num_classes
+        ((x, torch.randn(9, 4), t, None), ValueError),  # H mismatch
+        ((x, w.double(), t, None), TypeError),  # dtype mismatch
+        ((x, w, t[:3], None), ValueError),
+        ((x, w, t.float(), None), TypeError),
+        ((x, w.to("meta"), t, None), ValueError),  # device mismatch
+        ((x, w, torch.tensor([0, 1, 9, 2]), None), IndexError),
+        ((x, w, t, torch.randn(8)), ValueError),
+    ]
+    for args, exc in cases:
+        with pytest.raises(exc, match="^fasteval.ClassificationEvaluator.update_from_hidden: "):
+            ev.update_from_hidden(*args)
+    assert all(int(getattr(ev, n).abs().sum()) == 0 for n in _STATE)
+
+
+def test_update_from_hidden_compiles():
+    x, w, b, t = make(50, 8, 70)
+    a, c = _pair(70)
+    step = torch.compile(a.update_from_hidden, fullgraph=True, backend="aot_eager")
+    step(x, w, t, b)
+    c.update(F.linear(x, w, b), t)
+    _assert_same_state(a, c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluate(head=)
+
+
+class _Body(torch.nn.Module):
+    def __init__(self, head=None):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 8)
+        self.head = head
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(h) if self.head is not None else h
+
+
+@pytest.mark.parametrize("as_weight", [False, True])
+def test_evaluate_with_a_head_matches_evaluating_the_logits(as_weight):
+    torch.manual_seed(5)
+    head = torch.nn.Linear(8, 30, bias=not as_weight)
+    data = [(torch.randn(4, 5, 6), torch.randint(0, 30, (4, 5))) for _ in range(3)]
+    with_head = _Body(head)
+    body = _Body()
+    body.body = with_head.body  # the same hidden states
+    full = fasteval.evaluate(with_head, data, num_classes=30, progress=False).metrics
+    hidden = fasteval.evaluate(body, data, num_classes=30, progress=False,
+                               head=head.weight if as_weight else head).metrics
+    for k in ("accuracy", "top5_accuracy", "count", "ece"):
+        assert hidden[k] == pytest.approx(full[k], rel=1e-6, abs=1e-9), k
+    assert hidden["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert torch.equal(hidden["confusion_matrix"], full["confusion_matrix"])
+
+
+def test_evaluate_head_bad_type():
+    with pytest.raises(TypeError, match="^fasteval.evaluate: head must be"):
+        fasteval.evaluate(_Body(), [], num_classes=3, progress=False, head="linear")
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA kernels (skipped without a GPU and a CUDA build): the same parity on the device, no host sync.
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _loader.has_kernel("linear_cross_entropy", "cuda")),
+                                reason="no CUDA device or no CUDA kernel for fasteval::linear_cross_entropy")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cuda_values_and_gradients(dtype, weighted):
+    x, w, b, t = make(3000, 32, 5000, dtype=dtype)
+    t[::9] = -100
+    cw = torch.rand(5000) + 0.5 if weighted else None
+    dev = [a.cuda().requires_grad_() for a in (x, w, b)]
+    loss = fasteval.linear_cross_entropy(dev[0], dev[1], t.cuda(), linear_bias=dev[2], label_smoothing=0.1,
+                                         weight=cw.cuda() if weighted else None)
+    cpu = [a.float().requires_grad_() for a in (x, w, b)]
+    ref = F.cross_entropy(F.linear(*cpu), t, label_smoothing=0.1, weight=cw)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(loss.float().cpu(), ref.detach(), rtol=tol, atol=tol)
+    for a, e in zip(torch.autograd.grad(loss, dev), torch.autograd.grad(ref, cpu)):
+        torch.testing.assert_close(a.float().cpu(), e, rtol=10 * tol, atol=10 * tol * float(e.abs().max()))
+
+
+@needs_cuda
+def test_cuda_update_from_hidden_and_rejected_batch():
+    x, w, b, t = make(3000, 16, 2000, scale=1.0)
+    a, c = _pair(2000, top_k=(1, 5), label_smoothing=0.1, device="cuda")
+    a.update_from_hidden(x.cuda(), w.cuda(), t.cuda(), b.cuda())
+    c.update(F.linear(x, w, b).cuda(), t.cuda())
+    _assert_same_state(a, c, loss_rtol=1e-5)
+    bad = t.clone()
+    bad[7] = 2000
+    a.update_from_hidden(x.cuda(), w.cuda(), bad.cuda(), b.cuda())  # rejected on the device, no raise here
+    with pytest.raises(IndexError):
+        a.compute()
