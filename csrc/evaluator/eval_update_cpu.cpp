@@ -1,14 +1,25 @@
 // CPU kernel of fasteval::eval_update, the fused evaluation pass (the math is in registration.cpp).
 //
-// Each row of the logits is read once, by the row pass shared with the cross-entropy kernel
-// (common/row_softmax_cpu.h: row_eval_stats), which yields the log-sum-exp, the argmax and the rank of
-// the target's logit together. From those the loss, the top-k hits and the calibration bin of the row
-// follow without touching the row again. Rows are split into fixed chunks (independent of the number of
-// threads, so results are deterministic), each chunk accumulating into its own small partial state;
-// the partials are added in chunk order at the end. The confusion matrix is counted from the per-row
-// predictions after the pass with the histogram code of the confusion-matrix ops
-// (common/histogram_cpu.h); rows with a non-finite maximum take the argmax and rank of
-// common/row_rank_cpu.h. Nothing of size N x C is allocated; 64-bit indexing throughout.
+// Each position's logits are read once (from memory; a second sweep, where there is one, hits the cache),
+// and the max, the sum of exp, the target's logit, the argmax and the rank of the target come out of the
+// same pass; the loss, the top-k hits, the confidence and its calibration bin follow. Paths (AVX2 / AVX512
+// builds; the portable build has the last one only):
+//   (N, C), C <= 32        8 rows per vector (common/row_lanes_cpu.h, load_block): a block of rows
+//                          transposed in registers, every step a vertical vector operation for 8 rows;
+//   (N, C), C <= 4096      8 rows swept one by one, their reductions transposed into the lanes;
+//   (N, C, S)              8 consecutive positions of a sample per vector (column c of them is contiguous);
+//   otherwise              the per-row pass shared with cross-entropy (common/row_softmax_cpu.h:
+//                          row_eval_stats), one position after the other.
+// Rows with a NaN or a max that is not finite take the per-row pass in every path (argmax and rank of
+// common/row_rank_cpu.h, NaN loss and confidence). lse - x_t is computed as log(sumexp) - (x_t - max)
+// everywhere (no cancellation for logits of large magnitude).
+//
+// Positions are split into fixed chunks (a multiple of 8 positions, independent of the number of
+// threads), each accumulating its floating sums into its own partial state, added in chunk order at the
+// end: results are deterministic. Chunks are grouped into one contiguous run per thread; confusion
+// histograms of up to kInlineHistBins bins are counted in the pass, one per group; larger ones from the
+// per-position predictions afterwards with the histogram code of the confusion-matrix ops
+// (common/histogram_cpu.h). Nothing of size N x C is allocated; 64-bit indexing throughout.
 //
 // Targets are validated before anything is written: a bad target raises IndexError and leaves the state
 // untouched.

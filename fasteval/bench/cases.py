@@ -275,19 +275,22 @@ for _c in (10, 1000):
         + [Baseline("scikit-learn", _sklearn_confusion, requires=_SKLEARN)],
         quick={"n": 1_000_000}, main=("preds", "target")))
 
-register(Case(
-    "confusion_matrix", "from scores ({n}, {c}) float32", dict(n=262144, c=1000), _scores,
-    lambda d: fasteval.confusion_matrix(d["preds"], d["target"], d["num_classes"]),
-    torch_and_compiled(_bincount_formula, "argmax + bincount formula") + _tm("multiclass_confusion_matrix")
-    + [Baseline("scikit-learn", _sklearn_confusion, requires=_SKLEARN)],
-    quick={"n": 32768}, main=("preds", "target")))
+# Scores: many classes (per-row passes) and few (rows in the vector lanes).
+for _n, _c, _q in ((262144, 1000, 32768), (1048576, 10, None)):
+    register(Case(
+        "confusion_matrix", "from scores ({n}, {c}) float32", dict(n=_n, c=_c), _scores,
+        lambda d: fasteval.confusion_matrix(d["preds"], d["target"], d["num_classes"]),
+        torch_and_compiled(_bincount_formula, "argmax + bincount formula") + _tm("multiclass_confusion_matrix")
+        + [Baseline("scikit-learn", _sklearn_confusion, requires=_SKLEARN)],
+        quick={"n": _q} if _q else None, main=("preds", "target")))
 
-register(Case(
-    "confusion_matrix", "top-5 accuracy ({n}, {c}) float32", dict(n=262144, c=1000), _scores,
-    lambda d: fasteval.metrics.accuracy(d["preds"], d["target"], d["num_classes"], top_k=5),
-    torch_and_compiled(_topk_formula, "topk formula") + _tm("multiclass_accuracy", top_k=5, average="micro")
-    + [Baseline("scikit-learn", _sklearn_top5, requires=_SKLEARN)],
-    parity=count_close("target"), quick={"n": 4096}, main=("preds", "target")))
+for _n, _c, _q in ((262144, 1000, 4096), (1048576, 10, None)):
+    register(Case(
+        "confusion_matrix", "top-5 accuracy ({n}, {c}) float32", dict(n=_n, c=_c), _scores,
+        lambda d: fasteval.metrics.accuracy(d["preds"], d["target"], d["num_classes"], top_k=5),
+        torch_and_compiled(_topk_formula, "topk formula") + _tm("multiclass_accuracy", top_k=5, average="micro")
+        + [Baseline("scikit-learn", _sklearn_top5, requires=_SKLEARN)],
+        parity=count_close("target"), quick={"n": _q} if _q else None, main=("preds", "target")))
 
 register(Case(
     "confusion_matrix", "binned AUROC T={t} N={n}", dict(n=10_000_000, t=200), _probabilities,
