@@ -22,7 +22,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}
-case "$PY" in /*) ;; *) PY=$(command -v "$PY" 2>/dev/null || echo "$ROOT/$PY") ;; esac
+# An absolute path for the build in the copy below: relative paths are taken from the tree's root, bare
+# names from PATH.
+case "$PY" in /*) ;; */*) PY="$ROOT/$PY" ;; *) PY=$(command -v "$PY" 2>/dev/null || echo "$ROOT/$PY") ;; esac
 OUT=${SANITIZE_DIR:-build-sanitize}
 CXX=${CXX:-c++}
 
