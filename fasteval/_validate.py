@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -62,3 +63,30 @@ def device(value) -> torch.device:
         return torch.device(value)
     except RuntimeError as e:
         raise FastevalValueError(f"bad device {value!r}: {e}") from None
+
+
+def load_state(owner, state, names, what: str):
+    """The body of ``load_state_dict`` of the stateful classes (``ClassificationEvaluator``,
+    ``LogitComparator``): checks that ``state`` is a mapping with ``"config"`` equal to
+    ``owner._config()`` and a tensor of the same shape and dtype for every name in ``names``, then (off the
+    meta device) ``owner._check_counts`` on a CPU copy, and copies it in under ``owner._lock``. ``what``
+    names the owner in messages ("evaluator", "comparator"). Raises before changing anything."""
+    if not isinstance(state, Mapping):
+        raise FastevalTypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+    missing = [k for k in ("config",) + tuple(names) if k not in state]
+    if missing:
+        raise FastevalValueError(f"the state is missing the key(s) {missing}")
+    if state["config"] != owner._config():
+        raise FastevalValueError(f"configuration {state['config']} does not match this {what}'s "
+                                 f"{owner._config()}")
+    for n in names:
+        src, dst = state[n], getattr(owner, n)
+        if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+            got = f"{src.dtype} {tuple(src.shape)}" if isinstance(src, Tensor) else type(src).__name__
+            raise FastevalValueError(f"{n} must be a {dst.dtype} tensor of shape {tuple(dst.shape)}, got {got}")
+    if not is_meta(*(state[n] for n in names)):
+        owner._check_counts({n: state[n].detach().to("cpu") for n in names})
+    with owner._lock:
+        for n in names:
+            getattr(owner, n).copy_(state[n])
+    return owner

@@ -14,7 +14,6 @@ import math
 import operator
 import threading
 import time
-from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -214,25 +213,7 @@ class LogitComparator:
         """Copies a :meth:`state_dict` into this comparator (same configuration required). The state is
         checked first (keys, shapes, dtypes, counts that updates can produce); a bad one raises
         ``FastevalValueError`` and changes nothing. The check reads the state on the host."""
-        if not isinstance(state, Mapping):
-            raise FastevalTypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        missing = [k for k in ("config",) + _STATE_NAMES if k not in state]
-        if missing:
-            raise FastevalValueError(f"the state is missing the key(s) {missing}")
-        if state["config"] != self._config():
-            raise FastevalValueError(f"configuration {state['config']} does not match this comparator's "
-                                     f"{self._config()}")
-        for n in _STATE_NAMES:
-            src, dst = state[n], getattr(self, n)
-            if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
-                got = f"{src.dtype} {tuple(src.shape)}" if isinstance(src, Tensor) else type(src).__name__
-                raise FastevalValueError(f"{n} must be a {dst.dtype} tensor of shape {tuple(dst.shape)}, got {got}")
-        if not _validate.is_meta(*(state[n] for n in _STATE_NAMES)):
-            self._check_counts({n: state[n].detach().to("cpu") for n in _STATE_NAMES})
-        with self._lock:
-            for n in _STATE_NAMES:
-                getattr(self, n).copy_(state[n])
-        return self
+        return _validate.load_state(self, state, _STATE_NAMES, "comparator")
 
     def _check_counts(self, st: Dict[str, Tensor]) -> None:
         counts, kl_hist, dp_hist = st["counts"], st["kl_hist"], st["dp_hist"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import operator
 import threading
-from collections.abc import Mapping
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -197,25 +196,7 @@ class ClassificationEvaluator:
         evaluator unchanged. The check reads the state on the host (one copy to the CPU: on a GPU, a
         synchronisation), unlike :meth:`update`, :meth:`merge`, :meth:`state_dict` and :meth:`reset`.
         """
-        if not isinstance(state, Mapping):
-            raise FastevalTypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        missing = [k for k in ("config",) + _STATE_NAMES if k not in state]
-        if missing:
-            raise FastevalValueError(f"the state is missing the key(s) {missing}")
-        if state["config"] != self._config():
-            raise FastevalValueError(f"configuration {state['config']} does not match this evaluator's "
-                                     f"{self._config()}")
-        for n in _STATE_NAMES:
-            src, dst = state[n], getattr(self, n)
-            if not isinstance(src, Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
-                got = f"{src.dtype} {tuple(src.shape)}" if isinstance(src, Tensor) else type(src).__name__
-                raise FastevalValueError(f"{n} must be a {dst.dtype} tensor of shape {tuple(dst.shape)}, got {got}")
-        if not _validate.is_meta(*(state[n] for n in _STATE_NAMES)):
-            self._check_counts({n: state[n].detach().to("cpu") for n in _STATE_NAMES})
-        with self._lock:
-            for n in _STATE_NAMES:
-                getattr(self, n).copy_(state[n])
-        return self
+        return _validate.load_state(self, state, _STATE_NAMES, "evaluator")
 
     def _check_counts(self, st: Dict[str, Tensor]) -> None:
         """Raises unless the (CPU) state tensors are counts that updates could have produced."""
