@@ -12,7 +12,7 @@ runs at least once.
                                                             # of this script; CUDA-only contracts skipped)
 
 Groups: ce_fwd, ce_bwd, labels, scores_rows, scores_cols, multilabel, binned, topk, eval_rows,
-eval_positions; smem selects the cases that use shared memory (histograms that fit, the block-per-row
+eval_positions, compare_rows, compare_positions, linear_ce; smem selects the cases that use shared memory (histograms that fit, the block-per-row
 cross-entropy forward, every eval_update case). Each case builds its inputs, runs its ops and synchronises;
 an exception is reported and the sweep goes on. If the CUDA context is lost (a device fault), the sweep stops
 after that case with exit status 3 (rerun with --resume-after NAME). Exit 1 if any case raised, else 0.
@@ -253,6 +253,51 @@ def build_cases(dev: str):
                                                 state[2][:1], *state[3:])
                         return run
                     add(name, {f"eval_{layout}", "smem"}, make)
+
+    # ---- compare_update: rows (N, C) and positions (N, C, S), with and without targets, every score dtype
+    for layout in ("rows", "positions"):
+        for dt in SCORE_DTYPES:
+            for c in (10, 1000, 5000):
+                name = f"compare_{layout}/{_name(dt)}/C={c}"
+
+                def make(layout=layout, dt=dt, c=c):
+                    if layout == "rows":
+                        n = 300
+                        a, b = logits(n, c, dt, offset=True), logits(n, c, dt)
+                        t = targets(n, c, I64, bad=False)
+                    else:
+                        n, s = 30, 7
+                        a = logits(n * s, c, dt).reshape(n, s, c).transpose(1, 2).contiguous()
+                        b = logits(n * s, c, dt).reshape(n, s, c).transpose(1, 2).contiguous()
+                        t = targets(n * s, c, I64, bad=False).reshape(n, s)
+                    cmp = fasteval.LogitComparator(c, top_k=(1, 5), ignore_index=IGNORE, device=dev)
+                    cmp_nt = fasteval.LogitComparator(c, top_k=(1,), device=dev)
+                    return lambda: (cmp.update(a, b, t), cmp_nt.update(a, b))
+                add(name, {f"compare_{layout}", "compare", "smem"}, make)
+
+    # ---- linear cross-entropy from hidden states: forward, backward (input, weight, bias), evaluation pass
+    for dt in SCORE_DTYPES:
+        for v, biased in ((1000, True), (5000, False)):
+            name = f"linear_ce/{_name(dt)}/V={v}/bias={biased}"
+
+            def make(dt=dt, v=v, biased=biased):
+                n, h = 37, 64
+                x = torch.randn(n, h, generator=g).to(dt).to(dev).requires_grad_()
+                w = (torch.randn(v, h, generator=g) * 0.1).to(dt).to(dev).requires_grad_()
+                b = (torch.randn(v, generator=g) * 0.1).to(dt).to(dev).requires_grad_() if biased else None
+                t = targets(n, v, I64, bad=False)
+                cw = (torch.rand(v, generator=g) + 0.5).to(dev)
+                ev = fasteval.ClassificationEvaluator(v, top_k=(1, 5), ignore_index=IGNORE, device=dev)
+
+                def run():
+                    for weight, eps in ((None, 0.0), (cw, 0.1)):
+                        loss = fasteval.linear_cross_entropy(x, w, t, linear_bias=b, weight=weight,
+                                                             label_smoothing=eps)
+                        loss.backward()
+                    with torch.no_grad():
+                        ev.update_from_hidden(x, w, t, b)
+                return run
+            add(name, {"linear_ce"}, make)
 
     return cases + bwd_known_fault
 
