@@ -122,7 +122,10 @@ def _extensions():
     if use_cuda:
         extension = CUDAExtension
         sources += cuda_sources
-        nvcc = ["-O3" if not debug else "-O0", "-std=c++20", "--use_fast_math", "-lineinfo"]
+        # No --use_fast_math: it implies -ftz=true, which flushes subnormal inputs of float comparisons to zero,
+        # so subnormal scores (probabilities of a confident model) would tie and the argmax / rank would differ
+        # from torch's. The kernels call the fast exp2 intrinsic explicitly where they want it.
+        nvcc = ["-O3" if not debug else "-O0", "-std=c++20", "-ftz=false", "-lineinfo"]
         if debug:
             nvcc += ["-g", "-G"]
         kwargs["extra_compile_args"] = {"cxx": cxx + ["-DFASTEVAL_WITH_CUDA"], "nvcc": nvcc + ["-DFASTEVAL_WITH_CUDA"]}

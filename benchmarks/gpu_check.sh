@@ -17,7 +17,8 @@
 #   suite      the whole test suite (doctests and every CUDA test, large ones included), no -x, as two
 #              pytest processes side by side: suite-cuda (the CUDA test files) and suite-rest (the others).
 #              A CUDA device fault stops a pytest process after the test that caused it (tests/conftest.py)
-#              and it resumes after that test in a fresh process. A probe first checks the known fault (the
+#              and it resumes after that test in a fresh process; so does a crash of the process (a
+#              segmentation fault), after the test that was running. A probe first checks the known fault (the
 #              weighted backward with label_smoothing = 0, fix pending): while it is there, the older tests
 #              that hit it are deselected (each would cost a restart); test_cuda_sweep.py still covers it
 #              in a child process    -> tests-suite-{cuda,rest}-N.log/xml, results-*.tsv (every outcome)
@@ -232,7 +233,7 @@ PY
 
 stage_suite() {  # stage_suite NAME PYTEST_ARGS...: resumes after a CUDA device fault or a killed test
   local name=$1; shift
-  local s round=1 resume="" rc=1 tmo killed="" lost=""
+  local s round=1 resume="" rc=1 tmo killed="" lost="" crashed=""
   s=$(now)
   : > "$LOG/results-$name.tsv"
   local marker=()
@@ -254,6 +255,11 @@ stage_suite() {  # stage_suite NAME PYTEST_ARGS...: resumes after a CUDA device 
       resume=$(head -1 "$LOG/progress-$name.txt")
       lost="$lost $resume"
       echo "CUDA context lost after $resume (the rest ran in a new process)" >> "$OUT_DIR/failures.txt"
+    elif grep -q "^Fatal Python error" "$LOG/tests-$name-$round.log"; then
+      resume=$(head -1 "$LOG/progress-$name.txt")
+      crashed="$crashed $resume"
+      echo "CRASHED  $resume  $(grep -m1 '^Fatal Python error' "$LOG/tests-$name-$round.log") (the rest ran in a new process)" \
+        >> "$OUT_DIR/failures.txt"
     elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
       resume=$(head -1 "$LOG/progress-$name.txt")
       killed="$killed $resume"
@@ -267,7 +273,8 @@ stage_suite() {  # stage_suite NAME PYTEST_ARGS...: resumes after a CUDA device 
   counts=$(results_counts "$LOG/results-$name.tsv")
   if [ "$rc" -ne 0 ] || [ "$round" -gt 1 ] || ! grep -q " 0 failed, 0 errors" <<< "$counts"; then status=FAILED; fi
   if [ "$DRY" = 0 ] && grep -q ": 0 passed" <<< "$counts"; then status=FAILED; fi  # everything skipped
-  record "$name" $status $(( $(now) - s )) "$counts; $round pytest run(s)${lost:+; device fault after:$lost}${killed:+; killed at the time limit in:$killed}"
+  [ -n "$crashed" ] && status=FAILED
+  record "$name" $status $(( $(now) - s )) "$counts; $round pytest run(s)${lost:+; device fault after:$lost}${crashed:+; process crashed in:$crashed}${killed:+; killed at the time limit in:$killed}"
 }
 
 # The older tests that run the weighted backward without label smoothing on CUDA (deselected while the

@@ -308,3 +308,28 @@ def test_scores_paths_bad_target_raises(c):
         _ops.confusion_matrix(x, t, c, None)
     with pytest.raises(IndexError):
         _ops.topk_rank(x, t, None)
+
+
+@pytest.mark.parametrize("layout", ["spatial", "rows"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_paths_long_sums_of_repeated_values(layout, eps):
+    """C = 32768 rounded logits, each value repeated thousands of times: one sequential float32 sum over the
+    classes of a position drifts by about 1e-5 relative (the roundings correlate; torch's own (N, C, d)
+    loss does so), so the sums run in blocks. The loss stays within 2e-6 of float64."""
+    g = torch.Generator().manual_seed(7)
+    c = 32768
+    row = (torch.randn(c, generator=g) * 3).round()
+    row[0] = row[c - 1] = row.max()
+    if layout == "spatial":
+        x, t = row[None, :, None].repeat(1, 1, 2), torch.full((1, 2), c - 1)
+    else:
+        x, t = row[None].repeat(2, 1), torch.full((2,), c - 1)
+    bnd = torch.linspace(0, 1, NB)
+    got = _state(c, True)
+    _ops.eval_update(x, t, bnd, -100, eps, list(TOP_K), True, *got)
+    want, _ = oracle(x, t, -100, eps, True, bnd)
+    rows = row[None].repeat(2, 1)
+    exact = torch.nn.functional.cross_entropy(rows.double(), torch.full((2,), c - 1), label_smoothing=eps)
+    torch_err = abs(torch.nn.functional.cross_entropy(rows, torch.full((2,), c - 1), label_smoothing=eps).item()
+                    / exact.item() - 1)
+    torch.testing.assert_close(got[0], want[0], rtol=max(2e-6, 1.5 * torch_err), atol=0)

@@ -132,20 +132,21 @@ inline cpu::RowEval strided_argmax_rank(const T* x, int64_t n, int64_t stride, i
 template <typename T, bool SMOOTH>
 inline PositionResult strided_position(const T* x, int64_t C, int64_t S, int64_t t, float keep, float eps) {
   const float xt = static_cast<float>(x[t * S]);
-  float m = -std::numeric_limits<float>::infinity(), s = 0.f, sx = 0.f;
+  float m = -std::numeric_limits<float>::infinity();
+  double s = 0.0, sx = 0.0;  // double: one sequential sum over a large C (the values at stride S)
   bool bad = false;
   int64_t arg = 0, gt = 0, tie_before = 0;
   for (int64_t c = 0; c < C; ++c) {
     const float v = static_cast<float>(x[c * S]);
     if (std::isnan(v)) bad = true;
     if (v > m) {
-      s = s * std::exp(m - v) + 1.f;
+      s = s * static_cast<double>(std::exp(m - v)) + 1.0;
       m = v;
       arg = c;
     } else if (m > -std::numeric_limits<float>::infinity()) {
-      s += std::exp(v - m);
+      s += static_cast<double>(std::exp(v - m));
     }
-    if constexpr (SMOOTH) sx += v;
+    if constexpr (SMOOTH) sx += static_cast<double>(v);
     gt += v > xt;
     tie_before += (v == xt) && c < t;
   }
@@ -158,19 +159,19 @@ inline PositionResult strided_position(const T* x, int64_t C, int64_t S, int64_t
     r.conf = std::numeric_limits<float>::quiet_NaN();
     return r;
   }
-  const float log_s = std::log(s);
+  const float log_s = static_cast<float>(std::log(s));
   r.loss = keep * (log_s - (xt - m));  // no cancellation for huge logits (see contiguous_row)
   if constexpr (SMOOTH) {
-    float shifted;
+    double shifted;
     if (std::fabs(m) > kHugeLogit || !std::isfinite(sx)) {
-      shifted = 0.f;
-      for (int64_t c = 0; c < C; ++c) shifted += static_cast<float>(x[c * S]) - m;
+      shifted = 0.0;
+      for (int64_t c = 0; c < C; ++c) shifted += static_cast<double>(static_cast<float>(x[c * S]) - m);
     } else {
-      shifted = sx - static_cast<float>(C) * m;
+      shifted = sx - static_cast<double>(C) * m;
     }
-    r.loss += (eps / static_cast<float>(C)) * (static_cast<float>(C) * log_s - shifted);
+    r.loss += (eps / static_cast<float>(C)) * (static_cast<float>(C) * log_s - static_cast<float>(shifted));
   }
-  r.conf = 1.f / s;
+  r.conf = static_cast<float>(1.0 / s);
   r.pred = arg;
   r.rank = gt + tie_before;
   return r;
@@ -310,6 +311,8 @@ constexpr int64_t kLanesMaxC = 4096;
 // (N, C, S) logits: 8 consecutive positions of a sample per vector, any C up to this (indices in float
 // lanes are exact far beyond).
 constexpr int64_t kSpatialMaxC = int64_t(1) << 20;
+// Columns per partial sum of the (N, C, S) statistics.
+constexpr int64_t kColumnBlock = 256;
 // Top-k counters kept in vector lanes (more k: counted lane by lane).
 constexpr int64_t kLaneTopK = 8;
 // Calibration bins found by a vector count of the boundaries below the confidence (more: binary search).
@@ -348,11 +351,19 @@ FASTEVAL_LANES_INLINE LaneStats columns_stats(const Col& col, int64_t C, __m256i
   const __m256 tf = _mm256_cvtepi32_ps(t);
   __m256 s = _mm256_setzero_ps(), sd = _mm256_setzero_ps(), rank = _mm256_setzero_ps();
   __m256 arg = _mm256_setzero_ps(), found = _mm256_setzero_ps(), cf = _mm256_setzero_ps();
+  // The sums run over blocks of kColumnBlock columns whose partial sums are then added: one sequential sum
+  // over a large C loses about C * 2^-24 relative when values repeat (the roundings correlate).
+  __m256 s_block = _mm256_setzero_ps(), sd_block = _mm256_setzero_ps();
   for (int64_t c = 0; c < C; ++c) {
     const __m256 v = col(c);
     const __m256 d = _mm256_sub_ps(v, st.m);
-    s = _mm256_add_ps(s, L::exp_le0(d));
-    if constexpr (SMOOTH) sd = _mm256_add_ps(sd, d);
+    s_block = _mm256_add_ps(s_block, L::exp_le0(d));
+    if constexpr (SMOOTH) sd_block = _mm256_add_ps(sd_block, d);
+    if ((c + 1) % kColumnBlock == 0) {
+      s = _mm256_add_ps(s, s_block);
+      sd = _mm256_add_ps(sd, sd_block);
+      s_block = sd_block = _mm256_setzero_ps();
+    }
     const __m256 at_max = _mm256_andnot_ps(found, _mm256_cmp_ps(v, st.m, _CMP_EQ_OQ));
     arg = _mm256_blendv_ps(arg, cf, at_max);
     found = _mm256_or_ps(found, at_max);
@@ -362,8 +373,8 @@ FASTEVAL_LANES_INLINE LaneStats columns_stats(const Col& col, int64_t C, __m256i
     rank = _mm256_add_ps(rank, _mm256_and_ps(above, one));
     cf = _mm256_add_ps(cf, one);
   }
-  st.s = s;
-  st.sd = sd;
+  st.s = _mm256_add_ps(s, s_block);
+  st.sd = _mm256_add_ps(sd, sd_block);
   st.arg = arg;
   st.rank = rank;
   return st;
