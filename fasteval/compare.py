@@ -343,7 +343,7 @@ class LogitComparator:
         try:
             a, b, t, _ = self._prepare(reference_logits, candidate_logits, target)
             args = (a.detach(), b.detach(), t, self.ignore_index, list(self.top_k), self.stats, self.counts,
-                    self.kl_hist, self.dp_hist)
+                    self.kl_hist, self.dp_hist, None, None)
             if _is_compiling():
                 _ops.compare_update(*args)
                 return

@@ -54,7 +54,8 @@ _EDGES = ["tests/test_reference_edges.py", "tests/test_edge_states.py"]
 # (minutes on two cores, and about the kernels rather than the Python layer).
 _NOT_SLOW = ["-k", "not compile and not opcheck and not gradcheck and not libm and not scalar_code"]
 SELECTIONS: Dict[str, List[str]] = {
-    "_ops.py": _DISPATCH + _EDGES + ["tests/test_confusion.py", "tests/test_zero_size.py"] + _NOT_SLOW,
+    "_ops.py": _DISPATCH + _EDGES + ["tests/test_confusion.py", "tests/test_zero_size.py", "tests/test_compare.py"]
+    + _NOT_SLOW,
     "metrics.py": _EDGES + ["fasteval/metrics.py", "tests/test_metrics.py", "tests/test_thresholds.py",
                             "tests/test_zero_size.py", "tests/test_outside_sklearn.py"] + _NOT_SLOW,
     "evaluator.py": _EDGES + ["fasteval/evaluator.py", "tests/test_evaluator.py"] + _NOT_SLOW,
@@ -62,6 +63,7 @@ SELECTIONS: Dict[str, List[str]] = {
                               "tests/test_zero_size.py"] + _NOT_SLOW,
     "losses.py": _EDGES + ["fasteval/losses.py", "tests/test_cross_entropy_paths.py", "tests/test_cross_entropy.py",
                            "tests/test_zero_size.py"] + _NOT_SLOW,
+    "_validate.py": _EDGES + ["tests/test_evaluator.py", "tests/test_compare.py"] + _NOT_SLOW,
     "reference.py": _EDGES + ["tests/test_confusion.py", "tests/test_zero_size.py", "tests/test_evaluator.py"]
     + _NOT_SLOW,
 }
@@ -72,24 +74,26 @@ SELECTIONS: Dict[str, List[str]] = {
 
 HAND: List[Tuple[str, str, str, str, str]] = [
     # Dispatch: an inverted or widened "does a kernel serve this input" test silently runs the reference.
-    ("_ops.py", "softmax_cross_entropy", "if logits.dtype in _KERNEL_DTYPES and", "if logits.dtype not in "
-     "_KERNEL_DTYPES and", "cross-entropy dispatch inverted on dtype"),
-    ("_ops.py", "softmax_cross_entropy", 'and _loader.has_kernel("softmax_cross_entropy", logits.device.type)',
-     'and not _loader.has_kernel("softmax_cross_entropy", logits.device.type)',
-     "cross-entropy dispatch inverted on has_kernel"),
-    ("_ops.py", "eval_update", "if logits.dtype in _KERNEL_DTYPES and", "if False and",
-     "evaluator update always on the reference"),
-    ("_ops.py", "confusion_matrix", "if _multiclass_served(preds, target) and", "if False and",
-     "confusion matrix always on the reference"),
-    ("_ops.py", "class_counts", "if _multiclass_served(preds, target) and", "if False and",
-     "class counts always on the reference"),
-    ("_ops.py", "multilabel_confusion_matrix", "if served and", "if not served and",
-     "multilabel dispatch inverted"),
-    ("_ops.py", "binned_confusion_matrix", "if served and", "if not served and", "binned dispatch inverted"),
-    ("_ops.py", "topk_rank", "if scores.dtype in _SCORE_KERNEL_DTYPES and", "if scores.dtype not in "
-     "_SCORE_KERNEL_DTYPES and", "top-k rank dispatch inverted on dtype"),
+    ("_ops.py", "_Op.__call__", "if self._kernel is not None and self.served(*args) and",
+     "if self._kernel is not None and not self.served(*args) and", "dispatch inverted on the served dtypes"),
+    ("_ops.py", "_Op.__call__", "_loader.has_kernel(self.name, args[self.device_arg].device.type)",
+     "not _loader.has_kernel(self.name, args[self.device_arg].device.type)", "dispatch inverted on has_kernel"),
+    ("_ops.py", "_Op.__call__", "if self._kernel is not None and", "if False and", "every op always on the reference"),
+    ("_ops.py", "_register", "op._kernel = packet.default", "pass", "the kernels never attached to the table"),
+    ("_ops.py", "_logits_served", "return logits.dtype in KERNEL_DTYPES", "return logits.dtype not in KERNEL_DTYPES",
+     "logits dispatch inverted on dtype"),
     ("_ops.py", "_multiclass_served", "if target.dtype not in _INDEX_DTYPES:\n        return False",
      "if target.dtype not in _INDEX_DTYPES:\n        return True", "unserved target dtypes sent to the kernel"),
+    ("_ops.py", "_multiclass_served", "return preds.dtype in _SCORE_KERNEL_DTYPES if",
+     "return preds.dtype not in _SCORE_KERNEL_DTYPES if", "confusion dispatch inverted on score dtypes"),
+    ("_ops.py", "_multilabel_served", "return target.dtype in _BINARY_DTYPES and",
+     "return target.dtype not in _BINARY_DTYPES and", "multilabel dispatch inverted"),
+    ("_ops.py", "_binned_served", "return target.dtype in _BINARY_DTYPES and",
+     "return target.dtype not in _BINARY_DTYPES and", "binned dispatch inverted"),
+    ("_ops.py", "_rank_served", "return scores.dtype in _SCORE_KERNEL_DTYPES and",
+     "return scores.dtype not in _SCORE_KERNEL_DTYPES and", "top-k rank dispatch inverted on dtype"),
+    ("_ops.py", "_compare_served", "return a.dtype in KERNEL_DTYPES and", "return a.dtype not in KERNEL_DTYPES and",
+     "comparison dispatch inverted on dtype"),
     ("_ops.py", "_sce_cpu_fast", "return raw", "return None", "the cross-entropy fast path never taken"),
     # Evaluator: edge states and bookkeeping.
     ("evaluator.py", "perplexity", "return math.inf", "return math.nan", "perplexity overflow gives NaN"),
@@ -120,8 +124,8 @@ HAND: List[Tuple[str, str, str, str, str]] = [
      "t.copy_(chunk)", "sync() truncates the float64 counts instead of rounding"),
     ("evaluator.py", "ClassificationEvaluator.reset", "t.zero_()", "t.zero_() if t.dtype != torch.float64 else None",
      "reset() keeps the float state (loss sum, confidences)"),
-    ("evaluator.py", "ClassificationEvaluator.load_state_dict", "getattr(self, n).copy_(state[n])",
-     "getattr(self, n).copy_(state[n]) if n != 'calib_conf' else None", "load_state_dict() skips calib_conf"),
+    ("_validate.py", "load_state", "getattr(owner, n).copy_(state[n])",
+     "getattr(owner, n).copy_(state[n]) if n != 'calib_conf' else None", "load_state_dict() skips calib_conf"),
     ("evaluator.py", "ClassificationEvaluator.state_dict", "out[n] = getattr(self, n).detach().clone()",
      "out[n] = getattr(self, n).detach()", "state_dict() aliases the live state"),
     ("evaluator.py", "ClassificationEvaluator.__init__",
@@ -203,15 +207,15 @@ HAND: List[Tuple[str, str, str, str, str]] = [
      "reference calibration counts NaN confidences"),
     ("reference.py", "eval_update", "above = (x > xt) | (xnan & ~tnan)", "above = (x > xt)",
      "reference evaluator rank ignores NaN"),
-    ("reference.py", "_cross_entropy_rows", "lse = torch.where(torch.isfinite(x.amax(dim=1)), lse, "
-     "torch.full_like(lse, float(\"nan\")))", "pass", "reference lse finite for a row with +inf"),
+    ("reference.py", "_cross_entropy_rows", "lse = torch.where(finite, lse, torch.full_like(lse, float(\"nan\")))",
+     "pass", "reference lse finite for a row with +inf"),
     ("reference.py", "binned_confusion_matrix", "bad = keep & ((t < 0) | (t >= num_labels))",
      "bad = keep & (t < 0)", "reference one-vs-rest accepts labels >= L"),
 ]
 
 # Functions whose every rule-generated mutant is tried (qualified names: "Class.method").
 GENERATED: Dict[str, List[str]] = {
-    "_ops.py": ["_multiclass_served"],
+    "_ops.py": ["_multiclass_served", "_multilabel_served", "_binned_served", "_rank_served", "_compare_served"],
     "metrics.py": ["_divide", "_nanaverage", "_topk_counts"],
     "evaluator.py": ["perplexity", "ClassificationEvaluator.compute"],
     "confusion.py": ["_normalize"],

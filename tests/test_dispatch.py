@@ -28,7 +28,8 @@ def need(device, *ops):
         pytest.skip(f"no compiled {device} kernel for {missing}")
 
 REFERENCE_OPS = ("softmax_cross_entropy", "softmax_cross_entropy_backward", "eval_update", "confusion_matrix",
-                 "class_counts", "multilabel_confusion_matrix", "binned_confusion_matrix", "topk_rank")
+                 "class_counts", "multilabel_confusion_matrix", "binned_confusion_matrix", "topk_rank",
+                 "compare_update", "linear_cross_entropy", "linear_eval_update")
 SCORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int64, torch.int32)
 BINARY_DTYPES = (torch.int64, torch.int32, torch.uint8)
@@ -77,9 +78,11 @@ def _cm_loop(p, t, c):
 
 @compiled
 def test_every_op_has_a_cpu_kernel():
-    for op in ("softmax_cross_entropy", "softmax_cross_entropy_backward", "eval_update", "confusion_matrix",
-               "class_counts", "multilabel_confusion_matrix", "binned_confusion_matrix", "topk_rank"):
+    for op in REFERENCE_OPS + ("linear_cross_entropy_backward",):
         assert _loader.has_kernel(op, "cpu"), op
+    # every op of the library has its table entry, and the entry has the kernel
+    assert sorted(_ops.OPS) == sorted(_loader.kernels())
+    assert all(op._kernel is not None for op in _ops.OPS.values())
     # The small-call fast path of cross_entropy is the op's own entry point.
     assert _ops.SCE_CPU is not None
     assert fasteval.losses._SCE_CPU is _ops.SCE_CPU
@@ -145,6 +148,42 @@ def test_evaluator_update_reaches_kernel(no_reference, device, dtype, full_confu
     ev.update(torch.randn(2, 4, 3).to(dtype).to(device), torch.randint(0, 4, (2, 3), device=device))  # (N, C, S)
     assert ev.count.tolist() == [16, 0]
     assert int(ev.topk_hits[1]) >= int(ev.topk_hits[0])
+
+
+@compiled
+@on_devices
+@pytest.mark.parametrize("adtype", SCORE_DTYPES)
+@pytest.mark.parametrize("bdtype", SCORE_DTYPES)
+def test_comparison_reaches_kernel(no_reference, device, adtype, bdtype):
+    need(device, "compare_update")
+    a = torch.randn(8, 5)
+    b = a + 0.1 * torch.randn(8, 5)
+    t = _labels(8, 5, torch.int64)
+    cmp = fasteval.LogitComparator(5, top_k=(1, 2), device=device)
+    cmp.update(a.to(adtype).to(device), b.to(bdtype).to(device), t.to(device))
+    cmp.update(a.to(adtype).to(device), b.to(bdtype).to(device))  # without targets: dispatched the same way
+    m = cmp.compute()
+    assert m["count"] == 16 and 0.0 <= m["top1_agreement"] <= 1.0 and m["kl_mean"] >= 0.0
+
+
+@compiled
+@on_devices
+@pytest.mark.parametrize("dtype", SCORE_DTYPES)
+def test_linear_ops_reach_kernel(no_reference, device, dtype):
+    need(device, "linear_cross_entropy", "linear_cross_entropy_backward", "linear_eval_update")
+    h = torch.randn(6, 8).to(dtype).to(device).requires_grad_()
+    w = (0.3 * torch.randn(11, 8)).to(dtype).to(device).requires_grad_()
+    t = _labels(6, 11, torch.int64).to(device)
+    loss = fasteval.linear_cross_entropy(h, w, t)
+    loss.backward()
+    want = F.cross_entropy(F.linear(h.detach().float(), w.detach().float()), t)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.float(), want, **tol)
+    assert h.grad is not None and w.grad is not None
+    ev = fasteval.ClassificationEvaluator(11, top_k=(1, 5), device=device)
+    with torch.no_grad():
+        ev.update_from_hidden(h, w, t)
+    assert ev.count.tolist() == [6, 0]
 
 
 @compiled
@@ -252,6 +291,11 @@ def test_float64_scores_reach_reference(reference_calls):
     assert reference_calls["class_counts"] == 1
     metrics.accuracy(scores, t, 3, top_k=2)
     assert reference_calls["topk_rank"] == 1
+    # a float64 model compared with a float32 one: no kernel reads float64, whichever side it is on
+    cmp = fasteval.LogitComparator(3, top_k=(1,))
+    cmp.update(scores, scores.float(), t)
+    cmp.update(scores.float(), scores, t)
+    assert reference_calls["compare_update"] == 2 and cmp.compute()["top1_agreement"] == 1.0
 
 
 def test_unserved_integer_dtypes_reach_reference(reference_calls):

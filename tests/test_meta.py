@@ -134,3 +134,26 @@ def test_check_invalid_on_meta_is_a_no_op():
                               torch.empty(4, dtype=torch.long, device=META), 3)
     fasteval.check_invalid("meta")
     fasteval.check_invalid()
+
+
+@pytest.mark.skipif(not fasteval._loader.loaded(), reason="the fakes are registered with the compiled library")
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_fakes_reject_the_target_shapes_the_kernels_reject(device):
+    """The fake of an in-place op checks the target shape as its kernel does, so a traced call fails as an
+    eager one does instead of tracing a call the kernel would refuse."""
+    ops = torch.ops.fasteval
+    x = torch.randn(6, 5, device=device)
+    bad_t = torch.zeros(5, dtype=torch.int64, device=device)  # (N - 1,)
+    z = dict(device=device)
+    state = [torch.zeros(1, dtype=torch.float64, **z), torch.zeros(5, 5, dtype=torch.int64, **z),
+             torch.zeros(1, dtype=torch.int64, **z), torch.zeros(3, dtype=torch.int64, **z),
+             torch.zeros(3, dtype=torch.float64, **z), torch.zeros(3, dtype=torch.int64, **z),
+             torch.zeros(2, dtype=torch.int64, **z)]
+    with pytest.raises(Exception, match="target"):
+        ops.eval_update(x, bad_t, torch.linspace(0, 1, 3, **z), None, 0.0, [1], False, *state)
+    cmp = fasteval.LogitComparator(5, top_k=(1,))
+    st = [getattr(cmp, n).to(device) for n in ("stats", "counts", "kl_hist", "dp_hist")]
+    with pytest.raises(Exception, match="target"):
+        ops.compare_update(x, x, bad_t, None, [1], *st, None, None)
+    with pytest.raises(Exception, match="shape"):
+        ops.compare_update(x, x[:, :4], None, None, [1], *st, None, None)
