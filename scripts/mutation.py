@@ -618,6 +618,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", action="store_true",
                     help="run the tests with FASTEVAL_DISABLE_EXT=1 (the pure-torch path)")
     args = ap.parse_args(argv)
+    if os.sep in args.python:  # a path: the runs start in copies of the tree, so it must not be relative
+        args.python = os.path.abspath(args.python)
 
     mutants, stale = collect(ROOT)
     if args.range:
