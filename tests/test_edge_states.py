@@ -425,3 +425,19 @@ def test_undefined_metric_messages_as_sklearn():
         metrics.precision(e, e, 3, average="micro")
     assert [str(w.message) for w in rec] == ["Precision is ill-defined and being set to 0.0 due to no predicted "
                                              "samples. Use `zero_division` parameter to control this behavior."]
+
+
+@pytest.mark.parametrize("average", ["micro", "macro", None])
+def test_topk_accuracy_with_ignored_samples(average):
+    """Top-k accuracy skips the ignored samples in every average (the per-class counting pass must be told
+    which samples were ignored: on the CPU an unmarked one is an out-of-range label and raises)."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(40, 5, generator=g)
+    t = torch.randint(0, 5, (40,), generator=g)
+    t[::4] = -100
+    got = metrics.accuracy(scores, t, 5, top_k=2, average=average, ignore_index=-100)
+    keep = t != -100
+    hit = (scores[keep].topk(2, 1).indices == t[keep, None]).any(1)
+    per_class = torch.stack([hit[t[keep] == c].double().mean() for c in range(5)])
+    want = {"micro": hit.double().mean(), "macro": per_class.mean(), None: per_class}[average]
+    torch.testing.assert_close(got.double(), want)
