@@ -18,8 +18,8 @@
 #              pytest processes side by side: suite-cuda (the CUDA test files) and suite-rest (the others).
 #              A CUDA device fault stops a pytest process after the test that caused it (tests/conftest.py)
 #              and it resumes after that test in a fresh process; so does a crash of the process (a
-#              segmentation fault), after the test that was running. A probe first checks the known fault (the
-#              weighted backward with label_smoothing = 0, fix pending): while it is there, the older tests
+#              segmentation fault), after the test that was running. A probe first checks a former fault (the
+#              weighted backward with label_smoothing = 0, fixed and clean on the H200): were it back, the older tests
 #              that hit it are deselected (each would cost a restart); test_cuda_sweep.py still covers it
 #              in a child process    -> tests-suite-{cuda,rest}-N.log/xml, results-*.tsv (every outcome)
 #   sync       host-sync check: tests/test_cuda_sync.py, and every case of the kernel sweep
@@ -375,7 +375,7 @@ stage_sanitizer() {  # stage_sanitizer TOOL DEFAULT_TIMEOUT SWEEP_ARGS...
     -- ${@+"$@"}
   rc=$?
   local errs sw status
-  errs=$(grep -a "ERROR SUMMARY" "$LOG/$tool.log" | sed 's/=* *//' | tr '\n' ' ')
+  errs=$(grep -a -E "(ERROR|RACECHECK) SUMMARY" "$LOG/$tool.log" | sed 's/=* *//' | tr '\n' ' ')
   sw=$(grep -a '^sweep:' "$LOG/$tool.log" | tail -1 | cut -c1-160)
   case $rc in
     0) status=ok ;;
