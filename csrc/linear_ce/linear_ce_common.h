@@ -70,6 +70,26 @@ inline at::Tensor checked_class_weight(const std::optional<at::Tensor>& weight, 
   return checked_weight(weight, V, input, op);
 }
 
+// The backward's own inputs, beyond those of the forward: grad_loss ((N,) for reduction none, else 0-dim),
+// the forward's float32 lse (N,) and 0-dim total_weight, all on input's device.
+inline void check_backward_extras(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& total_weight,
+                                  const at::Tensor& input, int64_t N, int64_t reduction, const char* op) {
+  if (reduction == 0) {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N, op, ": grad_loss must have shape (", N,
+                      ",) for reduction none, got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK_VALUE(grad_loss.dim() == 0, op, ": grad_loss must be 0-dim for reduction mean or sum, got ",
+                      grad_loss.sizes());
+  }
+  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == N, op, ": lse must have shape (", N, ",), got ",
+                    lse.sizes());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
+  TORCH_CHECK_VALUE(grad_loss.device() == input.device() && lse.device() == input.device() &&
+                        total_weight.device() == input.device(),
+                    op, ": grad_loss, lse, total_weight and input must be on the same device");
+}
+
 // Checks of fasteval::linear_eval_update, before any state is touched: the linear layer, the target
 // (N,), then everything fasteval::eval_update checks for logits of shape (N, V).
 inline Sizes check_eval_inputs(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& bias,

@@ -352,20 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
   const char* op = kBackwardOp;
   const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
   const at::Tensor cwt = checked_class_weight(weight, sz.V, input, op);
-  if (reduction == 0) {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == sz.N, op, ": grad_loss must have shape (", sz.N,
-                      ",) for reduction none, got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 0, op, ": grad_loss must be 0-dim for reduction mean or sum, got ",
-                      grad_loss.sizes());
-  }
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == sz.N, op, ": lse must have shape (", sz.N, ",), got ",
-                    lse.sizes());
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
-  TORCH_CHECK_VALUE(grad_loss.device() == input.device() && lse.device() == input.device() &&
-                        total_weight.device() == input.device(),
-                    op, ": grad_loss, lse, total_weight and input must be on the same device");
+  check_backward_extras(grad_loss, lse, total_weight, input, sz.N, reduction, op);
   const at::NoGradGuard no_grad;
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t N = sz.N, H = sz.H, V = sz.V;
