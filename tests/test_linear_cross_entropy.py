@@ -365,3 +365,20 @@ def test_cuda_update_from_hidden_and_rejected_batch():
     a.update_from_hidden(x.cuda(), w.cuda(), bad.cuda(), b.cuda())  # rejected on the device, no raise here
     with pytest.raises(IndexError):
         a.compute()
+
+
+@pytest.mark.skipif(not _loader.has_kernel("linear_cross_entropy_backward", "cpu"), reason="no compiled CPU kernel")
+def test_backward_op_rejects_bad_saved_inputs():
+    x, w, t = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
+    loss, lse, tw = torch.ops.fasteval.linear_cross_entropy(x, w, None, t, None, -100, 0.0, 1)
+    bwd = torch.ops.fasteval.linear_cross_entropy_backward
+    with pytest.raises(ValueError, match="grad_loss must be 0-dim"):
+        bwd(torch.ones(4), x, w, None, t, None, lse, tw, -100, 0.0, 1)
+    with pytest.raises(ValueError, match=r"grad_loss must have shape \(4,\)"):
+        bwd(torch.ones(()), x, w, None, t, None, lse, tw, -100, 0.0, 0)
+    with pytest.raises(ValueError, match=r"lse must have shape \(4,\)"):
+        bwd(torch.ones(()), x, w, None, t, None, lse[:3], tw, -100, 0.0, 1)
+    with pytest.raises(TypeError, match="lse must be float32"):
+        bwd(torch.ones(()), x, w, None, t, None, lse.double(), tw, -100, 0.0, 1)
+    with pytest.raises(ValueError, match="total_weight must be 0-dim"):
+        bwd(torch.ones(()), x, w, None, t, None, lse, tw.reshape(1), -100, 0.0, 1)
