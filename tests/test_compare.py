@@ -11,9 +11,9 @@ import fasteval
 from fasteval import _loader, _ops
 from fasteval import reference as R
 
+from cases import INF, NAN, NINF, compare_cases, needs_kernel, params
+
 HAS_KERNEL = _loader.has_kernel("compare_update", "cpu")
-needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no compiled CPU kernel for fasteval::compare_update")
-NINF, NAN, INF = float("-inf"), float("nan"), float("inf")
 
 
 def new_state(k):
@@ -23,60 +23,7 @@ def new_state(k):
             torch.zeros(R.DP_HIST_BINS, dtype=torch.int64)]
 
 
-def hostile(a, b, t, g):
-    """Masks, NaN / inf rows and ties, written into (N, C) logits in place (N >= 8)."""
-    n, c = a.shape
-    b[0, c // 2] = NINF                       # p > 0 where q = 0: KL = +inf
-    a[1, c - 1] = NINF                        # q > 0 where p = 0: reverse KL = +inf
-    a[2, :: 2] = NINF                         # the same classes masked in both
-    b[2, :: 2] = NINF
-    a[3] = NINF                               # a whole row masked: NaN
-    b[4, c // 3] = NAN                        # a NaN: NaN
-    a[5, 0] = INF                             # +inf: NaN (as log_softmax)
-    if c > 1:
-        a[6] = 1.0                            # ties everywhere in a: argmax 0
-        b[7, :] = b[7, 0]                     # ties everywhere in b
-    if t is not None:
-        t[2] = 0                              # a target on a class masked in both: nll = inf, p_y = q_y = 0
-
-
-def sample_inputs():
-    """(name, a, b, target, ignore_index, top_k) over layouts, dtypes and hostile values."""
-    g = torch.Generator().manual_seed(20261127)
-    out = []
-    for n, c in [(9, 1), (12, 3), (16, 17), (10, 100), (8, 1003), (4, 5000)]:
-        a = torch.randn(n, c, generator=g) * 3
-        b = a + 0.05 * torch.randn(n, c, generator=g)
-        t = torch.randint(0, c, (n,), generator=g)
-        out.append((f"plain-{n}x{c}", a.clone(), b.clone(), t.clone(), None, [1, 5]))
-        if n >= 8:
-            a2, b2, t2 = a.clone(), b.clone(), t.clone()
-            hostile(a2, b2, t2, g)
-            out.append((f"hostile-{n}x{c}", a2, b2, t2, None, [1, 2, 5]))
-            out.append((f"hostile-notarget-{n}x{c}", a2, b2, None, None, [3]))
-    a = torch.randn(32, 50, generator=g) * 2
-    b = a + 0.3 * torch.randn(32, 50, generator=g)
-    t = torch.randint(0, 50, (32,), generator=g)
-    t[::5] = -100
-    out.append(("ignore", a, b, t, -100, [1, 5]))
-    for da, db in [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.bfloat16)]:
-        out.append((f"mixed-{da}-{db}", a.to(da), b.to(db), t, -100, [1, 5]))
-    x = torch.randn(6, 11, 5, generator=g)
-    y = x + 0.1 * torch.randn(6, 11, 5, generator=g)
-    ty = torch.randint(0, 11, (6, 5), generator=g)
-    ty[0, 0] = -1
-    out.append(("ncs", x, y, ty, -1, [1, 4]))
-    out.append(("ncs-bf16-notarget", x.bfloat16(), y, None, None, [2]))
-    big = torch.randn(40, 64, generator=g)
-    out.append(("strided-rows", big[::2, 3:40], (big + 0.2)[::2, 3:40] * 1.1, None, None, [1]))
-    out.append(("class-dim-strided", big.t()[:20], big.t()[:20].flip(1), None, None, [1, 3]))
-    out.append(("empty", torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), None, [1]))
-    out.append(("int32-target", a, b, t.int(), -100, []))
-    return out
-
-
-SAMPLES = sample_inputs()
-IDS = [s[0] for s in SAMPLES]
+SAMPLES = compare_cases()
 
 
 def run(fn, a, b, t, ignore, top_k):
@@ -92,8 +39,8 @@ def assert_hist_close(h1, h2, slack):
     assert int((h1.cumsum(0) - h2.cumsum(0)).abs().max()) <= slack
 
 
-@needs_kernel
-@pytest.mark.parametrize("name,a,b,t,ignore,top_k", SAMPLES, ids=IDS)
+@needs_kernel("compare_update", "cpu")
+@pytest.mark.parametrize("name,a,b,t,ignore,top_k", params(SAMPLES, "id", "*args"))
 def test_kernel_matches_reference(name, a, b, t, ignore, top_k):
     (s1, r1, a1), (s2, r2, a2) = (run(f, a, b, t, ignore, top_k)
                                   for f in (torch.ops.fasteval.compare_update, R.compare_update))
@@ -331,7 +278,7 @@ def test_op_errors_same_type_as_reference(name, args, exc):
             assert torch.equal(s0, s1)  # nothing written
 
 
-@needs_kernel
+@needs_kernel("compare_update", "cpu")
 def test_opcheck():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(6, 10, generator=g)

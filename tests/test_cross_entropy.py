@@ -1,6 +1,4 @@
 """fasteval.cross_entropy and fasteval::softmax_cross_entropy against torch and the reference."""
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,40 +6,9 @@ import torch.nn.functional as F
 import fasteval
 from fasteval import _loader, reference
 
-from conftest import DEVICES
+from cases import DEVICES, cross_entropy_cases, device_params, make_case, needs_kernel, torch_ce
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def make_case(shape, dtype=torch.float32, device="cpu", ignore_frac=0.0, ignore_index=-100, seed=0,
-              scale=3.0, target_dtype=torch.int64):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-    c = shape[0] if len(shape) == 1 else shape[1]
-    tshape = () if len(shape) == 1 else (shape[0],) + tuple(shape[2:])
-    t = torch.randint(0, c, tshape, generator=g)
-    if ignore_frac > 0 and t.dim() > 0:
-        mask = torch.rand(tshape, generator=g) < ignore_frac
-        t = torch.where(mask, torch.full_like(t, ignore_index), t)
-    return x.to(device), t.to(target_dtype).to(device)
-
-
-def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False):
-    """(logits, target, weight, ignore_index, label_smoothing, reduction) tuples for the op itself."""
-    out = []
-    cases = itertools.product([(5, 1), (7, 10), (3, 1000), (0, 4)], [0.0, 0.2], [False, True],
-                              [torch.int64, torch.int32], [0, 1, 2])
-    for k, ((n, c), ls, weighted, tdt, red) in enumerate(cases):
-        x, t = make_case((n, c), dtype, device, ignore_frac=0.3 if n else 0.0, target_dtype=tdt, seed=k)
-        if n:
-            t[0] = c - 1  # at least one counted row: a mean over no rows is NaN, which opcheck won't compare
-        w = torch.rand(c, device=device) + 0.1 if weighted else None
-        out.append((x.requires_grad_(requires_grad), t, w, -100, ls, red))
-    return out
-
-
-def torch_ce(x, t, **kw):
-    return F.cross_entropy(x, t.long(), **kw)
 
 
 def tol(dtype):
@@ -245,14 +212,12 @@ def test_gradcheck_float64():
 # --------------------------------------------------------------------------------------------------
 # The compiled op against the reference
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", device_params("softmax_cross_entropy"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_kernel_matches_reference(device, dtype):
-    if not _loader.has_kernel("softmax_cross_entropy", device):
-        pytest.skip(f"no compiled kernel for {device}")
     op = torch.ops.fasteval.softmax_cross_entropy
     bwd = torch.ops.fasteval.softmax_cross_entropy_backward
-    for x, t, w, ii, ls, red in sample_inputs(device, dtype):
+    for x, t, w, ii, ls, red in (case.args for case in cross_entropy_cases(device, dtype)):
         loss, lse, tw = op(x, t, w, ii, ls, red)
         rloss, rlse, rtw = reference.softmax_cross_entropy(x, t, w, ii, ls, red)
         assert loss.shape == rloss.shape and loss.dtype == torch.float32
@@ -266,25 +231,21 @@ def test_kernel_matches_reference(device, dtype):
         torch.testing.assert_close(grad.float(), rgrad.float(), **tol(dtype))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", device_params("softmax_cross_entropy"))
 def test_opcheck(device):
-    if not _loader.has_kernel("softmax_cross_entropy", device):
-        pytest.skip(f"no compiled kernel for {device}")
-    for args in sample_inputs(device, torch.float32, requires_grad=True):
+    for args in (case.args for case in cross_entropy_cases(device, torch.float32, requires_grad=True)):
         if args[0].shape[0] == 0 and args[5] == 1:
             continue  # a mean over no rows is NaN, which opcheck's comparisons do not accept
         torch.library.opcheck(torch.ops.fasteval.softmax_cross_entropy.default, args)
-    for x, t, w, ii, ls, red in sample_inputs(device, torch.float32)[::5]:
+    for x, t, w, ii, ls, red in (case.args for case in cross_entropy_cases(device, torch.float32)[::5]):
         loss, lse, tw = torch.ops.fasteval.softmax_cross_entropy(x, t, w, ii, ls, red)
         g = torch.randn(loss.shape, device=device)
         torch.library.opcheck(torch.ops.fasteval.softmax_cross_entropy_backward.default,
                               (g, x, t, w, lse, tw, ii, ls, red))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", device_params("softmax_cross_entropy"))
 def test_grad_loss_may_be_expanded(device):
-    if not _loader.has_kernel("softmax_cross_entropy", device):
-        pytest.skip(f"no compiled kernel for {device}")
     x, t = make_case((9, 11), device=device)
     _, lse, tw = torch.ops.fasteval.softmax_cross_entropy(x, t, None, -100, 0.0, 0)
     g = torch.tensor(0.5, device=device).expand(9)
@@ -372,11 +333,10 @@ def test_bad_arguments():
         fasteval.CrossEntropyLoss(label_smoothing=-0.1)
 
 
-@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "reference"])
+@pytest.mark.parametrize("compiled", [pytest.param(True, id="compiled", marks=needs_kernel("softmax_cross_entropy", "cpu")),
+                                      pytest.param(False, id="reference")])
 def test_op_bad_inputs_give_clear_errors(compiled):
     if compiled:
-        if not _loader.has_kernel("softmax_cross_entropy", "cpu"):
-            pytest.skip("no compiled kernel")
         op = torch.ops.fasteval.softmax_cross_entropy
     else:
         op = reference.softmax_cross_entropy

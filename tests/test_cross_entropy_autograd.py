@@ -16,7 +16,7 @@ from torch.autograd import forward_ad as fwAD
 
 import fasteval
 
-from conftest import DEVICES
+from cases import DEVICES
 
 REDUCTIONS = ["none", "mean", "sum"]
 OPTIONS = [dict(), dict(label_smoothing=0.1), dict(weight=True), dict(weight=True, label_smoothing=0.3),

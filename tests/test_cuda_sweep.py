@@ -21,39 +21,24 @@ import zlib
 import pytest
 import torch
 
-from fasteval import _loader, reference
+from fasteval import reference
+
+from cases import (SWEEP_CS as CS, SWEEP_DEVICE as DEV, SWEEP_DTYPES as DTYPES, SWEEP_IGNORE as IGNORE,
+                   Mismatches, gen, grad_tol, make_logits, make_targets, needs_kernel, place)
 
 ops = torch.ops.fasteval
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = torch.cuda.is_available()
-# FASTEVAL_SWEEP_DEVICE=cpu runs the same sweep on the compiled CPU kernels: a check of the sweep itself on
-# a machine without a GPU (the CUDA-only contracts for out-of-range targets are skipped there: CPU kernels
-# raise IndexError instead).
-DEV = os.environ.get("FASTEVAL_SWEEP_DEVICE", "cuda")
+# FASTEVAL_SWEEP_DEVICE=cpu (DEV, from tests/cases.py) runs the same sweep on the compiled CPU kernels: a check
+# of the sweep itself on a machine without a GPU (the CUDA-only contracts for out-of-range targets are skipped
+# there: CPU kernels raise IndexError instead).
 ON_CUDA = DEV == "cuda"
 
 
-def kernels_present(*names):
-    return (CUDA or not ON_CUDA) and all(_loader.has_kernel(op, DEV) for op in names)
-
-
-def needs(*names):
-    return pytest.mark.skipif(not kernels_present(*names),
-                              reason=f"no {DEV} device or no {DEV} kernel for {', '.join(names)}")
-
-
-def sync():
-    if ON_CUDA:
-        torch.cuda.synchronize()
-
-
 NS = (0, 1, 33)
-CS = (1, 3, 17, 1024, 1025, 2048, 2049, 32768)  # row path thresholds: 4096 bytes = 1024 fp32 / 2048 bf16
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Memory layout of the logits and dtype of the targets, paired to keep the sweep small.
 LAYOUTS = (("contiguous", torch.int64), ("contiguous", torch.int32), ("offset1", torch.int64),
            ("strided", torch.int32))
-IGNORE = -100
 MAX_MATRIX_C = 2049  # confusion_matrix: (C, C) int64 matrices up to 34 MB; class_counts covers larger C
 MAX_EVAL_MATRIX_C = 1025  # eval_update with the full matrix (the evaluator's default stops at C = 1024)
 EPS_LIST = (0.0, 0.1)
@@ -73,55 +58,8 @@ def sweep_params():
 # ---------------------------------------------------------------------------------------------------
 # Inputs
 
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def seed_of(*parts):
     return zlib.crc32(repr(parts).encode()) % (2**31)
-
-
-def place(x, layout):
-    """A CUDA copy of x (N, C) in the given layout: contiguous; storage offset 1 (rows start off any 16-byte
-    boundary); or strided rows (row stride C + 3, offset 1)."""
-    n, c = x.shape
-    if layout == "contiguous":
-        return x.to(DEV)
-    if layout == "offset1":
-        buf = torch.empty(n * c + 1, dtype=x.dtype, device=DEV)
-        out = buf[1:].view(n, c)
-    elif layout == "strided":
-        buf = torch.empty(n, c + 3, dtype=x.dtype, device=DEV)
-        out = buf[:, 1:c + 1]
-    else:
-        raise ValueError(layout)
-    out.copy_(x.to(DEV))
-    return out
-
-
-def make_logits(n, c, dtype, seed, scale=3.0):
-    """(n, c) CPU logits rounded to dtype, with exact ties: every 5th row repeats its maximum in the last
-    class, every 7th row is rounded to integers (many ties)."""
-    g = gen(seed)
-    x = torch.randn(n, c, generator=g, dtype=torch.float64) * scale
-    if n and c > 1:
-        rows = torch.arange(0, n, 5)
-        x[rows, c - 1] = x[rows].max(1).values
-        x[3::7] = x[3::7].round()
-    return x.to(dtype)
-
-
-def make_targets(n, c, tdtype, seed, bad=False, ignore=IGNORE):
-    """(n,) class indices in [0, c), every 4th from row 1 set to `ignore`; with bad, a few out-of-range
-    values (c, -1, and the largest int32) at rows 0, n // 2 and n - 1."""
-    g = gen(seed + 1)
-    t = torch.randint(0, c, (n,), generator=g)
-    if n > 2 and ignore is not None:
-        t[1::4] = ignore
-    if bad and n:
-        for row, v in zip((0, n // 2, n - 1), (c, -1, 2**31 - 1)):
-            t[row] = v
-    return t.to(tdtype)
 
 
 def split_bad(t, c, ignore):
@@ -138,64 +76,6 @@ SENTINEL = -7777
 
 # ---------------------------------------------------------------------------------------------------
 # Collecting mismatches
-
-class Mismatches:
-    """Soft assertions: record every mismatch of a test, raise once at the end with all of them."""
-
-    def __init__(self, context=""):
-        self.context = context
-        self.errors = []
-
-    def run(self, what, fn, *args):
-        try:
-            return fn(*args)
-        except Exception as e:  # noqa: BLE001 - recorded and reported with the others
-            self.errors.append(f"{what}: raised {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}")
-            return None
-
-    def equal(self, what, got, want):
-        if got is None:
-            return
-        got, want = got.detach().cpu(), want.detach().cpu()
-        if got.shape != want.shape:
-            self.errors.append(f"{what}: shape {tuple(got.shape)} != expected {tuple(want.shape)}")
-        elif not torch.equal(got, want):
-            diff = (got != want).nonzero()
-            i = tuple(diff[0].tolist())
-            self.errors.append(f"{what}: {diff.shape[0]} entries differ, first at {i}: got {got[i].item()}, "
-                               f"expected {want[i].item()}")
-
-    def close(self, what, got, want, rtol, atol):
-        if got is None:
-            return
-        got, want = got.detach().cpu().double(), want.detach().cpu().double()
-        if got.shape != want.shape:
-            self.errors.append(f"{what}: shape {tuple(got.shape)} != expected {tuple(want.shape)}")
-            return
-        nan_g, nan_w = torch.isnan(got), torch.isnan(want)
-        bad = (nan_g != nan_w) | (~nan_w & ~nan_g & ~((got - want).abs() <= atol + rtol * want.abs())
-                                  & (got != want))
-        if bool(bad.any()):
-            i = tuple(bad.nonzero()[0].tolist())
-            self.errors.append(f"{what}: {int(bad.sum())} of {got.numel()} entries off (rtol={rtol}, atol={atol}), "
-                               f"first at {i}: got {got[i].item()!r}, expected {want[i].item()!r}")
-
-    def check(self, what, ok, detail=""):
-        if not ok:
-            self.errors.append(f"{what}: {detail}")
-
-    def done(self):
-        if self.errors:
-            head = f"{len(self.errors)} mismatch(es){' in ' + self.context if self.context else ''}:\n"
-            raise AssertionError(head + "\n".join("  " + e for e in self.errors[:40]))
-
-
-def grad_tol(dtype):
-    """Gradients are rounded to the logits' dtype: two units in the last place, plus fp16 subnormals."""
-    if dtype == torch.float32:
-        return dict(rtol=1e-4, atol=1e-6)
-    return dict(rtol=1.6e-2 if dtype == torch.bfloat16 else 2e-3, atol=1.2e-7)
-
 
 LOSS_TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -246,7 +126,7 @@ def check_cross_entropy(m, x, t, xc, tc, c, options, reductions=(0, 1, 2)):
             m.close(f"bwd {tag} red={red} grad", grad, rgrad, **grad_tol(dtype))
 
 
-@needs("softmax_cross_entropy", "softmax_cross_entropy_backward")
+@needs_kernel(("softmax_cross_entropy", "softmax_cross_entropy_backward"), DEV)
 @pytest.mark.parametrize("n,c,dtype,layout,tdtype", sweep_params())
 def test_cross_entropy_sweep(n, c, dtype, layout, tdtype):
     m = Mismatches(f"n={n} c={c} {dtype} {layout} {tdtype}")
@@ -262,7 +142,7 @@ def test_cross_entropy_sweep(n, c, dtype, layout, tdtype):
     m.done()
 
 
-@needs("softmax_cross_entropy")
+@needs_kernel("softmax_cross_entropy", DEV)
 def test_weighted_backward_without_smoothing():
     """The weighted backward with label_smoothing = 0, in a child process so that a device fault there cannot
     take the CUDA context of the rest of the suite with it. Sweeps C, dtypes, layouts and reductions, the op
@@ -272,8 +152,8 @@ def test_weighted_backward_without_smoothing():
         sys.path.insert(0, "tests")
         import fasteval
         from fasteval import reference
-        from test_cuda_sweep import (CS, DEV, DTYPES, IGNORE, Mismatches, gen, grad_tol, make_logits,
-                                     make_targets, place, sync)
+        from cases import (SWEEP_CS as CS, SWEEP_DEVICE as DEV, SWEEP_DTYPES as DTYPES, SWEEP_IGNORE as IGNORE,
+                           Mismatches, gen, grad_tol, make_logits, make_targets, place, sweep_sync as sync)
         ops = torch.ops.fasteval
         m = Mismatches("weighted backward, label_smoothing=0")
 
@@ -367,7 +247,7 @@ def check_scores_ops(m, x, t, xc, tc, c, tag=""):
                 m.equal(f"{tag}topk_rank ignore={ignore} invalid", got[1], torch.tensor(int(winv)))
 
 
-@needs("confusion_matrix", "class_counts", "topk_rank")
+@needs_kernel(("confusion_matrix", "class_counts", "topk_rank"), DEV)
 @pytest.mark.parametrize("n,c,dtype,layout,tdtype", sweep_params())
 def test_scores_ops_sweep(n, c, dtype, layout, tdtype):
     """Fused argmax (confusion_matrix, class_counts) and rank (topk_rank) from (N, C) scores."""
@@ -381,7 +261,7 @@ def test_scores_ops_sweep(n, c, dtype, layout, tdtype):
     m.done()
 
 
-@needs("confusion_matrix", "class_counts")
+@needs_kernel(("confusion_matrix", "class_counts"), DEV)
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("c", CS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
@@ -397,7 +277,7 @@ def test_scores_ops_class_dim_1_layout(n, c, dtype):
     m.done()
 
 
-@needs("confusion_matrix", "class_counts")
+@needs_kernel(("confusion_matrix", "class_counts"), DEV)
 @pytest.mark.parametrize("n", (0, 1, 33, 100_000))
 @pytest.mark.parametrize("c", CS)
 def test_label_ops_sweep(n, c):
@@ -467,7 +347,7 @@ def expected_multilabel(p, t, thr, ignore):
     return cm, inv + int(bad.sum())
 
 
-@needs("multilabel_confusion_matrix")
+@needs_kernel("multilabel_confusion_matrix", DEV)
 @pytest.mark.parametrize("n", (0, 1, 33, 1000))
 @pytest.mark.parametrize("l", (1, 3, 17))
 @pytest.mark.parametrize("pdtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
@@ -503,7 +383,7 @@ def expected_binned(p, t, thr, ignore):
     return cm, inv + ninv
 
 
-@needs("binned_confusion_matrix")
+@needs_kernel("binned_confusion_matrix", DEV)
 @pytest.mark.parametrize("n", (0, 1, 33, 1000))
 @pytest.mark.parametrize("l", (1, 3, 17))
 @pytest.mark.parametrize("pdtype", (torch.float32, torch.float64, torch.bfloat16, torch.float16), ids=_id)
@@ -600,7 +480,7 @@ def check_eval_update(m, x, t, xc, tc, c, tag=""):
             compare_states(m, k, got, want, positions)
 
 
-@needs("eval_update")
+@needs_kernel("eval_update", DEV)
 @pytest.mark.parametrize("n,c,dtype,layout,tdtype", sweep_params())
 def test_eval_update_rows_sweep(n, c, dtype, layout, tdtype):
     """(N, C) logits: one warp per row."""
@@ -634,7 +514,7 @@ def place3(x, layout):
     return out
 
 
-@needs("eval_update")
+@needs_kernel("eval_update", DEV)
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("c", CS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
@@ -680,7 +560,7 @@ def special_rows(c, dtype):
     return x.to(dtype), t
 
 
-@needs("softmax_cross_entropy", "confusion_matrix", "class_counts", "topk_rank", "eval_update")
+@needs_kernel(("softmax_cross_entropy", "confusion_matrix", "class_counts", "topk_rank", "eval_update"), DEV)
 @pytest.mark.parametrize("c", CS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_hostile_rows(c, dtype):
@@ -699,7 +579,7 @@ def test_hostile_rows(c, dtype):
     m.done()
 
 
-@needs("confusion_matrix", "class_counts", "topk_rank", "eval_update")
+@needs_kernel(("confusion_matrix", "class_counts", "topk_rank", "eval_update"), DEV)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_id)
 def test_subnormal_scores_keep_their_order(dtype):
     """Subnormal scores are ordered as torch.argmax / torch.sort order them (no flush to zero in the
@@ -725,7 +605,7 @@ def eval_update_smem_limit(counts_only, nb, k):
     return room // 3 if counts_only else int(room ** 0.5)
 
 
-@needs("class_counts", "confusion_matrix")
+@needs_kernel(("class_counts", "confusion_matrix"), DEV)
 @pytest.mark.parametrize("c", (110, 111, 4096, 4097))  # kSharedHistBins = 12288: C * C and 3 * C
 @pytest.mark.parametrize("source", ("labels", "scores"))
 def test_histogram_shared_memory_limit_multiclass(c, source):
@@ -749,7 +629,7 @@ def test_histogram_shared_memory_limit_multiclass(c, source):
     m.done()
 
 
-@needs("multilabel_confusion_matrix")
+@needs_kernel("multilabel_confusion_matrix", DEV)
 @pytest.mark.parametrize("l", (3072, 3073))  # 4 * L <= 12288
 def test_histogram_shared_memory_limit_multilabel(l):
     m = Mismatches(f"l={l}")
@@ -763,7 +643,7 @@ def test_histogram_shared_memory_limit_multilabel(l):
     m.done()
 
 
-@needs("binned_confusion_matrix")
+@needs_kernel("binned_confusion_matrix", DEV)
 @pytest.mark.parametrize("l", (30, 31))  # L * (T + 1) * 2 <= 12288 with T = 200
 def test_histogram_shared_memory_limit_binned(l):
     m = Mismatches(f"l={l}")
@@ -780,7 +660,7 @@ def test_histogram_shared_memory_limit_binned(l):
     m.done()
 
 
-@needs("eval_update")
+@needs_kernel("eval_update", DEV)
 @pytest.mark.parametrize("counts_only", (False, True))
 @pytest.mark.parametrize("above", (False, True))
 def test_eval_update_shared_memory_limit(counts_only, above):
@@ -823,7 +703,7 @@ def big_logits():
 
 
 @pytest.mark.parametrize("weighted,eps", [(False, 0.0), (True, 0.1)])
-@needs("softmax_cross_entropy", "softmax_cross_entropy_backward")
+@needs_kernel(("softmax_cross_entropy", "softmax_cross_entropy_backward"), DEV)
 @pytest.mark.large
 def test_large_cross_entropy(big_logits, weighted, eps):
     x, t = big_logits
@@ -854,7 +734,7 @@ def test_large_cross_entropy(big_logits, weighted, eps):
     m.done()
 
 
-@needs("eval_update", "class_counts", "topk_rank")
+@needs_kernel(("eval_update", "class_counts", "topk_rank"), DEV)
 @pytest.mark.large
 def test_large_eval_update_and_scores_ops(big_logits):
     x, t = big_logits
@@ -881,7 +761,7 @@ def test_large_eval_update_and_scores_ops(big_logits):
     m.done()
 
 
-@needs("eval_update", "class_counts")
+@needs_kernel(("eval_update", "class_counts"), DEV)
 @pytest.mark.large
 def test_large_positions_layout():
     """(N, C, S) logits with N * C * S > 2^31: the one-thread-per-position kernels."""
@@ -910,7 +790,7 @@ def test_large_positions_layout():
     m.done()
 
 
-@needs("confusion_matrix", "class_counts", "eval_update")
+@needs_kernel(("confusion_matrix", "class_counts", "eval_update"), DEV)
 @pytest.mark.large
 @pytest.mark.parametrize("c", (10, 1000))
 def test_ten_million_labels(c):

@@ -1,14 +1,11 @@
 """Property tests: fasteval.cross_entropy against torch on random inputs (hypothesis)."""
-import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fasteval
 
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from test_cross_entropy import make_case, torch_ce  # noqa: E402
+from cases import make_case, torch_ce
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fasteval
 from fasteval import _loader, reference
 
-from conftest import DEVICES
+from cases import DEVICES
 
 L = torch.long
 
