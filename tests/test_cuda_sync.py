@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import fasteval
-from fasteval import _loader
 from fasteval import metrics as M
+
+from cases import needs_kernel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ops = torch.ops.fasteval
@@ -33,9 +34,8 @@ def no_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@needs_kernel("softmax_cross_entropy", "cuda")
 def test_cross_entropy_does_not_sync(no_sync):
-    if not _loader.has_kernel("softmax_cross_entropy", "cuda"):
-        pytest.skip("no CUDA kernel")
     x = torch.randn(64, 1000, device="cuda", requires_grad=True)
     t = torch.randint(0, 1000, (64,), device="cuda")
     t[::7] = -100
@@ -278,7 +278,7 @@ for _dt in (torch.float32, torch.bfloat16, torch.float16):
 PATHS["ClassificationEvaluator.update float64 rows (reference path)"] = _evaluator(torch.float64, "rows", False)
 
 
-@pytest.mark.skipif(not all(_loader.has_kernel(op, "cuda") for op in OPS), reason="no CUDA kernels")
+@needs_kernel(tuple(OPS), "cuda")
 @pytest.mark.parametrize("name", list(PATHS))
 def test_no_host_sync(name):
     call = PATHS[name]()

@@ -13,19 +13,16 @@ import torch
 import torch.nn.functional as F
 
 import fasteval
-from conftest import DEVICES
 from fasteval import _loader, _ops, metrics, reference
 
-compiled = pytest.mark.skipif(not _loader.loaded(),
-                              reason="the compiled library is not loaded (FASTEVAL_DISABLE_EXT=1 or not built)")
-on_devices = pytest.mark.parametrize("device", DEVICES)
+from cases import device_params, needs_kernel
 
 
-def need(device, *ops):
-    """Skips unless every op has a compiled kernel on the device (a CPU-only build has no CUDA kernels)."""
-    missing = [op for op in ops if not _loader.has_kernel(op, device)]
-    if missing:
-        pytest.skip(f"no compiled {device} kernel for {missing}")
+def on_devices(*ops):
+    """The test on each device, skipped where a kernel of ``ops`` is not served (a CPU-only build has no CUDA
+    kernels)."""
+    return pytest.mark.parametrize("device", device_params(ops))
+
 
 REFERENCE_OPS = ("softmax_cross_entropy", "softmax_cross_entropy_backward", "eval_update", "confusion_matrix",
                  "class_counts", "multilabel_confusion_matrix", "binned_confusion_matrix", "topk_rank",
@@ -76,7 +73,7 @@ def _cm_loop(p, t, c):
 # ---------------------------------------------------------------------------------------------------
 # Served inputs reach the kernels.
 
-@compiled
+@needs_kernel(None, "cpu")
 def test_every_op_has_a_cpu_kernel():
     for op in REFERENCE_OPS + ("linear_cross_entropy_backward",):
         assert _loader.has_kernel(op, "cpu"), op
@@ -88,12 +85,10 @@ def test_every_op_has_a_cpu_kernel():
     assert fasteval.losses._SCE_CPU is _ops.SCE_CPU
 
 
-@compiled
-@on_devices
+@on_devices("softmax_cross_entropy")
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 @pytest.mark.parametrize("tdtype", INDEX_DTYPES)
 def test_cross_entropy_reaches_kernel(no_reference, device, dtype, tdtype):
-    need(device, "softmax_cross_entropy")
     x = torch.randn(6, 5).to(dtype)
     t = _labels(6, 5, tdtype)
     w = torch.rand(5) + 0.5
@@ -116,11 +111,9 @@ def test_cross_entropy_reaches_kernel(no_reference, device, dtype, tdtype):
     torch.testing.assert_close(crit(x, t).float(), F.cross_entropy(x.float(), t.long(), label_smoothing=0.1), **tol)
 
 
-@compiled
-@on_devices
+@on_devices("softmax_cross_entropy", "softmax_cross_entropy_backward")
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 def test_cross_entropy_backward_reaches_kernel(no_reference, device, dtype):
-    need(device, "softmax_cross_entropy", "softmax_cross_entropy_backward")
     x = torch.randn(4, 7).to(dtype).to(device).requires_grad_()
     t = torch.tensor([0, 6, 3, 3], device=device)
     fasteval.cross_entropy(x, t).backward()
@@ -135,12 +128,10 @@ def test_cross_entropy_backward_reaches_kernel(no_reference, device, dtype):
     assert x.grad is not None and torch.isfinite(x.grad.float()).all()
 
 
-@compiled
-@on_devices
+@on_devices("eval_update")
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 @pytest.mark.parametrize("full_confusion", [True, False])
 def test_evaluator_update_reaches_kernel(no_reference, device, dtype, full_confusion):
-    need(device, "eval_update")
     ev = fasteval.ClassificationEvaluator(4, top_k=(1, 2), full_confusion=full_confusion, device=device)
     x = torch.randn(10, 4).to(dtype).to(device)
     t = _labels(10, 4, torch.int64).to(device)
@@ -150,12 +141,10 @@ def test_evaluator_update_reaches_kernel(no_reference, device, dtype, full_confu
     assert int(ev.topk_hits[1]) >= int(ev.topk_hits[0])
 
 
-@compiled
-@on_devices
+@on_devices("compare_update")
 @pytest.mark.parametrize("adtype", SCORE_DTYPES)
 @pytest.mark.parametrize("bdtype", SCORE_DTYPES)
 def test_comparison_reaches_kernel(no_reference, device, adtype, bdtype):
-    need(device, "compare_update")
     a = torch.randn(8, 5)
     b = a + 0.1 * torch.randn(8, 5)
     t = _labels(8, 5, torch.int64)
@@ -166,11 +155,9 @@ def test_comparison_reaches_kernel(no_reference, device, adtype, bdtype):
     assert m["count"] == 16 and 0.0 <= m["top1_agreement"] <= 1.0 and m["kl_mean"] >= 0.0
 
 
-@compiled
-@on_devices
+@on_devices("linear_cross_entropy", "linear_cross_entropy_backward", "linear_eval_update")
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 def test_linear_ops_reach_kernel(no_reference, device, dtype):
-    need(device, "linear_cross_entropy", "linear_cross_entropy_backward", "linear_eval_update")
     h = torch.randn(6, 8).to(dtype).to(device).requires_grad_()
     w = (0.3 * torch.randn(11, 8)).to(dtype).to(device).requires_grad_()
     t = _labels(6, 11, torch.int64).to(device)
@@ -186,12 +173,10 @@ def test_linear_ops_reach_kernel(no_reference, device, dtype):
     assert ev.count.tolist() == [6, 0]
 
 
-@compiled
-@on_devices
+@on_devices("confusion_matrix", "class_counts")
 @pytest.mark.parametrize("tdtype", INDEX_DTYPES)
 @pytest.mark.parametrize("pdtype", SCORE_DTYPES + INDEX_DTYPES)
 def test_confusion_matrix_and_counts_reach_kernel(no_reference, device, pdtype, tdtype):
-    need(device, "confusion_matrix", "class_counts")
     c = 4
     t = _labels(12, c, tdtype)
     if pdtype.is_floating_point:
@@ -210,12 +195,10 @@ def test_confusion_matrix_and_counts_reach_kernel(no_reference, device, pdtype, 
     metrics.cohen_kappa(preds, t, c, weights="linear")
 
 
-@compiled
-@on_devices
+@on_devices("multilabel_confusion_matrix")
 @pytest.mark.parametrize("tdtype", BINARY_DTYPES)
 @pytest.mark.parametrize("pdtype", SCORE_DTYPES + BINARY_DTYPES + (torch.float64,))
 def test_multilabel_and_binary_reach_kernel(no_reference, device, pdtype, tdtype):
-    need(device, "multilabel_confusion_matrix")
     t = torch.randint(0, 2, (9, 3)).to(tdtype)
     if pdtype.is_floating_point:
         preds = torch.rand(9, 3).to(pdtype)
@@ -231,12 +214,10 @@ def test_multilabel_and_binary_reach_kernel(no_reference, device, pdtype, tdtype
     assert torch.equal(fasteval.binary_confusion_matrix(preds[:, 0], t[:, 0]).cpu(), cm[0])
 
 
-@compiled
-@on_devices
+@on_devices("binned_confusion_matrix")
 @pytest.mark.parametrize("tdtype", BINARY_DTYPES)
 @pytest.mark.parametrize("pdtype", SCORE_DTYPES + (torch.float64,))
 def test_binned_reaches_kernel(no_reference, device, pdtype, tdtype):
-    need(device, "binned_confusion_matrix")
     preds = torch.rand(20).to(pdtype)
     t = torch.randint(0, 2, (20,)).to(tdtype)
     cm = fasteval.binned_confusion_matrix(preds.to(device), t.to(device), 5).cpu()
@@ -247,12 +228,10 @@ def test_binned_reaches_kernel(no_reference, device, pdtype, tdtype):
     metrics.binary_average_precision(preds.to(device), t.to(device), thresholds=[0.2, 0.7])
 
 
-@compiled
-@on_devices
+@on_devices("topk_rank", "class_counts")
 @pytest.mark.parametrize("tdtype", INDEX_DTYPES)
 @pytest.mark.parametrize("dtype", SCORE_DTYPES)
 def test_topk_reaches_kernel(no_reference, device, dtype, tdtype):
-    need(device, "topk_rank", "class_counts")
     scores = torch.randn(15, 6).to(dtype)
     t = _labels(15, 6, tdtype)
     order = torch.sort(scores.float(), dim=1, descending=True, stable=True).indices

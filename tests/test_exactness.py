@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import fasteval
 from fasteval import _loader, reference
 
-HAS_CUDA = torch.cuda.is_available()
+from cases import needs_kernel
 
 
 def state(c, k=1, nb=5, device="cpu"):
@@ -39,11 +39,9 @@ def test_evaluator_with_ignore_index_skips_it():
         assert ev.compute()["count"] == 3
 
 
-@pytest.mark.parametrize("impl", ["compiled", "reference"])
+@pytest.mark.parametrize("impl", [pytest.param("compiled", marks=needs_kernel("eval_update", "cpu")), "reference"])
 def test_eval_update_op_optional_ignore_index(impl):
     if impl == "compiled":
-        if not _loader.has_kernel("eval_update", "cpu"):
-            pytest.skip("no compiled eval_update kernel")
         op = torch.ops.fasteval.eval_update
     else:
         op = reference.eval_update
@@ -60,15 +58,14 @@ def test_eval_update_op_optional_ignore_index(impl):
     assert int(s[6][0]) == 4 and int(s[1].sum()) == 4
 
 
+@needs_kernel("eval_update", "cpu")
 def test_eval_update_opcheck_with_none_ignore_index():
-    if not _loader.has_kernel("eval_update", "cpu"):
-        pytest.skip("no compiled eval_update kernel")
     torch.library.opcheck(torch.ops.fasteval.eval_update.default,
                           (torch.randn(6, 4), torch.randint(0, 4, (6,)), torch.linspace(0, 1, 5), None, 0.1, [1, 2],
                            False, *state(4, k=2)))
 
 
-@pytest.mark.skipif(not (HAS_CUDA and _loader.has_kernel("eval_update", "cuda")), reason="no GPU or CUDA kernel")
+@needs_kernel("eval_update", "cuda")
 def test_evaluator_without_ignore_index_cuda_rejects_minus_100():
     ev = fasteval.ClassificationEvaluator(3, device="cuda")
     ev.update(torch.randn(4, 3, device="cuda"), torch.tensor([0, 1, -100, 2], device="cuda"))
@@ -112,8 +109,7 @@ def test_argmax_columns_ties_and_nan_below_and_above_the_scalar_threshold():
 # ---------------------------------------------------------------------------------------------------
 # CUDA cross-entropy backward with class weights: weight_sum exists only with label smoothing
 
-@pytest.mark.skipif(not (HAS_CUDA and _loader.has_kernel("softmax_cross_entropy", "cuda")),
-                    reason="no GPU or CUDA kernel")
+@needs_kernel("softmax_cross_entropy", "cuda")
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("shape", [(64, 10), (8, 5000)], ids=str)

@@ -43,6 +43,8 @@ import fasteval
 from fasteval import _loader, reference
 from fasteval import metrics as fm
 
+from cases import needs_kernel
+
 EXAMPLES = int(os.environ.get("FASTEVAL_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 derandomize=os.environ.get("FASTEVAL_FUZZ_RANDOM", "0") != "1", print_blob=True,
@@ -999,9 +1001,8 @@ def test_out_of_range_targets_raise_index_error(case, op):
 # ---------------------------------------------------------------------------------------------------
 # Threads: the parallel kernels give the counts of one thread.
 
+@needs_kernel("softmax_cross_entropy", "cpu")
 def test_threads_agree():
-    if not COMPILED:
-        pytest.skip("compiled kernels not loaded")
     g = torch.Generator().manual_seed(11)
     x = torch.randn(4099, 37, generator=g)
     x[::7, 3] = math.nan

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import fasteval
 from fasteval import _loader, reference
 
+from cases import needs_kernel
+
 HAS_KERNEL = _loader.has_kernel("linear_cross_entropy", "cpu")
-needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="no compiled CPU kernel for fasteval::linear_cross_entropy")
 
 _STATE = ("loss_sum", "confmat", "topk_hits", "calib_count", "calib_conf", "calib_correct", "count")
 
@@ -163,7 +164,7 @@ def test_bad_inputs_raise_the_same_type_from_kernel_reference_and_api(name, kw, 
         fasteval.linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=eps)
 
 
-@needs_kernel
+@needs_kernel("linear_cross_entropy", "cpu")
 def test_opcheck():
     x, w, b, t = make(20, 6, 50)
     t[3] = -100
@@ -331,11 +332,7 @@ def test_evaluate_head_bad_type():
 # ---------------------------------------------------------------------------------------------------
 # CUDA kernels (skipped without a GPU and a CUDA build): the same parity on the device, no host sync.
 
-needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _loader.has_kernel("linear_cross_entropy", "cuda")),
-                                reason="no CUDA device or no CUDA kernel for fasteval::linear_cross_entropy")
-
-
-@needs_cuda
+@needs_kernel("linear_cross_entropy", "cuda")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_cuda_values_and_gradients(dtype, weighted):
@@ -353,7 +350,7 @@ def test_cuda_values_and_gradients(dtype, weighted):
         torch.testing.assert_close(a.float().cpu(), e, rtol=10 * tol, atol=10 * tol * float(e.abs().max()))
 
 
-@needs_cuda
+@needs_kernel("linear_cross_entropy", "cuda")
 def test_cuda_update_from_hidden_and_rejected_batch():
     x, w, b, t = make(3000, 16, 2000, scale=1.0)
     a, c = _pair(2000, top_k=(1, 5), label_smoothing=0.1, device="cuda")
@@ -367,7 +364,7 @@ def test_cuda_update_from_hidden_and_rejected_batch():
         a.compute()
 
 
-@pytest.mark.skipif(not _loader.has_kernel("linear_cross_entropy_backward", "cpu"), reason="no compiled CPU kernel")
+@needs_kernel("linear_cross_entropy_backward", "cpu")
 def test_backward_op_rejects_bad_saved_inputs():
     x, w, t = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])
     loss, lse, tw = torch.ops.fasteval.linear_cross_entropy(x, w, None, t, None, -100, 0.0, 1)

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 import fasteval
-from fasteval import _loader, reference
+from fasteval import reference
+
+from cases import needs_kernel
 
 NEG_INF = float("-inf")
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(
-    not (torch.cuda.is_available() and _loader.has_kernel("eval_update", "cuda")),
-    reason="no GPU or no CUDA kernels"))
+CUDA = pytest.param("cuda", marks=needs_kernel("eval_update", "cuda"))
 DEVICES = ["cpu", CUDA]
 LAYOUTS = [(12, 7), (4, 7, 3), (3, 7, 2, 2)]
 MASKS = ["one", "several", "all_but_one", "target"]
@@ -110,13 +110,11 @@ def new_state(c, k, nb, counts_only, device):
             torch.zeros(2, dtype=torch.int64, **z)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_kernel("eval_update", "cpu")), CUDA])
 @pytest.mark.parametrize("shape", LAYOUTS, ids=str)
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_eval_update_kernel_matches_reference(device, shape, mask, label_smoothing):
-    if not _loader.has_kernel("eval_update", device):
-        pytest.skip(f"no compiled eval_update kernel for {device}")
     x, t = masked_case(shape, mask, device=device)
     x3 = x if x.dim() == 2 else x.reshape(x.shape[0], x.shape[1], -1)
     t2 = t if t.dim() == 1 else t.reshape(t.shape[0], -1)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import fasteval
 from fasteval import metrics as M
 
+from cases import needs_kernel
+
 META = torch.device("meta")
 
 
@@ -136,7 +138,7 @@ def test_check_invalid_on_meta_is_a_no_op():
     fasteval.check_invalid()
 
 
-@pytest.mark.skipif(not fasteval._loader.loaded(), reason="the fakes are registered with the compiled library")
+@needs_kernel(None, "cpu")  # the fakes are registered with the compiled library
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_fakes_reject_the_target_shapes_the_kernels_reject(device):
     """The fake of an in-place op checks the target shape as its kernel does, so a traced call fails as an

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import fasteval
-from fasteval import _loader, metrics as M
+from fasteval import metrics as M
 from fasteval import reference
+
+from cases import needs_kernel
 
 sk = pytest.importorskip("sklearn.metrics")
 
@@ -234,7 +236,7 @@ def test_ignored_scores_do_not_decide_the_sigmoid():
                        M.binary_auroc(q[10:], t[10:], thresholds=20))
 
 
-@pytest.mark.skipif(not _loader.has_kernel("binned_confusion_matrix", "cpu"), reason="no compiled kernel")
+@needs_kernel("binned_confusion_matrix", "cpu")
 def test_compiled_and_reference_agree_on_unsorted_float64_thresholds():
     g = torch.Generator().manual_seed(8)
     p = torch.rand(1000, generator=g)
