@@ -15,7 +15,8 @@
 #   env        device, driver, nvcc, torch / CUDA versions, python, packages, commit   -> environment.txt
 #   build      setup.py build_ext --inplace, local arch, all cores, strict              -> build.log, info.txt
 #   suite      the whole test suite (doctests and every CUDA test, large ones included), no -x, as two
-#              pytest processes side by side: suite-cuda (the CUDA test files) and suite-rest (the others).
+#              pytest processes side by side: suite-cuda (the CUDA test files, and the op test files whose
+#              CUDA tests sit beside their CPU ones: CUDA_TEST_FILES below) and suite-rest (the others).
 #              A CUDA device fault stops a pytest process after the test that caused it (tests/conftest.py)
 #              and it resumes after that test in a fresh process; so does a crash of the process (a
 #              segmentation fault), after the test that was running. A probe first checks a former fault (the
@@ -294,7 +295,8 @@ print("weighted backward without label smoothing: ran cleanly")
 PY
 }
 
-CUDA_TEST_FILES=(tests/test_cuda_sweep.py tests/test_cuda_sync.py tests/test_confusion_cuda.py tests/test_evaluator_cuda.py)
+# Whole files: test_confusion.py and test_evaluator.py hold their ops' CPU and CUDA tests side by side.
+CUDA_TEST_FILES=(tests/test_cuda_sweep.py tests/test_cuda_sync.py tests/test_confusion.py tests/test_evaluator.py)
 stage_suites() {
   local rest=() f
   for f in "${CUDA_TEST_FILES[@]}"; do rest+=("--ignore=$f"); done

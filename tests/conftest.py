@@ -12,9 +12,8 @@ if ROOT not in sys.path:
 
 def _install_hypothesis_stand_in() -> None:
     """Without hypothesis installed, the modules that import it at the top would fail to collect, and with
-    them every test they hold (and the CUDA test modules that import their sample inputs). This stand-in
-    makes each ``@given`` test skip with a clear reason instead; nothing is installed when hypothesis is
-    importable."""
+    them every test they hold. This stand-in makes each ``@given`` test skip with a clear reason instead;
+    nothing is installed when hypothesis is importable."""
     try:
         import hypothesis  # noqa: F401
         return
@@ -94,16 +93,6 @@ import torch  # noqa: E402
 
 import fasteval  # noqa: E402
 from fasteval import _loader  # noqa: E402
-
-
-def available_devices():
-    devs = ["cpu"]
-    if torch.cuda.is_available():
-        devs.append("cuda")
-    return devs
-
-
-DEVICES = available_devices()
 
 
 def pytest_report_header(config):

@@ -9,22 +9,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import fasteval
-from fasteval import _loader, reference
+from fasteval import _loader, metrics as M, reference
+
+from cases import confusion_cases, gen, needs_kernel, params, to_device
 
 ops = torch.ops.fasteval
 OPS = ["confusion_matrix", "class_counts", "multilabel_confusion_matrix", "binned_confusion_matrix", "topk_rank"]
-
-
-def cpu_kernel(op):
-    return _loader.has_kernel(op, "cpu")
-
-
-needs_cpu_kernel = pytest.mark.skipif(not cpu_kernel("confusion_matrix"),
-                                      reason="compiled CPU confusion kernels not loaded")
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def skewed_labels(n, c, g):
@@ -33,66 +23,27 @@ def skewed_labels(n, c, g):
     return x.clamp_(max=c - 1)
 
 
-def sample_inputs():
-    """(op name, args) covering the layouts and dtypes every kernel serves."""
-    g = gen(1)
-    out = []
-    for c in (1, 2, 3, 10, 37):
-        n = 257
-        t = torch.randint(0, c, (n,), generator=g)
-        p = torch.randint(0, c, (n,), generator=g)
-        s = torch.randn(n, c, generator=g)
-        out.append(("confusion_matrix", (p, t, c, None)))
-        out.append(("confusion_matrix", (p.int(), t.int(), c, 0)))
-        out.append(("confusion_matrix", (s, t, c, None)))
-        out.append(("confusion_matrix", (s.bfloat16(), t, c, c - 1)))
-        s3 = torch.randn(9, c, 5, 4, generator=g)
-        t3 = torch.randint(0, c, (9, 5, 4), generator=g)
-        out.append(("confusion_matrix", (s3, t3, c, None)))
-        out.append(("class_counts", (p, t, c, None)))
-        out.append(("class_counts", (s3.half(), t3, c, 1)))
-        out.append(("topk_rank", (s, t, None)))
-        out.append(("topk_rank", ((s * 2).round().half(), t.int(), 0)))
-        prob = torch.rand(n, c, generator=g)
-        tb = torch.randint(0, 2, (n, c), generator=g)
-        out.append(("multilabel_confusion_matrix", (prob, tb, 0.5, None)))
-        out.append(("multilabel_confusion_matrix", (prob.double(), tb.int(), 0.25, 0)))
-        out.append(("multilabel_confusion_matrix", (torch.randint(0, 2, (n, c), generator=g).to(torch.uint8),
-                                                    tb.to(torch.uint8), 0.5, None)))
-        thr = torch.linspace(0, 1, 11, dtype=torch.float64)
-        out.append(("binned_confusion_matrix", (prob, tb, thr, None)))
-        out.append(("binned_confusion_matrix", (prob.half(), t, thr, None)))
-        out.append(("binned_confusion_matrix", (prob.double(), tb, thr, 1)))
-    return out
-
-
-def _ids(cases):
-    return [f"{name}-{i}" for i, (name, _) in enumerate(cases)]
-
-
-CASES = sample_inputs()
+CASES = confusion_cases()
 
 
 # ---------------------------------------------------------------------------------------------------
 # Kernels against the reference, bit for bit.
 
-@needs_cpu_kernel
-@pytest.mark.parametrize("name,args", CASES, ids=_ids(CASES))
-def test_kernel_matches_reference(name, args):
-    got = getattr(ops, name)(*args)
+@pytest.mark.parametrize("device,name,args", params(CASES, device="cpu") + params(CASES, device="cuda"))
+def test_kernel_matches_reference(device, name, args):
+    got = getattr(ops, name)(*to_device(args, device))
     want = getattr(reference, name)(*args)
     for g_, w_ in zip(got, want):
-        assert g_.dtype == torch.int64 and g_.shape == w_.shape
-        assert torch.equal(g_, w_)
+        assert g_.device.type == device and g_.dtype == torch.int64 and g_.shape == w_.shape
+        assert torch.equal(g_.cpu(), w_)
 
 
-@needs_cpu_kernel
-@pytest.mark.parametrize("name,args", CASES[::3], ids=_ids(CASES[::3]))
-def test_opcheck(name, args):
-    torch.library.opcheck(getattr(ops, name).default, args)
+@pytest.mark.parametrize("device,name,args", params(CASES[::3], device="cpu") + params(CASES[::4], device="cuda"))
+def test_opcheck(device, name, args):
+    torch.library.opcheck(getattr(ops, name).default, to_device(args, device))
 
 
-@needs_cpu_kernel
+@needs_kernel("confusion_matrix", "cpu")
 @pytest.mark.parametrize("c,n", [(300, 20000), (1000, 3000), (5, 200000)])
 def test_histogram_schemes(c, n):
     """8-bit counters with carries (C*C > 65536, heavily skewed so counters wrap), shared atomics
@@ -105,7 +56,7 @@ def test_histogram_schemes(c, n):
     assert torch.equal(ops.class_counts(p, t, c, None)[0], reference.class_counts(p, t, c)[0])
 
 
-@needs_cpu_kernel
+@needs_kernel("confusion_matrix", "cpu")
 def test_same_counts_across_thread_counts_and_runs():
     g = gen(4)
     n, c = 200_000, 300
@@ -127,7 +78,7 @@ def test_same_counts_across_thread_counts_and_runs():
             assert torch.equal(a, b)
 
 
-@needs_cpu_kernel
+@needs_kernel("confusion_matrix", "cpu")
 def test_deterministic_mode():
     g = gen(5)
     t = torch.randint(0, 10, (10000,), generator=g)
@@ -337,7 +288,7 @@ def test_shape_dtype_device_errors():
         fasteval.binary_confusion_matrix(torch.rand(3), torch.tensor([0, 1, 1]), 1.5, from_logits=True)
 
 
-@needs_cpu_kernel
+@needs_kernel("confusion_matrix", "cpu")
 def test_op_level_errors_are_clear():
     # ValueError for shapes and values, TypeError for dtypes, as the reference (tests/test_op_errors.py).
     with pytest.raises(ValueError, match="2\\^31"):
@@ -394,7 +345,7 @@ def test_works_under_torch_compile():
 # ---------------------------------------------------------------------------------------------------
 # Property tests against the reference.
 
-@needs_cpu_kernel
+@needs_kernel("confusion_matrix", "cpu")
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(0, 300), c=st.integers(1, 40), d=st.integers(1, 3), ignore=st.booleans(),
        seed=st.integers(0, 2**31 - 1), ties=st.booleans())
@@ -413,7 +364,7 @@ def test_property_multiclass(n, c, d, ignore, seed, ties):
         assert torch.equal(ops.topk_rank(s, t, ign)[0], reference.topk_rank(s, t, ign)[0])
 
 
-@needs_cpu_kernel
+@needs_kernel("confusion_matrix", "cpu")
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(0, 300), l=st.integers(1, 6), t_count=st.integers(1, 30), seed=st.integers(0, 2**31 - 1),
        thr=st.floats(0, 1), ovr=st.booleans())
@@ -427,6 +378,73 @@ def test_property_binary(n, l, t_count, seed, thr, ovr):
     target = torch.randint(0, l, (n,), generator=g) if ovr else tb
     assert torch.equal(ops.binned_confusion_matrix(p, target, thresholds, None)[0],
                        reference.binned_confusion_matrix(p, target, thresholds)[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA kernels: counts of big and sparse inputs, nothing synchronises with the host, out-of-range labels
+# are counted and reported by check_invalid(), determinism.
+
+@needs_kernel("confusion_matrix", "cuda")
+@pytest.mark.parametrize("c,n", [(10, 1_000_000), (1000, 1_000_000), (300, 50_000), (100_000, 10_000)])
+def test_cuda_big_and_sparse(c, n):
+    g = torch.Generator().manual_seed(c)
+    t = torch.randint(0, c, (n,), generator=g)
+    p = torch.where(torch.rand(n, generator=g) < 0.8, t, torch.randint(0, c, (n,), generator=g))
+    if c * c <= 46340 * 46340:
+        assert torch.equal(ops.confusion_matrix(p.cuda(), t.cuda(), c, None)[0].cpu(),
+                           reference.confusion_matrix(p, t, c)[0])
+    assert torch.equal(ops.class_counts(p.cuda(), t.cuda(), c, None)[0].cpu(), reference.class_counts(p, t, c)[0])
+
+
+@needs_kernel("confusion_matrix", "cuda")
+def test_no_host_sync():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (100_000,), generator=g).cuda()
+    p = torch.randint(0, 1000, (100_000,), generator=g).cuda()
+    s = torch.randn(4096, 1000, generator=g).cuda()
+    prob = torch.rand(100_000, generator=g).cuda()
+    tb = (prob > 0.3).long()
+    cm_warm = fasteval.confusion_matrix(p, t, 1000)  # first calls may initialise things
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cm = fasteval.confusion_matrix(p, t, 1000)
+        fasteval.confusion_matrix(s, t[:4096], 1000)
+        fasteval.class_counts(p, t, 1000)
+        fasteval.binary_confusion_matrix(prob, tb)
+        fasteval.binned_confusion_matrix(prob, tb, torch.linspace(0, 1, 200, device="cuda"))
+        M.f1_score(confmat=cm, average="macro", zero_division=0)
+        M.accuracy(s, t[:4096], 1000, top_k=5, zero_division=0)
+        M.matthews_corrcoef(confmat=cm)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(cm, cm_warm)
+
+
+@needs_kernel("confusion_matrix", "cuda")
+def test_invalid_labels_are_counted_then_reported():
+    fasteval.check_invalid()  # clear
+    t = torch.tensor([0, 1, 5, 2, -3], device="cuda")
+    p = torch.tensor([0, 1, 1, 7, 0], device="cuda")
+    cm = fasteval.confusion_matrix(p, t, 3)  # no error here: no sync
+    assert int(cm.sum()) == 2  # the two valid samples
+    with pytest.raises(IndexError, match="3 sample"):
+        fasteval.check_invalid()
+    fasteval.check_invalid()  # reset after reporting
+
+
+@needs_kernel("confusion_matrix", "cuda")
+def test_deterministic_runs():
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 1000, (2_000_000,), generator=g).cuda()
+    p = torch.randint(0, 1000, (2_000_000,), generator=g).cuda()
+    torch.use_deterministic_algorithms(True)
+    try:
+        a = fasteval.confusion_matrix(p, t, 1000)
+        b = fasteval.confusion_matrix(p, t, 1000)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(a, b)
 
 
 def test_fallback_env_runs_reference():

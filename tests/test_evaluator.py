@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn import metrics as skm
 
-from fasteval import _loader, reference
+import fasteval
+from fasteval import reference
 from fasteval.evaluator import ClassificationEvaluator
 
-HAS_CPU_KERNEL = _loader.has_kernel("eval_update", "cpu")
-needs_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="no compiled CPU kernel for fasteval::eval_update")
+from cases import eval_update_cases, needs_kernel
 
 
 def batches(n_batches, c, seed, ignore_index=None, sizes=None, dtype=torch.float32):
@@ -326,37 +326,15 @@ def new_state(c, k, nb, counts_only=False):
             torch.zeros(nb, dtype=torch.float64), torch.zeros(nb, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)]
 
 
-def sample_inputs():
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for (n, c) in [(0, 4), (1, 1), (33, 3), (70, 17), (16, 1000), (3, 9000)]:
-        for dt in (torch.float32, torch.bfloat16, torch.float16):
-            x = (torch.randn(n, c, generator=g) * 3).to(dt)
-            t = torch.randint(0, c, (n,), generator=g)
-            if n > 3:
-                t[::4] = -100
-            out.append((x, t, 0.0, False))
-    x = torch.randn(6, 40, generator=g)[:, ::2]  # classes not unit stride
-    out.append((x, torch.randint(0, 20, (6,), generator=g), 0.1, True))
-    x = torch.randn(6, 40, generator=g)[:, 3:23]  # rows strided
-    out.append((x, torch.randint(0, 20, (6,), generator=g), 0.0, False))
-    out.append((torch.randn(3, 7, 6, generator=g), torch.randint(0, 7, (3, 6), generator=g), 0.2, False))
-    xt = torch.randn(12, 6, generator=g)
-    xt[1, 2] = float("nan")
-    xt[2] = float("-inf")
-    xt[3, 4] = float("inf")
-    xt[4] = torch.tensor([2.0, 2.0, 1.0, 2.0, 0.0, 0.0])
-    out.append((xt, torch.tensor([2, 1, 0, 4, 3, 0, 1, 2, 3, 4, 5, 0]), 0.0, False))
-    return out
-
-
-def run_both(x, t, eps, counts_only, top_k=(1, 2, 5), nb=16):
+def run_both(x, t, eps, counts_only, top_k=(1, 2, 5), nb=16, device="cpu"):
+    """The op on ``device`` and the reference on the CPU, from zero states: (op's states on the CPU, reference's)."""
     c = x.shape[1]
     bnd = torch.linspace(0, 1, nb)
-    a, b = new_state(c, len(top_k), nb, counts_only), new_state(c, len(top_k), nb, counts_only)
-    torch.ops.fasteval.eval_update(x, t, bnd, -100, eps, list(top_k), counts_only, *a)
+    a = [s.to(device) for s in new_state(c, len(top_k), nb, counts_only)]
+    b = new_state(c, len(top_k), nb, counts_only)
+    torch.ops.fasteval.eval_update(x.to(device), t.to(device), bnd.to(device), -100, eps, list(top_k), counts_only, *a)
     reference.eval_update(x, t, bnd, -100, eps, list(top_k), counts_only, *b)
-    return a, b
+    return [s.cpu() for s in a], b
 
 
 def assert_states_close(a, b):
@@ -373,24 +351,32 @@ def assert_states_close(a, b):
             assert torch.equal(u, v), (name, u, v)
 
 
-@needs_kernel
-@pytest.mark.parametrize("idx", range(len(sample_inputs())))
-def test_kernel_matches_reference(idx):
-    x, t, eps, counts_only = sample_inputs()[idx]
-    assert_states_close(*run_both(x, t, eps, counts_only))
+N_CASES = len(eval_update_cases())
 
 
-@needs_kernel
-@pytest.mark.parametrize("idx", [0, 7, 12, 18, 19, 20, 21])
-def test_opcheck(idx):
-    x, t, eps, counts_only = sample_inputs()[idx]
+def on_devices(idx_by_device):
+    """(device, case number) params, each with needs_kernel("eval_update", device)."""
+    return [pytest.param(d, i, id=f"{d}-{i}", marks=needs_kernel("eval_update", d))
+            for d, idx in idx_by_device.items() for i in idx]
+
+
+@pytest.mark.parametrize("device,idx", on_devices({"cpu": range(N_CASES), "cuda": range(N_CASES)}))
+def test_kernel_matches_reference(device, idx):
+    x, t, eps, counts_only = eval_update_cases()[idx].args
+    assert_states_close(*run_both(x, t, eps, counts_only, device=device))
+
+
+@pytest.mark.parametrize("device,idx", on_devices({"cpu": [0, 7, 12, 18, 19, 20, 21], "cuda": [7]}))
+def test_opcheck(device, idx):
+    x, t, eps, counts_only = eval_update_cases()[idx].args
     c = x.shape[1]
-    state = new_state(c, 2, 16, counts_only)
+    state = [s.to(device) for s in new_state(c, 2, 16, counts_only)]
     torch.library.opcheck(torch.ops.fasteval.eval_update.default,
-                          (x, t, torch.linspace(0, 1, 16), -100, eps, [1, 3], counts_only, *state))
+                          (x.to(device), t.to(device), torch.linspace(0, 1, 16).to(device), -100, eps, [1, 3],
+                           counts_only, *state))
 
 
-@needs_kernel
+@needs_kernel("eval_update", "cpu")
 def test_kernel_bad_target_raises_before_writing():
     state = new_state(4, 1, 16)
     with pytest.raises(IndexError, match="out of bounds"):
@@ -402,7 +388,7 @@ def test_kernel_bad_target_raises_before_writing():
                                        0.0, [1], False, *new_state(5, 1, 16))
 
 
-@needs_kernel
+@needs_kernel("eval_update", "cpu")
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 40), c=st.integers(1, 70), eps=st.sampled_from([0.0, 0.05]),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16),
@@ -416,6 +402,65 @@ def test_kernel_property(n, c, eps, dtype, seed, counts_only, ties):
     t = torch.randint(0, c, (n,), generator=g)
     t[torch.rand(n, generator=g) < 0.1] = -100
     assert_states_close(*run_both(x, t, eps, counts_only, top_k=(1, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CUDA kernel: shared and global histograms, no host sync, CUDA graphs, a bad target rejects the batch.
+
+@needs_kernel("eval_update", "cuda")
+@pytest.mark.parametrize("c,counts_only", [(10, False), (1000, False), (5000, True)])
+def test_cuda_shared_and_global_histograms(c, counts_only):
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(3000, c, generator=g)
+    t = torch.randint(0, c, (3000,), generator=g)
+    assert_states_close(*run_both(x, t, 0.0, counts_only, device="cuda"))
+
+
+@needs_kernel("eval_update", "cuda")
+def test_update_never_syncs_and_captures_in_a_cuda_graph():
+    ev = fasteval.ClassificationEvaluator(100, ignore_index=-100, device="cuda")
+    x = torch.randn(512, 100, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, 100, (512,), device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ev.update(x, t)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ev.reset()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ev.update(x, t)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    ev.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ev.update(x, t)
+    ev.reset()
+    for _ in range(3):
+        graph.replay()
+    m = ev.compute()
+    ref = fasteval.ClassificationEvaluator(100, ignore_index=-100)
+    for _ in range(3):
+        ref.update(x.cpu(), t.cpu())
+    r = ref.compute()
+    assert m["count"] == r["count"] == 3 * 512
+    assert torch.equal(m["confusion_matrix"], r["confusion_matrix"])
+
+
+@needs_kernel("eval_update", "cuda")
+def test_bad_target_rejects_the_batch_without_sync():
+    ev = fasteval.ClassificationEvaluator(5, device="cuda")
+    ev.update(torch.randn(4, 5, device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda"))
+    before = [s.clone() for s in ev._states()]
+    ev.update(torch.randn(3, 5, device="cuda"), torch.tensor([0, 7, 1], device="cuda"))
+    after = ev._states()
+    for name, a, b in zip(["loss_sum", "confmat", "topk_hits", "calib_count", "calib_conf", "calib_correct"],
+                          before[:-1], after[:-1]):
+        assert torch.equal(a, b), name
+    assert int(after[-1][0]) == 4 and int(after[-1][1]) == 1
+    with pytest.raises(IndexError, match="1 target"):
+        ev.compute()
 
 
 # ---------------------------------------------------------------------------------------------------
