@@ -21,6 +21,7 @@ If the extension fails to compile, the package is still installed (pure Python) 
 """
 import glob
 import os
+import re
 import subprocess
 import sys
 import traceback
@@ -33,7 +34,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _read_version():
     """The version is kept once, as fasteval.__version__ (read as text: the package cannot be imported
     before it is built)."""
-    import re
     with open(os.path.join(ROOT, "fasteval", "__init__.py"), encoding="utf-8") as f:
         m = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M)
     if m is None:
@@ -42,6 +42,18 @@ def _read_version():
 
 
 VERSION = _read_version()
+
+
+def _read_limits():
+    """The shared limits of fasteval/_limits.py (NAME = integer lines), as -DFASTEVAL_NAME=value flags."""
+    with open(os.path.join(ROOT, "fasteval", "_limits.py"), encoding="utf-8") as f:
+        found = re.findall(r"^([A-Z][A-Z0-9_]*) = (\d+)$", f.read(), re.M)
+    if not found:
+        raise SystemExit("setup.py: no NAME = integer lines in fasteval/_limits.py")
+    return [f"-DFASTEVAL_{name}={value}" for name, value in found]
+
+
+LIMIT_FLAGS = _read_limits()
 
 
 def _flag(name):
@@ -92,6 +104,7 @@ def _extensions():
     if sanitize:
         san_flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
         cxx = ["-O1", "-g"] + san_flags
+    cxx += LIMIT_FLAGS  # the limits shared with Python (fasteval/_limits.py -> csrc/common/limits.h)
     # -fopenmp: with ATen's OpenMP backend at::parallel_for is an inline `#pragma omp parallel`; without
     # the flag every kernel would silently run on one thread. It links the libgomp torch ships with.
     cxx += ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always", "-Wno-unknown-pragmas",
@@ -125,7 +138,7 @@ def _extensions():
         # No --use_fast_math: it implies -ftz=true, which flushes subnormal inputs of float comparisons to zero,
         # so subnormal scores (probabilities of a confident model) would tie and the argmax / rank would differ
         # from torch's. The kernels call the fast exp2 intrinsic explicitly where they want it.
-        nvcc = ["-O3" if not debug else "-O0", "-std=c++20", "-ftz=false", "-lineinfo"]
+        nvcc = ["-O3" if not debug else "-O0", "-std=c++20", "-ftz=false", "-lineinfo"] + LIMIT_FLAGS
         if debug:
             nvcc += ["-g", "-G"]
         kwargs["extra_compile_args"] = {"cxx": cxx + ["-DFASTEVAL_WITH_CUDA"], "nvcc": nvcc + ["-DFASTEVAL_WITH_CUDA"]}

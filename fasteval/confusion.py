@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _ops, _validate
+from ._limits import MAX_MATRIX_CLASSES
 from .errors import FastevalIndexError, FastevalTypeError, FastevalValueError, public
 
 __all__ = ["confusion_matrix", "binary_confusion_matrix", "multilabel_confusion_matrix",
@@ -268,7 +269,7 @@ def confusion_matrix(preds: Tensor, target: Tensor, num_classes: int, *, ignore_
     op = "fasteval.confusion_matrix"
     _check_normalize(normalize, op)
     preds, target = _prepare_multiclass(preds, target, num_classes, op)
-    if num_classes > 46340:
+    if num_classes > MAX_MATRIX_CLASSES:
         raise FastevalValueError(f"{op}: a ({num_classes}, {num_classes}) confusion matrix has more than 2^31 - 1 "
                                  "entries; use class_counts() (or the metrics' counts=...) for this many classes")
     cm, invalid = _ops.confusion_matrix(preds, target, num_classes, _check_ignore_index(ignore_index, op))

@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._limits import MAX_MATRIX_CLASSES
+
 __all__ = ["softmax_cross_entropy", "softmax_cross_entropy_backward", "eval_update"]
 
 
@@ -402,7 +404,7 @@ def _check_index_target(target: Tensor, op: str) -> None:
 def _check_matrix_size(num_classes: int, op: str) -> None:
     if num_classes < 1:
         raise ValueError(f"{op}: num_classes must be positive, got {num_classes}")
-    if num_classes > 46340:
+    if num_classes > MAX_MATRIX_CLASSES:
         raise ValueError(f"{op}: a ({num_classes}, {num_classes}) confusion matrix has more than 2^31 - 1 entries; "
                          "use the per-class counts (class_counts) for this many classes")
 

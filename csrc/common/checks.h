@@ -58,13 +58,12 @@ inline void check_cross_entropy_inputs(const at::Tensor& logits, const at::Tenso
   check_reduction(reduction, op);
 }
 
-// The same for fasteval::softmax_cross_entropy_backward, plus its saved tensors and upstream gradient.
-inline void check_cross_entropy_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits,
-                                                const at::Tensor& target, const at::Tensor& lse,
-                                                const at::Tensor& total_weight, double label_smoothing,
-                                                int64_t reduction, const char* op) {
-  check_cross_entropy_inputs(logits, target, label_smoothing, reduction, op);
-  const int64_t N = logits.size(0);
+// The inputs a cross-entropy backward gets beyond those of its forward: grad_loss ((N,) for reduction
+// none, else 0-dim), the forward's lse (N,) of dtype lse_dtype and its 0-dim total_weight, all on the
+// device of `like` (named like_name in the message).
+inline void check_backward_extras(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& total_weight,
+                                  const at::Tensor& like, const char* like_name, int64_t N, at::ScalarType lse_dtype,
+                                  int64_t reduction, const char* op) {
   if (reduction == 0) {
     TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N, op, ": grad_loss must have shape (", N,
                       ",) for reduction none, got ", grad_loss.sizes());
@@ -73,11 +72,21 @@ inline void check_cross_entropy_backward_inputs(const at::Tensor& grad_loss, con
                       grad_loss.sizes());
   }
   TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == N, op, ": lse must have shape (", N, ",), got ", lse.sizes());
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kDouble, op, ": lse must be float64, got ", lse.scalar_type());
+  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype, op, ": lse must be ", lse_dtype == at::kDouble ? "float64" : "float32",
+                   ", got ", lse.scalar_type());
   TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
-  TORCH_CHECK_VALUE(grad_loss.device() == logits.device() && lse.device() == logits.device() &&
-                        total_weight.device() == logits.device(),
-                    op, ": grad_loss, lse, total_weight and logits must be on the same device");
+  TORCH_CHECK_VALUE(grad_loss.device() == like.device() && lse.device() == like.device() &&
+                        total_weight.device() == like.device(),
+                    op, ": grad_loss, lse, total_weight and ", like_name, " must be on the same device");
+}
+
+// The same for fasteval::softmax_cross_entropy_backward: its forward's checks, then its float64 lse.
+inline void check_cross_entropy_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& logits,
+                                                const at::Tensor& target, const at::Tensor& lse,
+                                                const at::Tensor& total_weight, double label_smoothing,
+                                                int64_t reduction, const char* op) {
+  check_cross_entropy_inputs(logits, target, label_smoothing, reduction, op);
+  check_backward_extras(grad_loss, lse, total_weight, logits, "logits", logits.size(0), at::kDouble, reduction, op);
 }
 
 // Logits with unit stride along the class dimension (rows may be strided).

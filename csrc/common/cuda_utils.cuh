@@ -13,6 +13,7 @@
 //   SumOp, MaxOp, MaxSumExp, MaxSumExpOp     reduction operators, including an online (max, sum-exp)
 //   for_each_vectorized                      visit a row with 16-byte loads (scalar head and tail)
 //   transform_vectorized, fill_vectorized    element-wise row write with 16-byte loads / stores
+//   atomic_add_i64, count_bad_targets_kernel int64 counters; the batch check of the target-validating kernels
 #include <cstdint>
 #include <cstring>
 
@@ -354,6 +355,34 @@ __device__ __forceinline__ void fill_vectorized(T* __restrict__ out, int64_t n, 
   for (int k = 0; k < W; ++k) fill.val[k] = x;
   for (int64_t v = tid; v < num_vecs; v += nthreads) vout[v] = fill;
   for (int64_t i = head + num_vecs * W + tid; i < n; i += nthreads) out[i] = x;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Counters and target checks
+// ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void atomic_add_i64(int64_t* p, int64_t v) {
+  atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
+}
+
+// Counts the targets outside [0, C) (other than ignore_index when has_ignore) and adds their number to
+// *bad and to *also: the batch-rejection flag and a state counter of the kernels that take a batch only
+// when every target is valid. Grid-stride over P targets; blockDim.x a multiple of 32.
+template <typename I>
+__global__ void count_bad_targets_kernel(const I* __restrict__ target, int64_t P, int64_t C, bool has_ignore,
+                                         int64_t ignore_index, int64_t* bad, int64_t* also) {
+  int local = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < P;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    local += !(has_ignore && t == ignore_index) && (t < 0 || t >= C);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
+  if ((threadIdx.x & 31) == 0 && local) {
+    atomic_add_i64(bad, local);
+    atomic_add_i64(also, local);
+  }
 }
 
 }  // namespace cuda

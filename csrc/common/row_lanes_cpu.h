@@ -17,7 +17,7 @@
 // Everything is AVX2 (8 float lanes; AVX512 CPUs run it too). Builds without AVX2 do not define
 // FASTEVAL_ROW_LANES and keep the per-row passes (common/row_softmax_cpu.h, common/row_rank_cpu.h).
 //
-// Order conventions (those of common/row_rank_cpu.h and torch.argmax / torch.sort(stable=True)):
+// Order conventions (those of common/order.h, torch.argmax and torch.sort(stable=True)):
 //   argmax: first index of the maximum, a NaN counting as the maximum (the first NaN);
 //   rank of x_t: #{c : x_c > x_t or isnan(x_c)} + #{c < t : x_c == x_t}; #{c < t : isnan(x_c)} if x_t
 //   is NaN.

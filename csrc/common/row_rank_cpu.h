@@ -2,15 +2,14 @@
 // Order statistics of one row of scores on the CPU, in one SIMD read of the row, shared by the
 // confusion-matrix / top-k kernels and the fused evaluation pass.
 //
-// Both follow one total order, that of torch.sort(descending=True, stable=True): larger scores first,
-// NaN above every number, ties in index order. Hence
-//   row_argmax(x)       == torch.argmax(x)   (first maximal index; the first NaN if there is one)
-//   row_rank(x, t) == 0 <=> row_argmax(x) == t, and t is among the top k <=> row_rank(x, t) < k:
-//   row_rank(x, t) = #{j : x_j > x_t or isnan(x_j)} + #{j < t : x_j == x_t}   (x_t not NaN)
-//                  = #{j < t : isnan(x_j)}                                    (x_t NaN)
-// torch.topk itself leaves the order of tied scores unspecified; this is the stable choice.
+// Both follow the order of common/order.h (torch.sort(descending=True, stable=True): larger scores
+// first, NaN above every number, ties in index order), a vector at a time:
+//   row_argmax(x)  == order::ArgMax over the row == torch.argmax(x)
+//   row_rank(x, t) == order::RankParts over the row, counted as C - #{x_j <= x_t} + #{j < t : x_j == x_t}
+//                     (x_t not NaN: "not <=" is "larger or NaN"), #{j < t : isnan(x_j)} (x_t NaN)
 // Values are compared after exact conversion to float (bfloat16 / float16 inputs) or as float.
 #include "common/cpu_vec.h"
+#include "common/order.h"
 
 #include <cstdint>
 

@@ -25,6 +25,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/order.h"
 #include "compare/compare_common.h"
 
 namespace fasteval {
@@ -51,10 +52,6 @@ struct Params {
   const int64_t* bad;  // out-of-range targets of this batch (written by the check kernel)
 };
 
-__device__ __forceinline__ void atomic_add_i64(int64_t* p, int64_t v) {
-  atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
-}
-
 __device__ __forceinline__ bool is_nan_f64(double x) {
   const unsigned long long b = static_cast<unsigned long long>(__double_as_longlong(x));
   return (b & 0x7ff0000000000000ull) == 0x7ff0000000000000ull && (b & 0x000fffffffffffffull) != 0;
@@ -72,37 +69,16 @@ __device__ __forceinline__ void atomic_nan_max(double* addr, double v) {
   } while (old != assumed);
 }
 
-// (value, index) of the first maximum in the order of torch.argmax (NaN above all, ties by index).
-struct ArgMax {
-  float v;
-  int64_t i;  // C: nothing seen yet
-  __device__ __forceinline__ void visit(float x, int64_t c) {
-    const bool xn = cuda::is_nan_bits(x), vn = cuda::is_nan_bits(v);
-    if (!vn && (xn || x > v || (x == v && c < i))) {
-      v = x;
-      i = c;
-    }
-  }
-  __device__ __forceinline__ static ArgMax merge(const ArgMax& a, const ArgMax& b) {
-    const bool an = cuda::is_nan_bits(a.v), bn = cuda::is_nan_bits(b.v);
-    bool take_a;
-    if (an != bn) {
-      take_a = an;
-    } else if (an || a.v == b.v) {
-      take_a = a.i < b.i;
-    } else {
-      take_a = a.v > b.v;
-    }
-    return take_a ? a : b;
-  }
-};
-
+// The argmax and the rank counts merge across lanes in the order of common/order.h.
 struct ArgMaxOp {
-  __device__ __forceinline__ ArgMax operator()(const ArgMax& a, const ArgMax& b) const { return ArgMax::merge(a, b); }
+  __device__ __forceinline__ order::ArgMax operator()(const order::ArgMax& a, const order::ArgMax& b) const {
+    return order::ArgMax::merge(a, b);
+  }
 };
 
-struct IntSumOp {
-  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a + b; }
+struct RankPartsOp {
+  using Parts = order::RankParts<int64_t>;
+  __device__ __forceinline__ Parts operator()(const Parts& a, const Parts& b) const { return Parts::merge(a, b); }
 };
 
 struct OrOp {
@@ -112,23 +88,6 @@ struct OrOp {
 template <typename T>
 __device__ __forceinline__ float load(const T* p, int64_t c, int64_t S) {
   return cuda::to_float(p[c * S]);
-}
-
-template <typename I>
-__global__ void check_targets_kernel(const I* __restrict__ target, int64_t P, int64_t C, bool has_ignore,
-                                     int64_t ignore_index, int64_t* bad, int64_t* rejected) {
-  int local = 0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < P;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = static_cast<int64_t>(target[i]);
-    local += !(has_ignore && t == ignore_index) && (t < 0 || t >= C);
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
-  if ((threadIdx.x & 31) == 0 && local) {
-    atomic_add_i64(bad, local);
-    atomic_add_i64(rejected, local);
-  }
 }
 
 // Shared accumulators of a block.
@@ -175,7 +134,7 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
     const TB* rb = xb + n * p.stride_b + s;
 
     // 1. maxima and argmaxes, max |a - b|
-    ArgMax ma{cuda::neg_inf(), C}, mb{cuda::neg_inf(), C};
+    order::ArgMax ma = order::ArgMax::empty(), mb = order::ArgMax::empty();
     float md = 0.f;
     for (int64_t c = lane; c < C; c += 32) {
       const float a = load(ra, c, S), b = load(rb, c, S);
@@ -186,15 +145,13 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
     ma = cuda::warp_reduce(ma, ArgMaxOp{});
     mb = cuda::warp_reduce(mb, ArgMaxOp{});
     md = cuda::warp_reduce_max(md);
-    // An all -inf row never replaces the initial (-inf, C): its argmax is 0, as torch.argmax.
-    const int64_t ia = ma.i < C ? ma.i : 0, ib = mb.i < C ? mb.i : 0;
+    const int64_t ia = ma.index(), ib = mb.index();
     const float amax = ma.v, bmax = mb.v;
     const bool finite = cuda::is_finite_bits(amax) && cuda::is_finite_bits(bmax);
 
     // 3 (rank part) and 2, 3 (divergences) for finite rows.
     const float bt = load(rb, ia, S);
-    const bool btnan = cuda::is_nan_bits(bt);
-    int64_t gt = 0, eq_before = 0, nan_total = 0, nan_before = 0;
+    order::RankParts<int64_t> rp = order::RankParts<int64_t>::empty();  // the rank of b[ia] in b
     ClassTerms terms;
     float lra = 0.f, lrb = 0.f;  // log sum exp(x - max x) (pivoted: exact for logits of any magnitude)
     if (finite) {
@@ -211,19 +168,10 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
     const float D = finite ? (amax - bmax) + (lra - lrb) : 0.f;
     for (int64_t c = lane; c < C; c += 32) {
       const float a = load(ra, c, S), b = load(rb, c, S);
-      const bool bn = cuda::is_nan_bits(b);
-      gt += !btnan && b > bt;
-      nan_total += bn;
-      if (c < ia) {
-        eq_before += !btnan && b == bt;
-        nan_before += bn;
-      }
+      rp.visit(b, c, bt, ia);
       if (finite) add_class_terms(a, b, amax, bmax, lra, lrb, D, terms);
     }
-    gt = cuda::warp_reduce(gt, IntSumOp{});
-    eq_before = cuda::warp_reduce(eq_before, IntSumOp{});
-    nan_total = cuda::warp_reduce(nan_total, IntSumOp{});
-    nan_before = cuda::warp_reduce(nan_before, IntSumOp{});
+    rp = cuda::warp_reduce(rp, RankPartsOp{});
     float kl = cuda::warp_reduce_sum(terms.kl);
     float rkl = cuda::warp_reduce_sum(terms.rkl);
     const float js = cuda::warp_reduce_sum(terms.js);
@@ -231,7 +179,7 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
     const int rkl_inf = cuda::warp_reduce(static_cast<int>(terms.rkl_inf), OrOp{});
     if (kl_inf) kl = INFINITY;
     if (rkl_inf) rkl = INFINITY;
-    const int64_t rank = btnan ? nan_before : gt + nan_total + eq_before;
+    const int64_t rank = rp.rank(bt);
 
     if (lane == 0) {
       const int64_t y = t >= 0 ? t : ia;
@@ -269,8 +217,8 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
       for (int k = 0; k < p.K; ++k) {
         if (rank < p.top_k[k]) atomicAdd(&acc.hits[k], 1ull);
       }
-      atomic_add_i64(p.kl_hist + kl_bin(vkl), 1);
-      atomic_add_i64(p.dp_hist + dp_bin(dp), 1);
+      cuda::atomic_add_i64(p.kl_hist + kl_bin(vkl), 1);
+      cuda::atomic_add_i64(p.dp_hist + dp_bin(dp), 1);
       if (p.row_stats) {
         float* o = p.row_stats + 4 * i;
         o[0] = static_cast<float>(vkl);
@@ -294,10 +242,10 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
       atomic_nan_max(p.stats + 3 * r + 2, acc.mx[r]);
     }
     for (int c = 0; c < kCountNames; ++c) {
-      if (acc.cnt[c]) atomic_add_i64(p.counts + c, static_cast<int64_t>(acc.cnt[c]));
+      if (acc.cnt[c]) cuda::atomic_add_i64(p.counts + c, static_cast<int64_t>(acc.cnt[c]));
     }
     for (int k = 0; k < p.K; ++k) {
-      if (acc.hits[k]) atomic_add_i64(p.counts + kCountNames + k, static_cast<int64_t>(acc.hits[k]));
+      if (acc.hits[k]) cuda::atomic_add_i64(p.counts + kCountNames + k, static_cast<int64_t>(acc.hits[k]));
     }
   }
 }
@@ -341,7 +289,7 @@ void compare_update_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const s
     using I = std::remove_const_t<std::remove_pointer_t<decltype(tp)>>;
     if (has_target) {
       const int64_t check_blocks = std::min<int64_t>(cuda::ceil_div<int64_t>(p.P, kBlock), 4 * sms);
-      check_targets_kernel<I><<<static_cast<unsigned>(check_blocks), kBlock, 0, stream>>>(
+      cuda::count_bad_targets_kernel<I><<<static_cast<unsigned>(check_blocks), kBlock, 0, stream>>>(
           tp, p.P, p.C, p.has_ignore, p.ignore_index, bad.data_ptr<int64_t>(), p.counts + kRejected);
       FASTEVAL_CUDA_LAUNCH_CHECK();
     }

@@ -1,11 +1,14 @@
 #pragma once
-// Host-side input checks and layouts shared by the CPU and CUDA confusion-matrix kernels.
+// Input checks, layouts and the bin rule shared by the CPU and CUDA confusion-matrix kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <limits>
+
+#include "common/host_device.h"
+#include "common/limits.h"
 
 namespace fasteval {
 
@@ -24,6 +27,23 @@ namespace fasteval {
                                                      AT_DISPATCH_CASE(at::kInt, __VA_ARGS__)        \
                                                          AT_DISPATCH_CASE(at::kByte, __VA_ARGS__))
 
+// Multiclass counting: the (C, C) confusion matrix (bins t * C + p) or the per-class counts (3 * C bins:
+// hits, predictions, targets).
+enum class Mode { kMatrix, kCounts };
+
+// Adds sample (target t, prediction p) to the bins of mode M through acc.add(bin) (a CPU lane histogram or a
+// CUDA block histogram).
+template <Mode M, typename Acc>
+FASTEVAL_HD void emit(const Acc& acc, int64_t t, int64_t p, int64_t C) {
+  if constexpr (M == Mode::kMatrix) {
+    acc.add(t * C + p);
+  } else {
+    acc.add(C + p);
+    acc.add(2 * C + t);
+    if (t == p) acc.add(t);
+  }
+}
+
 inline bool is_kernel_score_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
@@ -36,7 +56,7 @@ inline void check_same_device(const at::Tensor& a, const char* an, const at::Ten
 // The (C, C) matrix must be indexable with 32-bit bin numbers on every device.
 inline void check_matrix_size(int64_t C, const char* op) {
   TORCH_CHECK_VALUE(C >= 1, op, ": num_classes must be positive, got ", C);
-  TORCH_CHECK_VALUE(C <= 46340, op, ": a (", C, ", ", C, ") confusion matrix has more than 2^31 - 1 entries; use the "
+  TORCH_CHECK_VALUE(C <= kMaxMatrixClasses, op, ": a (", C, ", ", C, ") confusion matrix has more than 2^31 - 1 entries; use the "
               "per-class counts (fasteval.metrics with counts=..., or torch.ops.fasteval.class_counts) for this "
               "many classes");
 }

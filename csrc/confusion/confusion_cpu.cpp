@@ -54,19 +54,6 @@ at::Tensor zero_invalid(const at::Tensor& like) { return at::zeros({}, like.opti
 // ---------------------------------------------------------------------------------------------------
 // Multiclass: confusion matrix (bins C*C) or per-class counts (bins 3*C).
 
-enum class Mode { kMatrix, kCounts };
-
-template <Mode M, typename Acc>
-FASTEVAL_ALWAYS_INLINE void emit(const Acc& acc, int64_t t, int64_t p, int64_t C) {
-  if constexpr (M == Mode::kMatrix) {
-    acc.add(t * C + p);
-  } else {
-    acc.add(C + p);
-    acc.add(2 * C + t);
-    if (t == p) acc.add(t);
-  }
-}
-
 struct LabelCheck {
   const char* op;
   int64_t C;
@@ -125,20 +112,13 @@ FASTEVAL_ALWAYS_INLINE void argmax_columns(const S* base, int64_t C, int64_t D, 
   ix_hi.store(idx_out + cpu::kVecWidth);
 }
 
-// The same for one position, scalar, with int64 indices (any C): the order of torch.argmax (first
+// The same for one position, scalar, with int64 indices (any C): the order of common/order.h (first
 // maximal index; the first NaN is the maximum).
 template <typename S>
 inline int64_t argmax_column(const S* base, int64_t C, int64_t D) {
-  float best = static_cast<float>(base[0]);
-  int64_t arg = 0;
-  for (int64_t c = 1; c < C && !std::isnan(best); ++c) {
-    const float x = static_cast<float>(base[c * D]);
-    if (x > best || std::isnan(x)) {
-      best = x;
-      arg = c;
-    }
-  }
-  return arg;
+  order::ArgMax best = order::ArgMax::empty();
+  for (int64_t c = 0; c < C && !order::is_nan(best.v); ++c) best.visit(static_cast<float>(base[c * D]), c);
+  return best.index();
 }
 
 #ifdef FASTEVAL_ROW_LANES

@@ -27,19 +27,6 @@ namespace {
 using cuda::BlockHist;
 using ull = unsigned long long;
 
-enum class Mode { kMatrix, kCounts };
-
-template <Mode M>
-__device__ __forceinline__ void emit(const BlockHist& acc, int64_t t, int64_t p, int64_t C) {
-  if constexpr (M == Mode::kMatrix) {
-    acc.add(t * C + p);
-  } else {
-    acc.add(C + p);
-    acc.add(2 * C + t);
-    if (t == p) acc.add(t);
-  }
-}
-
 struct LabelRule {
   int64_t C;
   bool has_ignore;
@@ -108,16 +95,9 @@ struct ScoreColumnsWork {
     if (!rule.take(t)) return;
     const int64_t n = q / D, d = q - n * D;
     const S* base = scores + n * rule.C * D + d;
-    float best = static_cast<float>(base[0]);
-    int64_t arg = 0;
-    for (int64_t c = 1; c < rule.C; ++c) {
-      const float x = static_cast<float>(base[c * D]);
-      if (cuda::precedes(x, c, best, arg)) {
-        best = x;
-        arg = c;
-      }
-    }
-    emit<M>(acc, t, arg, rule.C);
+    order::ArgMax best = order::ArgMax::empty();
+    for (int64_t c = 0; c < rule.C; ++c) best.visit(static_cast<float>(base[c * D]), c);
+    emit<M>(acc, t, best.index(), rule.C);
   }
 };
 

@@ -64,8 +64,7 @@ inline Shapes check_inputs(const at::Tensor& logits, const at::Tensor& target, c
   }
   TORCH_CHECK_VALUE(target.device() == logits.device(), kOp, ": target is on ", target.device(), " but logits are on ",
               logits.device());
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, kOp, ": label_smoothing must be in [0, 1], got ",
-              label_smoothing);
+  check_label_smoothing(label_smoothing, kOp);
   for (int64_t k : top_k) TORCH_CHECK_VALUE(k >= 1, kOp, ": every top_k must be >= 1, got ", top_k);
   TORCH_CHECK_TYPE(boundaries.scalar_type() == at::kFloat, kOp, ": calib_boundaries must be float32, got ",
                    boundaries.scalar_type());

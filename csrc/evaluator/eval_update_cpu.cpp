@@ -104,25 +104,18 @@ inline PositionResult contiguous_row(const T* row, int64_t C, int64_t t, float k
   return r;
 }
 
-// Argmax and rank (the order of common/row_rank_cpu.h) of n values at stride `stride`; scalar.
+// Argmax and rank (the order of common/order.h) of n values at stride `stride`; scalar.
 template <typename T>
 inline cpu::RowEval strided_argmax_rank(const T* x, int64_t n, int64_t stride, int64_t t) {
   const float xt = static_cast<float>(x[t * stride]);
-  const bool tnan = std::isnan(xt);
-  int64_t arg = 0, rank = 0;
-  float best = static_cast<float>(x[0]);
+  order::ArgMax am = order::ArgMax::empty();
+  order::RankParts<int64_t> rp = order::RankParts<int64_t>::empty();
   for (int64_t c = 0; c < n; ++c) {
     const float v = static_cast<float>(x[c * stride]);
-    const bool vnan = std::isnan(v);
-    if (!std::isnan(best) && (v > best || vnan)) {
-      best = v;
-      arg = c;
-    }
-    const bool above = !tnan && (vnan || v > xt);
-    const bool tie = tnan ? vnan : v == xt;
-    rank += above || (tie && c < t);
+    am.visit(v, c);
+    rp.visit(v, c, xt, t);
   }
-  return {arg, rank};
+  return {am.index(), rp.rank(xt)};
 }
 
 // A position of the (N, C, S) layout: C values at stride S. Scalar, one read (the target's logit is
@@ -328,7 +321,7 @@ struct LaneStats {
 
 // Lane statistics from C column vectors col(c) (lane r = position r; t: the target per lane, in [0, C)).
 // Two sweeps over the columns: max, sum, x_t; then the sum of exp, the first index of the max and the
-// rank of x_t (#{c : x_c > x_t} + #{c < t : x_c == x_t}, the order of common/row_rank_cpu.h for rows
+// rank of x_t (#{c : x_c > x_t} + #{c < t : x_c == x_t}, the order of common/order.h for rows
 // without NaN).
 template <bool SMOOTH, typename Col>
 FASTEVAL_LANES_INLINE LaneStats columns_stats(const Col& col, int64_t C, __m256i t) {

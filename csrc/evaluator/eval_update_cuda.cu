@@ -14,8 +14,8 @@
 // cannot raise, so a first kernel counts out-of-range targets into count[1] and a scratch flag, and the
 // main kernel then leaves the state untouched (the Python API raises when it reads the state).
 //
-// The order used for argmax and rank is that of common/row_rank_cpu.h: larger first, NaN above every
-// number, ties by index.
+// The order used for argmax and rank is that of common/order.h: larger first, NaN above every number,
+// ties by index.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/zeros.h>
@@ -26,6 +26,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/order.h"
 #include "evaluator/eval_update_common.h"
 
 namespace fasteval {
@@ -65,67 +66,36 @@ struct Params {
   const int64_t* bad;  // number of out-of-range targets in this batch (written by the check kernel)
 };
 
-__device__ __forceinline__ void atomic_add_i64(int64_t* p, int64_t v) {
-  atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
-}
-
-// The partial state of (part of) a row, mergeable across lanes.
+// The partial state of (part of) a row, mergeable across lanes. The argmax and the counts that give the
+// rank of the target follow common/order.h.
 struct RowPartial {
   MaxSumExp mse;
-  float best;      // max in the argmax order (NaN above all)
-  float sum_dx;    // sum_c (x_c - pivot), pivot = x_t if finite else 0
-  int64_t arg;     // index of best (C: nothing seen yet)
-  int gt;          // #{x_c > x_t}
-  int eq_before;   // #{c < t : x_c == x_t}
-  int nan_total;   // #{c : x_c is NaN}
-  int nan_before;  // #{c < t : x_c is NaN}
+  order::ArgMax am;           // first element in the order (NaN above all)
+  order::RankParts<int> rp;  // counts giving the rank of x_t
+  float sum_dx;               // sum_c (x_c - pivot), pivot = x_t if finite else 0
 
-  __device__ __forceinline__ static RowPartial empty(int64_t C) {
+  __device__ __forceinline__ static RowPartial empty() {
     RowPartial r;
     r.mse = MaxSumExp::empty();
-    r.best = cuda::neg_inf();
+    r.am = order::ArgMax::empty();
+    r.rp = order::RankParts<int>::empty();
     r.sum_dx = 0.f;
-    r.arg = C;
-    r.gt = r.eq_before = r.nan_total = r.nan_before = 0;
     return r;
   }
 
-  // Everything but the (max, sum-exp) state, for element c with value x (ascending c per thread).
+  // Everything but the (max, sum-exp) state, for element c with value x.
   __device__ __forceinline__ void visit(int64_t c, float x, float xt, float pivot, int64_t t) {
-    const bool xnan = cuda::is_nan_bits(x);
-    const bool bnan = cuda::is_nan_bits(best);
-    if (!bnan && (x > best || xnan || (x == best && c < arg))) {
-      best = x;
-      arg = c;
-    }
+    am.visit(x, c);
+    rp.visit(x, c, xt, t);
     sum_dx += x - pivot;
-    gt += x > xt;
-    nan_total += xnan;
-    if (c < t) {
-      eq_before += x == xt;
-      nan_before += xnan;
-    }
   }
 
   __device__ __forceinline__ static RowPartial merge(const RowPartial& a, const RowPartial& b) {
     RowPartial r;
     r.mse = MaxSumExp::merge(a.mse, b.mse);
-    const bool an = cuda::is_nan_bits(a.best), bn = cuda::is_nan_bits(b.best);
-    bool take_a;
-    if (an != bn) {
-      take_a = an;
-    } else if (an || a.best == b.best) {
-      take_a = a.arg < b.arg;
-    } else {
-      take_a = a.best > b.best;
-    }
-    r.best = take_a ? a.best : b.best;
-    r.arg = take_a ? a.arg : b.arg;
+    r.am = order::ArgMax::merge(a.am, b.am);
+    r.rp = order::RankParts<int>::merge(a.rp, b.rp);
     r.sum_dx = a.sum_dx + b.sum_dx;
-    r.gt = a.gt + b.gt;
-    r.eq_before = a.eq_before + b.eq_before;
-    r.nan_total = a.nan_total + b.nan_total;
-    r.nan_before = a.nan_before + b.nan_before;
     return r;
   }
 };
@@ -189,7 +159,7 @@ struct BlockAcc {
     if (p.smem_confmat) {
       atomicAdd(cm + bin, 1);
     } else {
-      atomic_add_i64(p.confmat + bin, 1);
+      cuda::atomic_add_i64(p.confmat + bin, 1);
     }
   }
 
@@ -226,22 +196,22 @@ struct BlockAcc {
     if (threadIdx.x == 0) {
       if (*valid) {
         atomicAdd(p.loss_sum, *loss);
-        atomic_add_i64(p.count, *valid);
+        cuda::atomic_add_i64(p.count, *valid);
       }
     }
     for (int i = threadIdx.x; i < p.nb; i += blockDim.x) {
       if (ccount[i]) {
-        atomic_add_i64(p.calib_count + i, ccount[i]);
+        cuda::atomic_add_i64(p.calib_count + i, ccount[i]);
         atomicAdd(p.calib_conf + i, conf[i]);
       }
-      if (ccorrect[i]) atomic_add_i64(p.calib_correct + i, ccorrect[i]);
+      if (ccorrect[i]) cuda::atomic_add_i64(p.calib_correct + i, ccorrect[i]);
     }
     for (int i = threadIdx.x; i < p.K; i += blockDim.x) {
-      if (hits[i]) atomic_add_i64(p.topk_hits + i, hits[i]);
+      if (hits[i]) cuda::atomic_add_i64(p.topk_hits + i, hits[i]);
     }
     if (p.smem_confmat) {
       for (int64_t i = threadIdx.x; i < p.cm_bins; i += blockDim.x) {
-        if (cm[i]) atomic_add_i64(p.confmat + i, cm[i]);
+        if (cm[i]) cuda::atomic_add_i64(p.confmat + i, cm[i]);
       }
     }
   }
@@ -266,24 +236,7 @@ __device__ __forceinline__ void finish(const Params& p, const RowPartial& r, flo
     *l = cuda::quiet_nan();
     *cf = cuda::quiet_nan();
   }
-  *rank = cuda::is_nan_bits(xt) ? r.nan_before : static_cast<int64_t>(r.gt) + r.nan_total + r.eq_before;
-}
-
-template <typename I>
-__global__ void check_targets_kernel(const I* __restrict__ target, int64_t P, int64_t C, bool has_ignore,
-                                     int64_t ignore_index, int64_t* bad, int64_t* count) {
-  int local = 0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < P;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t t = static_cast<int64_t>(target[i]);
-    local += !(has_ignore && t == ignore_index) && (t < 0 || t >= C);
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
-  if ((threadIdx.x & 31) == 0 && local) {
-    atomic_add_i64(bad, local);
-    atomic_add_i64(count + 1, local);
-  }
+  *rank = r.rp.rank(xt);
 }
 
 template <typename T, typename I>
@@ -302,7 +255,7 @@ __global__ void __launch_bounds__(kBlock) eval_rows_kernel(const T* __restrict__
     const T* row = x + i * p.row_stride;
     const float xt = cuda::to_float(row[t]);
     const float pivot = smoothing_pivot(xt);
-    RowPartial r = RowPartial::empty(p.C);
+    RowPartial r = RowPartial::empty();
     cuda::for_each_vectorized<T, 2>(
         row, p.C, lane, 32,
         [&](int64_t first, const float(&v)[cuda::kVecWidth<T>]) {
@@ -319,7 +272,7 @@ __global__ void __launch_bounds__(kBlock) eval_rows_kernel(const T* __restrict__
       float l, cf;
       int64_t rank;
       finish(p, r, xt, pivot, t, &l, &cf, &rank);
-      acc.add(p, l, cf, r.arg, t, rank);
+      acc.add(p, l, cf, r.am.index(), t, rank);
     }
   }
   acc.flush(p);
@@ -340,7 +293,7 @@ __global__ void __launch_bounds__(kBlock) eval_positions_kernel(const T* __restr
     const T* col = x + n * p.row_stride + s;
     const float xt = cuda::to_float(col[t * p.S]);
     const float pivot = smoothing_pivot(xt);
-    RowPartial r = RowPartial::empty(p.C);
+    RowPartial r = RowPartial::empty();
     // The sums over C run in blocks of kPositionBlock columns, each block's partial (max, sum of exp) and
     // sum of x - pivot then added to the running ones: one sequential sum over a large C loses about
     // C * 2^-24 relative when values repeat (the roundings correlate), as torch's own (N, C, d) reduction does.
@@ -360,7 +313,7 @@ __global__ void __launch_bounds__(kBlock) eval_positions_kernel(const T* __restr
     float l, cf;
     int64_t rank;
     finish(p, r, xt, pivot, t, &l, &cf, &rank);
-    acc.add(p, l, cf, r.arg, t, rank);
+    acc.add(p, l, cf, r.am.index(), t, rank);
   }
   acc.flush(p);
 }
@@ -419,8 +372,8 @@ void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, 
   const size_t smem = static_cast<size_t>(BlockAcc::bytes(p));
   AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "eval_update_cuda_target", [&] {
     const int64_t check_blocks = std::min<int64_t>(cuda::ceil_div<int64_t>(p.P, kBlock), 4 * sms);
-    check_targets_kernel<index_t><<<static_cast<unsigned>(check_blocks), kBlock, 0, stream>>>(
-        target.const_data_ptr<index_t>(), p.P, p.C, p.has_ignore, p.ignore_index, bad.data_ptr<int64_t>(), p.count);
+    cuda::count_bad_targets_kernel<index_t><<<static_cast<unsigned>(check_blocks), kBlock, 0, stream>>>(
+        target.const_data_ptr<index_t>(), p.P, p.C, p.has_ignore, p.ignore_index, bad.data_ptr<int64_t>(), p.count + 1);
     FASTEVAL_CUDA_LAUNCH_CHECK();
     FASTEVAL_DISPATCH_LOGITS_TYPES(logits.scalar_type(), "eval_update_cuda", [&] {
       using T = scalar_t;

@@ -48,17 +48,22 @@ inline Sizes check_linear(const at::Tensor& input, const at::Tensor& w, const st
   return {input.size(0), input.size(1), w.size(0)};
 }
 
+// target: (N,) int64 / int32 class indices on input's device.
+inline void check_target(const at::Tensor& target, const at::Tensor& input, int64_t N, const char* op) {
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+                   ": target must hold class indices as int64 or int32, got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == N, op, ": expected target of shape (", N,
+                    ",) to match input ", input.sizes(), ", got ", target.sizes());
+  TORCH_CHECK_VALUE(target.device() == input.device(), op, ": target is on ", target.device(), " but input is on ",
+                    input.device());
+}
+
 // Checks of the loss op (forward): the linear layer, then the cross-entropy arguments as
 // fasteval::softmax_cross_entropy checks them against logits of shape (N, V). Returns the sizes.
 inline Sizes check_forward(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                            const at::Tensor& target, double label_smoothing, int64_t reduction, const char* op) {
   const Sizes s = check_linear(input, w, bias, op);
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
-                   ": target must hold class indices as int64 or int32, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == s.N, op, ": expected target of shape (", s.N,
-                    ",) to match input ", input.sizes(), ", got ", target.sizes());
-  TORCH_CHECK_VALUE(target.device() == input.device(), op, ": target is on ", target.device(), " but input is on ",
-                    input.device());
+  check_target(target, input, s.N, op);
   check_label_smoothing(label_smoothing, op);
   check_reduction(reduction, op);
   return s;
@@ -68,26 +73,6 @@ inline Sizes check_forward(const at::Tensor& input, const at::Tensor& w, const s
 inline at::Tensor checked_class_weight(const std::optional<at::Tensor>& weight, int64_t V, const at::Tensor& input,
                                        const char* op) {
   return checked_weight(weight, V, input, op);
-}
-
-// The backward's own inputs, beyond those of the forward: grad_loss ((N,) for reduction none, else 0-dim),
-// the forward's float32 lse (N,) and 0-dim total_weight, all on input's device.
-inline void check_backward_extras(const at::Tensor& grad_loss, const at::Tensor& lse, const at::Tensor& total_weight,
-                                  const at::Tensor& input, int64_t N, int64_t reduction, const char* op) {
-  if (reduction == 0) {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 1 && grad_loss.size(0) == N, op, ": grad_loss must have shape (", N,
-                      ",) for reduction none, got ", grad_loss.sizes());
-  } else {
-    TORCH_CHECK_VALUE(grad_loss.dim() == 0, op, ": grad_loss must be 0-dim for reduction mean or sum, got ",
-                      grad_loss.sizes());
-  }
-  TORCH_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == N, op, ": lse must have shape (", N, ",), got ",
-                    lse.sizes());
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
-  TORCH_CHECK_VALUE(total_weight.dim() == 0, op, ": total_weight must be 0-dim, got ", total_weight.sizes());
-  TORCH_CHECK_VALUE(grad_loss.device() == input.device() && lse.device() == input.device() &&
-                        total_weight.device() == input.device(),
-                    op, ": grad_loss, lse, total_weight and input must be on the same device");
 }
 
 // Checks of fasteval::linear_eval_update, before any state is touched: the linear layer, the target
@@ -101,14 +86,8 @@ inline Sizes check_eval_inputs(const at::Tensor& input, const at::Tensor& w, con
   const Sizes s = check_linear(input, w, bias, op);
   TORCH_CHECK_VALUE(s.V > 0, op, ": the number of classes V must be positive, got linear_weight of shape ",
                     w.sizes());
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
-                   ": target must hold class indices as int64 or int32, got ", target.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == s.N, op, ": expected target of shape (", s.N,
-                    ",) to match input ", input.sizes(), ", got ", target.sizes());
-  TORCH_CHECK_VALUE(target.device() == input.device(), op, ": target is on ", target.device(), " but input is on ",
-                    input.device());
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op, ": label_smoothing must be in [0, 1], got ",
-                    label_smoothing);
+  check_target(target, input, s.N, op);
+  check_label_smoothing(label_smoothing, op);
   for (int64_t k : top_k) TORCH_CHECK_VALUE(k >= 1, op, ": every top_k must be >= 1, got ", top_k);
   TORCH_CHECK_TYPE(boundaries.scalar_type() == at::kFloat, op, ": calib_boundaries must be float32, got ",
                    boundaries.scalar_type());

@@ -372,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   const at::NoGradGuard no_grad;
   const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
   const at::Tensor cw = checked_class_weight(weight, sz.V, input, op);
-  check_backward_extras(grad_loss, lse, total_weight, input, sz.N, reduction, op);
+  check_backward_extras(grad_loss, lse, total_weight, input, "input", sz.N, at::kFloat, reduction, op);
   const Prepared p = prepare(input, linear_weight, linear_bias, target, true, ignore_index, op, "");
   const int64_t N = sz.N, H = sz.H, V = sz.V;
   const float* w = cw.defined() ? cw.const_data_ptr<float>() : nullptr;

@@ -352,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cud
   const char* op = kBackwardOp;
   const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
   const at::Tensor cwt = checked_class_weight(weight, sz.V, input, op);
-  check_backward_extras(grad_loss, lse, total_weight, input, sz.N, reduction, op);
+  check_backward_extras(grad_loss, lse, total_weight, input, "input", sz.N, at::kFloat, reduction, op);
   const at::NoGradGuard no_grad;
   const c10::cuda::CUDAGuard guard(input.device());
   const int64_t N = sz.N, H = sz.H, V = sz.V;
