@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import _loader, reference
+from ._limits import MAX_MATRIX_CLASSES
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # logits and scores the kernels read
 _KERNEL_DTYPES = KERNEL_DTYPES
@@ -86,11 +87,21 @@ def _eval_update_fake(logits, target, calib_boundaries, ignore_index, label_smoo
     return None
 
 
+def _check_num_classes(num_classes, matrix):
+    torch._check_value(num_classes >= 1, lambda: f"num_classes must be positive, got {num_classes}")
+    if matrix:
+        torch._check_value(num_classes <= MAX_MATRIX_CLASSES, lambda: (
+            f"a ({num_classes}, {num_classes}) confusion matrix has more than 2^31 - 1 entries; use the per-class "
+            "counts (class_counts) for this many classes"))
+
+
 def _cm_fake(preds, target, num_classes, ignore_index):
+    _check_num_classes(num_classes, matrix=True)
     return target.new_empty((num_classes, num_classes), dtype=torch.int64), _invalid(target)
 
 
 def _cc_fake(preds, target, num_classes, ignore_index):
+    _check_num_classes(num_classes, matrix=False)
     return target.new_empty((3, num_classes), dtype=torch.int64), _invalid(target)
 
 

@@ -159,3 +159,26 @@ def test_fakes_reject_the_target_shapes_the_kernels_reject(device):
         ops.compare_update(x, x, bad_t, None, [1], *st, None, None)
     with pytest.raises(Exception, match="shape"):
         ops.compare_update(x, x[:, :4], None, None, [1], *st, None, None)
+
+
+@needs_kernel(None, "cpu")  # the fakes are registered with the compiled library
+def test_the_matrix_class_limit_is_one_constant_everywhere():
+    """fasteval/_limits.py sets the largest (C, C) confusion matrix once: the kernel (which gets it from the
+    build), the fake, the reference and the public function all refuse one class more, and the fake takes the
+    limit itself (a meta call allocates nothing)."""
+    from fasteval import reference
+    from fasteval._limits import MAX_MATRIX_CLASSES as limit
+    assert limit * limit <= 2**31 - 1 < (limit + 1) ** 2
+    one = torch.zeros(1, dtype=torch.long)
+    meta = one.to("meta")
+    assert torch.ops.fasteval.confusion_matrix(meta, meta, limit, None)[0].shape == (limit, limit)
+    calls = [lambda c: torch.ops.fasteval.confusion_matrix(one, one, c, None),
+             lambda c: torch.ops.fasteval.confusion_matrix(meta, meta, c, None),
+             lambda c: reference.confusion_matrix(one, one, c),
+             lambda c: fasteval.confusion_matrix(one, one, c)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"2\^31 - 1"):
+            call(limit + 1)
+    for op in (torch.ops.fasteval.confusion_matrix, torch.ops.fasteval.class_counts):
+        with pytest.raises(ValueError, match="num_classes must be positive"):
+            op(meta, meta, 0, None)
