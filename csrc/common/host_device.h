@@ -4,5 +4,5 @@
 #if defined(__CUDACC__)
 #define FASTEVAL_HD __host__ __device__ __forceinline__
 #else
-#define FASTEVAL_HD inline
+#define FASTEVAL_HD inline __attribute__((always_inline))
 #endif

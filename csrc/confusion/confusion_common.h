@@ -18,6 +18,11 @@ namespace fasteval {
                                          AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)               \
                                              AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
+// 0/1 targets of the binary and multilabel matrices.
+#define FASTEVAL_DISPATCH_BINARY_TARGET(TYPE, NAME, ...)                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kLong, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kInt, __VA_ARGS__) AT_DISPATCH_CASE(at::kByte, __VA_ARGS__))
+
 #define FASTEVAL_DISPATCH_SCORE_OR_LABEL_TYPES(TYPE, NAME, ...)                                     \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                         \
                                      AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)                     \
@@ -42,6 +47,20 @@ FASTEVAL_HD void emit(const Acc& acc, int64_t t, int64_t p, int64_t C) {
     acc.add(2 * C + t);
     if (t == p) acc.add(t);
   }
+}
+
+// The bucket of score x among T ascending thresholds (NaN thresholds last): the number of thresholds <= x.
+// A NaN x compares false everywhere: bucket 0; no thresholds: one bucket, nothing is read.
+template <typename CT>
+FASTEVAL_HD int64_t bucket_of(const CT* thr, int64_t T, CT x) {
+  if (T == 0) return 0;
+  int64_t base = 0, n = T;
+  while (n > 1) {
+    const int64_t half = n >> 1;
+    base = (thr[base + half] <= x) ? base + half : base;
+    n -= half;
+  }
+  return base + (thr[base] <= x);
 }
 
 inline bool is_kernel_score_type(at::ScalarType t) {

@@ -276,10 +276,6 @@ void count_multilabel(const P* pp, const T* tp, int64_t N, int64_t L, double thr
   });
 }
 
-#define FASTEVAL_DISPATCH_BINARY_TARGET(TYPE, NAME, ...)                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kLong, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kInt, __VA_ARGS__) AT_DISPATCH_CASE(at::kByte, __VA_ARGS__))
-
 std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cpu(const at::Tensor& preds_in,
                                                                   const at::Tensor& target_in, double threshold,
                                                                   std::optional<int64_t> ignore_index) {
@@ -316,20 +312,6 @@ inline void sort_thresholds(const double* thr, int64_t T, std::vector<double>& s
   });
   sorted.resize(T);
   for (int64_t k = 0; k < T; ++k) sorted[k] = thr[order[k]];
-}
-
-template <typename CT>
-FASTEVAL_ALWAYS_INLINE int64_t bucket_of(const CT* thr, int64_t T, CT x) {
-  // Number of thresholds <= x in the ascending thr[0, T) (NaN thresholds last: never <= x). A NaN x
-  // compares false: bucket 0.
-  if (T == 0) return 0;
-  int64_t base = 0, n = T;
-  while (n > 1) {
-    const int64_t half = n >> 1;
-    base = (thr[base + half] <= x) ? base + half : base;
-    n -= half;
-  }
-  return base + (thr[base] <= x);
 }
 
 template <typename P, typename TT>

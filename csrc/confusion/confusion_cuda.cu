@@ -168,19 +168,6 @@ __global__ void threshold_rank_kernel(const CT* __restrict__ thr, int64_t T, CT*
   }
 }
 
-template <typename CT>
-__device__ __forceinline__ int64_t bucket_of(const CT* __restrict__ thr, int64_t T, CT x) {
-  // Number of thresholds <= x in the ascending thr[0, T) (NaN thresholds last: never <= x).
-  if (T == 0) return 0;  // no thresholds: one bucket (nothing is read)
-  int64_t base = 0, n = T;
-  while (n > 1) {
-    const int64_t half = n >> 1;
-    base = (thr[base + half] <= x) ? base + half : base;
-    n -= half;
-  }
-  return base + (thr[base] <= x);
-}
-
 // Elements of (N, L) preds; target (N, L) 0/1, or (N,) class labels when one_vs_rest.
 template <typename P, typename TT>
 struct BinnedWork {
@@ -336,10 +323,6 @@ std::tuple<at::Tensor, at::Tensor> class_counts_cuda(const at::Tensor& preds, co
                                                     int64_t num_classes, std::optional<int64_t> ignore_index) {
   return multiclass_cuda<Mode::kCounts>(preds, target, num_classes, ignore_index, "fasteval.class_counts");
 }
-
-#define FASTEVAL_DISPATCH_BINARY_TARGET(TYPE, NAME, ...)                   \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kLong, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kInt, __VA_ARGS__) AT_DISPATCH_CASE(at::kByte, __VA_ARGS__))
 
 std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cuda(const at::Tensor& preds_in,
                                                                    const at::Tensor& target_in, double threshold,
