@@ -295,8 +295,10 @@ print("weighted backward without label smoothing: ran cleanly")
 PY
 }
 
-# Whole files: test_confusion.py and test_evaluator.py hold their ops' CPU and CUDA tests side by side.
-CUDA_TEST_FILES=(tests/test_cuda_sweep.py tests/test_cuda_sync.py tests/test_confusion.py tests/test_evaluator.py)
+# Whole files: each op's test file holds its CPU and CUDA tests side by side. The comparison and the linear
+# cross-entropy files are here too: their CUDA value and gradient tests have not yet run on a GPU.
+CUDA_TEST_FILES=(tests/test_cuda_sweep.py tests/test_cuda_sync.py tests/test_confusion.py tests/test_evaluator.py
+                 tests/test_linear_cross_entropy.py tests/test_compare.py)
 stage_suites() {
   local rest=() f
   for f in "${CUDA_TEST_FILES[@]}"; do rest+=("--ignore=$f"); done
