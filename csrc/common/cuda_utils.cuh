@@ -371,14 +371,13 @@ __device__ __forceinline__ void atomic_add_i64(int64_t* p, int64_t v) {
 template <typename I>
 __global__ void count_bad_targets_kernel(const I* __restrict__ target, int64_t P, int64_t C, bool has_ignore,
                                          int64_t ignore_index, int64_t* bad, int64_t* also) {
-  int local = 0;
+  int64_t local = 0;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < P;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = static_cast<int64_t>(target[i]);
     local += !(has_ignore && t == ignore_index) && (t < 0 || t >= C);
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) local += __shfl_xor_sync(0xffffffffu, local, offset);
+  local = warp_reduce_sum(local);
   if ((threadIdx.x & 31) == 0 && local) {
     atomic_add_i64(bad, local);
     atomic_add_i64(also, local);

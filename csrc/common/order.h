@@ -70,6 +70,11 @@ struct ArgMax {
   FASTEVAL_HD int64_t index() const { return i == kNone ? 0 : i; }
 };
 
+// Merge functor of ArgMax for generic reductions (cuda::warp_reduce, block reductions).
+struct ArgMaxOp {
+  FASTEVAL_HD ArgMax operator()(const ArgMax& a, const ArgMax& b) const { return ArgMax::merge(a, b); }
+};
+
 // The counts that give rank(x, t) for a fixed target (x_t, t), mergeable across lanes and chunks. COUNT:
 // the counter type (int on CUDA lanes, int64_t on the host).
 template <typename COUNT>

@@ -70,12 +70,6 @@ __device__ __forceinline__ void atomic_nan_max(double* addr, double v) {
 }
 
 // The argmax and the rank counts merge across lanes in the order of common/order.h.
-struct ArgMaxOp {
-  __device__ __forceinline__ order::ArgMax operator()(const order::ArgMax& a, const order::ArgMax& b) const {
-    return order::ArgMax::merge(a, b);
-  }
-};
-
 struct RankPartsOp {
   using Parts = order::RankParts<int64_t>;
   __device__ __forceinline__ Parts operator()(const Parts& a, const Parts& b) const { return Parts::merge(a, b); }
@@ -142,8 +136,8 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
       mb.visit(b, c);
       md = cuda::nan_max(md, a == b ? 0.f : fabsf(a - b));
     }
-    ma = cuda::warp_reduce(ma, ArgMaxOp{});
-    mb = cuda::warp_reduce(mb, ArgMaxOp{});
+    ma = cuda::warp_reduce(ma, order::ArgMaxOp{});
+    mb = cuda::warp_reduce(mb, order::ArgMaxOp{});
     md = cuda::warp_reduce_max(md);
     const int64_t ia = ma.index(), ib = mb.index();
     const float amax = ma.v, bmax = mb.v;
