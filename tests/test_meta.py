@@ -182,3 +182,51 @@ def test_the_matrix_class_limit_is_one_constant_everywhere():
     for op in (torch.ops.fasteval.confusion_matrix, torch.ops.fasteval.class_counts):
         with pytest.raises(ValueError, match="num_classes must be positive"):
             op(meta, meta, 0, None)
+
+
+@needs_kernel(None, "cpu")
+def test_the_kernel_float_dtypes_are_one_set():
+    """The floating dtypes the logits / scores kernels read are one set, named once per language
+    (fasteval._ops.KERNEL_DTYPES, checks.h's is_kernel_float_type): the table sends exactly those to the
+    kernels (float64 goes to the reference), and every kernel takes them and refuses float64 with the one
+    message of checks.h, so the two statements cannot drift apart."""
+    from fasteval import _ops
+    ops = torch.ops.fasteval
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    h64 = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    w64 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 2, 1, 1])
+    bnd = torch.linspace(0, 1, 3)
+
+    def eval_state():
+        return [torch.zeros(1, dtype=torch.float64), torch.zeros(3, 3, dtype=torch.int64),
+                torch.zeros(1, dtype=torch.int64), torch.zeros(3, dtype=torch.int64),
+                torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64),
+                torch.zeros(2, dtype=torch.int64)]
+
+    def compare_state():
+        cmp = fasteval.LogitComparator(3, top_k=(1,))
+        return [getattr(cmp, n).clone() for n in ("stats", "counts", "kl_hist", "dp_hist")] + [None, None]
+
+    calls = {  # op -> the op's arguments for float inputs of dtype dt
+        "softmax_cross_entropy": lambda dt: (x64.to(dt), t, None, -100, 0.0, 1),
+        "eval_update": lambda dt: (x64.to(dt), t, bnd, None, 0.0, [1], False, *eval_state()),
+        "confusion_matrix": lambda dt: (x64.to(dt), t, 3, None),
+        "class_counts": lambda dt: (x64.to(dt), t, 3, None),
+        "topk_rank": lambda dt: (x64.to(dt), t, None),
+        "compare_update": lambda dt: (x64.to(dt), x64.to(dt), t, None, [1], *compare_state()),
+        "linear_cross_entropy": lambda dt: (h64.to(dt), w64.to(dt), None, t, None, -100, 0.0, 1),
+        "linear_eval_update": lambda dt: (h64.to(dt), w64.to(dt), None, t, bnd, None, 0.0, [1], False,
+                                          *eval_state()),
+    }
+    assert set(_ops.KERNEL_DTYPES) == {torch.float32, torch.bfloat16, torch.float16}
+    for name, args in calls.items():
+        for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            served = dt in _ops.KERNEL_DTYPES
+            assert _ops.OPS[name].served(*args(dt)) == served, (name, dt)
+            if served:
+                getattr(ops, name)(*args(dt))
+            else:
+                with pytest.raises(TypeError, match="must be float32, bfloat16 or float16, got Double"):
+                    getattr(ops, name)(*args(dt))

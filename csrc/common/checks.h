@@ -3,17 +3,31 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
+#include <string>
+
 namespace fasteval {
 
 // User errors surface in Python as ValueError (TORCH_CHECK_VALUE) or TypeError (TORCH_CHECK_TYPE), the
 // same types the pure-torch reference raises; out-of-range class indices as IndexError.
+
+// The floating dtypes the kernels read (logits, scores, hidden states): float32, bfloat16 and float16,
+// dispatched by FASTEVAL_DISPATCH_LOGITS_TYPES below. Python names the same set fasteval._ops.KERNEL_DTYPES
+// and sends other dtypes (float64) to the reference; test_meta checks that the two agree.
+inline bool is_kernel_float_type(at::ScalarType st) {
+  return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf;
+}
+
+// TypeError unless `what` (e.g. "logits") has a kernel float dtype.
+inline void check_kernel_float_type(at::ScalarType st, const char* what, const char* op) {
+  TORCH_CHECK_TYPE(is_kernel_float_type(st), op, ": ", what, " must be float32, bfloat16 or float16, got ", st);
+}
+
 inline void check_logits_2d(const at::Tensor& logits, const char* op) {
   // C = 0 is allowed, as in torch: every target is then out of range (IndexError) or ignore_index.
   TORCH_CHECK_VALUE(logits.dim() == 2, op, ": expected logits of shape (N, C), got ", logits.dim(), " dims ",
               logits.sizes());
-  const auto st = logits.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
-              ": logits must be float32, bfloat16 or float16, got ", st);
+  check_kernel_float_type(logits.scalar_type(), "logits", op);
 }
 
 inline void check_target_1d(const at::Tensor& target, int64_t n, const at::Tensor& logits, const char* op) {
@@ -87,6 +101,39 @@ inline void check_cross_entropy_backward_inputs(const at::Tensor& grad_loss, con
                                                 int64_t reduction, const char* op) {
   check_cross_entropy_inputs(logits, target, label_smoothing, reduction, op);
   check_backward_extras(grad_loss, lse, total_weight, logits, "logits", logits.size(0), at::kDouble, reduction, op);
+}
+
+// A state tensor of a stateful op (the evaluation and comparison updates): its dtype and shape, contiguous,
+// on the device of `like` (named by like_is, e.g. "logits are").
+inline void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
+                        const at::Tensor& like, const char* like_is, const char* op) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": state ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": state ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": state ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": state ", name, " is on ", t.device(), " but ", like_is, " on ",
+                    like.device());
+}
+
+// torch's IndexError for a class-index target t outside [0, C) that is not the ignore_index (None when
+// the op has no ignore_index); `note` ends the message (e.g. "; the state was not changed").
+[[noreturn]] inline void throw_target_out_of_bounds(const char* op, int64_t t, int64_t C,
+                                                    std::optional<int64_t> ignore_index, const char* note = "") {
+  TORCH_CHECK_INDEX(false, op, ": target ", t, " is out of bounds for ", C, " classes (valid targets are 0..", C - 1,
+                    ignore_index.has_value() ? " or ignore_index=" + std::to_string(*ignore_index) : std::string(),
+                    ")", note);
+}
+
+// Host check of P class-index targets: throws the error above for the first one outside [0, C) that is not
+// the ignore_index.
+template <typename I>
+void check_target_values(const I* tp, int64_t P, int64_t C, std::optional<int64_t> ignore_index, const char* op,
+                         const char* note = "") {
+  for (int64_t i = 0; i < P; ++i) {
+    const int64_t t = static_cast<int64_t>(tp[i]);
+    if ((t < 0 || t >= C) && !(ignore_index.has_value() && t == *ignore_index)) {
+      throw_target_out_of_bounds(op, t, C, ignore_index, note);
+    }
+  }
 }
 
 // Logits with unit stride along the class dimension (rows may be strided).

@@ -365,6 +365,12 @@ __device__ __forceinline__ void atomic_add_i64(int64_t* p, int64_t v) {
   atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 }
 
+// An accumulator of int64 bins in global memory (acc.add(bin), as confusion_common.h's emit calls it).
+struct GlobalBins {
+  int64_t* bins;
+  __device__ __forceinline__ void add(int64_t b) const { atomic_add_i64(bins + b, 1); }
+};
+
 // Counts the targets outside [0, C) (other than ignore_index when has_ignore) and adds their number to
 // *bad and to *also: the batch-rejection flag and a state counter of the kernels that take a batch only
 // when every target is valid. Grid-stride over P targets; blockDim.x a multiple of 32.

@@ -127,16 +127,6 @@ struct Shapes {
   int64_t N, C, S, positions;
 };
 
-inline void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
-                        const at::Tensor& ref) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, kOp, ": state ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, kOp, ": state ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), kOp, ": state ", name, " must be contiguous");
-  TORCH_CHECK_VALUE(t.device() == ref.device(), kOp, ": state ", name, " is on ", t.device(),
-                    " but logits are on ", ref.device());
-}
-
-inline bool served_dtype(at::ScalarType st) { return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf; }
 
 // Every check but the target values (the order and exception types of reference.check_compare_inputs).
 inline Shapes check_inputs(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& target,
@@ -147,10 +137,8 @@ inline Shapes check_inputs(const at::Tensor& a, const at::Tensor& b, const std::
                     ": expected reference logits of shape (N, C) or (N, C, S), got ", a.sizes());
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), kOp, ": reference logits ", a.sizes(), " and candidate logits ",
                     b.sizes(), " must have the same shape");
-  TORCH_CHECK_TYPE(served_dtype(a.scalar_type()), kOp,
-                   ": reference logits must be float32, bfloat16 or float16, got ", a.scalar_type());
-  TORCH_CHECK_TYPE(served_dtype(b.scalar_type()), kOp,
-                   ": candidate logits must be float32, bfloat16 or float16, got ", b.scalar_type());
+  check_kernel_float_type(a.scalar_type(), "reference logits", kOp);
+  check_kernel_float_type(b.scalar_type(), "candidate logits", kOp);
   TORCH_CHECK_VALUE(b.device() == a.device(), kOp, ": candidate logits are on ", b.device(),
                     " but reference logits are on ", a.device());
   Shapes s;
@@ -177,15 +165,15 @@ inline Shapes check_inputs(const at::Tensor& a, const at::Tensor& b, const std::
   TORCH_CHECK_VALUE(static_cast<int64_t>(top_k.size()) <= kMaxTopK, kOp, ": at most ", kMaxTopK,
                     " top_k values are supported, got ", top_k.size());
   const int64_t K = static_cast<int64_t>(top_k.size());
-  check_state(stats, "stats", at::kDouble, {kStatRows, 3}, a);
-  check_state(counts, "counts", at::kLong, {kCountNames + K}, a);
-  check_state(kl_hist, "kl_hist", at::kLong, {kKlBins}, a);
-  check_state(dp_hist, "dp_hist", at::kLong, {kDpBins}, a);
+  check_state(stats, "stats", at::kDouble, {kStatRows, 3}, a, "logits are", kOp);
+  check_state(counts, "counts", at::kLong, {kCountNames + K}, a, "logits are", kOp);
+  check_state(kl_hist, "kl_hist", at::kLong, {kKlBins}, a, "logits are", kOp);
+  check_state(dp_hist, "dp_hist", at::kLong, {kDpBins}, a, "logits are", kOp);
   if (row_stats.has_value() && row_stats->defined()) {
-    check_state(*row_stats, "row_stats", at::kFloat, {s.positions, 4}, a);
+    check_state(*row_stats, "row_stats", at::kFloat, {s.positions, 4}, a, "logits are", kOp);
   }
   if (row_argmax.has_value() && row_argmax->defined()) {
-    check_state(*row_argmax, "row_argmax", at::kLong, {s.positions, 2}, a);
+    check_state(*row_argmax, "row_argmax", at::kLong, {s.positions, 2}, a, "logits are", kOp);
   }
   return s;
 }

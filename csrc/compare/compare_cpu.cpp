@@ -23,7 +23,6 @@
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -333,18 +332,6 @@ void run(const at::Tensor& a, const at::Tensor& b, const I* tp, const Run& cfg, 
   });
 }
 
-template <typename I>
-void check_targets(const I* tp, int64_t P, int64_t C, bool has_ignore, int64_t ignore) {
-  for (int64_t i = 0; i < P; ++i) {
-    const int64_t t = static_cast<int64_t>(tp[i]);
-    if (!(has_ignore && t == ignore) && (t < 0 || t >= C)) {
-      TORCH_CHECK_INDEX(false, kOp, ": target ", t, " is out of bounds for ", C, " classes (valid targets are 0..",
-                        C - 1, has_ignore ? " or ignore_index=" + std::to_string(ignore) : std::string(),
-                        "); the state was not changed");
-    }
-  }
-}
-
 void compare_update_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& target_in,
                         std::optional<int64_t> ignore_index, at::IntArrayRef top_k, const at::Tensor& stats,
                         const at::Tensor& counts, const at::Tensor& kl_hist, const at::Tensor& dp_hist,
@@ -358,7 +345,10 @@ void compare_update_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const st
   const int64_t ignore = ignore_index.value_or(0);
   if (has_target && P > 0) {
     AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "compare_update_cpu_check",
-                            [&] { check_targets(target.const_data_ptr<index_t>(), P, C, has_ignore, ignore); });
+                            [&] {
+                              check_target_values(target.const_data_ptr<index_t>(), P, C, ignore_index, kOp,
+                                                  "; the state was not changed");
+                            });
   }
   if (P == 0) return;
   const at::Tensor a = kernel_layout(a_in), b = kernel_layout(b_in);

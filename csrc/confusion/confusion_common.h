@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/checks.h"
 #include "common/host_device.h"
 #include "common/limits.h"
 
@@ -49,6 +50,22 @@ FASTEVAL_HD void emit(const Acc& acc, int64_t t, int64_t p, int64_t C) {
   }
 }
 
+// The same with the mode chosen at run time (counts_only: the evaluation ops' per-class counts).
+template <typename Acc>
+FASTEVAL_HD void emit(const Acc& acc, int64_t t, int64_t p, int64_t C, bool counts_only) {
+  if (counts_only) {
+    emit<Mode::kCounts>(acc, t, p, C);
+  } else {
+    emit<Mode::kMatrix>(acc, t, p, C);
+  }
+}
+
+// An accumulator of plain int64 bins, for single-threaded host loops.
+struct HostBins {
+  int64_t* bins;
+  void add(int64_t b) const { bins[b] += 1; }
+};
+
 // The bucket of score x among T ascending thresholds (NaN thresholds last): the number of thresholds <= x.
 // A NaN x compares false everywhere: bucket 0; no thresholds: one bucket, nothing is read.
 template <typename CT>
@@ -61,10 +78,6 @@ FASTEVAL_HD int64_t bucket_of(const CT* thr, int64_t T, CT x) {
     n -= half;
   }
   return base + (thr[base] <= x);
-}
-
-inline bool is_kernel_score_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
 }
 
 inline void check_same_device(const at::Tensor& a, const char* an, const at::Tensor& b, const char* bn,
@@ -94,8 +107,7 @@ inline MulticlassShape check_multiclass(const at::Tensor& preds, const at::Tenso
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
               ": target must hold class indices as int64 or int32, got ", target.scalar_type());
   if (at::isFloatingType(preds.scalar_type())) {
-    TORCH_CHECK_TYPE(is_kernel_score_type(preds.scalar_type()), op,
-                ": scores must be float32, bfloat16 or float16 here, got ", preds.scalar_type());
+    check_kernel_float_type(preds.scalar_type(), "scores", op);
     TORCH_CHECK_VALUE(preds.dim() >= 2 && preds.size(1) == C, op, ": expected scores of shape (N, ", C,
                 ", ...) for num_classes=", C, ", got ", preds.sizes());
     std::vector<int64_t> expected{preds.size(0)};
@@ -158,8 +170,7 @@ inline void check_topk(const at::Tensor& scores, const at::Tensor& target, const
   check_same_device(scores, "scores", target, "target", op);
   TORCH_CHECK_VALUE(scores.dim() == 2 && scores.size(1) >= 1, op, ": expected scores of shape (N, C) with C >= 1, got ",
               scores.sizes());
-  TORCH_CHECK_TYPE(is_kernel_score_type(scores.scalar_type()), op, ": scores must be float32, bfloat16 or float16, got ",
-              scores.scalar_type());
+  check_kernel_float_type(scores.scalar_type(), "scores", op);
   TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
               ": target must hold class indices as int64 or int32, got ", target.scalar_type());
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == scores.size(0), op, ": expected target of shape (",

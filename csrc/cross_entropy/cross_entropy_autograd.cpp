@@ -94,8 +94,7 @@ TargetMasks target_masks(const at::Tensor& target, int64_t C, int64_t ignore_ind
     }
     if (any_bad) {
       const int64_t t = target.masked_select(bad)[0].item<int64_t>();
-      TORCH_CHECK_INDEX(false, op, ": target ", t, " is out of bounds for ", C, " classes (valid targets are 0..",
-                        C - 1, " or ignore_index=", ignore_index, ")");
+      throw_target_out_of_bounds(op, t, C, ignore_index);
     }
   }
   const at::Tensor valid = counted.logical_and(bad.logical_not());

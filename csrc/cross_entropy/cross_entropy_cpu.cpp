@@ -56,8 +56,7 @@ inline float weight_sum(const float* w, int64_t C) {
 }
 
 [[noreturn]] void bad_target(int64_t t, int64_t C, int64_t ignore_index, const char* op = kOp) {
-  TORCH_CHECK_INDEX(false, op, ": target ", t, " is out of bounds for ", C,
-                    " classes (valid targets are 0..", C - 1, " or ignore_index=", ignore_index, ")");
+  throw_target_out_of_bounds(op, t, C, ignore_index);
 }
 
 // Rows per partial sum of the reduction: fixed by C alone, so that the sum of the partials (in order,

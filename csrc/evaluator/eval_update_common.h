@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/host_device.h"
 
 namespace fasteval {
 namespace evaluator {
@@ -26,13 +27,51 @@ struct Shapes {
   int64_t N, C, S, positions;
 };
 
-inline void check_state(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef shape,
-                        const at::Tensor& logits) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, kOp, ": state ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == shape, kOp, ": state ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), kOp, ": state ", name, " must be contiguous");
-  TORCH_CHECK_VALUE(t.device() == logits.device(), kOp, ": state ", name, " is on ", t.device(), " but logits are on ",
-              logits.device());
+// The checks both evaluation ops (eval_update, linear_eval_update) make once their inputs' shapes are known:
+// label smoothing, top_k, the calibration boundaries and the state for C classes, on the device of `like`.
+inline void check_eval_state(const at::Tensor& like, const char* like_is, int64_t C, const at::Tensor& boundaries,
+                             double label_smoothing, at::IntArrayRef top_k, bool counts_only,
+                             const at::Tensor& loss_sum, const at::Tensor& confmat, const at::Tensor& topk_hits,
+                             const at::Tensor& calib_count, const at::Tensor& calib_conf,
+                             const at::Tensor& calib_correct, const at::Tensor& count, const char* op) {
+  check_label_smoothing(label_smoothing, op);
+  for (int64_t k : top_k) TORCH_CHECK_VALUE(k >= 1, op, ": every top_k must be >= 1, got ", top_k);
+  TORCH_CHECK_TYPE(boundaries.scalar_type() == at::kFloat, op, ": calib_boundaries must be float32, got ",
+                   boundaries.scalar_type());
+  TORCH_CHECK_VALUE(boundaries.dim() == 1 && boundaries.numel() >= 2, op,
+                    ": calib_boundaries must be a 1-D tensor of at least 2 edges, got shape ", boundaries.sizes());
+  TORCH_CHECK_VALUE(boundaries.device() == like.device(), op, ": calib_boundaries is on ", boundaries.device(), " but ",
+                    like_is, " on ", like.device());
+  const int64_t nb = boundaries.numel();
+  const int64_t K = static_cast<int64_t>(top_k.size());
+  check_state(loss_sum, "loss_sum", at::kDouble, {1}, like, like_is, op);
+  if (counts_only) {
+    check_state(confmat, "confmat (per-class counts)", at::kLong, {3, C}, like, like_is, op);
+  } else {
+    check_state(confmat, "confmat", at::kLong, {C, C}, like, like_is, op);
+  }
+  check_state(topk_hits, "topk_hits", at::kLong, {K}, like, like_is, op);
+  check_state(calib_count, "calib_count", at::kLong, {nb}, like, like_is, op);
+  check_state(calib_conf, "calib_conf", at::kDouble, {nb}, like, like_is, op);
+  check_state(calib_correct, "calib_correct", at::kLong, {nb}, like, like_is, op);
+  check_state(count, "count", at::kLong, {2}, like, like_is, op);
+}
+
+// The calibration bin of a defined confidence: bucketize(conf, boundaries, right=True) - 1 (the number of
+// boundaries <= conf, minus one, as std::upper_bound counts them), clamped to [0, nb - 1].
+FASTEVAL_HD int64_t calib_bin(const float* bnd, int64_t nb, float conf) {
+  int64_t first = 0, n = nb;
+  while (n > 0) {
+    const int64_t half = n >> 1;
+    if (!(conf < bnd[first + half])) {
+      first += half + 1;
+      n -= half + 1;
+    } else {
+      n = half;
+    }
+  }
+  const int64_t b = first - 1;
+  return b < 0 ? 0 : (b > nb - 1 ? nb - 1 : b);
 }
 
 // Checks everything but the target values; returns the sizes. Throws before any state is touched.
@@ -44,9 +83,7 @@ inline Shapes check_inputs(const at::Tensor& logits, const at::Tensor& target, c
   TORCH_CHECK_VALUE(logits.dim() == 2 || logits.dim() == 3, kOp, ": expected logits of shape (N, C) or (N, C, S), got ",
               logits.sizes());
   TORCH_INTERNAL_ASSERT(logits.device().type() == device);
-  const auto st = logits.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, kOp,
-              ": logits must be float32, bfloat16 or float16, got ", st);
+  check_kernel_float_type(logits.scalar_type(), "logits", kOp);
   Shapes s;
   s.N = logits.size(0);
   s.C = logits.size(1);
@@ -64,27 +101,8 @@ inline Shapes check_inputs(const at::Tensor& logits, const at::Tensor& target, c
   }
   TORCH_CHECK_VALUE(target.device() == logits.device(), kOp, ": target is on ", target.device(), " but logits are on ",
               logits.device());
-  check_label_smoothing(label_smoothing, kOp);
-  for (int64_t k : top_k) TORCH_CHECK_VALUE(k >= 1, kOp, ": every top_k must be >= 1, got ", top_k);
-  TORCH_CHECK_TYPE(boundaries.scalar_type() == at::kFloat, kOp, ": calib_boundaries must be float32, got ",
-                   boundaries.scalar_type());
-  TORCH_CHECK_VALUE(boundaries.dim() == 1 && boundaries.numel() >= 2, kOp,
-                    ": calib_boundaries must be a 1-D tensor of at least 2 edges, got shape ", boundaries.sizes());
-  TORCH_CHECK_VALUE(boundaries.device() == logits.device(), kOp, ": calib_boundaries is on ", boundaries.device(),
-              " but logits are on ", logits.device());
-  const int64_t nb = boundaries.numel();
-  const int64_t K = static_cast<int64_t>(top_k.size());
-  check_state(loss_sum, "loss_sum", at::kDouble, {1}, logits);
-  if (counts_only) {
-    check_state(confmat, "confmat (per-class counts)", at::kLong, {3, s.C}, logits);
-  } else {
-    check_state(confmat, "confmat", at::kLong, {s.C, s.C}, logits);
-  }
-  check_state(topk_hits, "topk_hits", at::kLong, {K}, logits);
-  check_state(calib_count, "calib_count", at::kLong, {nb}, logits);
-  check_state(calib_conf, "calib_conf", at::kDouble, {nb}, logits);
-  check_state(calib_correct, "calib_correct", at::kLong, {nb}, logits);
-  check_state(count, "count", at::kLong, {2}, logits);
+  check_eval_state(logits, "logits are", s.C, boundaries, label_smoothing, top_k, counts_only, loss_sum, confmat,
+                   topk_hits, calib_count, calib_conf, calib_correct, count, kOp);
   return s;
 }
 

@@ -30,7 +30,6 @@
 
 #include <algorithm>
 #include <optional>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -38,6 +37,7 @@
 #include "common/histogram_cpu.h"
 #include "common/row_lanes_cpu.h"
 #include "common/row_softmax_cpu.h"
+#include "confusion/confusion_common.h"
 #include "evaluator/eval_update_common.h"
 
 namespace fasteval {
@@ -219,13 +219,7 @@ struct ConfSink {
   bool counts_only;
   FASTEVAL_ALWAYS_INLINE void add(int64_t i, int64_t t, int64_t p) const {
     if (hist) {
-      if (counts_only) {
-        hist[t] += p == t;
-        hist[C + p] += 1;
-        hist[2 * C + t] += 1;
-      } else {
-        hist[t * C + p] += 1;
-      }
+      emit(HostBins{hist}, t, p, C, counts_only);
     } else {
       pred_out[i] = p;
     }
@@ -235,11 +229,7 @@ struct ConfSink {
   }
 };
 
-// calibration bin of a defined confidence: bucketize(conf, boundaries, right=True) - 1, clamped.
-FASTEVAL_ALWAYS_INLINE int64_t calib_bin(const float* bnd, int64_t nb, float conf) {
-  const int64_t b = static_cast<int64_t>(std::upper_bound(bnd, bnd + nb, conf) - bnd) - 1;
-  return std::min(std::max<int64_t>(b, 0), nb - 1);
-}
+using evaluator::calib_bin;
 
 // What one position adds to its chunk's partial state and to the confusion counts.
 FASTEVAL_ALWAYS_INLINE void add_position(const PositionResult& r, int64_t i, int64_t t, const evaluator::Config& cfg,
@@ -756,15 +746,7 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
       }
       bad = nbad > 0;
     }
-    if (!bad) return;
-    for (int64_t i = 0; i < P; ++i) {
-      const int64_t t = static_cast<int64_t>(tp[i]);
-      if (!(has_ignore && t == ignore) && (t < 0 || t >= C)) {
-        TORCH_CHECK_INDEX(false, kOp, ": target ", t, " is out of bounds for ", C, " classes (valid targets are 0..",
-                          C - 1, has_ignore ? " or ignore_index=" + std::to_string(ignore) : std::string(),
-                          "); the state was not changed");
-      }
-    }
+    if (bad) check_target_values(tp, P, C, ignore_index, kOp, "; the state was not changed");
   });
 
   const at::Tensor bnd = boundaries_in.contiguous();
@@ -854,14 +836,7 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
       for (int64_t i = begin; i < end; ++i) {
         const int64_t p = pp[i];
         if (p < 0) continue;
-        const int64_t t = static_cast<int64_t>(tp[i]);
-        if (counts_only) {
-          if (p == t) acc.add(t);
-          acc.add(C + p);
-          acc.add(2 * C + t);
-        } else {
-          acc.add(t * C + p);
-        }
+        emit(acc, static_cast<int64_t>(tp[i]), p, C, counts_only);
       }
     });
   });

@@ -27,6 +27,7 @@
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
 #include "common/order.h"
+#include "confusion/confusion_common.h"
 #include "evaluator/eval_update_common.h"
 
 namespace fasteval {
@@ -163,6 +164,13 @@ struct BlockAcc {
     }
   }
 
+  // The confusion bins as confusion_common.h's emit adds to them.
+  struct CmBins {
+    BlockAcc* acc;
+    const Params* p;
+    __device__ __forceinline__ void add(int64_t bin) const { acc->add_cm(*p, bin); }
+  };
+
   // One valid position: its loss, confidence (NaN when undefined), prediction, target and rank.
   __device__ __forceinline__ void add(const Params& p, float l, float cf, int64_t pred, int64_t t, int64_t rank) {
     atomicAdd(loss, static_cast<double>(l));
@@ -171,24 +179,12 @@ struct BlockAcc {
       if (rank < p.top_k[k]) atomicAdd(hits + k, 1);
     }
     if (!cuda::is_nan_bits(cf)) {
-      // bucketize(conf, boundaries, right=True) - 1: the number of boundaries <= conf, minus one.
-      int lo = 0, hi = p.nb;
-      while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (bnd[mid] <= cf) lo = mid + 1; else hi = mid;
-      }
-      const int b = min(max(lo - 1, 0), p.nb - 1);
+      const int64_t b = evaluator::calib_bin(bnd, p.nb, cf);
       atomicAdd(ccount + b, 1);
       atomicAdd(conf + b, static_cast<double>(cf));
       if (pred == t) atomicAdd(ccorrect + b, 1);
     }
-    if (p.counts_only) {
-      if (pred == t) add_cm(p, t);
-      add_cm(p, p.C + pred);
-      add_cm(p, 2 * p.C + t);
-    } else {
-      add_cm(p, t * p.C + pred);
-    }
+    emit(CmBins{this, &p}, t, pred, p.C, p.counts_only);
   }
 
   __device__ void flush(const Params& p) {

@@ -1,12 +1,17 @@
 #pragma once
 // Host-side pieces of fasteval::linear_cross_entropy (+ backward) and fasteval::linear_eval_update shared
-// by the CPU and CUDA kernels: input checks (the reference makes the same ones in the same order, with
-// the same exception types) and the vocabulary chunk size.
+// by the CPU and CUDA kernels: the ops' entry points (input checks, which the reference makes in the same
+// order with the same exception types, then the device's kernels), their registration and the vocabulary
+// chunk size.
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <optional>
+#include <tuple>
+#include <utility>
 
 #include "common/checks.h"
 #include "evaluator/eval_update_common.h"
@@ -30,8 +35,7 @@ inline Sizes check_linear(const at::Tensor& input, const at::Tensor& w, const st
                     input.sizes());
   TORCH_CHECK_VALUE(w.dim() == 2, op, ": expected linear_weight of shape (V, H), got ", w.dim(), " dims ", w.sizes());
   const auto st = input.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
-                   ": input must be float32, bfloat16 or float16, got ", st);
+  check_kernel_float_type(st, "input", op);
   TORCH_CHECK_TYPE(w.scalar_type() == st, op, ": linear_weight has dtype ", w.scalar_type(), " but input has ", st);
   TORCH_CHECK_VALUE(w.size(1) == input.size(1), op, ": linear_weight of shape ", w.sizes(),
                     " does not match the hidden size H = ", input.size(1), " of input ", input.sizes());
@@ -87,28 +91,8 @@ inline Sizes check_eval_inputs(const at::Tensor& input, const at::Tensor& w, con
   TORCH_CHECK_VALUE(s.V > 0, op, ": the number of classes V must be positive, got linear_weight of shape ",
                     w.sizes());
   check_target(target, input, s.N, op);
-  check_label_smoothing(label_smoothing, op);
-  for (int64_t k : top_k) TORCH_CHECK_VALUE(k >= 1, op, ": every top_k must be >= 1, got ", top_k);
-  TORCH_CHECK_TYPE(boundaries.scalar_type() == at::kFloat, op, ": calib_boundaries must be float32, got ",
-                   boundaries.scalar_type());
-  TORCH_CHECK_VALUE(boundaries.dim() == 1 && boundaries.numel() >= 2, op,
-                    ": calib_boundaries must be a 1-D tensor of at least 2 edges, got shape ", boundaries.sizes());
-  TORCH_CHECK_VALUE(boundaries.device() == input.device(), op, ": calib_boundaries is on ", boundaries.device(),
-                    " but input is on ", input.device());
-  const int64_t nb = boundaries.numel();
-  const int64_t K = static_cast<int64_t>(top_k.size());
-  using evaluator::check_state;
-  check_state(loss_sum, "loss_sum", at::kDouble, {1}, input);
-  if (counts_only) {
-    check_state(confmat, "confmat (per-class counts)", at::kLong, {3, s.V}, input);
-  } else {
-    check_state(confmat, "confmat", at::kLong, {s.V, s.V}, input);
-  }
-  check_state(topk_hits, "topk_hits", at::kLong, {K}, input);
-  check_state(calib_count, "calib_count", at::kLong, {nb}, input);
-  check_state(calib_conf, "calib_conf", at::kDouble, {nb}, input);
-  check_state(calib_correct, "calib_correct", at::kLong, {nb}, input);
-  check_state(count, "count", at::kLong, {2}, input);
+  evaluator::check_eval_state(input, "input is", s.V, boundaries, label_smoothing, top_k, counts_only, loss_sum,
+                              confmat, topk_hits, calib_count, calib_conf, calib_correct, count, op);
   return s;
 }
 
@@ -129,6 +113,113 @@ inline int64_t chunk_columns(int64_t N, int64_t V, int64_t target_bytes) {
   vc = std::max<int64_t>(vc, 1);
   vc = std::min<int64_t>(vc, int64_t(1) << 22);  // per-lane float counts of the row pass stay exact
   return std::min(vc, V);
+}
+
+// The checked arguments of each op, as a device's kernels receive them.
+struct ForwardArgs {
+  Sizes sz;
+  const at::Tensor& input;
+  const at::Tensor& linear_weight;
+  const std::optional<at::Tensor>& linear_bias;
+  const at::Tensor& target;
+  at::Tensor class_weight;  // float32 (V,); undefined for None
+  int64_t ignore_index;
+  float label_smoothing;
+  int64_t reduction;
+};
+
+struct BackwardArgs : ForwardArgs {
+  const at::Tensor& grad_loss;
+  const at::Tensor& lse;
+  const at::Tensor& total_weight;
+};
+
+struct EvalArgs {
+  Sizes sz;
+  const at::Tensor& input;
+  const at::Tensor& linear_weight;
+  const std::optional<at::Tensor>& linear_bias;
+  const at::Tensor& target;
+  const at::Tensor& boundaries;
+  std::optional<int64_t> ignore_index;
+  float label_smoothing;
+  at::IntArrayRef top_k;
+  bool counts_only;
+  const at::Tensor& loss_sum;
+  const at::Tensor& confmat;
+  const at::Tensor& topk_hits;
+  const at::Tensor& calib_count;
+  const at::Tensor& calib_conf;
+  const at::Tensor& calib_correct;
+  const at::Tensor& count;
+};
+
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The kernels of device D, each given the checked arguments: linear_ce_cpu.cpp and linear_ce_cuda.cu
+// define Kernels<at::kCPU> and Kernels<at::kCUDA>.
+template <c10::DeviceType D>
+struct Kernels {
+  static Tensor3 forward(const ForwardArgs& a);    // (loss, lse, total_weight)
+  static Tensor3 backward(const BackwardArgs& a);  // (grad_input, grad_linear_weight, grad_linear_bias)
+  static void eval_update(const EvalArgs& a);      // adds the batch to the state tensors
+};
+
+// The three ops as registered, one definition for every device: the checks, then the device's
+// K::forward / backward / eval_update (K = Kernels<device>). The kernels run without
+// autograd: their matmuls write into workspaces (out= variants), and the ops' autograd formula is
+// registered separately.
+template <class K>
+struct Entry {
+  static Tensor3 forward(const at::Tensor& input, const at::Tensor& linear_weight,
+                         const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                         const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
+                         int64_t reduction) {
+    const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, kOp);
+    at::Tensor cw = checked_class_weight(weight, sz.V, input, kOp);
+    const at::NoGradGuard no_grad;
+    return K::forward({sz, input, linear_weight, linear_bias, target, std::move(cw), ignore_index,
+                             static_cast<float>(label_smoothing), reduction});
+  }
+
+  static Tensor3 backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
+                          const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& lse,
+                          const at::Tensor& total_weight, int64_t ignore_index, double label_smoothing,
+                          int64_t reduction) {
+    const char* op = kBackwardOp;
+    const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
+    at::Tensor cw = checked_class_weight(weight, sz.V, input, op);
+    check_backward_extras(grad_loss, lse, total_weight, input, "input", sz.N, at::kFloat, reduction, op);
+    const at::NoGradGuard no_grad;
+    return K::backward({{sz, input, linear_weight, linear_bias, target, std::move(cw), ignore_index,
+                               static_cast<float>(label_smoothing), reduction},
+                              grad_loss,
+                              lse,
+                              total_weight});
+  }
+
+  static void eval_update(const at::Tensor& input, const at::Tensor& linear_weight,
+                          const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                          const at::Tensor& boundaries, std::optional<int64_t> ignore_index, double label_smoothing,
+                          at::IntArrayRef top_k, bool counts_only, const at::Tensor& loss_sum,
+                          const at::Tensor& confmat, const at::Tensor& topk_hits, const at::Tensor& calib_count,
+                          const at::Tensor& calib_conf, const at::Tensor& calib_correct, const at::Tensor& count) {
+    const Sizes sz = check_eval_inputs(input, linear_weight, linear_bias, target, boundaries, label_smoothing, top_k,
+                                       counts_only, loss_sum, confmat, topk_hits, calib_count, calib_conf,
+                                       calib_correct, count, kEvalOp);
+    const at::NoGradGuard no_grad;
+    K::eval_update({sz, input, linear_weight, linear_bias, target, boundaries, ignore_index,
+                          static_cast<float>(label_smoothing), top_k, counts_only, loss_sum, confmat, topk_hits,
+                          calib_count, calib_conf, calib_correct, count});
+  }
+};
+
+template <class K>
+void register_ops(torch::Library& m) {
+  m.impl("linear_cross_entropy", &Entry<K>::forward);
+  m.impl("linear_cross_entropy_backward", &Entry<K>::backward);
+  m.impl("linear_eval_update", &Entry<K>::eval_update);
 }
 
 }  // namespace linear_ce

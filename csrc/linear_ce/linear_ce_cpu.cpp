@@ -21,7 +21,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/core/grad_mode.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -33,13 +32,13 @@
 #include <cmath>
 #include <limits>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/row_rank_cpu.h"
 #include "common/row_softmax_cpu.h"
+#include "confusion/confusion_common.h"
 #include "evaluator/eval_update_common.h"
 #include "linear_ce/linear_ce_common.h"
 
@@ -229,9 +228,8 @@ inline Prepared prepare(const at::Tensor& input, const at::Tensor& w, const std:
         continue;
       }
       if (v < 0 || v >= p.V) {
-        TORCH_CHECK_INDEX(false, op, ": target ", v, " is out of bounds for ", p.V, " classes (valid targets are 0..",
-                          p.V - 1, has_ignore ? " or ignore_index=" + std::to_string(ignore_index) : std::string(),
-                          ")", note);
+        throw_target_out_of_bounds(op, v, p.V, has_ignore ? std::optional<int64_t>(ignore_index) : std::nullopt,
+                                   note);
       }
       p.tgt[i] = v;
     }
@@ -309,23 +307,21 @@ inline double weight_total(const float* w, int64_t V) {
   return s;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
-    const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-    int64_t reduction) {
-  using namespace linear_ce;
-  const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, kOp);
-  // The matmuls below write into the workspace (out= variants): no autograd inside the kernel (the op's
-  // autograd formula is registered separately).
-  const at::NoGradGuard no_grad;
-  const at::Tensor cw = checked_class_weight(weight, sz.V, input, kOp);
-  const Prepared p = prepare(input, linear_weight, linear_bias, target, true, ignore_index, kOp, "");
-  const float* w = cw.defined() ? cw.const_data_ptr<float>() : nullptr;
-  const float eps = static_cast<float>(label_smoothing);
+}  // namespace
+
+namespace linear_ce {
+
+template <>
+Tensor3 Kernels<at::kCPU>::forward(const ForwardArgs& a) {
+  const Sizes& sz = a.sz;
+  const Prepared p =
+      prepare(a.input, a.linear_weight, a.linear_bias, a.target, true, a.ignore_index, kOp, "");
+  const float* w = a.class_weight.defined() ? a.class_weight.const_data_ptr<float>() : nullptr;
+  const float eps = a.label_smoothing;
   const std::vector<float> xt = target_logits(p);
   const std::vector<RowAcc> acc =
       eps > 0.f ? forward_pass<true, false>(p, xt, w) : forward_pass<false, false>(p, xt, w);
-  const auto f32 = input.options().dtype(at::kFloat);
+  const auto f32 = a.input.options().dtype(at::kFloat);
   at::Tensor loss_rows = at::empty({sz.N}, f32);
   at::Tensor lse = at::empty({sz.N}, f32);
   float* lr = loss_rows.data_ptr<float>();
@@ -353,35 +349,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cpu(
   at::Tensor total_weight = at::empty({}, f32);
   total_weight.fill_(total);
   at::Tensor loss;
-  if (reduction == 0) {
+  if (a.reduction == 0) {
     loss = loss_rows;
   } else {
     loss = at::empty({}, f32);
-    loss.fill_(reduction == 1 ? static_cast<double>(static_cast<float>(sum)) / static_cast<float>(total) : sum);
+    loss.fill_(a.reduction == 1 ? static_cast<double>(static_cast<float>(sum)) / static_cast<float>(total) : sum);
   }
   return {loss, lse, total_weight};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
-    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse, const at::Tensor& total_weight, int64_t ignore_index, double label_smoothing,
-    int64_t reduction) {
-  using namespace linear_ce;
-  const char* op = kBackwardOp;
-  const at::NoGradGuard no_grad;
-  const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
-  const at::Tensor cw = checked_class_weight(weight, sz.V, input, op);
-  check_backward_extras(grad_loss, lse, total_weight, input, "input", sz.N, at::kFloat, reduction, op);
-  const Prepared p = prepare(input, linear_weight, linear_bias, target, true, ignore_index, op, "");
-  const int64_t N = sz.N, H = sz.H, V = sz.V;
-  const float* w = cw.defined() ? cw.const_data_ptr<float>() : nullptr;
-  const float eps = static_cast<float>(label_smoothing);
-  const at::Tensor g = grad_loss.to(at::kFloat).contiguous();
-  const at::Tensor ls = lse.contiguous();
+template <>
+Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
+  const Prepared p = prepare(a.input, a.linear_weight, a.linear_bias, a.target, true, a.ignore_index,
+                             kBackwardOp, "");
+  const int64_t N = a.sz.N, H = a.sz.H, V = a.sz.V;
+  const float* w = a.class_weight.defined() ? a.class_weight.const_data_ptr<float>() : nullptr;
+  const float eps = a.label_smoothing;
+  const at::Tensor g = a.grad_loss.to(at::kFloat).contiguous();
+  const at::Tensor ls = a.lse.contiguous();
   const float* gp = g.const_data_ptr<float>();
   const float* lsp = ls.const_data_ptr<float>();
-  const float tw = total_weight.item<float>();
+  const float tw = a.total_weight.item<float>();
   const float wsum = static_cast<float>(weight_total(w, V));
   const float eps_over_v = V > 0 ? eps / static_cast<float>(V) : 0.f;
   // dL[i, c] = a_i exp(x_ic - lse_i) - b_i w_c - [c == t] d_i
@@ -389,25 +377,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
   for (int64_t i = 0; i < N; ++i) {
     const int64_t t = p.tgt[i];
     if (t < 0) continue;
-    float gi = reduction == 0 ? gp[i] : gp[0];
-    if (reduction == 1) gi = gi / tw;
+    float gi = a.reduction == 0 ? gp[i] : gp[0];
+    if (a.reduction == 1) gi = gi / tw;
     const float wt = w ? w[t] : 1.f;
     ca[i] = gi * ((1.f - eps) * wt + eps_over_v * wsum);
     cb[i] = gi * eps_over_v;
     cd[i] = gi * (1.f - eps) * wt;
   }
-  const auto f32 = input.options().dtype(at::kFloat);
+  const auto f32 = a.input.options().dtype(at::kFloat);
   at::Tensor grad_x = at::zeros({N, H}, f32);
-  at::Tensor grad_w = at::empty({V, H}, linear_weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_w = at::empty({V, H}, a.linear_weight.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor grad_b = at::empty({V}, f32);
   if (N == 0 || V == 0) {
     grad_w.zero_();
     grad_b.zero_();
-    return {grad_x.to(input.scalar_type()), grad_w, grad_b.to(input.scalar_type())};
+    return {grad_x.to(a.input.scalar_type()), grad_w, grad_b.to(a.input.scalar_type())};
   }
-  const int64_t vc = chunk_columns(N, V, kWorkspaceBytes);
+  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
   const at::Tensor ws = at::empty({N * vc}, f32);
-  const bool w32 = linear_weight.scalar_type() == at::kFloat;
+  const bool w32 = a.linear_weight.scalar_type() == at::kFloat;
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
     const at::Tensor wc = weight_chunk(p.w, v0, len);
@@ -447,84 +435,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cpu
     at::Tensor gb = grad_b.narrow(0, v0, len);
     at::sum_out(gb, d, {0});
   }
-  return {grad_x.to(input.scalar_type()), grad_w, grad_b.to(input.scalar_type())};
+  return {grad_x.to(a.input.scalar_type()), grad_w, grad_b.to(a.input.scalar_type())};
 }
 
-void linear_eval_update_cpu(const at::Tensor& input, const at::Tensor& linear_weight,
-                            const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-                            const at::Tensor& boundaries, std::optional<int64_t> ignore_index, double label_smoothing,
-                            at::IntArrayRef top_k, bool counts_only, const at::Tensor& loss_sum,
-                            const at::Tensor& confmat, const at::Tensor& topk_hits, const at::Tensor& calib_count,
-                            const at::Tensor& calib_conf, const at::Tensor& calib_correct, const at::Tensor& count) {
-  using namespace linear_ce;
-  const char* op = kEvalOp;
-  const at::NoGradGuard no_grad;
-  const Sizes sz = check_eval_inputs(input, linear_weight, linear_bias, target, boundaries, label_smoothing, top_k,
-                                     counts_only, loss_sum, confmat, topk_hits, calib_count, calib_conf,
-                                     calib_correct, count, op);
-  const bool has_ignore = ignore_index.has_value();
-  const Prepared p = prepare(input, linear_weight, linear_bias, target, has_ignore, ignore_index.value_or(0), op,
-                             "; the state was not changed");
+template <>
+void Kernels<at::kCPU>::eval_update(const EvalArgs& a) {
+  const Prepared p = prepare(a.input, a.linear_weight, a.linear_bias, a.target, a.ignore_index.has_value(),
+                             a.ignore_index.value_or(0), kEvalOp, "; the state was not changed");
+  const Sizes& sz = a.sz;
   if (sz.N == 0) return;
   const int64_t V = sz.V;
-  const float eps = static_cast<float>(label_smoothing);
+  const float eps = a.label_smoothing;
   const std::vector<float> xt = target_logits(p);
   const std::vector<RowAcc> acc =
       eps > 0.f ? forward_pass<true, true>(p, xt, nullptr) : forward_pass<false, true>(p, xt, nullptr);
-  const at::Tensor bnd = boundaries.contiguous();
+  const at::Tensor bnd = a.boundaries.contiguous();
   const float* bp = bnd.const_data_ptr<float>();
   const int64_t nb = bnd.numel();
   const float keep = 1.f - eps, eps_over_v = eps / static_cast<float>(V);
   double loss = 0;
   int64_t valid = 0;
-  int64_t* hits = topk_hits.data_ptr<int64_t>();
-  int64_t* cc = calib_count.data_ptr<int64_t>();
-  double* cf = calib_conf.data_ptr<double>();
-  int64_t* cr = calib_correct.data_ptr<int64_t>();
-  int64_t* cm = confmat.data_ptr<int64_t>();
+  int64_t* hits = a.topk_hits.data_ptr<int64_t>();
+  int64_t* cc = a.calib_count.data_ptr<int64_t>();
+  double* cf = a.calib_conf.data_ptr<double>();
+  int64_t* cr = a.calib_correct.data_ptr<int64_t>();
+  int64_t* cm = a.confmat.data_ptr<int64_t>();
   for (int64_t i = 0; i < sz.N; ++i) {
     const int64_t t = p.tgt[i];
     if (t < 0) continue;
-    const RowAcc& a = acc[i];
+    const RowAcc& r = acc[i];
     float l, conf;
-    if (!std::isfinite(a.m)) {  // NaN, +inf or only -inf: loss and confidence are NaN (as torch's)
+    if (!std::isfinite(r.m)) {  // NaN, +inf or only -inf: loss and confidence are NaN (as torch's)
       l = kNaN;
       conf = kNaN;
     } else {
-      const float lse = a.lse();
+      const float lse = r.lse();
       l = keep * (lse - xt[i]);
-      if (eps > 0.f) l += eps_over_v * (static_cast<float>(V) * lse - a.sx);
-      conf = 1.f / a.s;
+      if (eps > 0.f) l += eps_over_v * (static_cast<float>(V) * lse - r.sx);
+      conf = 1.f / r.s;
     }
-    const int64_t pred = a.arg, rank = a.rank();
+    const int64_t pred = r.arg, rank = r.rank();
     loss += static_cast<double>(l);
     valid += 1;
-    for (size_t k = 0; k < top_k.size(); ++k) hits[k] += rank < top_k[k];
+    for (size_t k = 0; k < a.top_k.size(); ++k) hits[k] += rank < a.top_k[k];
     if (!std::isnan(conf)) {
-      int64_t b = static_cast<int64_t>(std::upper_bound(bp, bp + nb, conf) - bp) - 1;
-      b = std::min(std::max<int64_t>(b, 0), nb - 1);
+      const int64_t b = evaluator::calib_bin(bp, nb, conf);
       cc[b] += 1;
       cf[b] += static_cast<double>(conf);
       cr[b] += pred == t;
     }
-    if (counts_only) {
-      cm[t] += pred == t;
-      cm[V + pred] += 1;
-      cm[2 * V + t] += 1;
-    } else {
-      cm[t * V + pred] += 1;
-    }
+    emit(HostBins{cm}, t, pred, V, a.counts_only);
   }
-  loss_sum.data_ptr<double>()[0] += loss;
-  count.data_ptr<int64_t>()[0] += valid;
+  a.loss_sum.data_ptr<double>()[0] += loss;
+  a.count.data_ptr<int64_t>()[0] += valid;
 }
 
-}  // namespace
+}  // namespace linear_ce
 
-TORCH_LIBRARY_IMPL(fasteval, CPU, m) {
-  m.impl("linear_cross_entropy", &linear_cross_entropy_cpu);
-  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cpu);
-  m.impl("linear_eval_update", &linear_eval_update_cpu);
-}
+TORCH_LIBRARY_IMPL(fasteval, CPU, m) { linear_ce::register_ops<linear_ce::Kernels<at::kCPU>>(m); }
 
 }  // namespace fasteval

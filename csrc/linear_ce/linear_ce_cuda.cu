@@ -11,7 +11,6 @@
 // in count[1]), never a host synchronisation. The backward recomputes each chunk, turns it into the
 // gradient of the logits in place and applies it with three matmuls (float32 operands).
 #include <ATen/core/Tensor.h>
-#include <ATen/core/grad_mode.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -26,6 +25,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "confusion/confusion_common.h"
 #include "linear_ce/linear_ce_common.h"
 
 namespace fasteval {
@@ -264,49 +264,6 @@ std::pair<at::Tensor, at::Tensor> forward_state(const at::Tensor& x, const at::T
   return {fbuf, ibuf};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_cuda(
-    const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-    int64_t reduction) {
-  using namespace linear_ce;
-  const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, kOp);
-  const at::Tensor cwt = checked_class_weight(weight, sz.V, input, kOp);
-  const at::NoGradGuard no_grad;
-  const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous(), w = linear_weight.contiguous(), t = target.contiguous();
-  at::Tensor b32;
-  if (linear_bias.has_value() && linear_bias->defined()) b32 = linear_bias->to(at::kFloat).contiguous();
-  const float* cw = cwt.defined() ? cwt.const_data_ptr<float>() : nullptr;
-  const float eps = static_cast<float>(label_smoothing);
-  auto [fbuf, ibuf] = forward_state(x, w, b32, t, true, ignore_index, cw, eps > 0.f, nullptr);
-  const auto f32 = input.options().dtype(at::kFloat);
-  at::Tensor loss_rows = at::empty({sz.N}, f32), lse = at::empty({sz.N}, f32), wrow = at::empty({sz.N}, f32);
-  if (sz.N > 0) {
-    // sum_c w_c stays on the device (reading it here would synchronise with the host).
-    const at::Tensor wsum = cwt.defined() ? cwt.sum() : at::Tensor();
-    const RowState st = make_state(fbuf, ibuf, sz.N);
-    auto stream = at::cuda::getCurrentCUDAStream();
-    const int blocks = static_cast<int>(std::min<int64_t>((sz.N + kThreads - 1) / kThreads, 65535));
-    loss_rows_kernel<<<blocks, kThreads, 0, stream>>>(st, sz.N, sz.V, cw,
-                                                      wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps,
-                                                      loss_rows.data_ptr<float>(), lse.data_ptr<float>(),
-                                                      wrow.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  } else {
-    loss_rows.zero_();
-  }
-  at::Tensor total_weight = wrow.sum();
-  at::Tensor loss;
-  if (reduction == 0) {
-    loss = loss_rows;
-  } else if (reduction == 2) {
-    loss = loss_rows.sum();
-  } else {
-    loss = loss_rows.sum().div(total_weight);
-  }
-  return {loss, lse, total_weight};
-}
-
 // dL[i, c] = a_i exp(x_ic + b_c - lse_i) - e_i w_c - [c == t_i] d_i, in place over a chunk; 0 on rows that
 // do not count. The coefficients come from grad_loss and total_weight on the device.
 __global__ void grad_chunk_kernel(float* __restrict__ lg, int64_t N, int64_t len, int64_t v0,
@@ -343,75 +300,6 @@ __global__ void grad_chunk_kernel(float* __restrict__ lg, int64_t N, int64_t len
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
-    const std::optional<at::Tensor>& linear_bias, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    const at::Tensor& lse, const at::Tensor& total_weight, int64_t ignore_index, double label_smoothing,
-    int64_t reduction) {
-  using namespace linear_ce;
-  const char* op = kBackwardOp;
-  const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
-  const at::Tensor cwt = checked_class_weight(weight, sz.V, input, op);
-  check_backward_extras(grad_loss, lse, total_weight, input, "input", sz.N, at::kFloat, reduction, op);
-  const at::NoGradGuard no_grad;
-  const c10::cuda::CUDAGuard guard(input.device());
-  const int64_t N = sz.N, H = sz.H, V = sz.V;
-  const auto f32 = input.options().dtype(at::kFloat);
-  const at::Tensor x32 = input.to(at::kFloat).contiguous();
-  const at::Tensor w = linear_weight.contiguous();
-  const at::Tensor t = target.contiguous();
-  at::Tensor b32;
-  if (linear_bias.has_value() && linear_bias->defined()) b32 = linear_bias->to(at::kFloat).contiguous();
-  at::Tensor grad_x = at::zeros({N, H}, f32);
-  at::Tensor grad_w = at::zeros({V, H}, linear_weight.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor grad_b = at::zeros({V}, f32);
-  if (N == 0 || V == 0) return {grad_x.to(input.scalar_type()), grad_w, grad_b.to(input.scalar_type())};
-  auto stream = at::cuda::getCurrentCUDAStream();
-  // Targets (kIgnored / kBad rows get a zero gradient) through the forward's preparation kernel.
-  at::Tensor fbuf = at::empty({4 * N}, f32);
-  at::Tensor ibuf = at::empty({4 * N}, input.options().dtype(at::kLong));
-  const RowState st = make_state(fbuf, ibuf, N);
-  dispatch_types(input, t, [&](auto tz, auto iz) {
-    using T = decltype(tz);
-    using I = decltype(iz);
-    const at::Tensor xc = input.contiguous();
-    prepare_rows_kernel<T, I><<<row_blocks(N), kThreads, 0, stream>>>(
-        xc.const_data_ptr<T>(), w.const_data_ptr<T>(), nullptr, t.const_data_ptr<I>(), N, H, V, true, ignore_index,
-        st, nullptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  const float* cw = cwt.defined() ? cwt.const_data_ptr<float>() : nullptr;
-  const at::Tensor wsum = cwt.defined() ? cwt.sum() : at::Tensor();  // on the device
-  const at::Tensor g = grad_loss.to(at::kFloat).contiguous();
-  const at::Tensor ls = lse.contiguous();
-  const at::Tensor tw = total_weight.to(at::kFloat).contiguous();
-  const int64_t vc = chunk_columns(N, V, kWorkspaceBytes);
-  const at::Tensor ws = at::empty({N * vc}, f32);
-  const float eps = static_cast<float>(label_smoothing);
-  for (int64_t v0 = 0; v0 < V; v0 += vc) {
-    const int64_t len = std::min(vc, V - v0);
-    const at::Tensor wc32 = w.narrow(0, v0, len).to(at::kFloat);
-    at::Tensor d = ws.narrow(0, 0, N * len).view({N, len});
-    at::mm_out(d, x32, wc32.t());
-    grad_chunk_kernel<<<row_blocks(N), kThreads, 0, stream>>>(
-        d.data_ptr<float>(), N, len, v0, b32.defined() ? b32.const_data_ptr<float>() : nullptr, cw,
-        wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps, V,
-        st.tgt, ls.const_data_ptr<float>(), g.const_data_ptr<float>(), reduction == 0, tw.const_data_ptr<float>(),
-        reduction == 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad_x.addmm_(d, wc32);
-    at::Tensor gw = grad_w.narrow(0, v0, len);
-    if (linear_weight.scalar_type() == at::kFloat) {
-      at::mm_out(gw, d.t(), x32);
-    } else {
-      gw.copy_(at::mm(d.t(), x32));
-    }
-    at::Tensor gb = grad_b.narrow(0, v0, len);
-    at::sum_out(gb, d, {0});
-  }
-  return {grad_x.to(input.scalar_type()), grad_w, grad_b.to(input.scalar_type())};
-}
-
 // Adds every counted row to the evaluation state (atomics), unless the batch had a bad target: then only
 // count[1] grows, by their number (block 0, thread 0).
 __global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float eps, const float* __restrict__ bnd,
@@ -422,11 +310,10 @@ __global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float 
   const long long bad = *bad_count;
   if (bad > 0) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
-      atomicAdd(reinterpret_cast<unsigned long long*>(count + 1), static_cast<unsigned long long>(bad));
+      cuda::atomic_add_i64(count + 1, bad);
     }
     return;
   }
-  using ull = unsigned long long;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = st.tgt[i];
@@ -445,76 +332,155 @@ __global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float 
     const int64_t pred = st.arg[i];
     const int64_t rank = st.above[i] + st.eqb[i];
     atomicAdd(loss_sum, static_cast<double>(l));
-    atomicAdd(reinterpret_cast<ull*>(count), 1ull);
+    cuda::atomic_add_i64(count, 1);
     for (int k = 0; k < K; ++k) {
-      if (rank < top_k[k]) atomicAdd(reinterpret_cast<ull*>(topk_hits + k), 1ull);
+      if (rank < top_k[k]) cuda::atomic_add_i64(topk_hits + k, 1);
     }
     if (!is_nan_bits(conf)) {
-      int lo = 0, hi = nb;  // upper_bound(bnd, conf) - 1
-      while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (bnd[mid] <= conf) lo = mid + 1;
-        else hi = mid;
-      }
-      const int b = min(max(lo - 1, 0), nb - 1);
-      atomicAdd(reinterpret_cast<ull*>(calib_count + b), 1ull);
+      const int64_t b = evaluator::calib_bin(bnd, nb, conf);
+      cuda::atomic_add_i64(calib_count + b, 1);
       atomicAdd(calib_conf + b, static_cast<double>(conf));
-      if (pred == t) atomicAdd(reinterpret_cast<ull*>(calib_correct + b), 1ull);
+      if (pred == t) cuda::atomic_add_i64(calib_correct + b, 1);
     }
-    if (counts_only) {
-      if (pred == t) atomicAdd(reinterpret_cast<ull*>(confmat + t), 1ull);
-      atomicAdd(reinterpret_cast<ull*>(confmat + V + pred), 1ull);
-      atomicAdd(reinterpret_cast<ull*>(confmat + 2 * V + t), 1ull);
-    } else {
-      atomicAdd(reinterpret_cast<ull*>(confmat + t * V + pred), 1ull);
-    }
+    emit(cuda::GlobalBins{confmat}, t, pred, V, counts_only);
   }
-}
-
-void linear_eval_update_cuda(const at::Tensor& input, const at::Tensor& linear_weight,
-                             const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-                             const at::Tensor& boundaries, std::optional<int64_t> ignore_index, double label_smoothing,
-                             at::IntArrayRef top_k, bool counts_only, const at::Tensor& loss_sum,
-                             const at::Tensor& confmat, const at::Tensor& topk_hits, const at::Tensor& calib_count,
-                             const at::Tensor& calib_conf, const at::Tensor& calib_correct, const at::Tensor& count) {
-  using namespace linear_ce;
-  const char* op = kEvalOp;
-  const Sizes sz = check_eval_inputs(input, linear_weight, linear_bias, target, boundaries, label_smoothing, top_k,
-                                     counts_only, loss_sum, confmat, topk_hits, calib_count, calib_conf,
-                                     calib_correct, count, op);
-  const at::NoGradGuard no_grad;
-  const c10::cuda::CUDAGuard guard(input.device());
-  if (sz.N == 0) return;
-  const at::Tensor x = input.contiguous(), w = linear_weight.contiguous(), t = target.contiguous();
-  at::Tensor b32;
-  if (linear_bias.has_value() && linear_bias->defined()) b32 = linear_bias->to(at::kFloat).contiguous();
-  at::Tensor bad = at::zeros({1}, input.options().dtype(at::kLong));
-  const float eps = static_cast<float>(label_smoothing);
-  auto [fbuf, ibuf] = forward_state(x, w, b32, t, ignore_index.has_value(), ignore_index.value_or(0), nullptr,
-                                    eps > 0.f, bad.data_ptr<int64_t>());
-  const RowState st = make_state(fbuf, ibuf, sz.N);
-  // top_k to the device without a synchronisation: a pinned host buffer copied on the stream.
-  const int K = static_cast<int>(top_k.size());
-  at::Tensor ks = at::empty({std::max(K, 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  for (int k = 0; k < K; ++k) ks.data_ptr<int64_t>()[k] = top_k[k];
-  const at::Tensor ks_dev = ks.to(input.device(), /*non_blocking=*/true);
-  const at::Tensor bnd = boundaries.contiguous();
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int blocks = static_cast<int>(std::min<int64_t>((sz.N + kThreads - 1) / kThreads, 65535));
-  eval_accumulate_kernel<<<blocks, kThreads, 0, stream>>>(
-      st, sz.N, sz.V, eps, bnd.const_data_ptr<float>(), static_cast<int>(bnd.numel()), ks_dev.const_data_ptr<int64_t>(),
-      K, counts_only, bad.const_data_ptr<int64_t>(), loss_sum.data_ptr<double>(), confmat.data_ptr<int64_t>(),
-      topk_hits.data_ptr<int64_t>(), calib_count.data_ptr<int64_t>(), calib_conf.data_ptr<double>(),
-      calib_correct.data_ptr<int64_t>(), count.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fasteval, CUDA, m) {
-  m.impl("linear_cross_entropy", &linear_cross_entropy_cuda);
-  m.impl("linear_cross_entropy_backward", &linear_cross_entropy_backward_cuda);
-  m.impl("linear_eval_update", &linear_eval_update_cuda);
+namespace linear_ce {
+
+template <>
+Tensor3 Kernels<at::kCUDA>::forward(const ForwardArgs& a) {
+  const Sizes& sz = a.sz;
+  const at::Tensor& cwt = a.class_weight;
+  const c10::cuda::CUDAGuard guard(a.input.device());
+  const at::Tensor x = a.input.contiguous(), w = a.linear_weight.contiguous(), t = a.target.contiguous();
+  at::Tensor b32;
+  if (a.linear_bias.has_value() && a.linear_bias->defined()) b32 = a.linear_bias->to(at::kFloat).contiguous();
+  const float* cw = cwt.defined() ? cwt.const_data_ptr<float>() : nullptr;
+  const float eps = a.label_smoothing;
+  auto [fbuf, ibuf] = forward_state(x, w, b32, t, true, a.ignore_index, cw, eps > 0.f, nullptr);
+  const auto f32 = a.input.options().dtype(at::kFloat);
+  at::Tensor loss_rows = at::empty({sz.N}, f32), lse = at::empty({sz.N}, f32), wrow = at::empty({sz.N}, f32);
+  if (sz.N > 0) {
+    // sum_c w_c stays on the device (reading it here would synchronise with the host).
+    const at::Tensor wsum = cwt.defined() ? cwt.sum() : at::Tensor();
+    const RowState st = make_state(fbuf, ibuf, sz.N);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const int blocks = static_cast<int>(std::min<int64_t>((sz.N + kThreads - 1) / kThreads, 65535));
+    loss_rows_kernel<<<blocks, kThreads, 0, stream>>>(st, sz.N, sz.V, cw,
+                                                      wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps,
+                                                      loss_rows.data_ptr<float>(), lse.data_ptr<float>(),
+                                                      wrow.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    loss_rows.zero_();
+  }
+  at::Tensor total_weight = wrow.sum();
+  at::Tensor loss;
+  if (a.reduction == 0) {
+    loss = loss_rows;
+  } else if (a.reduction == 2) {
+    loss = loss_rows.sum();
+  } else {
+    loss = loss_rows.sum().div(total_weight);
+  }
+  return {loss, lse, total_weight};
 }
+
+template <>
+Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
+  const at::Tensor& cwt = a.class_weight;
+  const c10::cuda::CUDAGuard guard(a.input.device());
+  const int64_t N = a.sz.N, H = a.sz.H, V = a.sz.V;
+  const auto f32 = a.input.options().dtype(at::kFloat);
+  const at::Tensor x32 = a.input.to(at::kFloat).contiguous();
+  const at::Tensor w = a.linear_weight.contiguous();
+  const at::Tensor t = a.target.contiguous();
+  at::Tensor b32;
+  if (a.linear_bias.has_value() && a.linear_bias->defined()) b32 = a.linear_bias->to(at::kFloat).contiguous();
+  at::Tensor grad_x = at::zeros({N, H}, f32);
+  at::Tensor grad_w = at::zeros({V, H}, a.linear_weight.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad_b = at::zeros({V}, f32);
+  if (N == 0 || V == 0) return {grad_x.to(a.input.scalar_type()), grad_w, grad_b.to(a.input.scalar_type())};
+  auto stream = at::cuda::getCurrentCUDAStream();
+  // Targets (kIgnored / kBad rows get a zero gradient) through the forward's preparation kernel.
+  at::Tensor fbuf = at::empty({4 * N}, f32);
+  at::Tensor ibuf = at::empty({4 * N}, a.input.options().dtype(at::kLong));
+  const RowState st = make_state(fbuf, ibuf, N);
+  dispatch_types(a.input, t, [&](auto tz, auto iz) {
+    using T = decltype(tz);
+    using I = decltype(iz);
+    const at::Tensor xc = a.input.contiguous();
+    prepare_rows_kernel<T, I><<<row_blocks(N), kThreads, 0, stream>>>(
+        xc.const_data_ptr<T>(), w.const_data_ptr<T>(), nullptr, t.const_data_ptr<I>(), N, H, V, true, a.ignore_index,
+        st, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  const float* cw = cwt.defined() ? cwt.const_data_ptr<float>() : nullptr;
+  const at::Tensor wsum = cwt.defined() ? cwt.sum() : at::Tensor();  // on the device
+  const at::Tensor g = a.grad_loss.to(at::kFloat).contiguous();
+  const at::Tensor ls = a.lse.contiguous();
+  const at::Tensor tw = a.total_weight.to(at::kFloat).contiguous();
+  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
+  const at::Tensor ws = at::empty({N * vc}, f32);
+  const float eps = a.label_smoothing;
+  for (int64_t v0 = 0; v0 < V; v0 += vc) {
+    const int64_t len = std::min(vc, V - v0);
+    const at::Tensor wc32 = w.narrow(0, v0, len).to(at::kFloat);
+    at::Tensor d = ws.narrow(0, 0, N * len).view({N, len});
+    at::mm_out(d, x32, wc32.t());
+    grad_chunk_kernel<<<row_blocks(N), kThreads, 0, stream>>>(
+        d.data_ptr<float>(), N, len, v0, b32.defined() ? b32.const_data_ptr<float>() : nullptr, cw,
+        wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps, V,
+        st.tgt, ls.const_data_ptr<float>(), g.const_data_ptr<float>(), a.reduction == 0, tw.const_data_ptr<float>(),
+        a.reduction == 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_x.addmm_(d, wc32);
+    at::Tensor gw = grad_w.narrow(0, v0, len);
+    if (a.linear_weight.scalar_type() == at::kFloat) {
+      at::mm_out(gw, d.t(), x32);
+    } else {
+      gw.copy_(at::mm(d.t(), x32));
+    }
+    at::Tensor gb = grad_b.narrow(0, v0, len);
+    at::sum_out(gb, d, {0});
+  }
+  return {grad_x.to(a.input.scalar_type()), grad_w, grad_b.to(a.input.scalar_type())};
+}
+
+template <>
+void Kernels<at::kCUDA>::eval_update(const EvalArgs& a) {
+  const Sizes& sz = a.sz;
+  const c10::cuda::CUDAGuard guard(a.input.device());
+  if (sz.N == 0) return;
+  const at::Tensor x = a.input.contiguous(), w = a.linear_weight.contiguous(), t = a.target.contiguous();
+  at::Tensor b32;
+  if (a.linear_bias.has_value() && a.linear_bias->defined()) b32 = a.linear_bias->to(at::kFloat).contiguous();
+  at::Tensor bad = at::zeros({1}, a.input.options().dtype(at::kLong));
+  const float eps = a.label_smoothing;
+  auto [fbuf, ibuf] = forward_state(x, w, b32, t, a.ignore_index.has_value(), a.ignore_index.value_or(0), nullptr,
+                                    eps > 0.f, bad.data_ptr<int64_t>());
+  const RowState st = make_state(fbuf, ibuf, sz.N);
+  // top_k to the device without a synchronisation: a pinned host buffer copied on the stream.
+  const int K = static_cast<int>(a.top_k.size());
+  at::Tensor ks = at::empty({std::max(K, 1)}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  for (int k = 0; k < K; ++k) ks.data_ptr<int64_t>()[k] = a.top_k[k];
+  const at::Tensor ks_dev = ks.to(a.input.device(), /*non_blocking=*/true);
+  const at::Tensor bnd = a.boundaries.contiguous();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int blocks = static_cast<int>(std::min<int64_t>((sz.N + kThreads - 1) / kThreads, 65535));
+  eval_accumulate_kernel<<<blocks, kThreads, 0, stream>>>(
+      st, sz.N, sz.V, eps, bnd.const_data_ptr<float>(), static_cast<int>(bnd.numel()), ks_dev.const_data_ptr<int64_t>(),
+      K, a.counts_only, bad.const_data_ptr<int64_t>(), a.loss_sum.data_ptr<double>(), a.confmat.data_ptr<int64_t>(),
+      a.topk_hits.data_ptr<int64_t>(), a.calib_count.data_ptr<int64_t>(), a.calib_conf.data_ptr<double>(),
+      a.calib_correct.data_ptr<int64_t>(), a.count.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace linear_ce
+
+TORCH_LIBRARY_IMPL(fasteval, CUDA, m) { linear_ce::register_ops<linear_ce::Kernels<at::kCUDA>>(m); }
 
 }  // namespace fasteval
