@@ -26,6 +26,23 @@ FASTEVAL_ALWAYS_INLINE fVec exp_term(const fVec& d) {
 #endif
 }
 
+// sum_c w_c x_c (sum_c x_c when w is null), a chunk at a time: add(x, w, n) takes the n <= kChunk classes
+// of x (zero beyond them), w pointing at their weights.
+struct WeightedSum {
+  fVec lo = fVec(0.f), hi = fVec(0.f);
+  FASTEVAL_ALWAYS_INLINE void add(const Chunk& x, const float* w, int64_t n) {
+    if (w) {
+      const Chunk cw = n == kChunk ? ChunkLoader<float>::load(w) : ChunkLoader<float>::load(w, n);
+      lo = at::vec::fmadd(x.lo, cw.lo, lo);
+      hi = at::vec::fmadd(x.hi, cw.hi, hi);
+    } else {
+      lo = lo + x.lo;
+      hi = hi + x.hi;
+    }
+  }
+  FASTEVAL_ALWAYS_INLINE float total() const { return hsum(lo + hi); }
+};
+
 struct RowStats {
   float max;      // row max (NaN if any element is NaN)
   float sumexp;   // sum_c exp(x_c - max)
@@ -52,7 +69,7 @@ FASTEVAL_ALWAYS_INLINE RowStats row_stats_impl(const T* row, int64_t C, const fl
   const fVec vnan(std::numeric_limits<float>::quiet_NaN());
   float m = -std::numeric_limits<float>::infinity();
   float s = 0.f;
-  fVec sx_lo(0.f), sx_hi(0.f);
+  WeightedSum sx;
   float xt = 0.f;
   int64_t gt = 0, eq = 0, first = 0;
   if constexpr (WITH_EVAL) xt = static_cast<float>(row[t]);
@@ -74,17 +91,7 @@ FASTEVAL_ALWAYS_INLINE RowStats row_stats_impl(const T* row, int64_t C, const fl
     };
     // sum_c w_c x_c over the n (<= kChunk) classes at offset j of the block; x is zero beyond n.
     auto add_sum = [&](const Chunk& c, int64_t j, int64_t n) {
-      if constexpr (WITH_SUM) {
-        if (w) {
-          const float* wj = w + b0 + j;
-          Chunk cw = n == kChunk ? ChunkLoader<float>::load(wj) : ChunkLoader<float>::load(wj, n);
-          sx_lo = at::vec::fmadd(c.lo, cw.lo, sx_lo);
-          sx_hi = at::vec::fmadd(c.hi, cw.hi, sx_hi);
-        } else {
-          sx_lo = sx_lo + c.lo;
-          sx_hi = sx_hi + c.hi;
-        }
-      }
+      if constexpr (WITH_SUM) sx.add(c, w ? w + b0 + j : nullptr, n);
     };
     // The partial chunk first: its dependency chain then overlaps the main loop instead of trailing it
     // (for rows of about a thousand classes the row's end-of-sweep latency is a large part of the time).
@@ -145,7 +152,7 @@ FASTEVAL_ALWAYS_INLINE RowStats row_stats_impl(const T* row, int64_t C, const fl
   RowStats r;
   r.max = m;
   r.sumexp = s;
-  r.sum_wx = WITH_SUM ? hsum(sx_lo + sx_hi) : 0.f;
+  r.sum_wx = WITH_SUM ? sx.total() : 0.f;
   if constexpr (WITH_EVAL) {
     ev->argmax = first;
     int64_t rank = gt;

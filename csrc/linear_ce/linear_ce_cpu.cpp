@@ -79,7 +79,8 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
   const fVec vnan(kNaN), vxt(xt), one(1.f);
   const int64_t full = len - len % kChunk;
   fVec mx_lo = ninf, mx_hi = ninf;
-  fVec le_lo(0.f), le_hi(0.f), eq_lo(0.f), eq_hi(0.f), sx_lo(0.f), sx_hi(0.f);  // counts exact below 2^24
+  fVec le_lo(0.f), le_hi(0.f), eq_lo(0.f), eq_hi(0.f);  // counts exact below 2^24
+  cpu::WeightedSum sx;
   for (int64_t j = 0; j < full; j += kChunk) {
     const Chunk c = L::load(p + j);
     mx_lo = at::vec::maximum(mx_lo, c.lo);
@@ -90,16 +91,7 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
       eq_lo = eq_lo + ((c.lo == vxt) & one);
       eq_hi = eq_hi + ((c.hi == vxt) & one);
     }
-    if constexpr (WITH_SUM) {
-      if (w) {
-        const Chunk cw = L::load(w + j);
-        sx_lo = at::vec::fmadd(c.lo, cw.lo, sx_lo);
-        sx_hi = at::vec::fmadd(c.hi, cw.hi, sx_hi);
-      } else {
-        sx_lo = sx_lo + c.lo;
-        sx_hi = sx_hi + c.hi;
-      }
-    }
+    if constexpr (WITH_SUM) sx.add(c, w ? w + j : nullptr, kChunk);
   }
   if (full < len) {
     const int64_t n = len - full;
@@ -114,18 +106,9 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
       eq_lo = eq_lo + ((cn.lo == vxt) & one);
       eq_hi = eq_hi + ((cn.hi == vxt) & one);
     }
-    if constexpr (WITH_SUM) {
-      if (w) {
-        const Chunk cw = L::load(w + full, n);
-        sx_lo = at::vec::fmadd(c.lo, cw.lo, sx_lo);
-        sx_hi = at::vec::fmadd(c.hi, cw.hi, sx_hi);
-      } else {
-        sx_lo = sx_lo + c.lo;
-        sx_hi = sx_hi + c.hi;
-      }
-    }
+    if constexpr (WITH_SUM) sx.add(c, w ? w + full : nullptr, n);
   }
-  if constexpr (WITH_SUM) a.sx += cpu::hsum(sx_lo + sx_hi);
+  if constexpr (WITH_SUM) a.sx += sx.total();
   if constexpr (WITH_EVAL) {
     const int64_t end = v0 + len;
     if (!std::isnan(xt)) {
