@@ -14,7 +14,7 @@ import fasteval
 from fasteval import reference
 from fasteval.evaluator import ClassificationEvaluator
 
-from cases import eval_update_cases, needs_kernel
+from cases import device_params, eval_update_cases, needs_kernel
 
 
 def batches(n_batches, c, seed, ignore_index=None, sizes=None, dtype=torch.float32):
@@ -374,6 +374,40 @@ def test_opcheck(device, idx):
     torch.library.opcheck(torch.ops.fasteval.eval_update.default,
                           (x.to(device), t.to(device), torch.linspace(0, 1, 16).to(device), -100, eps, [1, 3],
                            counts_only, *state))
+
+
+# Calibration edges every row below lands on exactly, and the rows: their float32 confidence is exactly 1/C
+# (equal logits), 0.5 (two equal logits far above the rest) and 1.0 (one logit far above the rest).
+EDGES = torch.tensor([0.0, 2.0**-13, 2.0**-11, 0.25, 0.5, 1.0])
+
+
+def edge_rows(c):
+    x = torch.zeros(3, c)
+    x[1, 2:] = -200.0
+    x[2, 0] = 100.0
+    return x
+
+
+@pytest.mark.parametrize("device", device_params("eval_update"))
+@pytest.mark.parametrize("c,layout,expect", [
+    (4, "rows", [0, 0, 0, 1, 1, 1]),        # CPU: rows in the vector lanes
+    (2048, "rows", [0, 0, 1, 0, 1, 1]),     # CPU: rows swept one by one, reductions in the lanes
+    (8192, "rows", [0, 1, 0, 0, 1, 1]),     # CPU: the per-row pass
+    (4, "positions", [0, 0, 0, 1, 1, 1]),   # (N, C, S)
+])
+def test_a_confidence_on_a_bin_edge_counts_in_the_bin_it_starts(device, c, layout, expect):
+    """bucketize(conf, boundaries, right=True) - 1: a confidence equal to an edge belongs to the bin that
+    starts there, and 1.0 to the last bin, exactly (not within a rounding) in the kernel and the reference."""
+    x = edge_rows(c)
+    t = torch.zeros(3, dtype=torch.int64)
+    if layout == "positions":  # (N, C, S)
+        x, t = x.t().unsqueeze(0).contiguous(), t.unsqueeze(0)
+    ker = [s.to(device) for s in new_state(c, 1, len(EDGES), counts_only=True)]
+    torch.ops.fasteval.eval_update(x.to(device), t.to(device), EDGES.to(device), None, 0.0, [1], True, *ker)
+    ref = new_state(c, 1, len(EDGES), counts_only=True)
+    reference.eval_update(x, t, EDGES, None, 0.0, [1], True, *ref)
+    assert ref[3].tolist() == expect
+    assert ker[3].cpu().tolist() == expect
 
 
 @needs_kernel("eval_update", "cpu")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import fasteval
 from fasteval import _loader, reference
 
-from cases import needs_kernel
+from cases import device_params, needs_kernel
 
 HAS_KERNEL = _loader.has_kernel("linear_cross_entropy", "cpu")
 
@@ -196,6 +196,33 @@ def test_torch_compile_forward_and_backward():
     torch.testing.assert_close(got, want)
     for a, e in zip(gg, gw):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("device", device_params("linear_eval_update"))
+@pytest.mark.parametrize("v,expect", [(4, [0, 0, 1, 1, 1]), (2048, [0, 1, 0, 1, 1])])
+def test_a_confidence_on_a_bin_edge_counts_in_the_bin_it_starts(device, v, expect):
+    """As eval_update: bucketize(conf, boundaries, right=True) - 1 exactly. The hidden states are the logits
+    and the head the identity, so the logits are exact: their float32 confidences are exactly 1/V, 0.5 and 1.0,
+    each on an edge."""
+    edges = torch.tensor([0.0, 2.0**-11, 0.25, 0.5, 1.0])
+    x = torch.zeros(3, v)
+    x[1, 2:] = -200.0
+    x[2, 0] = 100.0
+    w, t = torch.eye(v), torch.zeros(3, dtype=torch.int64)
+
+    def state():
+        return [torch.zeros(1, dtype=torch.float64, device=device), torch.zeros(3, v, dtype=torch.int64, device=device),
+                torch.zeros(1, dtype=torch.int64, device=device)] + \
+               [torch.zeros(5, dtype=dt, device=device) for dt in (torch.int64, torch.float64, torch.int64)] + \
+               [torch.zeros(2, dtype=torch.int64, device=device)]
+
+    ker, ref = state(), state()
+    torch.ops.fasteval.linear_eval_update(x.to(device), w.to(device), None, t.to(device), edges.to(device), None, 0.0,
+                                          [1], True, *ker)
+    reference.linear_eval_update(x.to(device), w.to(device), None, t.to(device), edges.to(device), None, 0.0, [1], True,
+                                 *ref)
+    assert ref[3].cpu().tolist() == expect
+    assert ker[3].cpu().tolist() == expect
 
 
 # ---------------------------------------------------------------------------------------------------

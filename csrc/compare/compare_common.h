@@ -15,6 +15,7 @@
 // +inf to KL(q||p) and q_c log 2 / 2 to JS (and symmetrically).
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <cstdint>
@@ -184,6 +185,49 @@ inline at::Tensor kernel_layout(const at::Tensor& x) {
   if (x.dim() == 2) return class_contiguous(x);
   if (x.stride(2) == 1 && x.stride(1) == x.size(2)) return x;
   return x.contiguous();
+}
+
+// The checked arguments of compare_update, as a device's kernel receives them.
+struct UpdateArgs {
+  Shapes sh;
+  const at::Tensor& reference;
+  const at::Tensor& candidate;
+  at::Tensor target;                    // contiguous; undefined without targets
+  std::optional<int64_t> ignore_index;  // None without targets
+  at::IntArrayRef top_k;
+  const at::Tensor& stats;
+  const at::Tensor& counts;
+  const at::Tensor& kl_hist;
+  const at::Tensor& dp_hist;
+  float* row_stats;     // (positions, 4), or null
+  int64_t* row_argmax;  // (positions, 2), or null
+};
+
+// The kernel of device D: compare_cpu.cpp and compare_cuda.cu define Kernels<at::kCPU> and Kernels<at::kCUDA>.
+template <c10::DeviceType D>
+struct Kernels {
+  static void update(const UpdateArgs& args);
+};
+
+// compare_update as registered, one definition for every device: the checks, then the kernel of device
+// K = Kernels<device>.
+template <class K>
+void update(const at::Tensor& reference, const at::Tensor& candidate, const std::optional<at::Tensor>& target,
+            std::optional<int64_t> ignore_index, at::IntArrayRef top_k, const at::Tensor& stats,
+            const at::Tensor& counts, const at::Tensor& kl_hist, const at::Tensor& dp_hist,
+            const std::optional<at::Tensor>& row_stats, const std::optional<at::Tensor>& row_argmax) {
+  const Shapes sh =
+      check_inputs(reference, candidate, target, top_k, stats, counts, kl_hist, dp_hist, row_stats, row_argmax);
+  const bool has_target = target.has_value() && target->defined();
+  K::update({sh, reference, candidate, has_target ? target->contiguous() : at::Tensor(),
+             has_target ? ignore_index : std::nullopt, top_k, stats, counts, kl_hist, dp_hist,
+             row_stats.has_value() && row_stats->defined() ? row_stats->data_ptr<float>() : nullptr,
+             row_argmax.has_value() && row_argmax->defined() ? row_argmax->data_ptr<int64_t>() : nullptr});
+}
+
+template <class K>
+void register_ops(torch::Library& m) {
+  m.impl("compare_update", &update<K>);
 }
 
 }  // namespace compare

@@ -332,26 +332,24 @@ void run(const at::Tensor& a, const at::Tensor& b, const I* tp, const Run& cfg, 
   });
 }
 
-void compare_update_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& target_in,
-                        std::optional<int64_t> ignore_index, at::IntArrayRef top_k, const at::Tensor& stats,
-                        const at::Tensor& counts, const at::Tensor& kl_hist, const at::Tensor& dp_hist,
-                        const std::optional<at::Tensor>& row_stats, const std::optional<at::Tensor>& row_argmax) {
-  const Shapes sh = check_inputs(a_in, b_in, target_in, top_k, stats, counts, kl_hist, dp_hist, row_stats, row_argmax);
-  TORCH_INTERNAL_ASSERT(a_in.device().is_cpu());
-  const bool has_target = target_in.has_value() && target_in->defined();
-  const at::Tensor target = has_target ? target_in->contiguous() : at::Tensor();
+}  // namespace
+
+namespace compare {
+
+template <>
+void Kernels<at::kCPU>::update(const UpdateArgs& args) {
+  const Shapes& sh = args.sh;
+  const at::Tensor& target = args.target;
+  const bool has_target = target.defined();
   const int64_t P = sh.positions, C = sh.C;
-  const bool has_ignore = has_target && ignore_index.has_value();
-  const int64_t ignore = ignore_index.value_or(0);
   if (has_target && P > 0) {
-    AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "compare_update_cpu_check",
-                            [&] {
-                              check_target_values(target.const_data_ptr<index_t>(), P, C, ignore_index, kOp,
-                                                  "; the state was not changed");
-                            });
+    AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "compare_update_cpu_check", [&] {
+      check_target_values(target.const_data_ptr<index_t>(), P, C, args.ignore_index, kOp,
+                          "; the state was not changed");
+    });
   }
   if (P == 0) return;
-  const at::Tensor a = kernel_layout(a_in), b = kernel_layout(b_in);
+  const at::Tensor a = kernel_layout(args.reference), b = kernel_layout(args.candidate);
 
   Run cfg;
   cfg.N = sh.N;
@@ -359,11 +357,11 @@ void compare_update_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const st
   cfg.S = sh.S;
   cfg.P = P;
   cfg.has_target = has_target;
-  cfg.has_ignore = has_ignore;
-  cfg.ignore = ignore;
-  cfg.top_k.assign(top_k.begin(), top_k.end());
-  cfg.row_stats = row_stats.has_value() && row_stats->defined() ? row_stats->data_ptr<float>() : nullptr;
-  cfg.row_argmax = row_argmax.has_value() && row_argmax->defined() ? row_argmax->data_ptr<int64_t>() : nullptr;
+  cfg.has_ignore = args.ignore_index.has_value();
+  cfg.ignore = args.ignore_index.value_or(0);
+  cfg.top_k.assign(args.top_k.begin(), args.top_k.end());
+  cfg.row_stats = args.row_stats;
+  cfg.row_argmax = args.row_argmax;
   std::vector<int32_t> bins(static_cast<size_t>(2 * P));
   cfg.kl_bins = bins.data();
   cfg.dp_bins = bins.data() + P;
@@ -399,31 +397,31 @@ void compare_update_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const st
     for (int c = 0; c < kCountNames; ++c) total.cnt[c] += part.cnt[c];
     for (int64_t k = 0; k < K; ++k) total.hits[k] += part.hits[k];
   }
-  double* st = stats.data_ptr<double>();
+  double* st = args.stats.data_ptr<double>();
   for (int r = 0; r < kStatRows; ++r) {
     if (!has_target && (r == kNllA || r == kNllB)) continue;
     st[3 * r] += total.sum[r];
     st[3 * r + 1] += total.sq[r];
     nan_max(st[3 * r + 2], total.mx[r]);
   }
-  int64_t* cn = counts.data_ptr<int64_t>();
+  int64_t* cn = args.counts.data_ptr<int64_t>();
   for (int c = 0; c < kCountNames; ++c) cn[c] += total.cnt[c];
   for (int64_t k = 0; k < K; ++k) cn[kCountNames + k] += total.hits[k];
 
   const int32_t* kb = cfg.kl_bins;
   const int32_t* db = cfg.dp_bins;
-  cpu::parallel_histogram(P, kKlBins, 4096, kl_hist.data_ptr<int64_t>(), [&](int64_t begin, int64_t end, const auto& acc) {
+  cpu::parallel_histogram(P, kKlBins, 4096, args.kl_hist.data_ptr<int64_t>(), [&](int64_t begin, int64_t end, const auto& acc) {
     for (int64_t i = begin; i < end; ++i)
       if (kb[i] >= 0) acc.add(kb[i]);
   });
-  cpu::parallel_histogram(P, kDpBins, 4096, dp_hist.data_ptr<int64_t>(), [&](int64_t begin, int64_t end, const auto& acc) {
+  cpu::parallel_histogram(P, kDpBins, 4096, args.dp_hist.data_ptr<int64_t>(), [&](int64_t begin, int64_t end, const auto& acc) {
     for (int64_t i = begin; i < end; ++i)
       if (db[i] >= 0) acc.add(db[i]);
   });
 }
 
-}  // namespace
+}  // namespace compare
 
-TORCH_LIBRARY_IMPL(fasteval, CPU, m) { m.impl("compare_update", &compare_update_cpu); }
+TORCH_LIBRARY_IMPL(fasteval, CPU, m) { compare::register_ops<compare::Kernels<at::kCPU>>(m); }
 
 }  // namespace fasteval

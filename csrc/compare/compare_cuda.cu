@@ -244,17 +244,18 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
   }
 }
 
-void compare_update_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const std::optional<at::Tensor>& target_in,
-                         std::optional<int64_t> ignore_index, at::IntArrayRef top_k, const at::Tensor& stats,
-                         const at::Tensor& counts, const at::Tensor& kl_hist, const at::Tensor& dp_hist,
-                         const std::optional<at::Tensor>& row_stats, const std::optional<at::Tensor>& row_argmax) {
-  const Shapes sh = check_inputs(a_in, b_in, target_in, top_k, stats, counts, kl_hist, dp_hist, row_stats, row_argmax);
-  TORCH_INTERNAL_ASSERT(a_in.device().is_cuda());
-  const c10::cuda::CUDAGuard guard(a_in.device());
+}  // namespace
+
+namespace compare {
+
+template <>
+void Kernels<at::kCUDA>::update(const UpdateArgs& args) {
+  const Shapes& sh = args.sh;
+  const c10::cuda::CUDAGuard guard(args.reference.device());
   if (sh.positions == 0) return;
-  const bool has_target = target_in.has_value() && target_in->defined();
-  const at::Tensor a = kernel_layout(a_in), b = kernel_layout(b_in);
-  const at::Tensor target = has_target ? target_in->contiguous() : at::Tensor();
+  const at::Tensor& target = args.target;
+  const bool has_target = target.defined();
+  const at::Tensor a = kernel_layout(args.reference), b = kernel_layout(args.candidate);
 
   Params p;
   p.C = sh.C;
@@ -263,17 +264,17 @@ void compare_update_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const s
   p.stride_a = a.stride(0);
   p.stride_b = b.stride(0);
   p.has_target = has_target;
-  p.has_ignore = has_target && ignore_index.has_value();
-  p.ignore_index = ignore_index.value_or(0);
-  p.K = static_cast<int>(top_k.size());
-  for (int k = 0; k < p.K; ++k) p.top_k[k] = top_k[k];
-  p.stats = stats.data_ptr<double>();
-  p.counts = counts.data_ptr<int64_t>();
-  p.kl_hist = kl_hist.data_ptr<int64_t>();
-  p.dp_hist = dp_hist.data_ptr<int64_t>();
-  p.row_stats = row_stats.has_value() && row_stats->defined() ? row_stats->data_ptr<float>() : nullptr;
-  p.row_argmax = row_argmax.has_value() && row_argmax->defined() ? row_argmax->data_ptr<int64_t>() : nullptr;
-  at::Tensor bad = at::zeros({1}, counts.options());
+  p.has_ignore = args.ignore_index.has_value();
+  p.ignore_index = args.ignore_index.value_or(0);
+  p.K = static_cast<int>(args.top_k.size());
+  for (int k = 0; k < p.K; ++k) p.top_k[k] = args.top_k[k];
+  p.stats = args.stats.data_ptr<double>();
+  p.counts = args.counts.data_ptr<int64_t>();
+  p.kl_hist = args.kl_hist.data_ptr<int64_t>();
+  p.dp_hist = args.dp_hist.data_ptr<int64_t>();
+  p.row_stats = args.row_stats;
+  p.row_argmax = args.row_argmax;
+  at::Tensor bad = at::zeros({1}, args.counts.options());
   p.bad = bad.const_data_ptr<int64_t>();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -305,8 +306,8 @@ void compare_update_cuda(const at::Tensor& a_in, const at::Tensor& b_in, const s
   }
 }
 
-}  // namespace
+}  // namespace compare
 
-TORCH_LIBRARY_IMPL(fasteval, CUDA, m) { m.impl("compare_update", &compare_update_cuda); }
+TORCH_LIBRARY_IMPL(fasteval, CUDA, m) { compare::register_ops<compare::Kernels<at::kCUDA>>(m); }
 
 }  // namespace fasteval

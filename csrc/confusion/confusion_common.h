@@ -1,11 +1,17 @@
 #pragma once
-// Input checks, layouts and the bin rule shared by the CPU and CUDA confusion-matrix kernels.
+// Input checks, layouts, the bin rule and the ops' entry points shared by the CPU and CUDA confusion-matrix
+// kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/host_device.h"
@@ -201,4 +207,79 @@ inline void binned_suffix_sums(const int64_t* hist, int64_t L, int64_t T, const 
   }
 }
 
+
+namespace confusion {
+
+using Counts = std::tuple<at::Tensor, at::Tensor>;  // (the counts, invalid)
+
+// The kernels of device D, each given checked inputs: confusion_cpu.cpp and confusion_cuda.cu define
+// Kernels<at::kCPU> and Kernels<at::kCUDA>.
+template <c10::DeviceType D>
+struct Kernels {
+  // Adds the samples to out, the zeroed (C, C) matrix (M = kMatrix) or (3, C) per-class counts (M = kCounts);
+  // returns `invalid`. op names the op in errors.
+  template <Mode M>
+  static at::Tensor multiclass(const at::Tensor& preds, const at::Tensor& target, const MulticlassShape& s,
+                               std::optional<int64_t> ignore_index, const char* op, at::Tensor& out);
+  static Counts multilabel(const at::Tensor& preds, const at::Tensor& target, double threshold,
+                           std::optional<int64_t> ignore_index);
+  static Counts binned(const at::Tensor& preds, const at::Tensor& target, const at::Tensor& thresholds,
+                       bool one_vs_rest, std::optional<int64_t> ignore_index);
+  static Counts topk_rank(const at::Tensor& scores, const at::Tensor& target, std::optional<int64_t> ignore_index);
+};
+
+// The five ops as registered, one definition for every device: the op's checks, then the kernel of device
+// K = Kernels<device>.
+template <class K>
+struct Entry {
+  static Counts confusion_matrix(const at::Tensor& preds, const at::Tensor& target, int64_t num_classes,
+                                 std::optional<int64_t> ignore_index) {
+    check_matrix_size(num_classes, "fasteval.confusion_matrix");
+    return multiclass<Mode::kMatrix>(preds, target, num_classes, ignore_index, "fasteval.confusion_matrix");
+  }
+
+  static Counts class_counts(const at::Tensor& preds, const at::Tensor& target, int64_t num_classes,
+                             std::optional<int64_t> ignore_index) {
+    return multiclass<Mode::kCounts>(preds, target, num_classes, ignore_index, "fasteval.class_counts");
+  }
+
+  static Counts multilabel_confusion_matrix(const at::Tensor& preds, const at::Tensor& target, double threshold,
+                                            std::optional<int64_t> ignore_index) {
+    check_multilabel(preds, target, "fasteval.multilabel_confusion_matrix");
+    return K::multilabel(preds, target, threshold, ignore_index);
+  }
+
+  static Counts binned_confusion_matrix(const at::Tensor& preds, const at::Tensor& target,
+                                        const at::Tensor& thresholds, std::optional<int64_t> ignore_index) {
+    const bool one_vs_rest = check_binned(preds, target, thresholds, "fasteval.binned_confusion_matrix");
+    return K::binned(preds, target, thresholds, one_vs_rest, ignore_index);
+  }
+
+  static Counts topk_rank(const at::Tensor& scores, const at::Tensor& target, std::optional<int64_t> ignore_index) {
+    check_topk(scores, target, "fasteval.topk_rank");
+    return K::topk_rank(scores, target, ignore_index);
+  }
+
+ private:
+  template <Mode M>
+  static Counts multiclass(const at::Tensor& preds, const at::Tensor& target, int64_t C,
+                           std::optional<int64_t> ignore_index, const char* op) {
+    const MulticlassShape s = check_multiclass(preds, target, C, op);
+    at::Tensor out = at::zeros(M == Mode::kMatrix ? std::vector<int64_t>{C, C} : std::vector<int64_t>{3, C},
+                               target.options().dtype(at::kLong));
+    at::Tensor invalid = K::template multiclass<M>(preds, target, s, ignore_index, op, out);
+    return {out, invalid};
+  }
+};
+
+template <class K>
+void register_ops(torch::Library& m) {
+  m.impl("confusion_matrix", &Entry<K>::confusion_matrix);
+  m.impl("class_counts", &Entry<K>::class_counts);
+  m.impl("multilabel_confusion_matrix", &Entry<K>::multilabel_confusion_matrix);
+  m.impl("binned_confusion_matrix", &Entry<K>::binned_confusion_matrix);
+  m.impl("topk_rank", &Entry<K>::topk_rank);
+}
+
+}  // namespace confusion
 }  // namespace fasteval

@@ -197,50 +197,6 @@ void count_scores(const at::Tensor& scores, const T* target, int64_t N, int64_t 
   }, /*max_per_unit=*/D);
 }
 
-template <Mode M>
-std::tuple<at::Tensor, at::Tensor> multiclass_cpu(const at::Tensor& preds_in, const at::Tensor& target_in,
-                                                 int64_t num_classes, std::optional<int64_t> ignore_index,
-                                                 const char* op) {
-  const MulticlassShape s = check_multiclass(preds_in, target_in, num_classes, op);
-  const int64_t C = num_classes;
-  const int64_t bins = M == Mode::kMatrix ? C * C : 3 * C;
-  at::Tensor out = at::zeros(M == Mode::kMatrix ? std::vector<int64_t>{C, C} : std::vector<int64_t>{3, C},
-                             target_in.options().dtype(at::kLong));
-  const at::Tensor target = target_in.contiguous();
-  LabelCheck chk{op, C, ignore_index.has_value(), ignore_index.value_or(0), ignore_index};
-  int64_t* o = out.data_ptr<int64_t>();
-  AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "fasteval_confusion_target", [&] {
-    using T = index_t;
-    const T* tp = target.const_data_ptr<T>();
-    if (s.from_scores) {
-      const at::Tensor scores = scores_view(preds_in, s);
-      FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_confusion_scores", [&] {
-        count_scores<M, scalar_t, T>(scores, tp, s.N, C, s.D, bins, chk, o);
-      });
-    } else {
-      const at::Tensor preds = preds_in.contiguous();
-      if (preds.scalar_type() == at::kLong) {
-        count_labels<M, int64_t, T>(preds.const_data_ptr<int64_t>(), tp, target.numel(), bins, chk, o);
-      } else {
-        count_labels<M, int32_t, T>(preds.const_data_ptr<int32_t>(), tp, target.numel(), bins, chk, o);
-      }
-    }
-  });
-  return {out, zero_invalid(target_in)};
-}
-
-std::tuple<at::Tensor, at::Tensor> confusion_matrix_cpu(const at::Tensor& preds, const at::Tensor& target,
-                                                       int64_t num_classes, std::optional<int64_t> ignore_index) {
-  constexpr const char* op = "fasteval.confusion_matrix";
-  check_matrix_size(num_classes, op);
-  return multiclass_cpu<Mode::kMatrix>(preds, target, num_classes, ignore_index, op);
-}
-
-std::tuple<at::Tensor, at::Tensor> class_counts_cpu(const at::Tensor& preds, const at::Tensor& target,
-                                                   int64_t num_classes, std::optional<int64_t> ignore_index) {
-  return multiclass_cpu<Mode::kCounts>(preds, target, num_classes, ignore_index, "fasteval.class_counts");
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Binary / multilabel with a threshold: bins 4 * L, bin = l * 4 + target * 2 + pred.
 
@@ -274,25 +230,6 @@ void count_multilabel(const P* pp, const T* tp, int64_t N, int64_t L, double thr
       acc.add(l * 4 + t * 2 + p);
     }
   });
-}
-
-std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cpu(const at::Tensor& preds_in,
-                                                                  const at::Tensor& target_in, double threshold,
-                                                                  std::optional<int64_t> ignore_index) {
-  constexpr const char* op = "fasteval.multilabel_confusion_matrix";
-  check_multilabel(preds_in, target_in, op);
-  const int64_t N = preds_in.size(0), L = preds_in.size(1);
-  at::Tensor out = at::zeros({L, 2, 2}, target_in.options().dtype(at::kLong));
-  const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
-  int64_t* o = out.data_ptr<int64_t>();
-  FASTEVAL_DISPATCH_BINARY_TARGET(target.scalar_type(), "fasteval_multilabel_target", [&] {
-    using T = scalar_t;
-    const T* tp = target.const_data_ptr<T>();
-    FASTEVAL_DISPATCH_SCORE_OR_LABEL_TYPES(preds.scalar_type(), "fasteval_multilabel_preds", [&] {
-      count_multilabel<scalar_t, T>(preds.const_data_ptr<scalar_t>(), tp, N, L, threshold, ignore_index, o);
-    });
-  });
-  return {out, zero_invalid(target_in)};
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -355,11 +292,60 @@ void count_binned(const P* pp, const TT* tp, int64_t N, int64_t L, bool one_vs_r
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cpu(const at::Tensor& preds_in, const at::Tensor& target_in,
-                                                              const at::Tensor& thresholds,
-                                                              std::optional<int64_t> ignore_index) {
-  constexpr const char* op = "fasteval.binned_confusion_matrix";
-  const bool one_vs_rest = check_binned(preds_in, target_in, thresholds, op);
+}  // namespace
+
+namespace confusion {
+
+template <>
+template <Mode M>
+at::Tensor Kernels<at::kCPU>::multiclass(const at::Tensor& preds_in, const at::Tensor& target_in,
+                                         const MulticlassShape& s, std::optional<int64_t> ignore_index, const char* op,
+                                         at::Tensor& out) {
+  const int64_t C = out.size(-1), bins = out.numel();
+  const at::Tensor target = target_in.contiguous();
+  LabelCheck chk{op, C, ignore_index.has_value(), ignore_index.value_or(0), ignore_index};
+  int64_t* o = out.data_ptr<int64_t>();
+  AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "fasteval_confusion_target", [&] {
+    using T = index_t;
+    const T* tp = target.const_data_ptr<T>();
+    if (s.from_scores) {
+      const at::Tensor scores = scores_view(preds_in, s);
+      FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_confusion_scores", [&] {
+        count_scores<M, scalar_t, T>(scores, tp, s.N, C, s.D, bins, chk, o);
+      });
+    } else {
+      const at::Tensor preds = preds_in.contiguous();
+      if (preds.scalar_type() == at::kLong) {
+        count_labels<M, int64_t, T>(preds.const_data_ptr<int64_t>(), tp, target.numel(), bins, chk, o);
+      } else {
+        count_labels<M, int32_t, T>(preds.const_data_ptr<int32_t>(), tp, target.numel(), bins, chk, o);
+      }
+    }
+  });
+  return zero_invalid(target_in);
+}
+
+template <>
+Counts Kernels<at::kCPU>::multilabel(const at::Tensor& preds_in, const at::Tensor& target_in, double threshold,
+                                     std::optional<int64_t> ignore_index) {
+  const int64_t N = preds_in.size(0), L = preds_in.size(1);
+  at::Tensor out = at::zeros({L, 2, 2}, target_in.options().dtype(at::kLong));
+  const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
+  int64_t* o = out.data_ptr<int64_t>();
+  FASTEVAL_DISPATCH_BINARY_TARGET(target.scalar_type(), "fasteval_multilabel_target", [&] {
+    using T = scalar_t;
+    const T* tp = target.const_data_ptr<T>();
+    FASTEVAL_DISPATCH_SCORE_OR_LABEL_TYPES(preds.scalar_type(), "fasteval_multilabel_preds", [&] {
+      count_multilabel<scalar_t, T>(preds.const_data_ptr<scalar_t>(), tp, N, L, threshold, ignore_index, o);
+    });
+  });
+  return {out, zero_invalid(target_in)};
+}
+
+template <>
+Counts Kernels<at::kCPU>::binned(const at::Tensor& preds_in, const at::Tensor& target_in,
+                                 const at::Tensor& thresholds, bool one_vs_rest,
+                                 std::optional<int64_t> ignore_index) {
   const int64_t N = preds_in.size(0), L = preds_in.size(1), T = thresholds.numel();
   const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
   const at::Tensor thr = thresholds.to(at::kDouble).contiguous();
@@ -381,13 +367,10 @@ std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cpu(const at::Tensor&
   return {out, zero_invalid(target_in)};
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Top-k rank of the target in each row.
-
-std::tuple<at::Tensor, at::Tensor> topk_rank_cpu(const at::Tensor& scores_in, const at::Tensor& target_in,
-                                                std::optional<int64_t> ignore_index) {
+template <>
+Counts Kernels<at::kCPU>::topk_rank(const at::Tensor& scores_in, const at::Tensor& target_in,
+                                    std::optional<int64_t> ignore_index) {
   constexpr const char* op = "fasteval.topk_rank";
-  check_topk(scores_in, target_in, op);
   const int64_t N = scores_in.size(0), C = scores_in.size(1);
   const at::Tensor scores = class_contiguous(scores_in);
   const at::Tensor target = target_in.contiguous();
@@ -453,14 +436,8 @@ std::tuple<at::Tensor, at::Tensor> topk_rank_cpu(const at::Tensor& scores_in, co
   return {rank, zero_invalid(target_in)};
 }
 
-}  // namespace
+}  // namespace confusion
 
-TORCH_LIBRARY_IMPL(fasteval, CPU, m) {
-  m.impl("confusion_matrix", &confusion_matrix_cpu);
-  m.impl("class_counts", &class_counts_cpu);
-  m.impl("multilabel_confusion_matrix", &multilabel_confusion_matrix_cpu);
-  m.impl("binned_confusion_matrix", &binned_confusion_matrix_cpu);
-  m.impl("topk_rank", &topk_rank_cpu);
-}
+TORCH_LIBRARY_IMPL(fasteval, CPU, m) { confusion::register_ops<confusion::Kernels<at::kCPU>>(m); }
 
 }  // namespace fasteval

@@ -275,14 +275,17 @@ void launch_histogram(const Work& work, int64_t units, int64_t bins, at::Tensor&
 at::Tensor new_invalid(const at::Tensor& like) { return at::zeros({}, like.options().dtype(at::kLong)); }
 ull* ull_ptr(at::Tensor& t) { return reinterpret_cast<ull*>(t.data_ptr<int64_t>()); }
 
+}  // namespace
+
+namespace confusion {
+
+template <>
 template <Mode M>
-std::tuple<at::Tensor, at::Tensor> multiclass_cuda(const at::Tensor& preds_in, const at::Tensor& target_in,
-                                                  int64_t C, std::optional<int64_t> ignore_index, const char* op) {
-  const MulticlassShape s = check_multiclass(preds_in, target_in, C, op);
+at::Tensor Kernels<at::kCUDA>::multiclass(const at::Tensor& preds_in, const at::Tensor& target_in,
+                                          const MulticlassShape& s, std::optional<int64_t> ignore_index,
+                                          const char* /*op*/, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(target_in.device());
-  const int64_t bins = M == Mode::kMatrix ? C * C : 3 * C;
-  at::Tensor out = at::zeros(M == Mode::kMatrix ? std::vector<int64_t>{C, C} : std::vector<int64_t>{3, C},
-                             target_in.options().dtype(at::kLong));
+  const int64_t C = out.size(-1), bins = out.numel();
   at::Tensor invalid = new_invalid(target_in);
   const at::Tensor target = target_in.contiguous();
   const LabelRule rule{C, ignore_index.has_value(), ignore_index.value_or(0), ull_ptr(invalid)};
@@ -309,26 +312,12 @@ std::tuple<at::Tensor, at::Tensor> multiclass_cuda(const at::Tensor& preds_in, c
       }
     }
   });
-  return {out, invalid};
+  return invalid;
 }
 
-std::tuple<at::Tensor, at::Tensor> confusion_matrix_cuda(const at::Tensor& preds, const at::Tensor& target,
-                                                        int64_t num_classes, std::optional<int64_t> ignore_index) {
-  constexpr const char* op = "fasteval.confusion_matrix";
-  check_matrix_size(num_classes, op);
-  return multiclass_cuda<Mode::kMatrix>(preds, target, num_classes, ignore_index, op);
-}
-
-std::tuple<at::Tensor, at::Tensor> class_counts_cuda(const at::Tensor& preds, const at::Tensor& target,
-                                                    int64_t num_classes, std::optional<int64_t> ignore_index) {
-  return multiclass_cuda<Mode::kCounts>(preds, target, num_classes, ignore_index, "fasteval.class_counts");
-}
-
-std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cuda(const at::Tensor& preds_in,
-                                                                   const at::Tensor& target_in, double threshold,
-                                                                   std::optional<int64_t> ignore_index) {
-  constexpr const char* op = "fasteval.multilabel_confusion_matrix";
-  check_multilabel(preds_in, target_in, op);
+template <>
+Counts Kernels<at::kCUDA>::multilabel(const at::Tensor& preds_in, const at::Tensor& target_in, double threshold,
+                                      std::optional<int64_t> ignore_index) {
   const c10::cuda::CUDAGuard guard(target_in.device());
   const int64_t N = preds_in.size(0), L = preds_in.size(1);
   at::Tensor out = at::zeros({L, 2, 2}, target_in.options().dtype(at::kLong));
@@ -347,12 +336,10 @@ std::tuple<at::Tensor, at::Tensor> multilabel_confusion_matrix_cuda(const at::Te
   return {out, invalid};
 }
 
-std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cuda(const at::Tensor& preds_in,
-                                                               const at::Tensor& target_in,
-                                                               const at::Tensor& thresholds,
-                                                               std::optional<int64_t> ignore_index) {
-  constexpr const char* op = "fasteval.binned_confusion_matrix";
-  const bool one_vs_rest = check_binned(preds_in, target_in, thresholds, op);
+template <>
+Counts Kernels<at::kCUDA>::binned(const at::Tensor& preds_in, const at::Tensor& target_in,
+                                  const at::Tensor& thresholds, bool one_vs_rest,
+                                  std::optional<int64_t> ignore_index) {
   const c10::cuda::CUDAGuard guard(target_in.device());
   const int64_t N = preds_in.size(0), L = preds_in.size(1), T = thresholds.numel();
   const at::Tensor preds = preds_in.contiguous(), target = target_in.contiguous();
@@ -396,10 +383,9 @@ std::tuple<at::Tensor, at::Tensor> binned_confusion_matrix_cuda(const at::Tensor
   return {out, invalid};
 }
 
-std::tuple<at::Tensor, at::Tensor> topk_rank_cuda(const at::Tensor& scores_in, const at::Tensor& target_in,
-                                                 std::optional<int64_t> ignore_index) {
-  constexpr const char* op = "fasteval.topk_rank";
-  check_topk(scores_in, target_in, op);
+template <>
+Counts Kernels<at::kCUDA>::topk_rank(const at::Tensor& scores_in, const at::Tensor& target_in,
+                                     std::optional<int64_t> ignore_index) {
   const c10::cuda::CUDAGuard guard(target_in.device());
   const int64_t N = scores_in.size(0), C = scores_in.size(1);
   const at::Tensor scores = class_contiguous(scores_in);
@@ -420,14 +406,8 @@ std::tuple<at::Tensor, at::Tensor> topk_rank_cuda(const at::Tensor& scores_in, c
   return {rank, invalid};
 }
 
-}  // namespace
+}  // namespace confusion
 
-TORCH_LIBRARY_IMPL(fasteval, CUDA, m) {
-  m.impl("confusion_matrix", &confusion_matrix_cuda);
-  m.impl("class_counts", &class_counts_cuda);
-  m.impl("multilabel_confusion_matrix", &multilabel_confusion_matrix_cuda);
-  m.impl("binned_confusion_matrix", &binned_confusion_matrix_cuda);
-  m.impl("topk_rank", &topk_rank_cuda);
-}
+TORCH_LIBRARY_IMPL(fasteval, CUDA, m) { confusion::register_ops<confusion::Kernels<at::kCUDA>>(m); }
 
 }  // namespace fasteval

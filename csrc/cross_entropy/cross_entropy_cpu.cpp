@@ -31,6 +31,7 @@
 #include "common/checks.h"
 #include "common/row_lanes_cpu.h"
 #include "common/row_softmax_cpu.h"
+#include "cross_entropy/cross_entropy_common.h"
 
 namespace fasteval {
 namespace {
@@ -40,8 +41,8 @@ using cpu::ChunkLoader;
 using cpu::fVec;
 using cpu::kChunk;
 
-constexpr const char* kOp = "fasteval.softmax_cross_entropy";
-constexpr const char* kBackwardOp = "fasteval.softmax_cross_entropy_backward";
+using cross_entropy::kBackwardOp;
+using cross_entropy::kOp;
 constexpr int64_t kReductionNone = 0, kReductionMean = 1, kReductionSum = 2;  // at::Reduction
 
 // Rows per parallel task: enough work per task to amortise the scheduling.
@@ -325,79 +326,6 @@ void forward_lanes(const T* x, int64_t row_stride, const I* target, const float*
 }
 #endif
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cpu(
-    const at::Tensor& logits_in, const at::Tensor& target_in, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  check_cross_entropy_inputs(logits_in, target_in, label_smoothing, reduction, kOp);
-  const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  const at::Tensor w = checked_weight(weight, C, logits_in, kOp);
-  const at::Tensor logits = class_contiguous(logits_in);
-  const at::Tensor target = target_in.contiguous();
-  // Outputs straight from the CPU allocator (at::empty would go through the dispatcher once more: a
-  // visible share of the time of a small call).
-  at::Tensor lse = at::detail::empty_cpu({N}, at::kDouble);
-  at::Tensor loss = at::detail::empty_cpu(reduction == kReductionNone ? at::IntArrayRef{N} : at::IntArrayRef{},
-                                          at::kFloat);
-  at::Tensor total_weight = at::detail::empty_cpu({}, at::kFloat);
-  const int64_t rpp = forward_rows_per_partial(C);
-  const int64_t nparts = (N + rpp - 1) / rpp;
-  // Partial sums: on the stack for small inputs (no heap allocation per call).
-  constexpr int64_t kStackParts = 64;
-  double stack_parts[2 * kStackParts];
-  std::vector<double> heap_parts(nparts > kStackParts ? 2 * nparts : 0);
-  double* part_loss = nparts > kStackParts ? heap_parts.data() : stack_parts;
-  double* part_weight = part_loss + nparts;
-  const float eps = static_cast<float>(label_smoothing);
-  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
-  float* loss_rows = reduction == kReductionNone ? loss.data_ptr<float>() : nullptr;
-  if (N > 0) {
-    FASTEVAL_DISPATCH_LOGITS_TYPES(logits.scalar_type(), "softmax_cross_entropy_cpu", [&] {
-      using T = scalar_t;
-      AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "softmax_cross_entropy_cpu_target", [&] {
-        const T* xp = logits.const_data_ptr<T>();
-        const index_t* tp = target.const_data_ptr<index_t>();
-        auto args = std::make_tuple(xp, logits.stride(0), tp, wp, N, C, ignore_index, eps, loss_rows,
-                                    lse.data_ptr<double>(), part_loss, part_weight);
-#ifdef FASTEVAL_ROW_LANES
-        if (C > 0 && C <= kLanesMaxC) {  // C = 0 (every row ignored or raising): the row path
-          auto pick = [&](auto medium) {
-            constexpr bool M = decltype(medium)::value;
-            if (eps > 0.f) {
-              std::apply(wp ? forward_lanes<T, index_t, true, true, M> : forward_lanes<T, index_t, true, false, M>,
-                         args);
-            } else {
-              std::apply(wp ? forward_lanes<T, index_t, false, true, M> : forward_lanes<T, index_t, false, false, M>,
-                         args);
-            }
-          };
-          if (C <= kBlockMaxC) {
-            pick(std::false_type{});
-          } else {
-            pick(std::true_type{});
-          }
-          return;
-        }
-#endif
-        std::apply(eps > 0.f ? forward_rows<T, index_t, true> : forward_rows<T, index_t, false>, args);
-      });
-    });
-  }
-  double total = 0.0, tw = 0.0;
-  for (int64_t k = 0; k < nparts; ++k) {
-    total += part_loss[k];
-    tw += part_weight[k];
-  }
-  // Written in place: fill_ would be a dispatcher call each.
-  *total_weight.data_ptr<float>() = static_cast<float>(tw);
-  if (reduction == kReductionSum) *loss.data_ptr<float>() = static_cast<float>(total);
-  // 0 / 0 = NaN when every row is ignored, as torch
-  if (reduction == kReductionMean) *loss.data_ptr<float>() = static_cast<float>(total / tw);
-  // No classes (every row ignored, or a bad target raised above): torch's smoothing term is
-  // eps / C * (a sum of no terms) = NaN on every row, ignored or not.
-  if (C == 0 && eps > 0.f) loss.fill_(std::numeric_limits<float>::quiet_NaN());
-  return {loss, lse, total_weight};
-}
-
 // grad_c = a * p_c - b * w_c  (w_c = 1 without weights), then grad_t -= g * (1 - eps) * w_t, with
 // p_c = exp(x_c - lse), a = g * ((1 - eps) * w_t + eps * W / C), b = g * eps / C.
 template <typename T, typename I>
@@ -529,56 +457,123 @@ void backward_lanes(const float* g, int64_t g_stride, float g_scale, const T* x,
 }
 #endif
 
-at::Tensor softmax_cross_entropy_backward_cpu(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
-                                              const at::Tensor& target_in, const std::optional<at::Tensor>& weight,
-                                              const at::Tensor& lse_in, const at::Tensor& total_weight,
-                                              int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  constexpr const char* op = kBackwardOp;
-  check_cross_entropy_backward_inputs(grad_loss_in, logits_in, target_in, lse_in, total_weight, label_smoothing,
-                                      reduction, op);
-  const int64_t N = logits_in.size(0), C = logits_in.size(1);
-  const at::Tensor w = checked_weight(weight, C, logits_in, op);
-  const at::Tensor logits = class_contiguous(logits_in);
-  const at::Tensor target = target_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous();
+}  // namespace
+
+namespace cross_entropy {
+
+template <>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels<at::kCPU>::forward(const ForwardArgs& args) {
+  const int64_t N = args.logits.size(0), C = args.logits.size(1);
+  const at::Tensor& w = args.weight;
+  const at::Tensor logits = class_contiguous(args.logits);
+  const at::Tensor target = args.target.contiguous();
+  // Outputs straight from the CPU allocator (at::empty would go through the dispatcher once more: a
+  // visible share of the time of a small call).
+  at::Tensor lse = at::detail::empty_cpu({N}, at::kDouble);
+  at::Tensor loss = at::detail::empty_cpu(args.reduction == kReductionNone ? at::IntArrayRef{N} : at::IntArrayRef{},
+                                          at::kFloat);
+  at::Tensor total_weight = at::detail::empty_cpu({}, at::kFloat);
+  const int64_t rpp = forward_rows_per_partial(C);
+  const int64_t nparts = (N + rpp - 1) / rpp;
+  // Partial sums: on the stack for small inputs (no heap allocation per call).
+  constexpr int64_t kStackParts = 64;
+  double stack_parts[2 * kStackParts];
+  std::vector<double> heap_parts(nparts > kStackParts ? 2 * nparts : 0);
+  double* part_loss = nparts > kStackParts ? heap_parts.data() : stack_parts;
+  double* part_weight = part_loss + nparts;
+  const float eps = static_cast<float>(args.label_smoothing);
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  float* loss_rows = args.reduction == kReductionNone ? loss.data_ptr<float>() : nullptr;
+  if (N > 0) {
+    FASTEVAL_DISPATCH_LOGITS_TYPES(logits.scalar_type(), "softmax_cross_entropy_cpu", [&] {
+      using T = scalar_t;
+      AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "softmax_cross_entropy_cpu_target", [&] {
+        const T* xp = logits.const_data_ptr<T>();
+        const index_t* tp = target.const_data_ptr<index_t>();
+        auto kargs = std::make_tuple(xp, logits.stride(0), tp, wp, N, C, args.ignore_index, eps, loss_rows,
+                                    lse.data_ptr<double>(), part_loss, part_weight);
+#ifdef FASTEVAL_ROW_LANES
+        if (C > 0 && C <= kLanesMaxC) {  // C = 0 (every row ignored or raising): the row path
+          auto pick = [&](auto medium) {
+            constexpr bool M = decltype(medium)::value;
+            if (eps > 0.f) {
+              std::apply(wp ? forward_lanes<T, index_t, true, true, M> : forward_lanes<T, index_t, true, false, M>,
+                         kargs);
+            } else {
+              std::apply(wp ? forward_lanes<T, index_t, false, true, M> : forward_lanes<T, index_t, false, false, M>,
+                         kargs);
+            }
+          };
+          if (C <= kBlockMaxC) {
+            pick(std::false_type{});
+          } else {
+            pick(std::true_type{});
+          }
+          return;
+        }
+#endif
+        std::apply(eps > 0.f ? forward_rows<T, index_t, true> : forward_rows<T, index_t, false>, kargs);
+      });
+    });
+  }
+  double total = 0.0, tw = 0.0;
+  for (int64_t k = 0; k < nparts; ++k) {
+    total += part_loss[k];
+    tw += part_weight[k];
+  }
+  // Written in place: fill_ would be a dispatcher call each.
+  *total_weight.data_ptr<float>() = static_cast<float>(tw);
+  if (args.reduction == kReductionSum) *loss.data_ptr<float>() = static_cast<float>(total);
+  // 0 / 0 = NaN when every row is ignored, as torch
+  if (args.reduction == kReductionMean) *loss.data_ptr<float>() = static_cast<float>(total / tw);
+  // No classes (every row ignored, or a bad target raised above): torch's smoothing term is
+  // eps / C * (a sum of no terms) = NaN on every row, ignored or not.
+  if (C == 0 && eps > 0.f) loss.fill_(std::numeric_limits<float>::quiet_NaN());
+  return {loss, lse, total_weight};
+}
+
+template <>
+at::Tensor Kernels<at::kCPU>::backward(const BackwardArgs& args) {
+  const int64_t N = args.logits.size(0), C = args.logits.size(1);
+  const at::Tensor& w = args.weight;
+  const at::Tensor logits = class_contiguous(args.logits);
+  const at::Tensor target = args.target.contiguous();
+  const at::Tensor lse = args.lse.contiguous();
   at::Tensor grad = at::empty({N, C}, logits.options());
   if (N == 0) return grad;
   // Per-row upstream gradient: g[i * g_stride] * g_scale.
-  at::Tensor grad_loss = grad_loss_in.to(at::kFloat);  // may be an expanded (stride 0) tensor
-  int64_t g_stride = reduction == kReductionNone ? grad_loss.stride(0) : 0;
+  at::Tensor grad_loss = args.grad_loss.to(at::kFloat);  // may be an expanded (stride 0) tensor
+  int64_t g_stride = args.reduction == kReductionNone ? grad_loss.stride(0) : 0;
   float g_scale = 1.f;
-  if (reduction == kReductionMean) {
+  if (args.reduction == kReductionMean) {
     // Read in place when it is the float32 the forward saved (item() is a dispatcher call).
-    const float tw = total_weight.scalar_type() == at::kFloat && total_weight.is_contiguous()
-                         ? *total_weight.const_data_ptr<float>()
-                         : total_weight.item<float>();
+    const float tw = args.total_weight.scalar_type() == at::kFloat && args.total_weight.is_contiguous()
+                         ? *args.total_weight.const_data_ptr<float>()
+                         : args.total_weight.item<float>();
     g_scale = 1.f / tw;
   }
-  const float eps = static_cast<float>(label_smoothing);
+  const float eps = static_cast<float>(args.label_smoothing);
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   FASTEVAL_DISPATCH_LOGITS_TYPES(logits.scalar_type(), "softmax_cross_entropy_backward_cpu", [&] {
     using T = scalar_t;
     AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "softmax_cross_entropy_backward_cpu_target", [&] {
-      auto args = std::make_tuple(grad_loss.const_data_ptr<float>(), g_stride, g_scale, logits.const_data_ptr<T>(),
+      auto kargs = std::make_tuple(grad_loss.const_data_ptr<float>(), g_stride, g_scale, logits.const_data_ptr<T>(),
                                   logits.stride(0), target.const_data_ptr<index_t>(), wp, lse.const_data_ptr<double>(),
-                                  N, C, ignore_index, eps, grad.data_ptr<T>());
+                                  N, C, args.ignore_index, eps, grad.data_ptr<T>());
 #ifdef FASTEVAL_ROW_LANES
       if (C > 0 && C <= kBlockMaxC) {
-        std::apply(wp ? backward_lanes<T, index_t, true> : backward_lanes<T, index_t, false>, args);
+        std::apply(wp ? backward_lanes<T, index_t, true> : backward_lanes<T, index_t, false>, kargs);
         return;
       }
 #endif
-      std::apply(backward_rows<T, index_t>, args);
+      std::apply(backward_rows<T, index_t>, kargs);
     });
   });
   return grad;
 }
 
-}  // namespace
+}  // namespace cross_entropy
 
-TORCH_LIBRARY_IMPL(fasteval, CPU, m) {
-  m.impl("softmax_cross_entropy", &softmax_cross_entropy_cpu);
-  m.impl("softmax_cross_entropy_backward", &softmax_cross_entropy_backward_cpu);
-}
+TORCH_LIBRARY_IMPL(fasteval, CPU, m) { cross_entropy::register_ops<cross_entropy::Kernels<at::kCPU>>(m); }
 
 }  // namespace fasteval

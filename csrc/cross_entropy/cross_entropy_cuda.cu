@@ -53,6 +53,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "cross_entropy/cross_entropy_common.h"
 
 namespace fasteval {
 namespace {
@@ -396,47 +397,43 @@ at::Tensor total_weight_cuda(const at::Tensor& target, const at::Tensor& weight,
   return wt.masked_fill(valid.logical_not(), 0.0).sum(at::kFloat);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_cross_entropy_cuda(
-    const at::Tensor& logits_in, const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  constexpr const char* op = "fasteval.softmax_cross_entropy";
-  check_cross_entropy_inputs(logits_in, target, label_smoothing, reduction, op);
-  const int64_t C = logits_in.size(1);
-  c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = class_contiguous(logits_in);
-  const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
-  auto [loss_rows, lse] = cross_entropy_rows_cuda(logits, target, weight, ignore_index, label_smoothing);
-  at::Tensor total_weight = total_weight_cuda(target, weight, ignore_index, C);
+}  // namespace
+
+namespace cross_entropy {
+
+template <>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels<at::kCUDA>::forward(const ForwardArgs& args) {
+  const int64_t C = args.logits.size(1);
+  c10::cuda::CUDAGuard guard(args.logits.device());
+  const at::Tensor logits = class_contiguous(args.logits);
+  auto [loss_rows, lse] =
+      cross_entropy_rows_cuda(logits, args.target, args.weight, args.ignore_index, args.label_smoothing);
+  at::Tensor total_weight = total_weight_cuda(args.target, args.weight, args.ignore_index, C);
   at::Tensor loss = loss_rows;
-  if (reduction != 0) {
+  if (args.reduction != 0) {
     at::Tensor total = loss_rows.sum();
-    loss = reduction == 2 ? total : total.div(total_weight);
+    loss = args.reduction == 2 ? total : total.div(total_weight);
   }
   // No classes: torch's smoothing term is eps / C * (a sum of no terms) = NaN on every row, ignored or
   // not, and in any reduction (even of no rows).
-  if (C == 0 && label_smoothing > 0.0) loss.fill_(std::numeric_limits<float>::quiet_NaN());
+  if (C == 0 && args.label_smoothing > 0.0) loss.fill_(std::numeric_limits<float>::quiet_NaN());
   return {loss, lse, total_weight};
 }
 
-at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& logits_in,
-                                               const at::Tensor& target, const std::optional<at::Tensor>& weight_opt,
-                                               const at::Tensor& lse, const at::Tensor& total_weight,
-                                               int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  constexpr const char* op = "fasteval.softmax_cross_entropy_backward";
-  check_cross_entropy_backward_inputs(grad_loss, logits_in, target, lse, total_weight, label_smoothing, reduction, op);
-  const int64_t N = logits_in.size(0);
-  const int64_t C = logits_in.size(1);
-  c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = class_contiguous(logits_in);
-  const at::Tensor weight = checked_weight(weight_opt, C, logits, op);
+template <>
+at::Tensor Kernels<at::kCUDA>::backward(const BackwardArgs& args) {
+  const int64_t N = args.logits.size(0);
+  const int64_t C = args.logits.size(1);
+  c10::cuda::CUDAGuard guard(args.logits.device());
+  const at::Tensor logits = class_contiguous(args.logits);
   // Per-row upstream gradient, expanded (stride 0) for the reductions: no copy, no sync.
-  at::Tensor g_rows = grad_loss.to(at::kFloat);
-  if (reduction == 1) g_rows = g_rows.div(total_weight);
-  if (reduction != 0) g_rows = g_rows.expand({N});
-  const at::Tensor weight_sum = (label_smoothing > 0.0) ? weight_sum_of(weight) : at::Tensor();
+  at::Tensor g_rows = args.grad_loss.to(at::kFloat);
+  if (args.reduction == 1) g_rows = g_rows.div(args.total_weight);
+  if (args.reduction != 0) g_rows = g_rows.expand({N});
+  const at::Tensor weight_sum = (args.label_smoothing > 0.0) ? weight_sum_of(args.weight) : at::Tensor();
   // Float32 views (no copy when already float32); strides are honoured, so expanded tensors are fine.
   const at::Tensor& g = g_rows;
-  const at::Tensor lse_d = lse;  // float64 (checked)
+  const at::Tensor lse_d = args.lse;  // float64 (checked)
 
   at::Tensor grad = at::empty({N, C}, logits.options());
   if (N == 0) return grad;
@@ -450,24 +447,24 @@ at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, cons
 
   dispatch_logits_type(logits.scalar_type(), [&](auto logits_tag) {
     using scalar_t = decltype(logits_tag);
-    dispatch_target_type(target.scalar_type(), [&](auto target_tag) {
+    dispatch_target_type(args.target.scalar_type(), [&](auto target_tag) {
       using index_t = decltype(target_tag);
       BackwardParams<scalar_t, index_t> p;
       p.grad_loss = g.const_data_ptr<float>();
       p.grad_stride = g.stride(0);
       p.logits = logits.const_data_ptr<scalar_t>();
       p.row_stride = logits.stride(0);
-      p.target = target.const_data_ptr<index_t>();
-      p.target_stride = target.stride(0);
-      p.weight = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
+      p.target = args.target.const_data_ptr<index_t>();
+      p.target_stride = args.target.stride(0);
+      p.weight = args.weight.defined() ? args.weight.const_data_ptr<float>() : nullptr;
       p.weight_sum = weight_sum.defined() ? weight_sum.const_data_ptr<float>() : nullptr;
       p.lse = lse_d.const_data_ptr<double>();
       p.lse_stride = lse_d.stride(0);
       p.num_rows = N;
       p.num_classes = C;
-      p.ignore_index = ignore_index;
-      p.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
-      p.eps_over_c = C > 0 ? static_cast<float>(label_smoothing / static_cast<double>(C)) : 0.f;
+      p.ignore_index = args.ignore_index;
+      p.one_minus_eps = static_cast<float>(1.0 - args.label_smoothing);
+      p.eps_over_c = C > 0 ? static_cast<float>(args.label_smoothing / static_cast<double>(C)) : 0.f;
       p.grad = grad.mutable_data_ptr<scalar_t>();
       cross_entropy_backward_kernel<scalar_t, index_t>
           <<<static_cast<unsigned>(blocks), kBackwardBlock, 0, stream>>>(p, group);
@@ -477,10 +474,8 @@ at::Tensor softmax_cross_entropy_backward_cuda(const at::Tensor& grad_loss, cons
   return grad;
 }
 
-}  // namespace
-}  // namespace fasteval
+}  // namespace cross_entropy
 
-TORCH_LIBRARY_IMPL(fasteval, CUDA, m) {
-  m.impl("softmax_cross_entropy", &fasteval::softmax_cross_entropy_cuda);
-  m.impl("softmax_cross_entropy_backward", &fasteval::softmax_cross_entropy_backward_cuda);
-}
+TORCH_LIBRARY_IMPL(fasteval, CUDA, m) { cross_entropy::register_ops<cross_entropy::Kernels<at::kCUDA>>(m); }
+
+}  // namespace fasteval

@@ -3,7 +3,9 @@
 // (with messages for the user of ClassificationEvaluator) and the configuration passed to the kernels.
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 #include "common/checks.h"
@@ -112,6 +114,52 @@ inline at::Tensor kernel_layout(const at::Tensor& logits) {
   if (logits.dim() == 2) return class_contiguous(logits);
   if (logits.stride(2) == 1 && logits.stride(1) == logits.size(2)) return logits;
   return logits.contiguous();
+}
+
+// The checked arguments of eval_update, as a device's kernel receives them.
+struct UpdateArgs {
+  Shapes sh;
+  const at::Tensor& logits;
+  const at::Tensor& target;
+  const at::Tensor& boundaries;
+  std::optional<int64_t> ignore_index;
+  double label_smoothing;
+  at::IntArrayRef top_k;
+  bool counts_only;
+  const at::Tensor& loss_sum;
+  const at::Tensor& confmat;
+  const at::Tensor& topk_hits;
+  const at::Tensor& calib_count;
+  const at::Tensor& calib_conf;
+  const at::Tensor& calib_correct;
+  const at::Tensor& count;
+};
+
+// The kernel of device D: eval_update_cpu.cpp and eval_update_cuda.cu define Kernels<at::kCPU> and
+// Kernels<at::kCUDA>.
+template <c10::DeviceType D>
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = D;
+  static void update(const UpdateArgs& args);
+};
+
+// eval_update as registered, one definition for every device: the checks, then the kernel of device
+// K = Kernels<device>.
+template <class K>
+void update(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& boundaries,
+            std::optional<int64_t> ignore_index, double label_smoothing, at::IntArrayRef top_k, bool counts_only,
+            const at::Tensor& loss_sum, const at::Tensor& confmat, const at::Tensor& topk_hits,
+            const at::Tensor& calib_count, const at::Tensor& calib_conf, const at::Tensor& calib_correct,
+            const at::Tensor& count) {
+  const Shapes sh = check_inputs(logits, target, boundaries, label_smoothing, top_k, counts_only, loss_sum, confmat,
+                                 topk_hits, calib_count, calib_conf, calib_correct, count, K::kDevice);
+  K::update({sh, logits, target, boundaries, ignore_index, label_smoothing, top_k, counts_only, loss_sum, confmat,
+             topk_hits, calib_count, calib_conf, calib_correct, count});
+}
+
+template <class K>
+void register_ops(torch::Library& m) {
+  m.impl("eval_update", &update<K>);
 }
 
 }  // namespace evaluator

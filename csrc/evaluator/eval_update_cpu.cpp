@@ -714,21 +714,20 @@ void run_spatial(const at::Tensor& logits, const at::Tensor& target, const evalu
 }
 #endif  // FASTEVAL_ROW_LANES
 
-void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& boundaries_in,
-                     std::optional<int64_t> ignore_index, double label_smoothing, at::IntArrayRef top_k, bool counts_only,
-                     const at::Tensor& loss_sum, const at::Tensor& confmat, const at::Tensor& topk_hits,
-                     const at::Tensor& calib_count, const at::Tensor& calib_conf, const at::Tensor& calib_correct,
-                     const at::Tensor& count) {
-  const evaluator::Shapes sh = evaluator::check_inputs(logits_in, target_in, boundaries_in, label_smoothing, top_k,
-                                                       counts_only, loss_sum, confmat, topk_hits, calib_count,
-                                                       calib_conf, calib_correct, count, at::kCPU);
+}  // namespace
+
+namespace evaluator {
+
+template <>
+void Kernels<at::kCPU>::update(const UpdateArgs& args) {
+  const evaluator::Shapes& sh = args.sh;
   const int64_t C = sh.C, P = sh.positions;
-  const at::Tensor logits = evaluator::kernel_layout(logits_in);
-  const at::Tensor target = target_in.contiguous();
+  const at::Tensor logits = evaluator::kernel_layout(args.logits);
+  const at::Tensor target = args.target.contiguous();
   if (P == 0) return;
 
-  const bool has_ignore = ignore_index.has_value();
-  const int64_t ignore = ignore_index.value_or(0);
+  const bool has_ignore = args.ignore_index.has_value();
+  const int64_t ignore = args.ignore_index.value_or(0);
 
   // Validate every target before writing anything: a branch-free scan in blocks (vectorized), then the
   // first bad target found by a scalar search for the message.
@@ -746,12 +745,12 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
       }
       bad = nbad > 0;
     }
-    if (bad) check_target_values(tp, P, C, ignore_index, kOp, "; the state was not changed");
+    if (bad) check_target_values(tp, P, C, args.ignore_index, kOp, "; the state was not changed");
   });
 
-  const at::Tensor bnd = boundaries_in.contiguous();
-  std::vector<int64_t> ks(top_k.begin(), top_k.end());
-  evaluator::Config cfg{has_ignore, ignore, static_cast<float>(label_smoothing), ks, bnd.const_data_ptr<float>(),
+  const at::Tensor bnd = args.boundaries.contiguous();
+  std::vector<int64_t> ks(args.top_k.begin(), args.top_k.end());
+  evaluator::Config cfg{has_ignore, ignore, static_cast<float>(args.label_smoothing), ks, bnd.const_data_ptr<float>(),
                         bnd.numel()};
   const Plan pl = make_plan(P, C, static_cast<int64_t>(logits.element_size()));
   std::vector<Partial> parts(static_cast<size_t>(pl.nchunks));
@@ -759,15 +758,15 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
   // Confusion counts: in the same pass into one histogram per group (the first group counts straight
   // into the state: the targets are valid, nothing can fail from here), or, for large histograms, from
   // the predictions after the pass with the histogram code of the standalone confusion-matrix ops.
-  const int64_t bins = counts_only ? 3 * C : C * C;
-  int64_t* cm = confmat.data_ptr<int64_t>();
+  const int64_t bins = args.counts_only ? 3 * C : C * C;
+  int64_t* cm = args.confmat.data_ptr<int64_t>();
   const bool inline_hist = bins <= kInlineHistBins;
   std::vector<int64_t> group_hist(inline_hist ? static_cast<size_t>((pl.groups - 1) * bins) : 0, 0);
   std::vector<int64_t> pred(inline_hist ? 0 : static_cast<size_t>(P));
   std::vector<ConfSink> sinks;
   for (int64_t g = 0; g < pl.groups; ++g) {
     int64_t* h = !inline_hist ? nullptr : g == 0 ? cm : group_hist.data() + (g - 1) * bins;
-    sinks.push_back(ConfSink{h, inline_hist ? nullptr : pred.data(), C, counts_only});
+    sinks.push_back(ConfSink{h, inline_hist ? nullptr : pred.data(), C, args.counts_only});
   }
 
 #ifdef FASTEVAL_ROW_LANES
@@ -804,10 +803,10 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
   // Add the partials in chunk order (deterministic).
   double loss = 0;
   int64_t valid = 0;
-  int64_t* hits = topk_hits.data_ptr<int64_t>();
-  int64_t* cc = calib_count.data_ptr<int64_t>();
-  double* cf = calib_conf.data_ptr<double>();
-  int64_t* cr = calib_correct.data_ptr<int64_t>();
+  int64_t* hits = args.topk_hits.data_ptr<int64_t>();
+  int64_t* cc = args.calib_count.data_ptr<int64_t>();
+  double* cf = args.calib_conf.data_ptr<double>();
+  int64_t* cr = args.calib_correct.data_ptr<int64_t>();
   for (const Partial& part : parts) {
     loss += part.loss;
     valid += part.valid;
@@ -818,8 +817,8 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
       cr[b] += part.ccorrect[b];
     }
   }
-  loss_sum.data_ptr<double>()[0] += loss;
-  count.data_ptr<int64_t>()[0] += valid;
+  args.loss_sum.data_ptr<double>()[0] += loss;
+  args.count.data_ptr<int64_t>()[0] += valid;
 
   if (inline_hist) {
     for (int64_t g = 1; g < pl.groups; ++g) {
@@ -836,14 +835,14 @@ void eval_update_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, c
       for (int64_t i = begin; i < end; ++i) {
         const int64_t p = pp[i];
         if (p < 0) continue;
-        emit(acc, static_cast<int64_t>(tp[i]), p, C, counts_only);
+        emit(acc, static_cast<int64_t>(tp[i]), p, C, args.counts_only);
       }
     });
   });
 }
 
-}  // namespace
+}  // namespace evaluator
 
-TORCH_LIBRARY_IMPL(fasteval, CPU, m) { m.impl("eval_update", &eval_update_cpu); }
+TORCH_LIBRARY_IMPL(fasteval, CPU, m) { evaluator::register_ops<evaluator::Kernels<at::kCPU>>(m); }
 
 }  // namespace fasteval

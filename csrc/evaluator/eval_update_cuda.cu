@@ -314,24 +314,21 @@ __global__ void __launch_bounds__(kBlock) eval_positions_kernel(const T* __restr
   acc.flush(p);
 }
 
-void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& boundaries,
-                      std::optional<int64_t> ignore_index, double label_smoothing, at::IntArrayRef top_k,
-                      bool counts_only,
-                      const at::Tensor& loss_sum, const at::Tensor& confmat, const at::Tensor& topk_hits,
-                      const at::Tensor& calib_count, const at::Tensor& calib_conf, const at::Tensor& calib_correct,
-                      const at::Tensor& count) {
-  using evaluator::kOp;
-  const evaluator::Shapes sh = evaluator::check_inputs(logits_in, target_in, boundaries, label_smoothing, top_k,
-                                                       counts_only, loss_sum, confmat, topk_hits, calib_count,
-                                                       calib_conf, calib_correct, count, at::kCUDA);
-  TORCH_CHECK_VALUE(static_cast<int64_t>(top_k.size()) <= kMaxTopK, kOp, ": at most ", kMaxTopK,
-              " top_k values are supported on CUDA, got ", top_k.size());
-  TORCH_CHECK_VALUE(boundaries.numel() <= kMaxBins, kOp, ": at most ", kMaxBins,
-              " calibration boundaries are supported on CUDA, got ", boundaries.numel());
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = evaluator::kernel_layout(logits_in);
-  const at::Tensor target = target_in.contiguous();
-  const at::Tensor bnd = boundaries.contiguous();
+}  // namespace
+
+namespace evaluator {
+
+template <>
+void Kernels<at::kCUDA>::update(const UpdateArgs& args) {
+  const Shapes& sh = args.sh;
+  TORCH_CHECK_VALUE(static_cast<int64_t>(args.top_k.size()) <= kMaxTopK, kOp, ": at most ", kMaxTopK,
+              " top_k values are supported on CUDA, got ", args.top_k.size());
+  TORCH_CHECK_VALUE(args.boundaries.numel() <= kMaxBins, kOp, ": at most ", kMaxBins,
+              " calibration boundaries are supported on CUDA, got ", args.boundaries.numel());
+  const c10::cuda::CUDAGuard guard(args.logits.device());
+  const at::Tensor logits = evaluator::kernel_layout(args.logits);
+  const at::Tensor target = args.target.contiguous();
+  const at::Tensor bnd = args.boundaries.contiguous();
   if (sh.positions == 0) return;
 
   Params p;
@@ -340,27 +337,27 @@ void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, 
   p.S = sh.S;
   p.P = sh.positions;
   p.row_stride = logits.stride(0);
-  p.has_ignore = ignore_index.has_value();
-  p.ignore_index = ignore_index.value_or(0);
-  p.smooth = label_smoothing > 0.0;
-  p.keep = 1.f - static_cast<float>(label_smoothing);
-  p.eps_over_c = static_cast<float>(label_smoothing) / static_cast<float>(sh.C);
-  p.K = static_cast<int>(top_k.size());
-  for (int k = 0; k < p.K; ++k) p.top_k[k] = top_k[k];
+  p.has_ignore = args.ignore_index.has_value();
+  p.ignore_index = args.ignore_index.value_or(0);
+  p.smooth = args.label_smoothing > 0.0;
+  p.keep = 1.f - static_cast<float>(args.label_smoothing);
+  p.eps_over_c = static_cast<float>(args.label_smoothing) / static_cast<float>(sh.C);
+  p.K = static_cast<int>(args.top_k.size());
+  for (int k = 0; k < p.K; ++k) p.top_k[k] = args.top_k[k];
   p.nb = static_cast<int>(bnd.numel());
   p.boundaries = bnd.const_data_ptr<float>();
-  p.counts_only = counts_only;
-  p.cm_bins = counts_only ? 3 * sh.C : sh.C * sh.C;
+  p.counts_only = args.counts_only;
+  p.cm_bins = args.counts_only ? 3 * sh.C : sh.C * sh.C;
   p.smem_confmat = false;  // sized without the matrix first
   p.smem_confmat = BlockAcc::bytes(p) + static_cast<int64_t>(sizeof(int)) * p.cm_bins <= kSmemBudget;
-  p.loss_sum = loss_sum.data_ptr<double>();
-  p.confmat = confmat.data_ptr<int64_t>();
-  p.topk_hits = topk_hits.data_ptr<int64_t>();
-  p.calib_count = calib_count.data_ptr<int64_t>();
-  p.calib_conf = calib_conf.data_ptr<double>();
-  p.calib_correct = calib_correct.data_ptr<int64_t>();
-  p.count = count.data_ptr<int64_t>();
-  at::Tensor bad = at::zeros({1}, count.options());
+  p.loss_sum = args.loss_sum.data_ptr<double>();
+  p.confmat = args.confmat.data_ptr<int64_t>();
+  p.topk_hits = args.topk_hits.data_ptr<int64_t>();
+  p.calib_count = args.calib_count.data_ptr<int64_t>();
+  p.calib_conf = args.calib_conf.data_ptr<double>();
+  p.calib_correct = args.calib_correct.data_ptr<int64_t>();
+  p.count = args.count.data_ptr<int64_t>();
+  at::Tensor bad = at::zeros({1}, args.count.options());
   p.bad = bad.const_data_ptr<int64_t>();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -387,8 +384,8 @@ void eval_update_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, 
   });
 }
 
-}  // namespace
+}  // namespace evaluator
 
-TORCH_LIBRARY_IMPL(fasteval, CUDA, m) { m.impl("eval_update", &eval_update_cuda); }
+TORCH_LIBRARY_IMPL(fasteval, CUDA, m) { evaluator::register_ops<evaluator::Kernels<at::kCUDA>>(m); }
 
 }  // namespace fasteval
