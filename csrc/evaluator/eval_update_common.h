@@ -116,6 +116,17 @@ inline at::Tensor kernel_layout(const at::Tensor& logits) {
   return logits.contiguous();
 }
 
+// The state tensors an evaluation update adds to (eval_update and linear_eval_update alike).
+struct State {
+  const at::Tensor& loss_sum;
+  const at::Tensor& confmat;
+  const at::Tensor& topk_hits;
+  const at::Tensor& calib_count;
+  const at::Tensor& calib_conf;
+  const at::Tensor& calib_correct;
+  const at::Tensor& count;
+};
+
 // The checked arguments of eval_update, as a device's kernel receives them.
 struct UpdateArgs {
   Shapes sh;
@@ -126,13 +137,7 @@ struct UpdateArgs {
   double label_smoothing;
   at::IntArrayRef top_k;
   bool counts_only;
-  const at::Tensor& loss_sum;
-  const at::Tensor& confmat;
-  const at::Tensor& topk_hits;
-  const at::Tensor& calib_count;
-  const at::Tensor& calib_conf;
-  const at::Tensor& calib_correct;
-  const at::Tensor& count;
+  State state;
 };
 
 // The kernel of device D: eval_update_cpu.cpp and eval_update_cuda.cu define Kernels<at::kCPU> and
@@ -153,8 +158,8 @@ void update(const at::Tensor& logits, const at::Tensor& target, const at::Tensor
             const at::Tensor& count) {
   const Shapes sh = check_inputs(logits, target, boundaries, label_smoothing, top_k, counts_only, loss_sum, confmat,
                                  topk_hits, calib_count, calib_conf, calib_correct, count, K::kDevice);
-  K::update({sh, logits, target, boundaries, ignore_index, label_smoothing, top_k, counts_only, loss_sum, confmat,
-             topk_hits, calib_count, calib_conf, calib_correct, count});
+  K::update({sh, logits, target, boundaries, ignore_index, label_smoothing, top_k, counts_only,
+             {loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count}});
 }
 
 template <class K>

@@ -759,7 +759,7 @@ void Kernels<at::kCPU>::update(const UpdateArgs& args) {
   // into the state: the targets are valid, nothing can fail from here), or, for large histograms, from
   // the predictions after the pass with the histogram code of the standalone confusion-matrix ops.
   const int64_t bins = args.counts_only ? 3 * C : C * C;
-  int64_t* cm = args.confmat.data_ptr<int64_t>();
+  int64_t* cm = args.state.confmat.data_ptr<int64_t>();
   const bool inline_hist = bins <= kInlineHistBins;
   std::vector<int64_t> group_hist(inline_hist ? static_cast<size_t>((pl.groups - 1) * bins) : 0, 0);
   std::vector<int64_t> pred(inline_hist ? 0 : static_cast<size_t>(P));
@@ -803,10 +803,10 @@ void Kernels<at::kCPU>::update(const UpdateArgs& args) {
   // Add the partials in chunk order (deterministic).
   double loss = 0;
   int64_t valid = 0;
-  int64_t* hits = args.topk_hits.data_ptr<int64_t>();
-  int64_t* cc = args.calib_count.data_ptr<int64_t>();
-  double* cf = args.calib_conf.data_ptr<double>();
-  int64_t* cr = args.calib_correct.data_ptr<int64_t>();
+  int64_t* hits = args.state.topk_hits.data_ptr<int64_t>();
+  int64_t* cc = args.state.calib_count.data_ptr<int64_t>();
+  double* cf = args.state.calib_conf.data_ptr<double>();
+  int64_t* cr = args.state.calib_correct.data_ptr<int64_t>();
   for (const Partial& part : parts) {
     loss += part.loss;
     valid += part.valid;
@@ -817,8 +817,8 @@ void Kernels<at::kCPU>::update(const UpdateArgs& args) {
       cr[b] += part.ccorrect[b];
     }
   }
-  args.loss_sum.data_ptr<double>()[0] += loss;
-  args.count.data_ptr<int64_t>()[0] += valid;
+  args.state.loss_sum.data_ptr<double>()[0] += loss;
+  args.state.count.data_ptr<int64_t>()[0] += valid;
 
   if (inline_hist) {
     for (int64_t g = 1; g < pl.groups; ++g) {

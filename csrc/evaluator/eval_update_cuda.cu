@@ -350,14 +350,14 @@ void Kernels<at::kCUDA>::update(const UpdateArgs& args) {
   p.cm_bins = args.counts_only ? 3 * sh.C : sh.C * sh.C;
   p.smem_confmat = false;  // sized without the matrix first
   p.smem_confmat = BlockAcc::bytes(p) + static_cast<int64_t>(sizeof(int)) * p.cm_bins <= kSmemBudget;
-  p.loss_sum = args.loss_sum.data_ptr<double>();
-  p.confmat = args.confmat.data_ptr<int64_t>();
-  p.topk_hits = args.topk_hits.data_ptr<int64_t>();
-  p.calib_count = args.calib_count.data_ptr<int64_t>();
-  p.calib_conf = args.calib_conf.data_ptr<double>();
-  p.calib_correct = args.calib_correct.data_ptr<int64_t>();
-  p.count = args.count.data_ptr<int64_t>();
-  at::Tensor bad = at::zeros({1}, args.count.options());
+  p.loss_sum = args.state.loss_sum.data_ptr<double>();
+  p.confmat = args.state.confmat.data_ptr<int64_t>();
+  p.topk_hits = args.state.topk_hits.data_ptr<int64_t>();
+  p.calib_count = args.state.calib_count.data_ptr<int64_t>();
+  p.calib_conf = args.state.calib_conf.data_ptr<double>();
+  p.calib_correct = args.state.calib_correct.data_ptr<int64_t>();
+  p.count = args.state.count.data_ptr<int64_t>();
+  at::Tensor bad = at::zeros({1}, args.state.count.options());
   p.bad = bad.const_data_ptr<int64_t>();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -145,13 +145,7 @@ struct EvalArgs {
   float label_smoothing;
   at::IntArrayRef top_k;
   bool counts_only;
-  const at::Tensor& loss_sum;
-  const at::Tensor& confmat;
-  const at::Tensor& topk_hits;
-  const at::Tensor& calib_count;
-  const at::Tensor& calib_conf;
-  const at::Tensor& calib_correct;
-  const at::Tensor& count;
+  evaluator::State state;
 };
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -210,8 +204,8 @@ struct Entry {
                                        calib_correct, count, kEvalOp);
     const at::NoGradGuard no_grad;
     K::eval_update({sz, input, linear_weight, linear_bias, target, boundaries, ignore_index,
-                          static_cast<float>(label_smoothing), top_k, counts_only, loss_sum, confmat, topk_hits,
-                          calib_count, calib_conf, calib_correct, count});
+                          static_cast<float>(label_smoothing), top_k, counts_only,
+                          {loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count}});
   }
 };
 

@@ -438,11 +438,11 @@ void Kernels<at::kCPU>::eval_update(const EvalArgs& a) {
   const float keep = 1.f - eps, eps_over_v = eps / static_cast<float>(V);
   double loss = 0;
   int64_t valid = 0;
-  int64_t* hits = a.topk_hits.data_ptr<int64_t>();
-  int64_t* cc = a.calib_count.data_ptr<int64_t>();
-  double* cf = a.calib_conf.data_ptr<double>();
-  int64_t* cr = a.calib_correct.data_ptr<int64_t>();
-  int64_t* cm = a.confmat.data_ptr<int64_t>();
+  int64_t* hits = a.state.topk_hits.data_ptr<int64_t>();
+  int64_t* cc = a.state.calib_count.data_ptr<int64_t>();
+  double* cf = a.state.calib_conf.data_ptr<double>();
+  int64_t* cr = a.state.calib_correct.data_ptr<int64_t>();
+  int64_t* cm = a.state.confmat.data_ptr<int64_t>();
   for (int64_t i = 0; i < sz.N; ++i) {
     const int64_t t = p.tgt[i];
     if (t < 0) continue;
@@ -469,8 +469,8 @@ void Kernels<at::kCPU>::eval_update(const EvalArgs& a) {
     }
     emit(HostBins{cm}, t, pred, V, a.counts_only);
   }
-  a.loss_sum.data_ptr<double>()[0] += loss;
-  a.count.data_ptr<int64_t>()[0] += valid;
+  a.state.loss_sum.data_ptr<double>()[0] += loss;
+  a.state.count.data_ptr<int64_t>()[0] += valid;
 }
 
 }  // namespace linear_ce

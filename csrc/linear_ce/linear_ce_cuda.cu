@@ -473,9 +473,9 @@ void Kernels<at::kCUDA>::eval_update(const EvalArgs& a) {
   const int blocks = static_cast<int>(std::min<int64_t>((sz.N + kThreads - 1) / kThreads, 65535));
   eval_accumulate_kernel<<<blocks, kThreads, 0, stream>>>(
       st, sz.N, sz.V, eps, bnd.const_data_ptr<float>(), static_cast<int>(bnd.numel()), ks_dev.const_data_ptr<int64_t>(),
-      K, a.counts_only, bad.const_data_ptr<int64_t>(), a.loss_sum.data_ptr<double>(), a.confmat.data_ptr<int64_t>(),
-      a.topk_hits.data_ptr<int64_t>(), a.calib_count.data_ptr<int64_t>(), a.calib_conf.data_ptr<double>(),
-      a.calib_correct.data_ptr<int64_t>(), a.count.data_ptr<int64_t>());
+      K, a.counts_only, bad.const_data_ptr<int64_t>(), a.state.loss_sum.data_ptr<double>(),
+      a.state.confmat.data_ptr<int64_t>(), a.state.topk_hits.data_ptr<int64_t>(), a.state.calib_count.data_ptr<int64_t>(),
+      a.state.calib_conf.data_ptr<double>(), a.state.calib_correct.data_ptr<int64_t>(), a.state.count.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
