@@ -173,7 +173,7 @@ struct Entry {
     at::Tensor cw = checked_class_weight(weight, sz.V, input, kOp);
     const at::NoGradGuard no_grad;
     return K::forward({sz, input, linear_weight, linear_bias, target, std::move(cw), ignore_index,
-                             static_cast<float>(label_smoothing), reduction});
+                       static_cast<float>(label_smoothing), reduction});
   }
 
   static Tensor3 backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,
@@ -187,10 +187,10 @@ struct Entry {
     check_backward_extras(grad_loss, lse, total_weight, input, "input", sz.N, at::kFloat, reduction, op);
     const at::NoGradGuard no_grad;
     return K::backward({{sz, input, linear_weight, linear_bias, target, std::move(cw), ignore_index,
-                               static_cast<float>(label_smoothing), reduction},
-                              grad_loss,
-                              lse,
-                              total_weight});
+                         static_cast<float>(label_smoothing), reduction},
+                        grad_loss,
+                        lse,
+                        total_weight});
   }
 
   static void eval_update(const at::Tensor& input, const at::Tensor& linear_weight,
@@ -204,8 +204,8 @@ struct Entry {
                                        calib_correct, count, kEvalOp);
     const at::NoGradGuard no_grad;
     K::eval_update({sz, input, linear_weight, linear_bias, target, boundaries, ignore_index,
-                          static_cast<float>(label_smoothing), top_k, counts_only,
-                          {loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count}});
+                    static_cast<float>(label_smoothing), top_k, counts_only,
+                    {loss_sum, confmat, topk_hits, calib_count, calib_conf, calib_correct, count}});
   }
 };
 
