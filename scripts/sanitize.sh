@@ -42,8 +42,10 @@ LIBSTDCXX=$("$CXX" -print-file-name=libstdc++.so)
 for lib in "$LIBASAN" "$LIBSTDCXX"; do
   [ -f "$lib" ] || { echo "sanitize: $lib not found (is $CXX GCC with libasan installed?)"; exit 1; }
 done
-# The instrumented library really is instrumented (a silent fallback to -O3 would prove nothing).
-nm -D "$OUT"/fasteval/_C*.so | grep -q __asan_ || { echo "sanitize: _C is not instrumented"; exit 1; }
+# The instrumented library really is instrumented (a silent fallback to -O3 would prove nothing). grep
+# reads all of nm's output: with `grep -q` it could exit at the first match, and nm, killed by SIGPIPE, would
+# fail the pipeline under pipefail.
+nm -D "$OUT"/fasteval/_C*.so | grep __asan_ >/dev/null || { echo "sanitize: _C is not instrumented"; exit 1; }
 
 PRELOAD="$LIBASAN $LIBSTDCXX"
 # The tests must import the instrumented copy (not an editable install of the source tree).
