@@ -8,7 +8,7 @@
 //   FASTEVAL_CUDA_LAUNCH_CHECK()             check the last kernel launch (no device synchronisation)
 //   is_nan_bits, is_finite_bits, nan_max     float classification that survives --use_fast_math
 //   to_float, from_float                     float / c10::Half / c10::BFloat16 <-> float
-//   AlignedVector, kVecWidth                 16-byte vectors of any element type
+//   AlignedVector, RawVector, to_floats      16-byte vectors of any element type, unpacked to floats
 //   shfl_xor, warp_reduce, block_reduce      butterfly warp reductions and a two-level block reduction
 //   SumOp, MaxOp, MaxSumExp, MaxSumExpOp     reduction operators, including an online (max, sum-exp)
 //   for_each_vectorized                      visit a row with 16-byte loads (scalar head and tail)
@@ -62,9 +62,17 @@ __device__ __forceinline__ bool is_finite_bits(float x) {
 __device__ __forceinline__ float quiet_nan() { return __uint_as_float(0x7fc00000u); }
 __device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
 
-// max(a, b) that returns NaN if either argument is NaN (fmaxf would drop the NaN).
+// max(a, b) that returns NaN if either argument is NaN (fmaxf would drop the NaN). From sm_80 this is one
+// instruction (max.NaN); the comparison form before it takes four. Which NaN, and which zero of max(+0, -0),
+// is not specified: callers use the value only as a maximum (a reference to subtract, a bound).
 __device__ __forceinline__ float nan_max(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float y;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(y) : "f"(a), "f"(b));
+  return y;
+#else
   return (a > b || is_nan_bits(a)) ? a : b;
+#endif
 }
 
 // exp(x) via the hardware exp2 (ex2.approx, relative error ~2^-22; exact 1 at x == 0, 0 at -inf).
@@ -102,6 +110,29 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) AlignedVector {
   T val[N];
 };
+
+// 16 bytes as loaded: four 32-bit words (a vector of any element type is loaded as this and then unpacked).
+using RawVector = AlignedVector<uint32_t, 4>;
+
+// The kVecWidth<T> elements of T held in `raw`, as floats. bfloat16 elements are unpacked straight from the
+// words, one shift or one mask each (a bfloat16 holds the high 16 bits of the float of the same value;
+// element 2k is the low half of word k): through 16-bit values the compiler spends a byte permute and a
+// shift on every odd element, or worse.
+template <typename T>
+__device__ __forceinline__ void to_floats(const RawVector& raw, float (&x)[kVecWidth<T>]) {
+  AlignedVector<T, kVecWidth<T>> v;
+  memcpy(&v, &raw, sizeof(v));
+#pragma unroll
+  for (int k = 0; k < kVecWidth<T>; ++k) x[k] = to_float(v.val[k]);
+}
+template <>
+__device__ __forceinline__ void to_floats<c10::BFloat16>(const RawVector& raw, float (&x)[kVecWidth<c10::BFloat16>]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    x[2 * k] = __uint_as_float(raw.val[k] << 16);
+    x[2 * k + 1] = __uint_as_float(raw.val[k] & 0xffff0000u);
+  }
+}
 
 // ------------------------------------------------------------------------------------------------
 // Reductions
@@ -266,78 +297,88 @@ template <typename T, int kUnroll = 2, typename VecFn, typename ScalarFn>
 __device__ __forceinline__ void for_each_vectorized(const T* __restrict__ p, int64_t n, int tid, int nthreads,
                                                     VecFn&& vec_fn, ScalarFn&& scalar_fn) {
   constexpr int W = kVecWidth<T>;
-  using Vec = AlignedVector<T, W>;
   const int64_t head = vector_head(p, n);
   for (int64_t i = tid; i < head; i += nthreads) scalar_fn(i, to_float(p[i]));
 
   const int64_t num_vecs = (n - head) / W;
-  const Vec* __restrict__ vp = reinterpret_cast<const Vec*>(p + head);
+  const RawVector* __restrict__ vp = reinterpret_cast<const RawVector*>(p + head);
   int64_t v = tid;
   for (; v + static_cast<int64_t>(kUnroll - 1) * nthreads < num_vecs; v += static_cast<int64_t>(kUnroll) * nthreads) {
-    Vec buf[kUnroll];
+    RawVector buf[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) buf[u] = vp[v + static_cast<int64_t>(u) * nthreads];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       float x[W];
-#pragma unroll
-      for (int k = 0; k < W; ++k) x[k] = to_float(buf[u].val[k]);
+      to_floats<T>(buf[u], x);
       vec_fn(head + (v + static_cast<int64_t>(u) * nthreads) * W, x);
     }
   }
   for (; v < num_vecs; v += nthreads) {
-    const Vec buf = vp[v];
+    const RawVector buf = vp[v];
     float x[W];
-#pragma unroll
-    for (int k = 0; k < W; ++k) x[k] = to_float(buf.val[k]);
+    to_floats<T>(buf, x);
     vec_fn(head + v * W, x);
   }
 
   for (int64_t i = head + num_vecs * W + tid; i < n; i += nthreads) scalar_fn(i, to_float(p[i]));
 }
 
-// out[i] = fn(i, float(in[i])) for i in [0, n), shared among nthreads threads as in
-// for_each_vectorized. 16-byte loads and stores are used when in and out have the same offset from a
-// 16-byte boundary (the usual case: both rows of contiguous tensors with the same row length);
-// otherwise every element is handled one at a time.
-template <typename T, int kUnroll = 2, typename Fn>
+// out[i] = fn(i, float(in[i])) for i in [0, n), except out[at] = at_fn(fn(at, float(in[at]))) at the one index
+// `at` (none when at is outside [0, n)); shared among nthreads threads as in for_each_vectorized. `at` is tested
+// once per 16-byte vector, not per element (a 64-bit index comparison costs four instructions). 16-byte loads
+// and stores are used when in and out have the same offset from a 16-byte boundary (the usual case: both rows
+// of contiguous tensors with the same row length); otherwise every element is handled one at a time.
+template <typename T, int kUnroll = 2, typename Fn, typename AtFn>
 __device__ __forceinline__ void transform_vectorized(const T* __restrict__ in, T* __restrict__ out, int64_t n, int tid,
-                                                     int nthreads, Fn&& fn) {
+                                                     int nthreads, Fn&& fn, int64_t at, AtFn&& at_fn) {
   constexpr int W = kVecWidth<T>;
   using Vec = AlignedVector<T, W>;
+  const auto one = [&](int64_t i) {
+    const float y = fn(i, to_float(in[i]));
+    out[i] = from_float<T>(i == at ? at_fn(y) : y);
+  };
   const bool same_phase =
       ((reinterpret_cast<uintptr_t>(in) ^ reinterpret_cast<uintptr_t>(out)) % 16) == 0;
   const int64_t head = same_phase ? vector_head(in, n) : n;
-  for (int64_t i = tid; i < head; i += nthreads) out[i] = from_float<T>(fn(i, to_float(in[i])));
+  for (int64_t i = tid; i < head; i += nthreads) one(i);
 
   const int64_t num_vecs = (n - head) / W;
-  const Vec* __restrict__ vin = reinterpret_cast<const Vec*>(in + head);
+  const RawVector* __restrict__ vin = reinterpret_cast<const RawVector*>(in + head);
   Vec* __restrict__ vout = reinterpret_cast<Vec*>(out + head);
+  const auto vec = [&](int64_t vi, const RawVector& buf) {
+    const int64_t first = head + vi * W;
+    float y[W];
+    to_floats<T>(buf, y);
+#pragma unroll
+    for (int k = 0; k < W; ++k) y[k] = fn(first + k, y[k]);
+    const int64_t rel = at - first;
+    if (static_cast<uint64_t>(rel) < static_cast<uint64_t>(W)) {  // rarely taken
+      const int r = static_cast<int>(rel);
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        if (k == r) y[k] = at_fn(y[k]);
+      }
+    }
+    Vec res;
+#pragma unroll
+    for (int k = 0; k < W; ++k) res.val[k] = from_float<T>(y[k]);
+    vout[vi] = res;
+  };
   int64_t v = tid;
   for (; v + static_cast<int64_t>(kUnroll - 1) * nthreads < num_vecs; v += static_cast<int64_t>(kUnroll) * nthreads) {
-    Vec buf[kUnroll];
+    RawVector buf[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) buf[u] = vin[v + static_cast<int64_t>(u) * nthreads];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t vi = v + static_cast<int64_t>(u) * nthreads;
-      const int64_t first = head + vi * W;
-      Vec res;
-#pragma unroll
-      for (int k = 0; k < W; ++k) res.val[k] = from_float<T>(fn(first + k, to_float(buf[u].val[k])));
-      vout[vi] = res;
-    }
+    for (int u = 0; u < kUnroll; ++u) vec(v + static_cast<int64_t>(u) * nthreads, buf[u]);
   }
   for (; v < num_vecs; v += nthreads) {
-    const Vec buf = vin[v];
-    const int64_t first = head + v * W;
-    Vec res;
-#pragma unroll
-    for (int k = 0; k < W; ++k) res.val[k] = from_float<T>(fn(first + k, to_float(buf.val[k])));
-    vout[v] = res;
+    const RawVector buf = vin[v];  // one 16-byte load (a reference would let the loads split)
+    vec(v, buf);
   }
 
-  for (int64_t i = head + num_vecs * W + tid; i < n; i += nthreads) out[i] = from_float<T>(fn(i, to_float(in[i])));
+  for (int64_t i = head + num_vecs * W + tid; i < n; i += nthreads) one(i);
 }
 
 // out[i] = value for i in [0, n), with 16-byte stores where aligned; shared among nthreads threads.

@@ -18,8 +18,14 @@
 //                                        any reduction of the loss instead.
 //   row max not finite (a NaN, +inf, or every logit -inf)   loss = NaN, lse = NaN (as in torch)
 //
-// Reductions (mean / sum) and total_weight are computed from the per-row losses with ATen ops on the
-// same stream (no host synchronisation); the backward expands the upstream gradient per row.
+// Reductions and total_weight: each thread adds the losses and target weights of the rows it finishes (in
+// float64), each block reduces them in a fixed order to one pair, and a one-block kernel adds the pairs in
+// block order and writes total_weight and the reduced loss: two launches in all, no atomics (the result
+// depends only on the grid, which depends only on N, C and the device), no host synchronisation. Per-row
+// losses are written only for reduction none. total_weight counts every row whose target is not
+// ignore_index, with w[t] (an out-of-range t is clamped into [0, C) for this; its row's loss is NaN anyway).
+// The backward reads grad_loss per row (stride 0 for the reductions) and divides by total_weight itself
+// for the mean.
 //
 // Backward, with p_c = exp(x_c - lse_i) and g = grad_loss[i]:
 //   grad_c = g * ((1 - eps) * w_t + eps * W / C) * p_c - g * (eps / C) * w_c - [c == t] g (1 - eps) w_t
@@ -30,19 +36,14 @@
 //     about four 16-byte vectors) per row, 256-thread blocks, reduction by warp shuffles. G = 1 (one
 //     thread per row) for tiny C such as 10.
 //   forward, larger rows: one block (128 / 256 / 512 threads) per row, two-level block reduction.
+//   reduce: one 256-thread block over the per-block sums of the forward.
 //   backward: groups of G threads (G a power of two <= 256) per row, 256-thread blocks; no reduction.
 // All kernels loop over rows (grid-stride), use 64-bit element offsets and 16-byte vector access
 // whenever the row start allows it (a scalar head aligns it; see common/cuda_utils.cuh).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/div.h>
-#include <ATen/ops/index_select.h>
-#include <ATen/ops/logical_not.h>
-#include <ATen/ops/masked_fill.h>
-#include <ATen/ops/ne.h>
 #include <ATen/ops/sum.h>
-#include <ATen/ops/clamp.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -70,6 +71,7 @@ using cuda::to_float;
 constexpr int kGroupBlock = 256;     // threads per block, forward group path
 constexpr int kMaxRowBlock = 512;    // most threads per block, forward block-per-row path
 constexpr int kBackwardBlock = 256;  // threads per block, backward
+constexpr int kReduceBlock = 256;    // threads of the one block that adds the forward's per-block sums
 constexpr int64_t kGroupPathMaxRowBytes = 4096;
 
 // Row status, decided from the target alone (uniform over the threads that share a row).
@@ -88,9 +90,32 @@ struct ForwardParams {
   int64_t ignore_index;
   float one_minus_eps;  // 1 - eps
   float eps_over_c;     // eps / C
-  float* __restrict__ loss;
-  double* __restrict__ lse;  // max + log sum exp(x - max) in float64 (the backward splits it into two floats)
+  float* __restrict__ loss;   // (N,) per-row losses, or nullptr (reductions keep only the sums)
+  double* __restrict__ lse;   // max + log sum exp(x - max) in float64 (the backward splits it into two floats)
+  double* __restrict__ block_sums;  // (gridDim.x, 2): each block's sum of row losses and of target weights
 };
+
+// Sums of row losses and of their target weights (total_weight), float64.
+struct LossSums {
+  double loss;
+  double weight;
+};
+
+struct LossSumsOp {
+  __device__ __forceinline__ LossSums operator()(const LossSums& a, const LossSums& b) const {
+    return {a.loss + b.loss, a.weight + b.weight};
+  }
+};
+
+// Writes this block's sums (every thread of the block calls it, at the end of the kernel).
+__device__ __forceinline__ void store_block_sums(double* __restrict__ block_sums, const LossSums& mine) {
+  __shared__ LossSums shared[33];
+  const LossSums block = cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared);
+  if (threadIdx.x == 0) {
+    block_sums[2 * blockIdx.x] = block.loss;
+    block_sums[2 * blockIdx.x + 1] = block.weight;
+  }
+}
 
 // Per-thread partial result of one row: online (max, sum-exp) and, with label smoothing,
 // sum_c w_c (x_c - pivot).
@@ -139,18 +164,27 @@ __device__ __forceinline__ void accumulate_row(const ForwardParams<scalar_t, ind
       });
 }
 
-// Writes loss[row] and lse[row] from the reduced partial (called by one thread per row).
+// Writes lse[row] (and loss[row] for reduction none) from the reduced partial and adds the row's loss and
+// target weight to `sums` (called by one thread per row).
 template <bool kSmooth, typename scalar_t, typename index_t>
 __device__ __forceinline__ void finish_row(const ForwardParams<scalar_t, index_t>& p, int64_t row, int status,
-                                           int64_t t, float x_t, float pivot, const RowPartial& r) {
+                                           int64_t t, float x_t, float pivot, const RowPartial& r, LossSums& sums) {
   if (status == kIgnored) {
-    p.loss[row] = 0.f;
+    if (p.loss != nullptr) p.loss[row] = 0.f;
     p.lse[row] = 0.0;
     return;
   }
+  const bool gather = p.weight != nullptr && p.num_classes > 0;
+  if (status == kBadTarget) {
+    const int64_t clamped = t < 0 ? 0 : p.num_classes - 1;
+    sums.weight += gather ? static_cast<double>(p.weight[clamped]) : 1.0;
+  } else {
+    sums.weight += gather ? static_cast<double>(p.weight[t]) : 1.0;
+  }
   const float m = r.mse.max;
   if (status == kBadTarget || !is_finite_bits(m)) {
-    p.loss[row] = quiet_nan();
+    if (p.loss != nullptr) p.loss[row] = quiet_nan();
+    sums.loss += static_cast<double>(quiet_nan());
     p.lse[row] = static_cast<double>(quiet_nan());
     return;
   }
@@ -161,7 +195,8 @@ __device__ __forceinline__ void finish_row(const ForwardParams<scalar_t, index_t
     const float w_sum = p.weight != nullptr ? *p.weight_sum : static_cast<float>(p.num_classes);
     loss += p.eps_over_c * (w_sum * ((m - pivot) + log_s) - r.smooth_sum);
   }
-  p.loss[row] = loss;
+  if (p.loss != nullptr) p.loss[row] = loss;
+  sums.loss += static_cast<double>(loss);
   p.lse[row] = static_cast<double>(m) + static_cast<double>(log_s);
 }
 
@@ -175,6 +210,7 @@ __global__ void __launch_bounds__(kGroupBlock)
   const int lane = static_cast<int>(threadIdx.x) & (group - 1);
   const int64_t rows_per_block = kGroupBlock / group;
   const int64_t row_in_block = threadIdx.x / group;
+  LossSums sums{0.0, 0.0};
   for (int64_t base = blockIdx.x * rows_per_block; base < p.num_rows; base += gridDim.x * rows_per_block) {
     const int64_t row = base + row_in_block;
     RowPartial acc = empty_partial();
@@ -192,8 +228,9 @@ __global__ void __launch_bounds__(kGroupBlock)
       }
     }
     acc = cuda::warp_reduce(acc, RowPartialOp{}, group);
-    if (lane == 0 && status != kPadding) finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc);
+    if (lane == 0 && status != kPadding) finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc, sums);
   }
+  store_block_sums(p.block_sums, sums);
 }
 
 // Forward for long rows: one block per row (grid-stride over rows). The row status is block-uniform
@@ -204,11 +241,12 @@ __global__ void __launch_bounds__(kMaxRowBlock)
   __shared__ RowPartial shared[33];
   const int tid = static_cast<int>(threadIdx.x);
   const int nthreads = static_cast<int>(blockDim.x);
+  LossSums sums{0.0, 0.0};
   for (int64_t row = blockIdx.x; row < p.num_rows; row += gridDim.x) {
     const int64_t t = static_cast<int64_t>(p.target[row * p.target_stride]);
     const int status = row_status(t, p.ignore_index, p.num_classes);
     if (status != kValid) {
-      if (tid == 0) finish_row<kSmooth>(p, row, status, t, 0.f, 0.f, empty_partial());
+      if (tid == 0) finish_row<kSmooth>(p, row, status, t, 0.f, 0.f, empty_partial(), sums);
       continue;
     }
     const scalar_t* __restrict__ x = p.logits + row * p.row_stride;
@@ -217,14 +255,38 @@ __global__ void __launch_bounds__(kMaxRowBlock)
     RowPartial acc = empty_partial();
     accumulate_row<kSmooth>(p, x, pivot, tid, nthreads, acc);
     acc = cuda::block_reduce(acc, RowPartialOp{}, empty_partial(), shared);
-    if (tid == 0) finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc);
+    if (tid == 0) finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc, sums);
+  }
+  store_block_sums(p.block_sums, sums);
+}
+
+// Adds the forward's per-block sums in block order (one block of kReduceBlock threads) and writes
+// total_weight and, for reduction mean (1) or sum (2), the loss: sum / total_weight or sum, in float32 as
+// torch's (the float64 sums rounded first).
+__global__ void __launch_bounds__(kReduceBlock)
+    cross_entropy_reduce_kernel(const double* __restrict__ block_sums, int num_blocks, int reduction,
+                                float* __restrict__ loss, float* __restrict__ total_weight) {
+  __shared__ LossSums shared[33];
+  LossSums mine{0.0, 0.0};
+  for (int b = threadIdx.x; b < num_blocks; b += blockDim.x) {
+    mine.loss += block_sums[2 * b];
+    mine.weight += block_sums[2 * b + 1];
+  }
+  const LossSums all = cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared);
+  if (threadIdx.x == 0) {
+    const float tw = static_cast<float>(all.weight);
+    *total_weight = tw;
+    const float sum = static_cast<float>(all.loss);
+    if (reduction == 2) *loss = sum;
+    if (reduction == 1) *loss = sum / tw;  // 0 / 0 = NaN when every row is ignored, as torch's
   }
 }
 
 template <typename scalar_t, typename index_t>
 struct BackwardParams {
   const float* __restrict__ grad_loss;
-  int64_t grad_stride;  // may be 0 (expanded grad)
+  int64_t grad_stride;  // 0 for the reductions (one 0-dim grad_loss for every row)
+  const float* __restrict__ total_weight;  // reduction mean: grad_loss is divided by it; else nullptr
   const scalar_t* __restrict__ logits;
   int64_t row_stride;
   const index_t* __restrict__ target;
@@ -256,7 +318,8 @@ __global__ void __launch_bounds__(kBackwardBlock)
       cuda::fill_vectorized(out, C, lane, group, 0.f);
       continue;
     }
-    const float g = p.grad_loss[row * p.grad_stride];
+    const float g = p.total_weight != nullptr ? p.grad_loss[row * p.grad_stride] / *p.total_weight
+                                              : p.grad_loss[row * p.grad_stride];
     // x - lse as (x - hi) - lo with lse = hi + lo in floats: x - hi is exact for the logits near the row max,
     // whatever their magnitude.
     const double row_lse = p.lse[row * p.lse_stride];
@@ -270,17 +333,17 @@ __global__ void __launch_bounds__(kBackwardBlock)
     const float coef_w = g * p.eps_over_c;                                     // multiplies w_c
     const float coef_t = g * p.one_minus_eps * w_t;                            // subtracted at c == t
     const scalar_t* __restrict__ x = p.logits + row * p.row_stride;
+    const auto minus_target_term = [&](float gc) { return gc - coef_t; };  // at c == t
     if (p.weight != nullptr && coef_w != 0.f) {
       const float* __restrict__ weight = p.weight;
-      cuda::transform_vectorized(x, out, C, lane, group, [&](int64_t c, float v) {
-        const float gc = coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w * weight[c];
-        return c == t ? gc - coef_t : gc;
-      });
+      cuda::transform_vectorized(
+          x, out, C, lane, group,
+          [&](int64_t c, float v) { return coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w * weight[c]; }, t,
+          minus_target_term);
     } else {
-      cuda::transform_vectorized(x, out, C, lane, group, [&](int64_t c, float v) {
-        const float gc = coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w;
-        return c == t ? gc - coef_t : gc;
-      });
+      cuda::transform_vectorized(
+          x, out, C, lane, group, [&](int64_t, float v) { return coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w; },
+          t, minus_target_term);
     }
   }
 }
@@ -325,76 +388,79 @@ int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCo
 // Sum of the (float32, contiguous) weight as a 0-dim device tensor; computed on the stream, no sync.
 at::Tensor weight_sum_of(const at::Tensor& w) { return w.defined() ? at::sum(w) : at::Tensor(); }
 
-// Per-row losses and lse (the kernels above); the caller checked the inputs and set the device guard.
-std::tuple<at::Tensor, at::Tensor> cross_entropy_rows_cuda(const at::Tensor& logits, const at::Tensor& target,
-                                                           const at::Tensor& weight, int64_t ignore_index,
-                                                           double label_smoothing) {
+// The forward kernels and the reduction (see the top of this file): returns (loss, lse, total_weight). The
+// caller checked the inputs and set the device guard.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(const at::Tensor& logits,
+                                                                          const at::Tensor& target,
+                                                                          const at::Tensor& weight,
+                                                                          int64_t ignore_index, double label_smoothing,
+                                                                          int64_t reduction) {
   const int64_t N = logits.size(0);
   const int64_t C = logits.size(1);
   const bool smooth = label_smoothing > 0.0;
-  const at::Tensor weight_sum = smooth ? weight_sum_of(weight) : at::Tensor();
+  const at::TensorOptions f32 = logits.options().dtype(at::kFloat);
 
-  at::Tensor loss = at::empty({N}, logits.options().dtype(at::kFloat));
-  at::Tensor lse = at::empty({N}, logits.options().dtype(at::kDouble));
-  if (N == 0) return {loss, lse};
-
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t elem_size = static_cast<int64_t>(logits.element_size());
   const int64_t vec = 16 / elem_size;
-  const int64_t row_bytes = C * elem_size;
   const int64_t sms = sm_count();
+  const bool group_path = C * elem_size <= kGroupPathMaxRowBytes;
+  // About four 16-byte vectors per lane: G = 1 for C <= 4 * vec, 32 from C > 64 * vec.
+  const int group = static_cast<int>(std::min<int64_t>(32, cuda::next_pow2(ceil_div(C, 4 * vec))));
+  const int row_threads =
+      static_cast<int>(std::clamp<int64_t>(cuda::next_pow2(ceil_div(C, 4 * vec)), 128, kMaxRowBlock));
+  const int64_t blocks = N == 0 ? 0
+                         : group_path
+                             ? std::min<int64_t>(ceil_div(N, static_cast<int64_t>(kGroupBlock / group)),
+                                                 sms * (2048 / kGroupBlock))
+                             : std::min<int64_t>(N, sms * (2048 / row_threads));
 
-  dispatch_logits_type(logits.scalar_type(), [&](auto logits_tag) {
-    using scalar_t = decltype(logits_tag);
-    dispatch_target_type(target.scalar_type(), [&](auto target_tag) {
-      using index_t = decltype(target_tag);
-      ForwardParams<scalar_t, index_t> p;
-      p.logits = logits.const_data_ptr<scalar_t>();
-      p.row_stride = logits.stride(0);
-      p.target = target.const_data_ptr<index_t>();
-      p.target_stride = target.stride(0);
-      p.weight = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
-      p.weight_sum = weight_sum.defined() ? weight_sum.const_data_ptr<float>() : nullptr;
-      p.num_rows = N;
-      p.num_classes = C;
-      p.ignore_index = ignore_index;
-      p.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
-      p.eps_over_c = C > 0 ? static_cast<float>(label_smoothing / static_cast<double>(C)) : 0.f;
-      p.loss = loss.mutable_data_ptr<float>();
-      p.lse = lse.mutable_data_ptr<double>();
+  at::Tensor lse = at::empty({N}, logits.options().dtype(at::kDouble));
+  at::Tensor loss = reduction == 0 ? at::empty({N}, f32) : at::empty({}, f32);
+  at::Tensor total_weight = at::empty({}, f32);
+  at::Tensor block_sums = at::empty({std::max<int64_t>(blocks, 1), 2}, logits.options().dtype(at::kDouble));
+  const at::Tensor weight_sum = smooth && N > 0 ? weight_sum_of(weight) : at::Tensor();
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-      if (row_bytes <= kGroupPathMaxRowBytes) {
-        // About four 16-byte vectors per lane: G = 1 for C <= 4 * vec, 32 from C > 64 * vec.
-        const int group = static_cast<int>(std::min<int64_t>(32, cuda::next_pow2(ceil_div(C, 4 * vec))));
-        const int64_t rows_per_block = kGroupBlock / group;
-        const int64_t blocks = std::min<int64_t>(ceil_div(N, rows_per_block), sms * (2048 / kGroupBlock));
-        auto kernel = smooth ? cross_entropy_forward_group_kernel<true, scalar_t, index_t>
-                             : cross_entropy_forward_group_kernel<false, scalar_t, index_t>;
-        kernel<<<static_cast<unsigned>(blocks), kGroupBlock, 0, stream>>>(p, group);
-        FASTEVAL_CUDA_LAUNCH_CHECK();
-      } else {
-        const int threads =
-            static_cast<int>(std::clamp<int64_t>(cuda::next_pow2(ceil_div(C, 4 * vec)), 128, kMaxRowBlock));
-        const int64_t blocks = std::min<int64_t>(N, sms * (2048 / threads));
-        auto kernel = smooth ? cross_entropy_forward_block_kernel<true, scalar_t, index_t>
-                             : cross_entropy_forward_block_kernel<false, scalar_t, index_t>;
-        kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(p);
-        FASTEVAL_CUDA_LAUNCH_CHECK();
-      }
+  if (N > 0) {
+    dispatch_logits_type(logits.scalar_type(), [&](auto logits_tag) {
+      using scalar_t = decltype(logits_tag);
+      dispatch_target_type(target.scalar_type(), [&](auto target_tag) {
+        using index_t = decltype(target_tag);
+        ForwardParams<scalar_t, index_t> p;
+        p.logits = logits.const_data_ptr<scalar_t>();
+        p.row_stride = logits.stride(0);
+        p.target = target.const_data_ptr<index_t>();
+        p.target_stride = target.stride(0);
+        p.weight = weight.defined() ? weight.const_data_ptr<float>() : nullptr;
+        p.weight_sum = weight_sum.defined() ? weight_sum.const_data_ptr<float>() : nullptr;
+        p.num_rows = N;
+        p.num_classes = C;
+        p.ignore_index = ignore_index;
+        p.one_minus_eps = static_cast<float>(1.0 - label_smoothing);
+        p.eps_over_c = C > 0 ? static_cast<float>(label_smoothing / static_cast<double>(C)) : 0.f;
+        p.loss = reduction == 0 ? loss.mutable_data_ptr<float>() : nullptr;
+        p.lse = lse.mutable_data_ptr<double>();
+        p.block_sums = block_sums.mutable_data_ptr<double>();
+        if (group_path) {
+          auto kernel = smooth ? cross_entropy_forward_group_kernel<true, scalar_t, index_t>
+                               : cross_entropy_forward_group_kernel<false, scalar_t, index_t>;
+          kernel<<<static_cast<unsigned>(blocks), kGroupBlock, 0, stream>>>(p, group);
+          FASTEVAL_CUDA_LAUNCH_CHECK();
+        } else {
+          auto kernel = smooth ? cross_entropy_forward_block_kernel<true, scalar_t, index_t>
+                               : cross_entropy_forward_block_kernel<false, scalar_t, index_t>;
+          kernel<<<static_cast<unsigned>(blocks), row_threads, 0, stream>>>(p);
+          FASTEVAL_CUDA_LAUNCH_CHECK();
+        }
+      });
     });
-  });
-  return {loss, lse};
-}
-
-// Sum of w[t] over the rows whose target is not ignore_index (their count without weights), as a 0-dim
-// float32 device tensor: computed on the stream, no host synchronisation. Out-of-range targets (whose
-// loss is NaN) are clamped here only to keep the gather in bounds.
-at::Tensor total_weight_cuda(const at::Tensor& target, const at::Tensor& weight, int64_t ignore_index, int64_t C) {
-  const at::Tensor valid = target.ne(ignore_index);
-  // C == 0: every counted row has an out-of-range target (NaN loss) and there is no weight to gather.
-  if (!weight.defined() || C == 0) return valid.sum(at::kFloat);
-  const at::Tensor wt = weight.index_select(0, target.clamp(0, C - 1).to(at::kLong));
-  return wt.masked_fill(valid.logical_not(), 0.0).sum(at::kFloat);
+  }
+  // With no rows: total_weight 0, and a sum of no terms (0; 0 / 0 = NaN for the mean).
+  cross_entropy_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(
+      block_sums.const_data_ptr<double>(), static_cast<int>(blocks), static_cast<int>(reduction),
+      reduction == 0 ? nullptr : loss.mutable_data_ptr<float>(), total_weight.mutable_data_ptr<float>());
+  FASTEVAL_CUDA_LAUNCH_CHECK();
+  return {loss, lse, total_weight};
 }
 
 }  // namespace
@@ -406,14 +472,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels<at::kCUDA>::forward(const
   const int64_t C = args.logits.size(1);
   c10::cuda::CUDAGuard guard(args.logits.device());
   const at::Tensor logits = class_contiguous(args.logits);
-  auto [loss_rows, lse] =
-      cross_entropy_rows_cuda(logits, args.target, args.weight, args.ignore_index, args.label_smoothing);
-  at::Tensor total_weight = total_weight_cuda(args.target, args.weight, args.ignore_index, C);
-  at::Tensor loss = loss_rows;
-  if (args.reduction != 0) {
-    at::Tensor total = loss_rows.sum();
-    loss = args.reduction == 2 ? total : total.div(total_weight);
-  }
+  auto [loss, lse, total_weight] = cross_entropy_forward_cuda(logits, args.target, args.weight, args.ignore_index,
+                                                               args.label_smoothing, args.reduction);
   // No classes: torch's smoothing term is eps / C * (a sum of no terms) = NaN on every row, ignored or
   // not, and in any reduction (even of no rows).
   if (C == 0 && args.label_smoothing > 0.0) loss.fill_(std::numeric_limits<float>::quiet_NaN());
@@ -426,13 +486,11 @@ at::Tensor Kernels<at::kCUDA>::backward(const BackwardArgs& args) {
   const int64_t C = args.logits.size(1);
   c10::cuda::CUDAGuard guard(args.logits.device());
   const at::Tensor logits = class_contiguous(args.logits);
-  // Per-row upstream gradient, expanded (stride 0) for the reductions: no copy, no sync.
-  at::Tensor g_rows = args.grad_loss.to(at::kFloat);
-  if (args.reduction == 1) g_rows = g_rows.div(args.total_weight);
-  if (args.reduction != 0) g_rows = g_rows.expand({N});
+  // The upstream gradient, float32 (no copy when it is): per row for reduction none, one value (read with
+  // stride 0) for the reductions, divided by total_weight in the kernel for the mean.
+  const at::Tensor g = args.grad_loss.to(at::kFloat);
+  const at::Tensor total_weight = args.reduction == 1 ? args.total_weight.to(at::kFloat) : at::Tensor();
   const at::Tensor weight_sum = (args.label_smoothing > 0.0) ? weight_sum_of(args.weight) : at::Tensor();
-  // Float32 views (no copy when already float32); strides are honoured, so expanded tensors are fine.
-  const at::Tensor& g = g_rows;
   const at::Tensor lse_d = args.lse;  // float64 (checked)
 
   at::Tensor grad = at::empty({N, C}, logits.options());
@@ -451,7 +509,8 @@ at::Tensor Kernels<at::kCUDA>::backward(const BackwardArgs& args) {
       using index_t = decltype(target_tag);
       BackwardParams<scalar_t, index_t> p;
       p.grad_loss = g.const_data_ptr<float>();
-      p.grad_stride = g.stride(0);
+      p.grad_stride = args.reduction == 0 ? g.stride(0) : 0;
+      p.total_weight = total_weight.defined() ? total_weight.const_data_ptr<float>() : nullptr;
       p.logits = logits.const_data_ptr<scalar_t>();
       p.row_stride = logits.stride(0);
       p.target = args.target.const_data_ptr<index_t>();
