@@ -10,6 +10,8 @@
 # Usage: bash scripts/sanitize.sh [pytest args...]
 #   PYTHON   interpreter with torch and the test requirements (default: .venv/bin/python)
 #   SANITIZE_DIR  where the instrumented copy is built (default: build-sanitize)
+#   SANITIZE_PHASE  build (copy, build, check the instrumentation), test (the tests against a copy built
+#                   before), or all (default). CI builds while other tests run, then tests.
 #   Without pytest args it runs SANITIZE_TESTS (below): the whole CPU suite but tests/test_distributed.py
 #   and tests/test_loader.py, which spend their time starting Python processes (gloo workers, loader
 #   environments; about 30% of the sanitized run) and reach no kernel code the other modules do not:
@@ -27,7 +29,16 @@ PY=${PYTHON:-$ROOT/.venv/bin/python}
 case "$PY" in /*) ;; */*) PY="$ROOT/$PY" ;; *) PY=$(command -v "$PY" 2>/dev/null || echo "$ROOT/$PY") ;; esac
 OUT=${SANITIZE_DIR:-build-sanitize}
 CXX=${CXX:-c++}
+PHASE=${SANITIZE_PHASE:-all}
+case "$PHASE" in build|test|all) ;; *) echo "sanitize: SANITIZE_PHASE must be build, test or all"; exit 2 ;; esac
 
+LIBASAN=$("$CXX" -print-file-name=libasan.so)
+LIBSTDCXX=$("$CXX" -print-file-name=libstdc++.so)
+for lib in "$LIBASAN" "$LIBSTDCXX"; do
+  [ -f "$lib" ] || { echo "sanitize: $lib not found (is $CXX GCC with libasan installed?)"; exit 1; }
+done
+
+if [ "$PHASE" != test ]; then
 echo "sanitize: copying the tree to $OUT"
 rm -rf "$OUT" && mkdir -p "$OUT"
 git ls-files -z --cached --others --exclude-standard | xargs -0 -I{} cp --parents {} "$OUT"/ 2>/dev/null || true
@@ -37,15 +48,13 @@ echo "sanitize: building with -fsanitize=address,undefined"
 ( cd "$OUT" && FASTEVAL_SANITIZE=address,undefined FASTEVAL_STRICT_BUILD=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
     "$PY" setup.py -q build_ext --inplace >build.log 2>&1 ) || { tail -50 "$OUT/build.log"; exit 1; }
 
-LIBASAN=$("$CXX" -print-file-name=libasan.so)
-LIBSTDCXX=$("$CXX" -print-file-name=libstdc++.so)
-for lib in "$LIBASAN" "$LIBSTDCXX"; do
-  [ -f "$lib" ] || { echo "sanitize: $lib not found (is $CXX GCC with libasan installed?)"; exit 1; }
-done
 # The instrumented library really is instrumented (a silent fallback to -O3 would prove nothing). grep
 # reads all of nm's output: with `grep -q` it could exit at the first match, and nm, killed by SIGPIPE, would
 # fail the pipeline under pipefail.
 nm -D "$OUT"/fasteval/_C*.so | grep __asan_ >/dev/null || { echo "sanitize: _C is not instrumented"; exit 1; }
+echo "sanitize: built in $OUT"
+[ "$PHASE" = build ] && exit 0
+fi
 
 PRELOAD="$LIBASAN $LIBSTDCXX"
 # The tests must import the instrumented copy (not an editable install of the source tree).
