@@ -13,7 +13,7 @@
 # Stages, in order; every stage runs whatever failed before it (no set -e), except that the GPU stages need
 # a successful build. Each has a time limit inside the overall budget (default 480 s):
 #   env        device, driver, nvcc, torch / CUDA versions, python, packages, commit   -> environment.txt
-#   build      setup.py build_ext --inplace, local arch, all cores, strict              -> build.log, info.txt
+#   build      setup.py build_ext --inplace, local arch, all cores, strict   -> build.log, info.txt, sass-loops.txt
 #   suite      the whole test suite (doctests and every CUDA test, large ones included), no -x, as two
 #              pytest processes side by side: suite-cuda (the CUDA test files, and the op test files whose
 #              CUDA tests sit beside their CPU ones: CUDA_TEST_FILES below) and suite-rest (the others).
@@ -186,6 +186,9 @@ elif want build; then
 from fasteval import _loader
 k = _loader.kernels()
 print(" ".join(op for op, d in k.items() if "cuda" not in d) if k else "all (not loaded)")' 2>&1)
+  # the hot loops' instruction counts of this build (scripts/sass_loops.py; a record, never a failure)
+  $PY scripts/sass_loops.py fasteval/_C*.so cross_entropy_forward cross_entropy_backward eval_rows_kernel \
+    > "$LOG/sass-loops.txt" 2>&1 || true
   if [ "$rc" -eq 0 ] && [ -z "$missing" ]; then
     BUILT=1
     record build ok $(( $(now) - s )) "sm_${ARCH/./}, CUDA kernels registered for every op"

@@ -211,6 +211,15 @@ __device__ __forceinline__ float block_reduce_max(float v, float* shared) {
   return block_reduce(v, MaxOp{}, neg_inf(), shared);
 }
 
+// The largest of N values, NaN if any is NaN.
+template <int N>
+__device__ __forceinline__ float vector_max(const float (&x)[N]) {
+  float m = x[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) m = nan_max(m, x[k]);
+  return m;
+}
+
 // Online log-sum-exp state: `max` of the values seen and `sum` = sum_j exp(x_j - max), accumulated
 // in one pass with rescaling when the max grows. The empty state is {-inf, 0}.
 //
@@ -237,9 +246,12 @@ struct MaxSumExp {
   // N values at once: one max update (and at most one rescale) per vector.
   template <int N>
   __device__ __forceinline__ void update(const float (&x)[N]) {
-    float vmax = x[0];
-#pragma unroll
-    for (int k = 1; k < N; ++k) vmax = nan_max(vmax, x[k]);
+    update(x, vector_max(x));
+  }
+
+  // The same with vmax = vector_max(x) already computed.
+  template <int N>
+  __device__ __forceinline__ void update(const float (&x)[N], float vmax) {
     if (vmax > max || is_nan_bits(vmax)) {
       sum *= fast_exp(max - vmax);
       max = vmax;

@@ -11,7 +11,9 @@
 // compared as float (bfloat16 / float16 convert exactly).
 //
 // The scalar definitions below (precedes, ArgMax, RankParts) are the reference every kernel uses: the CUDA
-// kernels call them per element and merge them across lanes; the CPU scalar paths call them per element.
+// kernels call them per element and merge them across lanes, except that eval_update's row kernel visits a
+// 16-byte vector at a time (RowPartial::visit_vector in eval_update_cuda.cu, exact by the same formula);
+// the CPU scalar paths call them per element.
 // The vectorized CPU passes (row_rank_cpu.h, row_softmax_cpu.h, row_lanes_cpu.h, linear_ce_cpu.cpp) count
 // the same quantities a vector at a time (#{x_j <= x_t} and #{x_j == x_t} per lane, the complement giving
 // "larger or NaN") and end in RankParts' formula; the tests compare all of them with torch.argmax and the

@@ -3,7 +3,8 @@
 // (N, C) logits: one warp per row (8 rows per 256-thread block, grid-stride over rows). Each lane visits
 // its share of the row once with 16-byte loads (common/cuda_utils.cuh: for_each_vectorized) and keeps an
 // online (max, sum-exp) state, the first argmax, sum_c (x_c - x_t), and the counts that give the rank
-// of the target's logit (#{x_c > x_t}, #{c < t : x_c == x_t}, NaNs); one warp reduction merges them.
+// of the target's logit (#{x_c > x_t}, #{c < t : x_c == x_t}, NaNs), a vector at a time
+// (RowPartial::visit_vector); one warp reduction merges them.
 // (N, C, S) logits (class dim 1 with trailing dims): one thread per position, looping over the classes
 // at stride S, so consecutive threads read consecutive addresses.
 //
@@ -23,6 +24,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
@@ -89,6 +91,64 @@ struct RowPartial {
     am.visit(x, c);
     rp.visit(x, c, xt, t);
     sum_dx += x - pivot;
+  }
+
+  // Everything, for the W elements x of indices first .. first + W - 1 (vmax = cuda::vector_max(x)), all
+  // after every element this lane has visited (for_each_vectorized visits a lane's elements in ascending
+  // order). Adds what visit() and mse.update would add element by element, with per-vector work instead of
+  // per-element work where the order allows:
+  //  - argmax: an element after all those seen takes the argmax only when it is larger, a NaN over a number,
+  //    or the first element seen (ties keep the earlier index). So only a vector whose max passes that test
+  //    is searched, for its first element equal to the max (its first NaN when the max is NaN).
+  //  - rank counts, when x_t is a number: rank = gt + nan_total + eq_before (order.h), so gt takes the
+  //    elements above x_t or NaN, !(x <= x_t), nan_total none (only the sum enters the rank), and equal
+  //    elements count only in vectors before t (one vector straddles t). A NaN x_t (rank = #{c < t : NaN})
+  //    is visited element by element.
+  //  - sum_c (x_c - pivot) only with label smoothing (finish reads it only then).
+  template <bool kXtNan, int W>
+  __device__ __forceinline__ void visit_vector(int64_t first, const float (&x)[W], float xt, float pivot, int64_t t,
+                                               bool smooth) {
+    const float vmax = cuda::vector_max(x);
+    mse.update(x, vmax);
+    const bool vmax_nan = cuda::is_nan_bits(vmax);
+    if (vmax > am.v || (vmax_nan && !cuda::is_nan_bits(am.v)) || am.i == order::ArgMax::kNone) {
+      int k0 = 0;
+      float v0 = x[0];
+#pragma unroll
+      for (int k = W - 1; k >= 0; --k) {
+        if (vmax_nan ? cuda::is_nan_bits(x[k]) : x[k] == vmax) {
+          k0 = k;
+          v0 = x[k];
+        }
+      }
+      am.v = v0;
+      am.i = first + k0;
+    }
+    if (kXtNan) {
+#pragma unroll
+      for (int k = 0; k < W; ++k) rp.visit(x[k], first + k, xt, t);
+    } else {
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        if (!(x[k] <= xt)) ++rp.gt;
+      }
+      const int64_t before = t - first;  // elements k < before come before t
+      if (before >= W) {
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          if (x[k] == xt) ++rp.eq_before;
+        }
+      } else if (before > 0) {  // the vector holding t
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+          if (k < before && x[k] == xt) ++rp.eq_before;
+        }
+      }
+    }
+    if (smooth) {
+#pragma unroll
+      for (int k = 0; k < W; ++k) sum_dx += x[k] - pivot;
+    }
   }
 
   __device__ __forceinline__ static RowPartial merge(const RowPartial& a, const RowPartial& b) {
@@ -252,17 +312,23 @@ __global__ void __launch_bounds__(kBlock) eval_rows_kernel(const T* __restrict__
     const float xt = cuda::to_float(row[t]);
     const float pivot = smoothing_pivot(xt);
     RowPartial r = RowPartial::empty();
-    cuda::for_each_vectorized<T, 2>(
-        row, p.C, lane, 32,
-        [&](int64_t first, const float(&v)[cuda::kVecWidth<T>]) {
-          r.mse.update(v);
-#pragma unroll
-          for (int k = 0; k < cuda::kVecWidth<T>; ++k) r.visit(first + k, v[k], xt, pivot, t);
-        },
-        [&](int64_t c, float v) {
-          r.mse.update(v);
-          r.visit(c, v, xt, pivot, t);
-        });
+    // Two instances of the row loop: a NaN x_t (rare) counts the rank element by element.
+    const auto sweep = [&](auto xt_nan) {
+      cuda::for_each_vectorized<T, 2>(
+          row, p.C, lane, 32,
+          [&](int64_t first, const float(&v)[cuda::kVecWidth<T>]) {
+            r.visit_vector<decltype(xt_nan)::value>(first, v, xt, pivot, t, p.smooth);
+          },
+          [&](int64_t c, float v) {
+            r.mse.update(v);
+            r.visit(c, v, xt, pivot, t);
+          });
+    };
+    if (cuda::is_nan_bits(xt)) {
+      sweep(std::true_type{});
+    } else {
+      sweep(std::false_type{});
+    }
     r = cuda::warp_reduce(r, RowPartialOp{});
     if (lane == 0) {
       float l, cf;
