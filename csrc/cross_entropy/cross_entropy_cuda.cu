@@ -18,14 +18,14 @@
 //                                        any reduction of the loss instead.
 //   row max not finite (a NaN, +inf, or every logit -inf)   loss = NaN, lse = NaN (as in torch)
 //
-// Reductions and total_weight: each thread adds the losses and target weights of the rows it finishes (in
-// float64), each block reduces them in a fixed order to one pair, and a one-block kernel adds the pairs in
-// block order and writes total_weight and the reduced loss: two launches in all, no atomics (the result
-// depends only on the grid, which depends only on N, C and the device), no host synchronisation. Per-row
-// losses are written only for reduction none. total_weight counts every row whose target is not
-// ignore_index, with w[t] (an out-of-range t is clamped into [0, C) for this; its row's loss is NaN anyway).
-// The backward reads grad_loss per row (stride 0 for the reductions) and divides by total_weight itself
-// for the mean.
+// Reductions and total_weight: the thread that finishes a row adds its loss and target weight to its slot of
+// float64 sums in shared memory, each block adds its slots in a fixed order to one pair, and a one-block
+// kernel adds the pairs in block order and writes total_weight and the reduced loss: two launches in all,
+// no atomics (the result depends only on the grid, which depends only on N, C and the device), no host
+// synchronisation. Per-row losses are written only for reduction none. total_weight counts every row whose
+// target is not ignore_index, with w[t] (an out-of-range t is clamped into [0, C) for this; its row's loss
+// is NaN anyway). The backward reads grad_loss per row (stride 0 for the reductions) and divides by
+// total_weight itself for the mean.
 //
 // Backward, with p_c = exp(x_c - lse_i) and g = grad_loss[i]:
 //   grad_c = g * ((1 - eps) * w_t + eps * W / C) * p_c - g * (eps / C) * w_c - [c == t] g (1 - eps) w_t
@@ -107,13 +107,29 @@ struct LossSumsOp {
   }
 };
 
-// Writes this block's sums (every thread of the block calls it, at the end of the kernel).
-__device__ __forceinline__ void store_block_sums(double* __restrict__ block_sums, const LossSums& mine) {
-  __shared__ LossSums shared[33];
-  const LossSums block = cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared);
+// Running sums of a block's rows, in shared memory: slot r belongs to the one thread that finishes the rows
+// of position r (a group's lane 0, or thread 0), which alone reads and writes it until the end of the row
+// loop. Accessed through volatile pointers so that they are not kept in registers across the row loop: two
+// float64 registers live through the hot loop would cost the row kernels a resident block per SM.
+__device__ __forceinline__ void add_sums(double* loss, double* weight, const LossSums& row) {
+  volatile double* l = loss;
+  volatile double* w = weight;
+  *l = *l + row.loss;
+  *w = *w + row.weight;
+}
+
+// Thread 0 writes the sums of slots [0, n) (each slot's owner is done: call after a __syncthreads), added in
+// slot order, as this block's entry of block_sums.
+__device__ __forceinline__ void store_block_sums(double* __restrict__ block_sums, const double* loss,
+                                                 const double* weight, int n) {
   if (threadIdx.x == 0) {
-    block_sums[2 * blockIdx.x] = block.loss;
-    block_sums[2 * blockIdx.x + 1] = block.weight;
+    double l = 0.0, w = 0.0;
+    for (int i = 0; i < n; ++i) {
+      l += static_cast<const volatile double*>(loss)[i];
+      w += static_cast<const volatile double*>(weight)[i];
+    }
+    block_sums[2 * blockIdx.x] = l;
+    block_sums[2 * blockIdx.x + 1] = w;
   }
 }
 
@@ -164,29 +180,24 @@ __device__ __forceinline__ void accumulate_row(const ForwardParams<scalar_t, ind
       });
 }
 
-// Writes lse[row] (and loss[row] for reduction none) from the reduced partial and adds the row's loss and
-// target weight to `sums` (called by one thread per row).
+// Writes lse[row] (and loss[row] for reduction none) from the reduced partial and returns the row's loss and
+// target weight, for the sums (called by one thread per row).
 template <bool kSmooth, typename scalar_t, typename index_t>
-__device__ __forceinline__ void finish_row(const ForwardParams<scalar_t, index_t>& p, int64_t row, int status,
-                                           int64_t t, float x_t, float pivot, const RowPartial& r, LossSums& sums) {
+__device__ __forceinline__ LossSums finish_row(const ForwardParams<scalar_t, index_t>& p, int64_t row, int status,
+                                               int64_t t, float x_t, float pivot, const RowPartial& r) {
   if (status == kIgnored) {
     if (p.loss != nullptr) p.loss[row] = 0.f;
     p.lse[row] = 0.0;
-    return;
+    return {0.0, 0.0};
   }
   const bool gather = p.weight != nullptr && p.num_classes > 0;
-  if (status == kBadTarget) {
-    const int64_t clamped = t < 0 ? 0 : p.num_classes - 1;
-    sums.weight += gather ? static_cast<double>(p.weight[clamped]) : 1.0;
-  } else {
-    sums.weight += gather ? static_cast<double>(p.weight[t]) : 1.0;
-  }
+  const int64_t t_in = status == kBadTarget ? (t < 0 ? 0 : p.num_classes - 1) : t;  // clamped for a bad target
+  const double w = gather ? static_cast<double>(p.weight[t_in]) : 1.0;
   const float m = r.mse.max;
   if (status == kBadTarget || !is_finite_bits(m)) {
     if (p.loss != nullptr) p.loss[row] = quiet_nan();
-    sums.loss += static_cast<double>(quiet_nan());
     p.lse[row] = static_cast<double>(quiet_nan());
-    return;
+    return {static_cast<double>(quiet_nan()), w};
   }
   const float log_s = r.mse.log_sum();  // lse = m + log_s
   const float w_t = p.weight != nullptr ? p.weight[t] : 1.f;
@@ -196,8 +207,8 @@ __device__ __forceinline__ void finish_row(const ForwardParams<scalar_t, index_t
     loss += p.eps_over_c * (w_sum * ((m - pivot) + log_s) - r.smooth_sum);
   }
   if (p.loss != nullptr) p.loss[row] = loss;
-  sums.loss += static_cast<double>(loss);
   p.lse[row] = static_cast<double>(m) + static_cast<double>(log_s);
+  return {static_cast<double>(loss), w};
 }
 
 // Forward for short rows: groups of `group` lanes (power of two <= 32) share a row; a 256-thread
@@ -210,7 +221,11 @@ __global__ void __launch_bounds__(kGroupBlock)
   const int lane = static_cast<int>(threadIdx.x) & (group - 1);
   const int64_t rows_per_block = kGroupBlock / group;
   const int64_t row_in_block = threadIdx.x / group;
-  LossSums sums{0.0, 0.0};
+  __shared__ double sum_loss[kGroupBlock], sum_weight[kGroupBlock];  // slot row_in_block: its lane 0's
+  if (lane == 0) {
+    sum_loss[row_in_block] = 0.0;
+    sum_weight[row_in_block] = 0.0;
+  }
   for (int64_t base = blockIdx.x * rows_per_block; base < p.num_rows; base += gridDim.x * rows_per_block) {
     const int64_t row = base + row_in_block;
     RowPartial acc = empty_partial();
@@ -228,9 +243,13 @@ __global__ void __launch_bounds__(kGroupBlock)
       }
     }
     acc = cuda::warp_reduce(acc, RowPartialOp{}, group);
-    if (lane == 0 && status != kPadding) finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc, sums);
+    if (lane == 0 && status != kPadding) {
+      add_sums(sum_loss + row_in_block, sum_weight + row_in_block,
+               finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc));
+    }
   }
-  store_block_sums(p.block_sums, sums);
+  __syncthreads();
+  store_block_sums(p.block_sums, sum_loss, sum_weight, static_cast<int>(rows_per_block));
 }
 
 // Forward for long rows: one block per row (grid-stride over rows). The row status is block-uniform
@@ -241,12 +260,16 @@ __global__ void __launch_bounds__(kMaxRowBlock)
   __shared__ RowPartial shared[33];
   const int tid = static_cast<int>(threadIdx.x);
   const int nthreads = static_cast<int>(blockDim.x);
-  LossSums sums{0.0, 0.0};
+  __shared__ double sum_loss[1], sum_weight[1];  // thread 0's
+  if (tid == 0) {
+    sum_loss[0] = 0.0;
+    sum_weight[0] = 0.0;
+  }
   for (int64_t row = blockIdx.x; row < p.num_rows; row += gridDim.x) {
     const int64_t t = static_cast<int64_t>(p.target[row * p.target_stride]);
     const int status = row_status(t, p.ignore_index, p.num_classes);
     if (status != kValid) {
-      if (tid == 0) finish_row<kSmooth>(p, row, status, t, 0.f, 0.f, empty_partial(), sums);
+      if (tid == 0) add_sums(sum_loss, sum_weight, finish_row<kSmooth>(p, row, status, t, 0.f, 0.f, empty_partial()));
       continue;
     }
     const scalar_t* __restrict__ x = p.logits + row * p.row_stride;
@@ -255,9 +278,9 @@ __global__ void __launch_bounds__(kMaxRowBlock)
     RowPartial acc = empty_partial();
     accumulate_row<kSmooth>(p, x, pivot, tid, nthreads, acc);
     acc = cuda::block_reduce(acc, RowPartialOp{}, empty_partial(), shared);
-    if (tid == 0) finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc, sums);
+    if (tid == 0) add_sums(sum_loss, sum_weight, finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc));
   }
-  store_block_sums(p.block_sums, sums);
+  store_block_sums(p.block_sums, sum_loss, sum_weight, 1);  // thread 0 wrote the slot: no barrier needed
 }
 
 // Adds the forward's per-block sums in block order (one block of kReduceBlock threads) and writes
