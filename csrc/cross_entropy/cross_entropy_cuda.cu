@@ -190,17 +190,16 @@ __device__ __forceinline__ LossSums finish_row(const ForwardParams<scalar_t, ind
     p.lse[row] = 0.0;
     return {0.0, 0.0};
   }
-  const bool gather = p.weight != nullptr && p.num_classes > 0;
-  const int64_t t_in = status == kBadTarget ? (t < 0 ? 0 : p.num_classes - 1) : t;  // clamped for a bad target
-  const double w = gather ? static_cast<double>(p.weight[t_in]) : 1.0;
+  // w[t] (t clamped into [0, C) for a bad target; no weight, or no classes: 1), the row's share of total_weight
+  const int64_t t_in = status == kBadTarget ? (t < 0 ? 0 : p.num_classes - 1) : t;
+  const float w_t = p.weight != nullptr && p.num_classes > 0 ? p.weight[t_in] : 1.f;
   const float m = r.mse.max;
   if (status == kBadTarget || !is_finite_bits(m)) {
     if (p.loss != nullptr) p.loss[row] = quiet_nan();
     p.lse[row] = static_cast<double>(quiet_nan());
-    return {static_cast<double>(quiet_nan()), w};
+    return {static_cast<double>(quiet_nan()), static_cast<double>(w_t)};
   }
   const float log_s = r.mse.log_sum();  // lse = m + log_s
-  const float w_t = p.weight != nullptr ? p.weight[t] : 1.f;
   float loss = p.one_minus_eps * w_t * ((m - x_t) + log_s);
   if (kSmooth) {
     const float w_sum = p.weight != nullptr ? *p.weight_sum : static_cast<float>(p.num_classes);
@@ -208,7 +207,7 @@ __device__ __forceinline__ LossSums finish_row(const ForwardParams<scalar_t, ind
   }
   if (p.loss != nullptr) p.loss[row] = loss;
   p.lse[row] = static_cast<double>(m) + static_cast<double>(log_s);
-  return {static_cast<double>(loss), w};
+  return {static_cast<double>(loss), static_cast<double>(w_t)};
 }
 
 // Forward for short rows: groups of `group` lanes (power of two <= 32) share a row; a 256-thread

@@ -124,7 +124,7 @@ struct RowPartial {
       am.v = v0;
       am.i = first + k0;
     }
-    if (kXtNan) {
+    if constexpr (kXtNan) {
 #pragma unroll
       for (int k = 0; k < W; ++k) rp.visit(x[k], first + k, xt, t);
     } else {
