@@ -109,15 +109,7 @@ def _extensions():
     # the flag every kernel would silently run on one thread. It links the libgomp torch ships with.
     cxx += ["-std=c++20", "-fopenmp", "-fdiagnostics-color=always", "-Wno-unknown-pragmas",
             "-fvisibility=hidden", "-fno-semantic-interposition"]
-    # at::vec::Vectorized is only vectorized when CPU_CAPABILITY says so: without these macros it
-    # silently falls back to scalar code.
-    if simd == "avx512":
-        cxx += ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mprefer-vector-width=512"]
-    elif simd == "avx2":
-        cxx += ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
-    else:
-        cxx += ["-DCPU_CAPABILITY=DEFAULT"]
+    cxx += _CPU.COMPILE_FLAGS[simd]  # the SIMD level's flags (fasteval/_cpu.py)
 
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))

@@ -10,6 +10,15 @@ SIMD_FLAGS = {
     "default": frozenset(),
 }
 
+# The compiler flags of each level (setup.py). at::vec::Vectorized is only vectorized when CPU_CAPABILITY
+# says so: without these macros it silently falls back to scalar code.
+COMPILE_FLAGS = {
+    "avx512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
+               "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mprefer-vector-width=512"],
+    "avx2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+
 
 def cpu_flags() -> set:
     """The CPU's feature flags from /proc/cpuinfo (empty where that file does not exist)."""
