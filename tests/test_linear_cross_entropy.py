@@ -378,6 +378,29 @@ def test_cuda_values_and_gradients(dtype, weighted):
 
 
 @needs_kernel("linear_cross_entropy", "cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_gradients_are_float32_math_rounded_once(dtype):
+    # Three vocabulary chunks, the last partial (3000 rows: 5592-column chunks of the 64 MiB floor). The
+    # gradients must be the float32 computation rounded once to the input's dtype: for bfloat16 the
+    # backward's matmuls see the gradient of the logits as two bfloat16 terms (hi + lo), and a kernel that
+    # kept only hi (one bfloat16 rounding before the sums over rows and classes) is what this tolerance is
+    # for: one rounding of the result (at most 2^-8 relative, half an ulp of an 8-bit significand; 2^-7
+    # allowed) plus float32 sums. Emulated in float64 on these inputs, the hi-only gradients are 50 times
+    # over it (grad_input), hi + lo within it as the exact values are.
+    x, w, b, t = make(3000, 32, 12000, dtype=dtype, scale=2.0)  # peaked softmax rows: cancelling sums
+    t[::7] = -100
+    dev = [a.cuda().requires_grad_() for a in (x, w, b)]
+    loss = fasteval.linear_cross_entropy(dev[0], dev[1], t.cuda(), linear_bias=dev[2], label_smoothing=0.05)
+    grads = torch.autograd.grad(loss, dev)
+    cpu = [a.double().requires_grad_() for a in (x, w, b)]
+    ref = F.cross_entropy(F.linear(*cpu), t, label_smoothing=0.05)
+    rtol = 1e-4 if dtype == torch.float32 else 2.0 ** -7
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), rtol=rtol, atol=0)
+    for a, e in zip(grads, torch.autograd.grad(ref, cpu)):
+        torch.testing.assert_close(a.double().cpu(), e, rtol=rtol, atol=1e-5 * float(e.abs().max()))
+
+
+@needs_kernel("linear_cross_entropy", "cuda")
 def test_cuda_update_from_hidden_and_rejected_batch():
     x, w, b, t = make(3000, 16, 2000, scale=1.0)
     a, c = _pair(2000, top_k=(1, 5), label_smoothing=0.1, device="cuda")

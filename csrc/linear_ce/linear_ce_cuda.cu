@@ -9,9 +9,11 @@
 // rank. The bias is added by the row pass as it reads the chunk. Targets are validated on the device:
 // an out-of-range target gives its row a NaN loss (loss op) or rejects the batch (evaluation op, counted
 // in count[1]), never a host synchronisation. The backward recomputes each chunk, turns it into the
-// gradient of the logits in place and applies it with three matmuls (float32 operands).
+// gradient of the logits and applies it with two matmuls and a column sum: float32 operands for float32
+// and float16 inputs, for bfloat16 the gradient's hi and lo bfloat16 terms (grad_chunk_kernel).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
@@ -22,6 +24,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
@@ -38,7 +41,12 @@ using cuda::quiet_nan;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int64_t kWorkspaceBytes = int64_t(32) << 20;
+// The chunk workspace: 128 MiB, at most an eighth of the N x V float32 logits (64 MiB at least;
+// linear_ce::chunk_columns). Each chunk costs the host about 30 us (a matmul call, a launch, views): at
+// (8192, 256, 32000) bfloat16 the H200 measured 1.64 ms against F.linear + F.cross_entropy's 0.80 ms with
+// 32 MiB chunks (32 of them), a time the device's work does not explain.
+constexpr int64_t kWorkspaceBytes = int64_t(128) << 20;
+constexpr double kWorkspaceCap = 0.125;
 constexpr int64_t kIgnored = -1, kBad = -2;
 
 // Per-row running state (structure of arrays in one float and one int64 buffer).
@@ -95,7 +103,9 @@ __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict
 }
 
 // Folds columns [v0, v0 + len) of every counted row (logits at lg + i * len, bias added here) into the
-// row state. One warp per row.
+// row state. One warp per row. kRanks: also the counts that give the target's rank (the evaluation op;
+// the loss op leaves st.above and st.eqb as they are).
+template <bool kRanks>
 __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t len, int64_t v0,
                                 const float* __restrict__ bias, const float* __restrict__ cw, bool with_sum,
                                 RowState st) {
@@ -124,11 +134,13 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
         s += fast_exp(v - m);
       }
       if (with_sum) sx += cw ? cw[c] * v : v;
-      if (!tnan) {
-        above += (c != t) && !(v <= xt);
-        eqb += (c < t) && (v == xt);
-      } else {
-        eqb += (c < t) && is_nan_bits(v);
+      if constexpr (kRanks) {
+        if (!tnan) {
+          above += (c != t) && !(v <= xt);
+          eqb += (c < t) && (v == xt);
+        } else {
+          eqb += (c < t) && is_nan_bits(v);
+        }
       }
     }
     // Warp merge (lanes visit columns in increasing order, so each lane's arg is its first maximum).
@@ -145,12 +157,16 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
       m = mm;
       first_nan = min(static_cast<long long>(first_nan), n2);
       sx += __shfl_xor_sync(0xffffffffu, sx, off);
-      above += __shfl_xor_sync(0xffffffffu, above, off);
-      eqb += __shfl_xor_sync(0xffffffffu, eqb, off);
+      if constexpr (kRanks) {
+        above += __shfl_xor_sync(0xffffffffu, above, off);
+        eqb += __shfl_xor_sync(0xffffffffu, eqb, off);
+      }
     }
     if (lane == 0) {
-      st.above[i] += above;
-      st.eqb[i] += eqb;
+      if constexpr (kRanks) {
+        st.above[i] += above;
+        st.eqb[i] += eqb;
+      }
       st.sx[i] += sx;
       float rm = st.m[i];
       if (is_nan_bits(rm)) continue;  // sticky
@@ -236,7 +252,7 @@ inline at::Tensor chunk_logits(const at::Tensor& x, const at::Tensor& w, const a
 // The forward chunk loop shared by the loss and the evaluation ops; returns the row state buffers.
 std::pair<at::Tensor, at::Tensor> forward_state(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias32,
                                                 const at::Tensor& target, bool has_ignore, int64_t ignore_index,
-                                                const float* cw, bool with_sum, int64_t* bad_count) {
+                                                const float* cw, bool with_sum, bool ranks, int64_t* bad_count) {
   const int64_t N = x.size(0), H = x.size(1), V = w.size(0);
   at::Tensor fbuf = at::empty({4 * N}, x.options().dtype(at::kFloat));
   at::Tensor ibuf = at::empty({4 * N}, x.options().dtype(at::kLong));
@@ -252,21 +268,26 @@ std::pair<at::Tensor, at::Tensor> forward_state(const at::Tensor& x, const at::T
         ignore_index, st, bad_count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
+  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes, kWorkspaceCap);
   const at::Tensor ws = at::empty({N * vc}, x.options().dtype(at::kFloat));
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
     const at::Tensor lg = chunk_logits(x, w, ws, N, v0, len);
-    row_pass_kernel<<<row_blocks(N), kThreads, 0, stream>>>(lg.const_data_ptr<float>(), N, len, v0, bp, cw, with_sum,
-                                                            st);
+    (ranks ? row_pass_kernel<true> : row_pass_kernel<false>)<<<row_blocks(N), kThreads, 0, stream>>>(
+        lg.const_data_ptr<float>(), N, len, v0, bp, cw, with_sum, st);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {fbuf, ibuf};
 }
 
-// dL[i, c] = a_i exp(x_ic + b_c - lse_i) - e_i w_c - [c == t_i] d_i, in place over a chunk; 0 on rows that
-// do not count. The coefficients come from grad_loss and total_weight on the device.
-__global__ void grad_chunk_kernel(float* __restrict__ lg, int64_t N, int64_t len, int64_t v0,
+// dL[i, c] = a_i exp(x_ic + b_c - lse_i) - e_i w_c - [c == t_i] d_i over a chunk of logits lg (N x len,
+// float32, the bias added here); 0 on rows that do not count. The coefficients come from grad_loss and
+// total_weight on the device. S = float: dL is written in place over lg. S = c10::BFloat16: dL is written
+// as two bfloat16 terms into d2 (2N x len), hi = bf16(dL) in row i and lo = bf16(dL - hi) in row N + i, so
+// that the gradient matmuls run on bfloat16 operands and still see dL to about 2^-17 relative (hi + lo;
+// bfloat16 has float32's exponent range, so a term underflows only where dL itself is below float32's).
+template <typename S>
+__global__ void grad_chunk_kernel(float* __restrict__ lg, S* __restrict__ d2, int64_t N, int64_t len, int64_t v0,
                                   const float* __restrict__ bias, const float* __restrict__ cw,
                                   const float* __restrict__ wsum_ptr, float eps,
                                   int64_t V, const int64_t* __restrict__ tgt, const float* __restrict__ lse,
@@ -277,9 +298,18 @@ __global__ void grad_chunk_kernel(float* __restrict__ lg, int64_t N, int64_t len
   const int64_t nwarps = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
   for (int64_t i = warp; i < N; i += nwarps) {
     float* row = lg + i * len;
+    const auto store = [&](int64_t j, float r) {
+      if constexpr (std::is_same_v<S, float>) {
+        row[j] = r;
+      } else {
+        const S hi = static_cast<S>(r);
+        d2[i * len + j] = hi;
+        d2[(N + i) * len + j] = static_cast<S>(r - static_cast<float>(hi));
+      }
+    };
     const int64_t t = tgt[i];
     if (t < 0) {
-      for (int64_t j = lane; j < len; j += 32) row[j] = 0.f;
+      for (int64_t j = lane; j < len; j += 32) store(j, 0.f);
       continue;
     }
     float g = per_row ? grad_loss[i] : grad_loss[0];
@@ -295,7 +325,7 @@ __global__ void grad_chunk_kernel(float* __restrict__ lg, int64_t N, int64_t len
       const float v = row[j] + (bias ? bias[c] : 0.f);
       float r = a * expf(v - l) - e * (cw ? cw[c] : 1.f);
       if (c == t) r -= d;
-      row[j] = r;
+      store(j, r);
     }
   }
 }
@@ -360,7 +390,7 @@ Tensor3 Kernels<at::kCUDA>::forward(const ForwardArgs& a) {
   if (a.linear_bias.has_value() && a.linear_bias->defined()) b32 = a.linear_bias->to(at::kFloat).contiguous();
   const float* cw = cwt.defined() ? cwt.const_data_ptr<float>() : nullptr;
   const float eps = a.label_smoothing;
-  auto [fbuf, ibuf] = forward_state(x, w, b32, t, true, a.ignore_index, cw, eps > 0.f, nullptr);
+  auto [fbuf, ibuf] = forward_state(x, w, b32, t, true, a.ignore_index, cw, eps > 0.f, /*ranks=*/false, nullptr);
   const auto f32 = a.input.options().dtype(at::kFloat);
   at::Tensor loss_rows = at::empty({sz.N}, f32), lse = at::empty({sz.N}, f32), wrow = at::empty({sz.N}, f32);
   if (sz.N > 0) {
@@ -395,7 +425,12 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
   const c10::cuda::CUDAGuard guard(a.input.device());
   const int64_t N = a.sz.N, H = a.sz.H, V = a.sz.V;
   const auto f32 = a.input.options().dtype(at::kFloat);
-  const at::Tensor x32 = a.input.to(at::kFloat).contiguous();
+  // bfloat16: each chunk's logits recomputed as in the forward (bfloat16 operands, float32 products), the
+  // gradient matmuls on the hi and lo bfloat16 terms of dL (grad_chunk_kernel). float16 (whose range would
+  // lose small terms of dL) and float32: float32 operands throughout.
+  const bool split = a.input.scalar_type() == at::kBFloat16;
+  const at::Tensor xin = a.input.contiguous();
+  const at::Tensor x32 = split ? at::Tensor() : xin.to(at::kFloat);
   const at::Tensor w = a.linear_weight.contiguous();
   const at::Tensor t = a.target.contiguous();
   at::Tensor b32;
@@ -423,29 +458,44 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
   const at::Tensor g = a.grad_loss.to(at::kFloat).contiguous();
   const at::Tensor ls = a.lse.contiguous();
   const at::Tensor tw = a.total_weight.to(at::kFloat).contiguous();
-  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
+  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes, kWorkspaceCap);
   const at::Tensor ws = at::empty({N * vc}, f32);
+  const at::Tensor d2buf = split ? at::empty({2 * N * vc}, a.input.options()) : at::Tensor();
+  const at::Tensor x2 = split ? at::cat({xin, xin}) : at::Tensor();  // (2N, H): grad_w of hi and lo in one matmul
   const float eps = a.label_smoothing;
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
-    const at::Tensor wc32 = w.narrow(0, v0, len).to(at::kFloat);
-    at::Tensor d = ws.narrow(0, 0, N * len).view({N, len});
-    at::mm_out(d, x32, wc32.t());
-    grad_chunk_kernel<<<row_blocks(N), kThreads, 0, stream>>>(
-        d.data_ptr<float>(), N, len, v0, b32.defined() ? b32.const_data_ptr<float>() : nullptr, cw,
-        wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps, V,
-        st.tgt, ls.const_data_ptr<float>(), g.const_data_ptr<float>(), a.reduction == 0, tw.const_data_ptr<float>(),
-        a.reduction == 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    grad_x.addmm_(d, wc32);
     at::Tensor gw = grad_w.narrow(0, v0, len);
-    if (a.linear_weight.scalar_type() == at::kFloat) {
-      at::mm_out(gw, d.t(), x32);
-    } else {
-      gw.copy_(at::mm(d.t(), x32));
-    }
     at::Tensor gb = grad_b.narrow(0, v0, len);
-    at::sum_out(gb, d, {0});
+    const auto launch = [&](const at::Tensor& d, auto* d2) {
+      grad_chunk_kernel<<<row_blocks(N), kThreads, 0, stream>>>(
+          d.data_ptr<float>(), d2, N, len, v0, b32.defined() ? b32.const_data_ptr<float>() : nullptr, cw,
+          wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps, V, st.tgt, ls.const_data_ptr<float>(),
+          g.const_data_ptr<float>(), a.reduction == 0, tw.const_data_ptr<float>(), a.reduction == 1);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (split) {
+      const at::Tensor wc = w.narrow(0, v0, len);
+      at::Tensor d = chunk_logits(xin, w, ws, N, v0, len);
+      at::Tensor d2 = d2buf.narrow(0, 0, 2 * N * len).view({2 * N, len});
+      launch(d, d2.data_ptr<c10::BFloat16>());
+      const at::Tensor gx2 = at::mm(d2, wc, at::kFloat);  // (2N, H): the hi rows, then the lo rows
+      grad_x.add_(gx2.narrow(0, 0, N).add(gx2.narrow(0, N, N)));
+      gw.copy_(at::mm(d2.t(), x2, at::kFloat));
+      at::sum_out(gb, d2, {0}, /*keepdim=*/false, at::kFloat);
+    } else {
+      const at::Tensor wc32 = w.narrow(0, v0, len).to(at::kFloat);
+      at::Tensor d = ws.narrow(0, 0, N * len).view({N, len});
+      at::mm_out(d, x32, wc32.t());
+      launch(d, static_cast<float*>(nullptr));
+      grad_x.addmm_(d, wc32);
+      if (a.linear_weight.scalar_type() == at::kFloat) {
+        at::mm_out(gw, d.t(), x32);
+      } else {
+        gw.copy_(at::mm(d.t(), x32));
+      }
+      at::sum_out(gb, d, {0});
+    }
   }
   return {grad_x.to(a.input.scalar_type()), grad_w, grad_b.to(a.input.scalar_type())};
 }
@@ -461,7 +511,7 @@ void Kernels<at::kCUDA>::eval_update(const EvalArgs& a) {
   at::Tensor bad = at::zeros({1}, a.input.options().dtype(at::kLong));
   const float eps = a.label_smoothing;
   auto [fbuf, ibuf] = forward_state(x, w, b32, t, a.ignore_index.has_value(), a.ignore_index.value_or(0), nullptr,
-                                    eps > 0.f, bad.data_ptr<int64_t>());
+                                    eps > 0.f, /*ranks=*/true, bad.data_ptr<int64_t>());
   const RowState st = make_state(fbuf, ibuf, sz.N);
   // top_k to the device without a synchronisation: a pinned host buffer copied on the stream.
   const int K = static_cast<int>(a.top_k.size());
