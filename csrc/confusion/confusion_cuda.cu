@@ -81,6 +81,24 @@ struct ScoreRowsWork {
   }
 };
 
+// Scores (N, C) with unit class stride and few classes (C <= cuda::kThreadPerRowMaxC): one thread per row.
+template <Mode M, typename S, typename T>
+struct ScoreRowThreadWork {
+  static constexpr bool kWarpPerUnit = false;
+  const S* __restrict__ scores;
+  int64_t row_stride;
+  const T* __restrict__ target;
+  LabelRule rule;
+  __device__ __forceinline__ void operator()(int64_t i, const BlockHist& acc) const {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    if (!rule.take(t)) return;
+    const S* row = scores + i * row_stride;
+    order::ArgMax best = order::ArgMax::empty();
+    for (int64_t c = 0; c < rule.C; ++c) best.visit(static_cast<float>(row[c]), c);
+    emit<M>(acc, t, best.index(), rule.C);
+  }
+};
+
 // Scores (N, C, D) contiguous: one thread per position (n, d); the class loop reads D-strided
 // columns, coalesced across neighbouring threads.
 template <Mode M, typename S, typename T>
@@ -252,6 +270,31 @@ __global__ void topk_rank_kernel(const S* __restrict__ scores, int64_t row_strid
   }
 }
 
+// The same with one thread per row, for C <= cuda::kThreadPerRowMaxC.
+template <typename S, typename T>
+__global__ void topk_rank_thread_kernel(const S* __restrict__ scores, int64_t row_stride, const T* __restrict__ target,
+                                        int64_t N, int64_t C, bool has_ignore, int64_t ignore,
+                                        int64_t* __restrict__ rank, ull* invalid) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
+    const int64_t t = static_cast<int64_t>(target[i]);
+    if (has_ignore && t == ignore) {
+      rank[i] = -1;
+      continue;
+    }
+    if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(C)) {
+      rank[i] = -2;
+      atomicAdd(invalid, 1ull);
+      continue;
+    }
+    const S* row = scores + i * row_stride;
+    const float xt = static_cast<float>(row[t]);
+    int64_t r = 0;
+    for (int64_t j = 0; j < C; ++j) r += order::precedes(static_cast<float>(row[j]), j, xt, t);
+    rank[i] = r;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Launching.
 
@@ -295,7 +338,11 @@ at::Tensor Kernels<at::kCUDA>::multiclass(const at::Tensor& preds_in, const at::
     if (s.from_scores) {
       const at::Tensor scores = scores_view(preds_in, s);
       FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_confusion_cuda_scores", [&] {
-        if (s.D == 1) {
+        if (s.D == 1 && C <= cuda::kThreadPerRowMaxC) {
+          launch_histogram(
+              ScoreRowThreadWork<M, scalar_t, T>{scores.const_data_ptr<scalar_t>(), scores.stride(0), tp, rule}, s.N,
+              bins, out);
+        } else if (s.D == 1) {
           launch_histogram(ScoreRowsWork<M, scalar_t, T>{scores.const_data_ptr<scalar_t>(), scores.stride(0), tp, rule},
                            s.N, bins, out);
         } else {
@@ -394,12 +441,15 @@ Counts Kernels<at::kCUDA>::topk_rank(const at::Tensor& scores_in, const at::Tens
   at::Tensor invalid = new_invalid(target_in);
   if (N == 0) return {rank, invalid};
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((N + threads / 32 - 1) / (threads / 32), sm_count() * 16);
+  const bool per_thread = C <= cuda::kThreadPerRowMaxC;
+  const int64_t rows_per_block = per_thread ? threads : threads / 32;
+  const int64_t blocks = std::min<int64_t>((N + rows_per_block - 1) / rows_per_block, sm_count() * 16);
   AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "fasteval_topk_cuda_target", [&] {
     FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_topk_cuda_scores", [&] {
-      topk_rank_kernel<scalar_t, index_t><<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          scores.const_data_ptr<scalar_t>(), scores.stride(0), target.const_data_ptr<index_t>(), N, C,
-          ignore_index.has_value(), ignore_index.value_or(0), rank.data_ptr<int64_t>(), ull_ptr(invalid));
+      (per_thread ? topk_rank_thread_kernel<scalar_t, index_t> : topk_rank_kernel<scalar_t, index_t>)
+          <<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              scores.const_data_ptr<scalar_t>(), scores.stride(0), target.const_data_ptr<index_t>(), N, C,
+              ignore_index.has_value(), ignore_index.value_or(0), rank.data_ptr<int64_t>(), ull_ptr(invalid));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

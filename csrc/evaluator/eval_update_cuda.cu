@@ -6,7 +6,8 @@
 // of the target's logit (#{x_c > x_t}, #{c < t : x_c == x_t}, NaNs), a vector at a time
 // (RowPartial::visit_vector); one warp reduction merges them.
 // (N, C, S) logits (class dim 1 with trailing dims): one thread per position, looping over the classes
-// at stride S, so consecutive threads read consecutive addresses.
+// at stride S, so consecutive threads read consecutive addresses. The same kernel serves (N, C) rows of
+// few classes (C <= cuda::kThreadPerRowMaxC, S = 1): one thread per row.
 //
 // Per-block accumulators live in shared memory (integer atomics for counts, one float64 atomic per row
 // for the loss and confidence sums); the confusion matrix is a shared-memory histogram when its C*C
@@ -436,7 +437,7 @@ void Kernels<at::kCUDA>::update(const UpdateArgs& args) {
     FASTEVAL_CUDA_LAUNCH_CHECK();
     FASTEVAL_DISPATCH_LOGITS_TYPES(logits.scalar_type(), "eval_update_cuda", [&] {
       using T = scalar_t;
-      if (p.S == 1) {
+      if (p.S == 1 && p.C > cuda::kThreadPerRowMaxC) {
         const int64_t blocks = std::min<int64_t>(cuda::ceil_div<int64_t>(p.N, kWarpsPerBlock), 8 * sms);
         eval_rows_kernel<T, index_t><<<static_cast<unsigned>(blocks), kBlock, smem, stream>>>(
             logits.const_data_ptr<T>(), target.const_data_ptr<index_t>(), p);
