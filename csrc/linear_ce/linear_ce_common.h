@@ -98,15 +98,15 @@ inline Sizes check_eval_inputs(const at::Tensor& input, const at::Tensor& w, con
 
 // Columns of the vocabulary per chunk. The chunk's logits (N x vc float32) are the workspace: about
 // target_bytes (on the CPU a few MiB, so that the row pass finds them in the last-level cache right after
-// the matmul wrote them; on a GPU more, so that few chunks amortise the host's cost of each), at least
-// kMinCols columns (matmul efficiency), never more than max(64 MiB, cap_fraction of the N x V float32
-// logits), never more than V.
-inline int64_t chunk_columns(int64_t N, int64_t V, int64_t target_bytes, double cap_fraction = 0.02) {
+// the matmul wrote them; on a GPU more, so that fewer chunks amortise the host's cost of each), at least
+// kMinCols columns (matmul efficiency), never more than max(64 MiB, 2% of the N x V float32 logits), never
+// more than V.
+inline int64_t chunk_columns(int64_t N, int64_t V, int64_t target_bytes) {
   if (V <= 0) return 1;
   const int64_t n = std::max<int64_t>(N, 1);
   const int64_t kMinCols = 256;
   const double logits_bytes = 4.0 * static_cast<double>(n) * static_cast<double>(V);
-  const int64_t limit = std::max<int64_t>(int64_t(64) << 20, static_cast<int64_t>(cap_fraction * logits_bytes));
+  const int64_t limit = std::max<int64_t>(int64_t(64) << 20, static_cast<int64_t>(0.02 * logits_bytes));
   int64_t vc = target_bytes / (4 * n);
   vc = vc / 64 * 64;
   vc = std::max(vc, kMinCols);

@@ -41,12 +41,11 @@ using cuda::quiet_nan;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// The chunk workspace: 128 MiB, at most an eighth of the N x V float32 logits (64 MiB at least;
-// linear_ce::chunk_columns). Each chunk costs the host about 30 us (a matmul call, a launch, views): at
-// (8192, 256, 32000) bfloat16 the H200 measured 1.64 ms against F.linear + F.cross_entropy's 0.80 ms with
-// 32 MiB chunks (32 of them), a time the device's work does not explain.
-constexpr int64_t kWorkspaceBytes = int64_t(128) << 20;
-constexpr double kWorkspaceCap = 0.125;
+// The chunk workspace: 64 MiB, the most linear_ce::chunk_columns allows below 3.2 GiB of float32 logits.
+// Each chunk costs the host about 30-50 us (a matmul call, a launch, views): at (8192, 256, 32000)
+// bfloat16 the H200 measured 1.64 ms against F.linear + F.cross_entropy's 0.80 ms with 32 MiB chunks
+// (32 of them), a time the device's work does not explain.
+constexpr int64_t kWorkspaceBytes = int64_t(64) << 20;
 constexpr int64_t kIgnored = -1, kBad = -2;
 
 // Per-row running state (structure of arrays in one float and one int64 buffer).
@@ -268,7 +267,7 @@ std::pair<at::Tensor, at::Tensor> forward_state(const at::Tensor& x, const at::T
         ignore_index, st, bad_count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes, kWorkspaceCap);
+  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
   const at::Tensor ws = at::empty({N * vc}, x.options().dtype(at::kFloat));
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
@@ -458,7 +457,7 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
   const at::Tensor g = a.grad_loss.to(at::kFloat).contiguous();
   const at::Tensor ls = a.lse.contiguous();
   const at::Tensor tw = a.total_weight.to(at::kFloat).contiguous();
-  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes, kWorkspaceCap);
+  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
   const at::Tensor ws = at::empty({N * vc}, f32);
   const at::Tensor d2buf = split ? at::empty({2 * N * vc}, a.input.options()) : at::Tensor();
   const at::Tensor x2 = split ? at::cat({xin, xin}) : at::Tensor();  // (2N, H): grad_w of hi and lo in one matmul
