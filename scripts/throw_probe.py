@@ -16,6 +16,10 @@ crash comes from:
                      whose op raises IndexError (skipped with --no-build)
   ext_fasteval_flags the same extension built with fasteval's C++ flags (setup.py: -O3, -fopenmp,
                      -fvisibility=hidden, the CPU SIMD flags)
+  ext_simd_flags     only -O3 and the SIMD flags
+  ext_link_flags     only -fopenmp, -fvisibility=hidden and -fno-semantic-interposition
+  ext_with_cuda      the plain extension with a CUDA source linked in (nvcc's host code; skipped without
+                     CUDA)
 
 It also records the toolchain facts that decide how an exception unwinds: the C++ compiler torch builds
 with, the libraries the built fasteval library loads (ldd), its unwind sections (readelf) and the
@@ -37,7 +41,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CASES = ["torch_alone", "torch_after_import", "op_cpu_index", "op_cpu_value", "op_cuda_value", "ext_plain",
-         "ext_fasteval_flags"]
+         "ext_fasteval_flags", "ext_simd_flags", "ext_link_flags", "ext_with_cuda"]
 
 EXT_SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -55,18 +59,26 @@ TORCH_LIBRARY(NAME, m) { m.def("boom(Tensor x) -> Tensor"); }
 TORCH_LIBRARY_IMPL(NAME, CPU, m) { m.impl("boom", &boom); }
 """
 
+CUDA_SOURCE = r"""
+#include <cuda_runtime.h>
+__global__ void throw_probe_kernel(float* x) { x[threadIdx.x] += 1.f; }
+void throw_probe_launch(float* x) { throw_probe_kernel<<<1, 1>>>(x); }
+"""
 
-def setup_flags() -> list[str]:
-    """The C++ flags setup.py compiles fasteval's CPU code with, the ones that change code generation."""
+
+LINK_FLAGS = ["-fopenmp", "-fvisibility=hidden", "-fno-semantic-interposition"]
+
+
+def simd_flags() -> list[str]:
+    """-O3 and the SIMD flags setup.py compiles fasteval's CPU code with."""
     sys.path.insert(0, ROOT)
     from fasteval import _cpu  # the SIMD detection and flags setup.py uses
 
     simd = os.environ.get("FASTEVAL_CPU_SIMD", "").lower() or _cpu.best_simd()
-    return ["-O3", "-std=c++20", "-fopenmp", "-fvisibility=hidden", "-fno-semantic-interposition",
-            *_cpu.COMPILE_FLAGS[simd]]
+    return ["-O3", *_cpu.COMPILE_FLAGS[simd]]
 
 
-def build_and_raise(name: str, flags: list[str]) -> None:
+def build_and_raise(name: str, flags: list[str], with_cuda: bool = False) -> None:
     import torch
     from torch.utils import cpp_extension
 
@@ -74,9 +86,15 @@ def build_and_raise(name: str, flags: list[str]) -> None:
     src = os.path.join(d, f"{name}.cpp")
     with open(src, "w") as f:
         f.write(EXT_SOURCE.replace("NAME", name))
+    sources = [src]
+    if with_cuda:
+        sources.append(os.path.join(d, f"{name}_kernel.cu"))
+        with open(sources[-1], "w") as f:
+            f.write(CUDA_SOURCE)
     t0 = time.time()
-    cpp_extension.load(name=name, sources=[src], build_directory=d, is_python_module=False, verbose=False,
-                       extra_cflags=flags, extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [])
+    cpp_extension.load(name=name, sources=sources, build_directory=d, is_python_module=False, verbose=False,
+                       extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [])
     print(f"built {name} in {time.time() - t0:.1f} s with {' '.join(flags) or 'the default flags'}")
     getattr(torch.ops, name).boom(torch.zeros(3))
 
@@ -110,13 +128,23 @@ def run_case(case: str) -> None:
     if case == "ext_plain":
         build_and_raise("throw_probe_plain", [])
     if case == "ext_fasteval_flags":
-        build_and_raise("throw_probe_flags", setup_flags())
+        build_and_raise("throw_probe_flags", simd_flags() + LINK_FLAGS)
+    if case == "ext_simd_flags":
+        build_and_raise("throw_probe_simd", simd_flags())
+    if case == "ext_link_flags":
+        build_and_raise("throw_probe_link", LINK_FLAGS)
+    if case == "ext_with_cuda":
+        from torch.utils import cpp_extension
+        if not (torch.cuda.is_available() and cpp_extension.CUDA_HOME):
+            raise SystemExit(77)
+        build_and_raise("throw_probe_cuda", [], with_cuda=True)
     raise SystemExit(3)  # reached only when nothing raised
 
 
 EXPECTED = {"torch_alone": RuntimeError, "torch_after_import": RuntimeError, "op_cpu_index": IndexError,
             "op_cpu_value": ValueError, "op_cuda_value": ValueError, "ext_plain": IndexError,
-            "ext_fasteval_flags": IndexError, "selftest_crash": RuntimeError}
+            "ext_fasteval_flags": IndexError, "ext_simd_flags": IndexError, "ext_link_flags": IndexError,
+            "ext_with_cuda": IndexError, "selftest_crash": RuntimeError}
 
 
 def child(case: str) -> int:
