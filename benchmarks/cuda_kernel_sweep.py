@@ -144,7 +144,7 @@ def build_cases(dev: str):
                         if cuda else getattr(ops, op)(p, t, c, IGNORE)
                 add(name, {"labels"} | ({"smem"} if bins <= HIST_SHARED_BINS else set()), make)
 
-    # ---- from scores: one warp per row (N, C) and one thread per position (N, C, D)
+    # ---- from scores: (N, C) a thread per row (C = 10) or a warp per row, and one thread per position (N, C, D)
     for layout in ("rows", "cols"):
         for sdt in SCORE_DTYPES:
             for tdt in INDEX_DTYPES:
@@ -206,7 +206,7 @@ def build_cases(dev: str):
                                         ops.binned_confusion_matrix(p[:0], t[:0], thr, None))
                     add(name, {"binned"} | ({"smem"} if l * (nt + 1) * 2 <= HIST_SHARED_BINS else set()), make)
 
-    # ---- topk_rank
+    # ---- topk_rank: a thread per row (C = 1) or a warp per row
     for sdt in SCORE_DTYPES:
         for tdt in INDEX_DTYPES:
             for c in (1, 37, 1000):
@@ -219,7 +219,8 @@ def build_cases(dev: str):
                         ops.topk_rank(x, t, IGNORE)
                 add(name, {"topk"}, make)
 
-    # ---- eval_update: rows (warp per row) and positions (thread per position); shared-memory or global
+    # ---- eval_update: rows (a thread per row at C = 10, else a warp per row) and positions (thread per
+    # position); shared-memory or global
     # confusion counters; both counts modes; a rejected batch (bad target)
     for layout in ("rows", "positions"):
         for dt in SCORE_DTYPES:

@@ -262,7 +262,8 @@ def compare_cases(device="cpu") -> List[Case]:
 # a machine without a GPU.
 
 SWEEP_DEVICE = os.environ.get("FASTEVAL_SWEEP_DEVICE", "cuda")
-SWEEP_CS = (1, 3, 17, 1024, 1025, 2048, 2049, 32768)  # row path thresholds: 4096 bytes = 1024 fp32 / 2048 bf16
+SWEEP_CS = (1, 3, 32, 33, 1024, 1025, 2048, 2049, 32768)  # row path thresholds: 32 classes (a thread per row on
+# CUDA, cuda::kThreadPerRowMaxC), 4096 bytes = 1024 fp32 / 2048 bf16
 SWEEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SWEEP_IGNORE = -100
 
