@@ -207,6 +207,7 @@ def _register_linear_autograd() -> None:
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, total_weight)
         ctx.config = (ignore_index, label_smoothing, reduction)
         ctx.has_bias = linear_bias is not None
+        ctx.set_materialize_grads(False)  # lse and total_weight take no gradient: no zero-filled ones for them
 
     def _backward(ctx, grad_loss, grad_lse, grad_total_weight):
         input, linear_weight, linear_bias, target, weight, lse, total_weight = ctx.saved_tensors

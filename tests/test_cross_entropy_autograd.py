@@ -184,6 +184,29 @@ def test_first_derivative_unchanged(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_plain_backward_fills_nothing(device, reduction):
+    # lse and total_weight take no gradient: a backward that received zero-filled ones (autograd's default
+    # for a custom function's unused outputs) would allocate and fill two tensors for nothing; with the
+    # compiled library its node is the kernel and nothing else (the reference's backward is ATen ops).
+    from fasteval import _loader
+    if not _loader.has_kernel("softmax_cross_entropy", device):
+        pytest.skip("the fill-free backward is the compiled node's")
+    x, t, w = make(n=33, c=9, device=device, ignore=True, weight=True)
+    x.requires_grad_()
+    loss = fasteval.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=0.1)
+    seed = torch.ones_like(loss)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        (g,) = torch.autograd.grad(loss, x, seed)
+    fills = sorted({e.name for e in prof.events() if e.name in ("aten::zeros_like", "aten::zeros", "aten::zero_",
+                                                                   "aten::fill_", "aten::full", "aten::full_like")})
+    assert fills == [], fills
+    x2 = x.detach().clone().requires_grad_()
+    F.cross_entropy(x2, t, weight=w, reduction=reduction, label_smoothing=0.1).backward(seed)
+    close(g, x2.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_weight_requiring_grad_raises_like_torch(device, label_smoothing):
     x, t, w = make(device=device, weight=True)

@@ -96,6 +96,24 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-6)
 
 
+@needs_kernel("linear_cross_entropy", "cpu")
+def test_backward_gets_no_zero_filled_gradients_for_lse_and_total_weight():
+    # lse (N,) and total_weight () take no gradient; autograd's default would zero-fill one of each per
+    # backward before calling the formula.
+    x, w, b, t = make(64, 32, 100)
+    xs, ws = x.requires_grad_(), w.requires_grad_()
+    loss = fasteval.linear_cross_entropy(xs, ws, t, linear_bias=b)
+    seed = torch.ones_like(loss)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        gx, gw = torch.autograd.grad(loss, (xs, ws), seed)
+    zeroed = [str(e.input_shapes) for e in prof.events() if e.name in ("aten::zero_", "aten::fill_")]
+    assert "[[64]]" not in zeroed and "[[]]" not in zeroed, zeroed
+    x64, w64 = (a.detach().double().requires_grad_() for a in (x, w))
+    ref = F.cross_entropy(F.linear(x64, w64, b.double()), t)
+    for a, e in zip((gx, gw), torch.autograd.grad(ref, (x64, w64))):
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-6)
+
+
 def test_no_bias_shapes_and_ignored_rows():
     x, w, _, t = make(6, 5, 20, bias=False)
     t[1] = -100

@@ -194,6 +194,10 @@ class SoftmaxCrossEntropy : public torch::autograd::Function<SoftmaxCrossEntropy
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["reduction"] = reduction;
     ctx->mark_non_differentiable({lse, total_weight});
+    // lse and total_weight never receive a gradient: without this, autograd would hand backward() a
+    // zero-filled tensor for each (an allocation and a fill kernel per backward, 2 of a small shape's 6
+    // CUDA launches).
+    ctx->set_materialize_grads(false);
     return {loss, lse, total_weight};
   }
 
