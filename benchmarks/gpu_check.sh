@@ -51,7 +51,7 @@
 # confusion_matrix (scikit-learn's baselines). One 600 s call holds everything but most of the bench: run
 # `--budget 470 --tables cross_entropy` first (timeout_s 540), then at once, on the still warm machine
 # (the build in the tree is kept), `--stages bench --tables evaluator,linear_cross_entropy,compare,
-# confusion_matrix --budget 250` and benchmarks/cuda_profile.py (about 75 s).
+# confusion_matrix --budget 250`, benchmarks/cuda_profile.py (about 75 s) and benchmarks/linear_ce_chunks.py.
 set -uo pipefail
 
 OUT_ARG=""

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -42,10 +43,22 @@ using cuda::quiet_nan;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // The chunk workspace: 64 MiB, the most linear_ce::chunk_columns allows below 3.2 GiB of float32 logits.
-// Each chunk costs the host a matmul call, a launch and views, fewer with larger chunks (the H200 measured
-// 1.64 ms at (8192, 256, 32000) bfloat16 with 32 chunks of 32 MiB, against F.linear + F.cross_entropy's
-// 0.80 ms; by a count of the work, most of it is the chunks' float32 round trip and the row pass).
+// Each chunk costs the host a matmul call, a launch and views, fewer with larger chunks; smaller ones stay
+// in L2 between the matmul that writes them and the row pass that reads them (the H200 measured 1.64 ms at
+// (8192, 256, 32000) bfloat16 with 32 chunks of 32 MiB, against F.linear + F.cross_entropy's 0.80 ms; by
+// a count of the work, most of it is the chunks' float32 round trip and the row pass). The trade-off is
+// the device's: FASTEVAL_LCE_WORKSPACE_MB (read at each call) sets it for benchmarks/linear_ce_chunks.py.
 constexpr int64_t kWorkspaceBytes = int64_t(64) << 20;
+
+int64_t workspace_bytes() {
+  const char* e = std::getenv("FASTEVAL_LCE_WORKSPACE_MB");
+  if (e == nullptr || *e == '\0') return kWorkspaceBytes;
+  char* end = nullptr;
+  const long long mb = std::strtoll(e, &end, 10);
+  TORCH_CHECK_VALUE(end != e && *end == '\0' && mb >= 1 && mb <= 4096,
+                    "FASTEVAL_LCE_WORKSPACE_MB must be a whole number of MiB in [1, 4096], got '", e, "'");
+  return static_cast<int64_t>(mb) << 20;
+}
 constexpr int64_t kIgnored = -1, kBad = -2;
 
 // Per-row running state (structure of arrays in one float and one int64 buffer).
@@ -267,7 +280,7 @@ std::pair<at::Tensor, at::Tensor> forward_state(const at::Tensor& x, const at::T
         ignore_index, st, bad_count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
+  const int64_t vc = linear_ce::chunk_columns(N, V, workspace_bytes());
   const at::Tensor ws = at::empty({N * vc}, x.options().dtype(at::kFloat));
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
@@ -457,7 +470,7 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
   const at::Tensor g = a.grad_loss.to(at::kFloat).contiguous();
   const at::Tensor ls = a.lse.contiguous();
   const at::Tensor tw = a.total_weight.to(at::kFloat).contiguous();
-  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
+  const int64_t vc = linear_ce::chunk_columns(N, V, workspace_bytes());
   const at::Tensor ws = at::empty({N * vc}, f32);
   const at::Tensor d2buf = split ? at::empty({2 * N * vc}, a.input.options()) : at::Tensor();
   const at::Tensor x2 = split ? at::cat({xin, xin}) : at::Tensor();  // (2N, H): grad_w of hi and lo in one matmul
