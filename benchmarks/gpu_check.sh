@@ -41,9 +41,9 @@
 # racecheck, synccheck, with the throw probe's debugger run first).
 # In OUT_DIR: summary.txt (one line per stage as it ends: status, wall seconds, counts), failures.txt (every
 # failed test with the first lines of its report), environment.txt, throw-probe.txt, sanitizer-reports.txt
-# (each report after the sweep case that was running), bench.csv, and gpu_check-logs.tar.gz with every log (the files
-# named above), junit XML, per-test outcomes and benchmark output. The exit status is 0 when every stage
-# passed.
+# (each report after the sweep case that was running), bench.csv, and gpu_check-logs.tar.gz with every log
+# (the files named above), junit XML, per-test outcomes and benchmark output. The exit status is 0 when
+# every stage passed.
 #
 # Measured on the H200 (16 cores): env 9 s, build 165-180 s, the parallel group 110-140 s, and the full
 # bench over 90 s for cross_entropy (it had not finished at 90 s: its torch.compile baselines compile

@@ -168,8 +168,10 @@ def toolchain_facts() -> str:
             return "(timed out)"
     from torch.utils import cpp_extension
     cxx = os.environ.get("CXX", "c++")
-    lines.append(f"CXX={os.environ.get('CXX', '(unset)')}; c++ on PATH: {shutil.which('c++')}; g++: {shutil.which('g++')}")
-    lines.append(f"{cxx} --version: {sh(f'{cxx} --version').splitlines()[0] if sh(f'{cxx} --version') else '?'}")
+    lines.append(f"CXX={os.environ.get('CXX', '(unset)')}; c++ on PATH: {shutil.which('c++')}; "
+                 f"g++: {shutil.which('g++')}")
+    version = sh(f"{cxx} --version")
+    lines.append(f"{cxx} --version: {version.splitlines()[0] if version else '?'}")
     lines.append(f"{cxx} configured with: {sh(f'{cxx} -v 2>&1 | grep -i configured')[:600]}")
     lines.append(f"torch C++ ABI flag: {getattr(__import__('torch')._C, '_GLIBCXX_USE_CXX11_ABI', '?')}; "
                  f"cpp_extension CUDA_HOME: {cpp_extension.CUDA_HOME}")
