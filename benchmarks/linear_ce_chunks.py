@@ -5,41 +5,28 @@ between the matmul that writes a chunk's float32 logits and the row pass that re
 
     python benchmarks/linear_ce_chunks.py [--sizes 8,16,32,64] [--out FILE.csv]
 
-Needs a GPU and the compiled library; medians of CUDA-event times (wall per call, host costs included).
+Needs a GPU and the compiled library; medians of CUDA-event times (cuda_profile.wall_ms: wall per call,
+host costs included).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import os
-import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, os.path.dirname(os.path.abspath(__file__))):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fasteval  # noqa: E402
+from cuda_profile import wall_ms  # noqa: E402  (this folder: the same CUDA-event timing)
 
 SHAPES = [(8192, 256, 32000), (2048, 512, 128256)]
-
-
-def median_ms(fn, reps: int = 9) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -73,11 +60,11 @@ def main() -> int:
                             return F.cross_entropy(F.linear(x, w), t)
                     return torch.autograd.grad(F.cross_entropy(F.linear(x, w), t), (x, w))
 
-                base = median_ms(theirs)
+                base = wall_ms(theirs)
                 times = []
                 for s in sizes:
                     os.environ["FASTEVAL_LCE_WORKSPACE_MB"] = str(s)
-                    times.append(median_ms(ours))
+                    times.append(wall_ms(ours))
                 os.environ.pop("FASTEVAL_LCE_WORKSPACE_MB", None)
                 name = f"{kind} ({n}, {h}, {v}) {str(dtype).replace('torch.', '')}"
                 print(f"{name:44s} {base:9.3f} " + " ".join(f"{ms:9.3f}" for ms in times))

@@ -81,38 +81,23 @@ struct ScoreRowsWork {
   }
 };
 
-// Scores (N, C) with unit class stride and few classes (C <= cuda::kThreadPerRowMaxC): one thread per row.
+// One thread per position (n, d) of scores whose class dim has stride D, rows (n) row_stride apart:
+//  - (N, C, D) contiguous (row_stride = C * D): the class loop reads D-strided columns, coalesced across
+//    neighbouring threads;
+//  - (N, C) rows of few classes (D = 1, C <= cuda::kThreadPerRowMaxC): one thread per row.
 template <Mode M, typename S, typename T>
-struct ScoreRowThreadWork {
-  static constexpr bool kWarpPerUnit = false;
-  const S* __restrict__ scores;
-  int64_t row_stride;
-  const T* __restrict__ target;
-  LabelRule rule;
-  __device__ __forceinline__ void operator()(int64_t i, const BlockHist& acc) const {
-    const int64_t t = static_cast<int64_t>(target[i]);
-    if (!rule.take(t)) return;
-    const S* row = scores + i * row_stride;
-    order::ArgMax best = order::ArgMax::empty();
-    for (int64_t c = 0; c < rule.C; ++c) best.visit(static_cast<float>(row[c]), c);
-    emit<M>(acc, t, best.index(), rule.C);
-  }
-};
-
-// Scores (N, C, D) contiguous: one thread per position (n, d); the class loop reads D-strided
-// columns, coalesced across neighbouring threads.
-template <Mode M, typename S, typename T>
-struct ScoreColumnsWork {
+struct ScoreThreadWork {
   static constexpr bool kWarpPerUnit = false;
   const S* __restrict__ scores;
   int64_t D;
+  int64_t row_stride;
   const T* __restrict__ target;
   LabelRule rule;
   __device__ __forceinline__ void operator()(int64_t q, const BlockHist& acc) const {
     const int64_t t = static_cast<int64_t>(target[q]);
     if (!rule.take(t)) return;
-    const int64_t n = q / D, d = q - n * D;
-    const S* base = scores + n * rule.C * D + d;
+    const int64_t n = D == 1 ? q : q / D, d = q - n * D;
+    const S* base = scores + n * row_stride + d;
     order::ArgMax best = order::ArgMax::empty();
     for (int64_t c = 0; c < rule.C; ++c) best.visit(static_cast<float>(base[c * D]), c);
     emit<M>(acc, t, best.index(), rule.C);
@@ -338,16 +323,13 @@ at::Tensor Kernels<at::kCUDA>::multiclass(const at::Tensor& preds_in, const at::
     if (s.from_scores) {
       const at::Tensor scores = scores_view(preds_in, s);
       FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_confusion_cuda_scores", [&] {
-        if (s.D == 1 && C <= cuda::kThreadPerRowMaxC) {
-          launch_histogram(
-              ScoreRowThreadWork<M, scalar_t, T>{scores.const_data_ptr<scalar_t>(), scores.stride(0), tp, rule}, s.N,
-              bins, out);
-        } else if (s.D == 1) {
+        if (s.D == 1 && C > cuda::kThreadPerRowMaxC) {
           launch_histogram(ScoreRowsWork<M, scalar_t, T>{scores.const_data_ptr<scalar_t>(), scores.stride(0), tp, rule},
                            s.N, bins, out);
         } else {
-          launch_histogram(ScoreColumnsWork<M, scalar_t, T>{scores.const_data_ptr<scalar_t>(), s.D, tp, rule},
-                           s.N * s.D, bins, out);
+          launch_histogram(
+              ScoreThreadWork<M, scalar_t, T>{scores.const_data_ptr<scalar_t>(), s.D, scores.stride(0), tp, rule},
+              s.N * s.D, bins, out);
         }
       });
     } else {
