@@ -85,6 +85,16 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} FASTEVAL_EXPECT_COMPILED=1
+# Wheels carried in .whl/ (packages the GPU machine lacks: liger-kernel, the bench's Liger baselines, is one
+# pure-Python wheel: `pip download --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5`, `.whl/` in
+# .git/info/exclude, and .whl in the run's carry) go into a folder of their own, after the tree on PYTHONPATH.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  EXTRA_SITE=$(mktemp -d /tmp/gpu_check_site.XXXXXX)
+  if $PY -m pip install -q --no-index --no-deps --no-compile --target "$EXTRA_SITE" .whl/*.whl > "$LOG/wheels.log" 2>&1
+  then
+    export PYTHONPATH=$PYTHONPATH:$EXTRA_SITE
+  fi
+fi
 T0=$(date +%s)
 DEADLINE=$((T0 + BUDGET))
 SUMMARY=$OUT_DIR/summary.txt
@@ -172,7 +182,7 @@ if want env; then
            "capability", torch.cuda.get_device_capability() if torch.cuda.is_available() else "-")' 2>&1
     echo "ninja: $(ninja --version 2>&1)"
     echo "packages:"
-    $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|pytest|hypothesis|scikit-learn|torchmetrics|ninja|pybind11|matplotlib|setuptools) " | sed 's/^/  /'
+    $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|pytest|hypothesis|scikit-learn|torchmetrics|ninja|pybind11|matplotlib|setuptools|liger.kernel) " | sed 's/^/  /'
   } > "$OUT_DIR/environment.txt" 2>&1
   nvidia-smi > "$LOG/nvidia-smi.txt" 2>&1
   cat "$OUT_DIR/environment.txt"

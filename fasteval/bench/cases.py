@@ -682,16 +682,30 @@ if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyO
     _chunked_bwd = [Baseline("torch", _grads(_lce_torch_chunked), "F.linear_cross_entropy chunked")]
 else:
     _chunked, _chunked_bwd = [], []
+
+
+def _lce_liger(d):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    return liger_fused_linear_cross_entropy(d["x"], d["w"], d["t"])
+
+
+# Liger-Kernel's fused linear cross-entropy (Triton; GPU only): token chunks, the gradients computed in the
+# forward pass.
+_liger_lce = [Baseline("liger-kernel", _lce_liger, "fused linear cross-entropy", requires=("liger_kernel",),
+                       devices=("cuda",))]
+_liger_lce_bwd = [Baseline("liger-kernel", _grads(_lce_liger), "fused linear cross-entropy",
+                           requires=("liger_kernel",), devices=("cuda",))]
 for (_n, _h, _v) in _LCE_SHAPES:
     for _dt in ("float32", "bfloat16"):
         _p = dict(n=_n, h=_h, c=_v, dtype=_dt)
         register(Case(
             "linear_cross_entropy", "fwd ({n}, {h}, {c}) {dtype}", _p, _hidden, _lce_fasteval,
-            torch_and_compiled(_lce_torch, "F.linear + F.cross_entropy") + _chunked, parity=_lce_parity(_dt),
+            torch_and_compiled(_lce_torch, "F.linear + F.cross_entropy") + _chunked + _liger_lce,
+            parity=_lce_parity(_dt),
             quick=_lce_quick(_n, _h, _v), main=("x", "w"), memory=True))
         register(Case(
             "linear_cross_entropy", "fwd+bwd ({n}, {h}, {c}) {dtype}", _p, _hidden_grad, _grads(_lce_fasteval),
-            torch_and_compiled(_grads(_lce_torch), "F.linear + F.cross_entropy") + _chunked_bwd,
+            torch_and_compiled(_grads(_lce_torch), "F.linear + F.cross_entropy") + _chunked_bwd + _liger_lce_bwd,
             parity=_lce_parity(_dt), quick=_lce_quick(_n, _h, _v), main=("x", "w"), memory=True,
             note="gradients with respect to the hidden states and the head's weight"))
 
