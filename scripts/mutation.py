@@ -54,7 +54,9 @@ _EDGES = ["tests/test_reference_edges.py", "tests/test_edge_states.py"]
 # (minutes on two cores, and about the kernels rather than the Python layer).
 _NOT_SLOW = ["-k", "not compile and not opcheck and not gradcheck and not libm and not scalar_code"]
 SELECTIONS: Dict[str, List[str]] = {
-    "_ops.py": _DISPATCH + _EDGES + ["tests/test_confusion.py", "tests/test_zero_size.py", "tests/test_compare.py"]
+    "_ops.py": _DISPATCH + _EDGES + ["tests/test_confusion.py", "tests/test_zero_size.py", "tests/test_compare.py",
+                                     "tests/test_linear_cross_entropy.py::"
+                                     "test_backward_gets_no_zero_filled_gradients_for_lse_and_total_weight"]
     + _NOT_SLOW,
     "metrics.py": _EDGES + ["fasteval/metrics.py", "tests/test_metrics.py", "tests/test_thresholds.py",
                             "tests/test_zero_size.py", "tests/test_outside_sklearn.py"] + _NOT_SLOW,
@@ -95,6 +97,8 @@ HAND: List[Tuple[str, str, str, str, str]] = [
     ("_ops.py", "_compare_served", "return a.dtype in KERNEL_DTYPES and", "return a.dtype not in KERNEL_DTYPES and",
      "comparison dispatch inverted on dtype"),
     ("_ops.py", "_sce_cpu_fast", "return raw", "return None", "the cross-entropy fast path never taken"),
+    ("_ops.py", "_register_linear_autograd._setup", "ctx.set_materialize_grads(False)", "pass",
+     "the linear cross-entropy backward gets zero-filled gradients for lse and total_weight"),
     # Evaluator: edge states and bookkeeping.
     ("evaluator.py", "perplexity", "return math.inf", "return math.nan", "perplexity overflow gives NaN"),
     ("evaluator.py", "perplexity", "if math.isnan(loss):\n        return math.nan",
