@@ -241,6 +241,9 @@ def main() -> int:
         elif rc < 0:
             verdict = f"CRASH (signal {-rc})"
             crashed.append(c)
+        elif "AddressSanitizer:DEADLYSIGNAL" in out or "ERROR: AddressSanitizer" in out:
+            verdict = f"CRASH (ASan, exit {rc})"  # the sanitizer caught the fault and exited
+            crashed.append(c)
         elif rc == 3:
             verdict = "FAILED (nothing raised)"
             crashed.append(c)
