@@ -48,10 +48,11 @@
 # Measured on the H200 (16 cores): env 9 s, build 165-180 s, the parallel group 110-140 s, and the full
 # bench over 90 s for cross_entropy (it had not finished at 90 s: its torch.compile baselines compile
 # first), 40-55 s for each of evaluator, compare and linear_cross_entropy and over 90 s for
-# confusion_matrix (scikit-learn's baselines). One 600 s call holds everything but most of the bench: run
-# `--budget 470 --tables cross_entropy` first (timeout_s 540), then at once, on the still warm machine
-# (the build in the tree is kept), `--stages bench --tables evaluator,linear_cross_entropy,compare,
-# confusion_matrix --budget 250`, benchmarks/cuda_profile.py (about 75 s) and benchmarks/linear_ce_chunks.py.
+# confusion_matrix (scikit-learn's baselines). Where one command may run at most 10 minutes, everything
+# but most of the bench fits in one: run `--budget 470 --tables cross_entropy` first (stopped at 540 s),
+# then on the same machine (the build in the tree is kept) `--stages bench --tables evaluator,
+# linear_cross_entropy,compare,confusion_matrix --budget 250`, benchmarks/cuda_profile.py (about 75 s) and
+# benchmarks/linear_ce_chunks.py.
 set -uo pipefail
 
 OUT_ARG=""
