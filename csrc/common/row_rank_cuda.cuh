@@ -1,7 +1,7 @@
 #pragma once
-// Order statistics of one row of scores on CUDA, one warp per row: the device twin of
-// common/row_rank_cpu.h, in the order of common/order.h (torch.sort(descending=True, stable=True): larger
-// first, NaN above every number, ties in index order), so that
+// Order statistics of one row of scores on CUDA, one warp per row (thread_row_rank: one thread): the
+// device twin of common/row_rank_cpu.h, in the order of common/order.h (torch.sort(descending=True,
+// stable=True): larger first, NaN above every number, ties in index order), so that
 //   warp_row_argmax(x) == torch.argmax(x),   warp_row_rank(x, t) < k <=> t is in the top k.
 // Shared by the confusion-matrix / top-k kernels and the fused evaluation pass. Sums use the butterfly
 // reductions of common/cuda_utils.cuh; the argmax merges with order::ArgMaxOp.
@@ -33,6 +33,15 @@ __device__ __forceinline__ int64_t warp_row_rank(const T* __restrict__ row, int6
   int64_t n = 0;
   for (int64_t j = lane; j < C; j += 32) n += precedes(static_cast<float>(row[j]), j, xt, t);
   return warp_reduce_sum(n);
+}
+
+// The same by one thread (rows of few classes).
+template <typename T>
+__device__ __forceinline__ int64_t thread_row_rank(const T* __restrict__ row, int64_t C, int64_t t) {
+  const float xt = static_cast<float>(row[t]);
+  int64_t n = 0;
+  for (int64_t j = 0; j < C; ++j) n += precedes(static_cast<float>(row[j]), j, xt, t);
+  return n;
 }
 
 }  // namespace cuda

@@ -230,14 +230,17 @@ __global__ void binned_suffix_kernel(const ull* __restrict__ hist, int64_t L, in
   }
 }
 
-template <typename S, typename T>
+// The rank of each row's target, kRowThreads threads per row: a warp, or one thread for rows of at most
+// cuda::kThreadPerRowMaxC classes. Ignored rows get -1, out-of-range targets -2 (and count as invalid).
+template <int kRowThreads, typename S, typename T>
 __global__ void topk_rank_kernel(const S* __restrict__ scores, int64_t row_stride, const T* __restrict__ target,
                                  int64_t N, int64_t C, bool has_ignore, int64_t ignore, int64_t* __restrict__ rank,
                                  ull* invalid) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warps_per_block = blockDim.x >> 5;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * warps_per_block;
-  for (int64_t i = blockIdx.x * warps_per_block + (threadIdx.x >> 5); i < N; i += stride) {
+  static_assert(kRowThreads == 1 || kRowThreads == 32, "a row takes one thread or one warp");
+  const int lane = threadIdx.x % kRowThreads;
+  const int64_t rows_per_block = blockDim.x / kRowThreads;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * rows_per_block;
+  for (int64_t i = blockIdx.x * rows_per_block + threadIdx.x / kRowThreads; i < N; i += stride) {
     const int64_t t = static_cast<int64_t>(target[i]);
     if (has_ignore && t == ignore) {
       if (lane == 0) rank[i] = -1;
@@ -250,33 +253,14 @@ __global__ void topk_rank_kernel(const S* __restrict__ scores, int64_t row_strid
       }
       continue;
     }
-    const int64_t r = cuda::warp_row_rank(scores + i * row_stride, C, t, lane);
-    if (lane == 0) rank[i] = r;
-  }
-}
-
-// The same with one thread per row, for C <= cuda::kThreadPerRowMaxC.
-template <typename S, typename T>
-__global__ void topk_rank_thread_kernel(const S* __restrict__ scores, int64_t row_stride, const T* __restrict__ target,
-                                        int64_t N, int64_t C, bool has_ignore, int64_t ignore,
-                                        int64_t* __restrict__ rank, ull* invalid) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
-    const int64_t t = static_cast<int64_t>(target[i]);
-    if (has_ignore && t == ignore) {
-      rank[i] = -1;
-      continue;
-    }
-    if (static_cast<uint64_t>(t) >= static_cast<uint64_t>(C)) {
-      rank[i] = -2;
-      atomicAdd(invalid, 1ull);
-      continue;
-    }
     const S* row = scores + i * row_stride;
-    const float xt = static_cast<float>(row[t]);
-    int64_t r = 0;
-    for (int64_t j = 0; j < C; ++j) r += order::precedes(static_cast<float>(row[j]), j, xt, t);
-    rank[i] = r;
+    int64_t r;
+    if constexpr (kRowThreads == 32) {
+      r = cuda::warp_row_rank(row, C, t, lane);
+    } else {
+      r = cuda::thread_row_rank(row, C, t);
+    }
+    if (lane == 0) rank[i] = r;
   }
 }
 
@@ -428,7 +412,7 @@ Counts Kernels<at::kCUDA>::topk_rank(const at::Tensor& scores_in, const at::Tens
   const int64_t blocks = std::min<int64_t>((N + rows_per_block - 1) / rows_per_block, sm_count() * 16);
   AT_DISPATCH_INDEX_TYPES(target.scalar_type(), "fasteval_topk_cuda_target", [&] {
     FASTEVAL_DISPATCH_LOGITS_TYPES(scores.scalar_type(), "fasteval_topk_cuda_scores", [&] {
-      (per_thread ? topk_rank_thread_kernel<scalar_t, index_t> : topk_rank_kernel<scalar_t, index_t>)
+      (per_thread ? topk_rank_kernel<1, scalar_t, index_t> : topk_rank_kernel<32, scalar_t, index_t>)
           <<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
               scores.const_data_ptr<scalar_t>(), scores.stride(0), target.const_data_ptr<index_t>(), N, C,
               ignore_index.has_value(), ignore_index.value_or(0), rank.data_ptr<int64_t>(), ull_ptr(invalid));
