@@ -579,6 +579,38 @@ def test_hostile_rows(c, dtype):
     m.done()
 
 
+@needs_kernel(("softmax_cross_entropy", "softmax_cross_entropy_backward"), DEV)
+@pytest.mark.parametrize("n", (1, 5))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_few_long_rows(n, dtype):
+    """A few rows of a large vocabulary, which the CUDA kernels cut into segments read by separate blocks (a
+    row fills at most one block otherwise): C = 256001 is no multiple of any vector width, the rows start off
+    any 16-byte boundary, the target lies in the last segment, one row holds a NaN in its middle segment and
+    one is -inf but for its target's logit; with and without out-of-range targets."""
+    c = 256001
+    m = Mismatches(f"n={n} c={c} {dtype}")
+    s = seed_of("few", n, dtype)
+    xc = make_logits(n, c, dtype, s).double()
+    tc = make_targets(n, c, torch.int64, s)
+    tc[0] = c - 1
+    if n > 2:
+        xc[3, c // 2] = float("nan")  # (row 1 is ignored)
+        xc[2] = float("-inf")
+        xc[2, c - 5] = 2.0
+        tc[2] = c - 5
+    xc = xc.to(dtype)
+    x = place(xc, "offset1")
+    options = [(False, 0.0), (False, 0.1), (True, 0.1)]
+    for bad in BADS:
+        t = tc.clone()
+        if bad:
+            t[n - 1] = c
+        sub = Mismatches()
+        check_cross_entropy(sub, x, t.to(DEV), xc, t, c, options)
+        m.errors += [f"{'bad targets' if bad else 'targets'}: {e}" for e in sub.errors]
+    m.done()
+
+
 @needs_kernel(("confusion_matrix", "class_counts", "topk_rank", "eval_update"), DEV)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=_id)
 def test_subnormal_scores_keep_their_order(dtype):

@@ -36,8 +36,12 @@
 //     about four 16-byte vectors) per row, 256-thread blocks, reduction by warp shuffles. G = 1 (one
 //     thread per row) for tiny C such as 10.
 //   forward, larger rows: one block (128 / 256 / 512 threads) per row, two-level block reduction.
+//   forward, a few larger rows (one block per row would fill less than half of the GPU): each row is cut
+//     into segments read by one block each; a one-block kernel merges each row's partials in segment order,
+//     finishes the rows and reduces them (it replaces the reduce kernel: still two launches).
 //   reduce: one 256-thread block over the per-block sums of the forward.
-//   backward: groups of G threads (G a power of two <= 256) per row, 256-thread blocks; no reduction.
+//   backward: groups of G threads (G a power of two <= 256) per row, 256-thread blocks; no reduction. A few
+//     rows of a block each are cut into segments along gridDim.y the same way.
 // All kernels loop over rows (grid-stride), use 64-bit element offsets and 16-byte vector access
 // whenever the row start allows it (a scalar head aligns it; see common/cuda_utils.cuh).
 #include <ATen/core/Tensor.h>
@@ -154,14 +158,15 @@ __device__ __forceinline__ int row_status(int64_t t, int64_t ignore_index, int64
   return kValid;
 }
 
-// Accumulates the elements this thread owns in row x into `acc`.
-template <bool kSmooth, typename scalar_t, typename index_t>
-__device__ __forceinline__ void accumulate_row(const ForwardParams<scalar_t, index_t>& p, const scalar_t* __restrict__ x,
-                                               float pivot, int tid, int nthreads, RowPartial& acc) {
+// Accumulates the elements this thread owns in x[0, n) into `acc`; weight (nullptr: none) is indexed like x
+// (the split path passes a segment of a row and the matching segment of the weight).
+template <bool kSmooth, typename scalar_t>
+__device__ __forceinline__ void accumulate_row(const scalar_t* __restrict__ x, int64_t n,
+                                               const float* __restrict__ weight, float pivot, int tid, int nthreads,
+                                               RowPartial& acc) {
   constexpr int W = kVecWidth<scalar_t>;
-  const float* __restrict__ weight = p.weight;
   for_each_vectorized(
-      x, p.num_classes, tid, nthreads,
+      x, n, tid, nthreads,
       [&](int64_t c0, const float(&v)[W]) {
         acc.mse.update(v);
         if (kSmooth) {
@@ -238,7 +243,7 @@ __global__ void __launch_bounds__(kGroupBlock)
         const scalar_t* __restrict__ x = p.logits + row * p.row_stride;
         x_t = to_float(x[t]);
         pivot = is_finite_bits(x_t) ? x_t : 0.f;
-        accumulate_row<kSmooth>(p, x, pivot, lane, group, acc);
+        accumulate_row<kSmooth>(x, p.num_classes, p.weight, pivot, lane, group, acc);
       }
     }
     acc = cuda::warp_reduce(acc, RowPartialOp{}, group);
@@ -275,16 +280,79 @@ __global__ void __launch_bounds__(kMaxRowBlock)
     const float x_t = to_float(x[t]);
     const float pivot = is_finite_bits(x_t) ? x_t : 0.f;
     RowPartial acc = empty_partial();
-    accumulate_row<kSmooth>(p, x, pivot, tid, nthreads, acc);
+    accumulate_row<kSmooth>(x, p.num_classes, p.weight, pivot, tid, nthreads, acc);
     acc = cuda::block_reduce(acc, RowPartialOp{}, empty_partial(), shared);
     if (tid == 0) add_sums(sum_loss, sum_weight, finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc));
   }
   store_block_sums(p.block_sums, sum_loss, sum_weight, 1);  // thread 0 wrote the slot: no barrier needed
 }
 
+// Forward for a few long rows (fewer than half the blocks the GPU holds at once, e.g. (8, 256000)): each
+// row is cut into `segments` segments of seg_len classes (a multiple of the vector width, so that the
+// segments of an aligned row start aligned; only the last is shorter) and block b reads segment
+// b % segments of row b / segments, writing its partial (max, sum-exp, smoothing sum) to partials[b].
+// cross_entropy_split_finish_kernel merges each row's partials in segment order. Rows that are ignored or
+// have a bad target are not read (their blocks return at once: the status is block-uniform).
+template <bool kSmooth, typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kMaxRowBlock)
+    cross_entropy_forward_split_kernel(const ForwardParams<scalar_t, index_t> p, const int segments,
+                                       const int64_t seg_len, RowPartial* __restrict__ partials) {
+  __shared__ RowPartial shared[33];
+  const int64_t b = blockIdx.x;  // the grid is num_rows * segments blocks
+  const int64_t row = b / segments;
+  const int64_t c0 = (b % segments) * seg_len;
+  const int64_t t = static_cast<int64_t>(p.target[row * p.target_stride]);
+  if (row_status(t, p.ignore_index, p.num_classes) != kValid) return;
+  const scalar_t* __restrict__ x = p.logits + row * p.row_stride;
+  const float x_t = to_float(x[t]);
+  const float pivot = is_finite_bits(x_t) ? x_t : 0.f;
+  const int64_t n = c0 + seg_len <= p.num_classes ? seg_len : p.num_classes - c0;
+  RowPartial acc = empty_partial();
+  accumulate_row<kSmooth>(x + c0, n, p.weight != nullptr ? p.weight + c0 : nullptr, pivot,
+                          static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), acc);
+  acc = cuda::block_reduce(acc, RowPartialOp{}, empty_partial(), shared);
+  if (threadIdx.x == 0) partials[b] = acc;
+}
+
+// Thread 0 writes total_weight and, for reduction mean (1) or sum (2), the loss: sum / total_weight or sum,
+// in float32 as torch's (the float64 sums rounded first).
+__device__ __forceinline__ void store_reduced(const LossSums& all, int reduction, float* __restrict__ loss,
+                                              float* __restrict__ total_weight) {
+  if (threadIdx.x == 0) {
+    const float tw = static_cast<float>(all.weight);
+    *total_weight = tw;
+    const float sum = static_cast<float>(all.loss);
+    if (reduction == 2) *loss = sum;
+    if (reduction == 1) *loss = sum / tw;  // 0 / 0 = NaN when every row is ignored, as torch's
+  }
+}
+
+// The split path's second launch (one block of kReduceBlock threads): merges each row's partials in segment
+// order, finishes the row (lse, per-row loss) and reduces the rows as cross_entropy_reduce_kernel does.
+template <bool kSmooth, typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kReduceBlock)
+    cross_entropy_split_finish_kernel(const ForwardParams<scalar_t, index_t> p, const int segments,
+                                      const RowPartial* __restrict__ partials, int reduction, float* __restrict__ loss,
+                                      float* __restrict__ total_weight) {
+  __shared__ LossSums shared[33];
+  LossSums mine{0.0, 0.0};
+  for (int64_t row = threadIdx.x; row < p.num_rows; row += blockDim.x) {
+    const int64_t t = static_cast<int64_t>(p.target[row * p.target_stride]);
+    const int status = row_status(t, p.ignore_index, p.num_classes);
+    float x_t = 0.f, pivot = 0.f;
+    RowPartial acc = empty_partial();
+    if (status == kValid) {
+      x_t = to_float(p.logits[row * p.row_stride + t]);
+      pivot = is_finite_bits(x_t) ? x_t : 0.f;
+      for (int s = 0; s < segments; ++s) acc = RowPartialOp{}(acc, partials[row * segments + s]);
+    }
+    mine = LossSumsOp{}(mine, finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc));
+  }
+  store_reduced(cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared), reduction, loss, total_weight);
+}
+
 // Adds the forward's per-block sums in block order (one block of kReduceBlock threads) and writes
-// total_weight and, for reduction mean (1) or sum (2), the loss: sum / total_weight or sum, in float32 as
-// torch's (the float64 sums rounded first).
+// total_weight and the reduced loss (store_reduced).
 __global__ void __launch_bounds__(kReduceBlock)
     cross_entropy_reduce_kernel(const double* __restrict__ block_sums, int num_blocks, int reduction,
                                 float* __restrict__ loss, float* __restrict__ total_weight) {
@@ -294,14 +362,7 @@ __global__ void __launch_bounds__(kReduceBlock)
     mine.loss += block_sums[2 * b];
     mine.weight += block_sums[2 * b + 1];
   }
-  const LossSums all = cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared);
-  if (threadIdx.x == 0) {
-    const float tw = static_cast<float>(all.weight);
-    *total_weight = tw;
-    const float sum = static_cast<float>(all.loss);
-    if (reduction == 2) *loss = sum;
-    if (reduction == 1) *loss = sum / tw;  // 0 / 0 = NaN when every row is ignored, as torch's
-  }
+  store_reduced(cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared), reduction, loss, total_weight);
 }
 
 template <typename scalar_t, typename index_t>
@@ -325,19 +386,23 @@ struct BackwardParams {
   scalar_t* __restrict__ grad;  // (N, C) contiguous
 };
 
-// Groups of `group` threads (power of two <= kBackwardBlock) per row; no inter-thread communication.
+// Groups of `group` threads (power of two <= kBackwardBlock) per row; no inter-thread communication. The
+// classes are cut into gridDim.y segments of seg_len (a multiple of the vector width; seg_len = C with one
+// segment): block (x, y) writes segment y of its rows, so that a few long rows still fill the GPU.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kBackwardBlock)
-    cross_entropy_backward_kernel(const BackwardParams<scalar_t, index_t> p, const int group) {
+    cross_entropy_backward_kernel(const BackwardParams<scalar_t, index_t> p, const int group, const int64_t seg_len) {
   const int lane = static_cast<int>(threadIdx.x) & (group - 1);
   const int64_t rows_per_block = kBackwardBlock / group;
   const int64_t stride = gridDim.x * rows_per_block;
   const int64_t C = p.num_classes;
+  const int64_t c0 = blockIdx.y * seg_len;
+  const int64_t n = c0 + seg_len <= C ? seg_len : C - c0;  // this block's classes: [c0, c0 + n)
   for (int64_t row = blockIdx.x * rows_per_block + threadIdx.x / group; row < p.num_rows; row += stride) {
-    scalar_t* __restrict__ out = p.grad + row * C;
+    scalar_t* __restrict__ out = p.grad + row * C + c0;
     const int64_t t = static_cast<int64_t>(p.target[row * p.target_stride]);
     if (row_status(t, p.ignore_index, C) != kValid) {
-      cuda::fill_vectorized(out, C, lane, group, 0.f);
+      cuda::fill_vectorized(out, n, lane, group, 0.f);
       continue;
     }
     const float g = p.total_weight != nullptr ? p.grad_loss[row * p.grad_stride] / *p.total_weight
@@ -354,18 +419,18 @@ __global__ void __launch_bounds__(kBackwardBlock)
     const float coef_p = g * (p.one_minus_eps * w_t + p.eps_over_c * w_sum);  // multiplies p_c
     const float coef_w = g * p.eps_over_c;                                     // multiplies w_c
     const float coef_t = g * p.one_minus_eps * w_t;                            // subtracted at c == t
-    const scalar_t* __restrict__ x = p.logits + row * p.row_stride;
-    const auto minus_target_term = [&](float gc) { return gc - coef_t; };  // at c == t
+    const scalar_t* __restrict__ x = p.logits + row * p.row_stride + c0;
+    const auto minus_target_term = [&](float gc) { return gc - coef_t; };  // at c == t (index t - c0 here)
     if (p.weight != nullptr && coef_w != 0.f) {
-      const float* __restrict__ weight = p.weight;
+      const float* __restrict__ weight = p.weight + c0;
       cuda::transform_vectorized(
-          x, out, C, lane, group,
-          [&](int64_t c, float v) { return coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w * weight[c]; }, t,
+          x, out, n, lane, group,
+          [&](int64_t c, float v) { return coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w * weight[c]; }, t - c0,
           minus_target_term);
     } else {
       cuda::transform_vectorized(
-          x, out, C, lane, group, [&](int64_t, float v) { return coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w; },
-          t, minus_target_term);
+          x, out, n, lane, group, [&](int64_t, float v) { return coef_p * fast_exp((v - lse_hi) - lse_lo) - coef_w; },
+          t - c0, minus_target_term);
     }
   }
 }
@@ -407,6 +472,23 @@ void dispatch_target_type(at::ScalarType st, F&& f) {
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
+// How the split paths cut rows into segments: `blocks` is the grid of one block per row, `resident` the
+// blocks the GPU holds at once, `threads` the threads that share a segment. Rows are split only when the
+// grid would fill less than half of the GPU, into at most enough segments to fill it, each with at least two
+// 16-byte vectors per thread; seg_len is a multiple of the vector width `vec`. {1, C}: no split.
+struct RowSplit {
+  int segments;
+  int64_t seg_len;
+};
+
+RowSplit split_rows(int64_t blocks, int64_t resident, int64_t C, int64_t threads, int64_t vec) {
+  if (blocks == 0 || blocks * 2 > resident) return {1, C};
+  const int64_t want = std::min<int64_t>(ceil_div(resident, blocks), ceil_div(C, threads * 2 * vec));
+  if (want < 2) return {1, C};
+  const int64_t seg_len = ceil_div(ceil_div(C, want), vec) * vec;
+  return {static_cast<int>(ceil_div(C, seg_len)), seg_len};
+}
+
 // Sum of the (float32, contiguous) weight as a 0-dim device tensor; computed on the stream, no sync.
 at::Tensor weight_sum_of(const at::Tensor& w) { return w.defined() ? at::sum(w) : at::Tensor(); }
 
@@ -436,6 +518,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(const 
                                                  sms * (2048 / kGroupBlock))
                              : std::min<int64_t>(N, sms * (2048 / row_threads));
 
+  // A few long rows: split them (the split kernels above) so that the grid fills the GPU.
+  const RowSplit split = group_path ? RowSplit{1, C} : split_rows(blocks, sms * (2048 / row_threads), C, row_threads, vec);
+  at::Tensor partials;
+  if (split.segments > 1) {
+    static_assert(sizeof(RowPartial) == 3 * sizeof(float), "partials are stored as three floats per segment");
+    partials = at::empty({N * split.segments, 3}, f32);
+  }
+
   at::Tensor lse = at::empty({N}, logits.options().dtype(at::kDouble));
   at::Tensor loss = reduction == 0 ? at::empty({N}, f32) : at::empty({}, f32);
   at::Tensor total_weight = at::empty({}, f32);
@@ -463,7 +553,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(const 
         p.loss = reduction == 0 ? loss.mutable_data_ptr<float>() : nullptr;
         p.lse = lse.mutable_data_ptr<double>();
         p.block_sums = block_sums.mutable_data_ptr<double>();
-        if (group_path) {
+        if (split.segments > 1) {
+          RowPartial* part = reinterpret_cast<RowPartial*>(partials.mutable_data_ptr<float>());
+          auto kernel = smooth ? cross_entropy_forward_split_kernel<true, scalar_t, index_t>
+                               : cross_entropy_forward_split_kernel<false, scalar_t, index_t>;
+          kernel<<<static_cast<unsigned>(N * split.segments), row_threads, 0, stream>>>(p, split.segments,
+                                                                                      split.seg_len, part);
+          FASTEVAL_CUDA_LAUNCH_CHECK();
+          auto finish = smooth ? cross_entropy_split_finish_kernel<true, scalar_t, index_t>
+                               : cross_entropy_split_finish_kernel<false, scalar_t, index_t>;
+          finish<<<1, kReduceBlock, 0, stream>>>(p, split.segments, part, static_cast<int>(reduction),
+                                                 reduction == 0 ? nullptr : loss.mutable_data_ptr<float>(),
+                                                 total_weight.mutable_data_ptr<float>());
+          FASTEVAL_CUDA_LAUNCH_CHECK();
+        } else if (group_path) {
           auto kernel = smooth ? cross_entropy_forward_group_kernel<true, scalar_t, index_t>
                                : cross_entropy_forward_group_kernel<false, scalar_t, index_t>;
           kernel<<<static_cast<unsigned>(blocks), kGroupBlock, 0, stream>>>(p, group);
@@ -477,6 +580,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(const 
       });
     });
   }
+  if (split.segments > 1) return {loss, lse, total_weight};  // the finish kernel reduced the rows
   // With no rows: total_weight 0, and a sum of no terms (0; 0 / 0 = NaN for the mean).
   cross_entropy_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(
       block_sums.const_data_ptr<double>(), static_cast<int>(blocks), static_cast<int>(reduction),
@@ -524,6 +628,9 @@ at::Tensor Kernels<at::kCUDA>::backward(const BackwardArgs& args) {
   const int group = static_cast<int>(std::min<int64_t>(kBackwardBlock, cuda::next_pow2(ceil_div(C, 4 * vec))));
   const int64_t rows_per_block = kBackwardBlock / group;
   const int64_t blocks = std::min<int64_t>(ceil_div(N, rows_per_block), sms * (2048 / kBackwardBlock));
+  // A few long rows (a block each): split their classes over gridDim.y so that the grid fills the GPU.
+  const RowSplit split = group == kBackwardBlock ? split_rows(blocks, sms * (2048 / kBackwardBlock), C, group, vec)
+                                                 : RowSplit{1, C};
 
   dispatch_logits_type(logits.scalar_type(), [&](auto logits_tag) {
     using scalar_t = decltype(logits_tag);
@@ -547,8 +654,8 @@ at::Tensor Kernels<at::kCUDA>::backward(const BackwardArgs& args) {
       p.one_minus_eps = static_cast<float>(1.0 - args.label_smoothing);
       p.eps_over_c = C > 0 ? static_cast<float>(args.label_smoothing / static_cast<double>(C)) : 0.f;
       p.grad = grad.mutable_data_ptr<scalar_t>();
-      cross_entropy_backward_kernel<scalar_t, index_t>
-          <<<static_cast<unsigned>(blocks), kBackwardBlock, 0, stream>>>(p, group);
+      const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(split.segments));
+      cross_entropy_backward_kernel<scalar_t, index_t><<<grid, kBackwardBlock, 0, stream>>>(p, group, split.seg_len);
       FASTEVAL_CUDA_LAUNCH_CHECK();
     });
   });
