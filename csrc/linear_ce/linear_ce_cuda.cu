@@ -3,7 +3,7 @@
 //
 // The same vocabulary chunking as on the CPU: each chunk's logits (N, vc) come from one cuBLAS matmul
 // into a float32 workspace (at::mm_out; bfloat16 / float16 inputs with out_dtype float32, so the products
-// are accumulated and stored in float32), then a row-pass kernel (one warp per row) folds the chunk into
+// are accumulated and stored in float32), then a row-pass kernel (one warp per row, 16-byte loads) folds the chunk into
 // per-row running state in global memory: max and sum of exp (online softmax), the argmax (first maximal
 // index, NaN as the maximum), sum_c w_c x_c for label smoothing and the counts that give the target's
 // rank. The bias is added by the row pass as it reads the chunk. Targets are validated on the device:
@@ -114,9 +114,68 @@ __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict
   }
 }
 
+// One lane's share of a row of a chunk: online max / sum of exp, the first maximum, the first NaN, the
+// smoothing sum and the rank counts. Values are visited in increasing column order within a lane, so the
+// first maximum and the first NaN a lane meets are its smallest such columns.
+struct LaneRow {
+  float m = neg_inf(), s = 0.f, sx = 0.f;
+  int64_t arg = INT64_MAX, first_nan = INT64_MAX;
+  int above = 0, eqb = 0;  // per lane at most len / 32 + 1 <= 2^17 (chunk_columns caps len at 2^22)
+};
+
+// Folds K consecutive values (chunk column j0 + k, vocabulary column v0 + j0 + k) into the lane's state. jt is
+// the target's chunk column clamped into [-1, len] (c < t <=> j < jt). `above` counts every column including
+// the target's own (the caller takes it back): !(v <= xt), i.e. greater or NaN.
+template <bool kRanks, int K>
+__device__ __forceinline__ void fold_values(LaneRow& r, const float (&x)[K], int64_t j0, int64_t v0,
+                                            const float* __restrict__ bias, const float* __restrict__ cw,
+                                            bool with_sum, float xt, bool tnan, int64_t jt) {
+  float v[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = x[k] + (bias ? bias[v0 + j0 + k] : 0.f);
+  if (r.first_nan == INT64_MAX) {
+#pragma unroll
+    for (int k = K - 1; k >= 0; --k) {
+      if (is_nan_bits(v[k])) r.first_nan = v0 + j0 + k;  // the smallest NaN column of the K is kept
+    }
+  }
+  float vmax = v[0];
+#pragma unroll
+  for (int k = 1; k < K; ++k) vmax = fmaxf(vmax, v[k]);  // NaNs are left to first_nan
+  if (vmax > r.m) {
+    r.s *= fast_exp(r.m - vmax);  // exp(-inf) = 0 on the first value
+    r.m = vmax;
+    int64_t a = v0 + j0 + K - 1;
+#pragma unroll
+    for (int k = K - 1; k >= 0; --k) {
+      if (v[k] == vmax) a = v0 + j0 + k;  // the first column holding the maximum
+    }
+    r.arg = a;
+  }
+  const float ref = r.m == neg_inf() ? 0.f : r.m;  // m = -inf: every value so far is -inf (exp gives 0)
+#pragma unroll
+  for (int k = 0; k < K; ++k) r.s += fast_exp(v[k] - ref);
+  if (with_sum) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) r.sx += cw ? cw[v0 + j0 + k] * v[k] : v[k];
+  }
+  if constexpr (kRanks) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const bool before_t = j0 + k < jt;
+      if (!tnan) {
+        r.above += !(v[k] <= xt);
+        r.eqb += before_t && (v[k] == xt);
+      } else {
+        r.eqb += before_t && is_nan_bits(v[k]);
+      }
+    }
+  }
+}
+
 // Folds columns [v0, v0 + len) of every counted row (logits at lg + i * len, bias added here) into the
-// row state. One warp per row. kRanks: also the counts that give the target's rank (the evaluation op;
-// the loss op leaves st.above and st.eqb as they are).
+// row state. One warp per row, 16-byte loads (four in flight per lane). kRanks: also the counts that give
+// the target's rank (the evaluation op; the loss op leaves st.above and st.eqb as they are).
 template <bool kRanks>
 __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t len, int64_t v0,
                                 const float* __restrict__ bias, const float* __restrict__ cw, bool with_sum,
@@ -129,45 +188,34 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
     if (t < 0) continue;  // warp-uniform
     const float xt = st.xt[i];
     const bool tnan = is_nan_bits(xt);
-    const float* row = lg + i * len;
-    float m = neg_inf(), s = 0.f, sx = 0.f;
-    int64_t arg = INT64_MAX, first_nan = INT64_MAX;
-    long long above = 0, eqb = 0;
-    for (int64_t j = lane; j < len; j += 32) {
-      const int64_t c = v0 + j;
-      const float v = row[j] + (bias ? bias[c] : 0.f);
-      if (is_nan_bits(v)) {
-        first_nan = min(first_nan, c);
-      } else if (v > m) {
-        s = s * fast_exp(m - v) + 1.f;  // exp(-inf) = 0 on the first value
-        m = v;
-        arg = c;
-      } else if (v > neg_inf()) {
-        s += fast_exp(v - m);
-      }
-      if (with_sum) sx += cw ? cw[c] * v : v;
-      if constexpr (kRanks) {
-        if (!tnan) {
-          above += (c != t) && !(v <= xt);
-          eqb += (c < t) && (v == xt);
-        } else {
-          eqb += (c < t) && is_nan_bits(v);
-        }
-      }
-    }
-    // Warp merge (lanes visit columns in increasing order, so each lane's arg is its first maximum).
+    const int64_t jt = t - v0 < 0 ? -1 : (t - v0 > len ? len : t - v0);
+    const float* __restrict__ row = lg + i * len;
+    LaneRow r;
+    cuda::for_each_vectorized<float, 4>(
+        row, len, lane, 32,
+        [&](int64_t j0, const float(&x)[cuda::kVecWidth<float>]) {
+          fold_values<kRanks>(r, x, j0, v0, bias, cw, with_sum, xt, tnan, jt);
+        },
+        [&](int64_t j, float x) {
+          const float one[1] = {x};
+          fold_values<kRanks>(r, one, j, v0, bias, cw, with_sum, xt, tnan, jt);
+        });
+    // Warp merge: equal maxima keep the smaller column (each lane's arg is its first maximum).
+    float m = r.m, s = r.s, sx = r.sx;
+    long long arg = r.arg, first_nan = r.first_nan;
+    int above = r.above, eqb = r.eqb;
     for (int off = 16; off > 0; off >>= 1) {
       const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
       const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-      const long long a2 = __shfl_xor_sync(0xffffffffu, static_cast<long long>(arg), off);
-      const long long n2 = __shfl_xor_sync(0xffffffffu, static_cast<long long>(first_nan), off);
+      const long long a2 = __shfl_xor_sync(0xffffffffu, arg, off);
+      const long long n2 = __shfl_xor_sync(0xffffffffu, first_nan, off);
       const float mm = fmaxf(m, m2);
       if (mm > neg_inf()) {
         s = (m > neg_inf() ? s * fast_exp(m - mm) : 0.f) + (m2 > neg_inf() ? s2 * fast_exp(m2 - mm) : 0.f);
       }
-      arg = m2 > m ? a2 : (m > m2 ? arg : min(static_cast<long long>(arg), a2));
+      arg = m2 > m ? a2 : (m > m2 ? arg : min(arg, a2));
       m = mm;
-      first_nan = min(static_cast<long long>(first_nan), n2);
+      first_nan = min(first_nan, n2);
       sx += __shfl_xor_sync(0xffffffffu, sx, off);
       if constexpr (kRanks) {
         above += __shfl_xor_sync(0xffffffffu, above, off);
@@ -176,6 +224,11 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
     }
     if (lane == 0) {
       if constexpr (kRanks) {
+        // `above` counted the target's own column when it lies in this chunk: take it back.
+        if (!tnan && t - v0 >= 0 && t - v0 < len) {
+          const float vt = row[t - v0] + (bias ? bias[t] : 0.f);
+          above -= !(vt <= xt);
+        }
         st.above[i] += above;
         st.eqb[i] += eqb;
       }
