@@ -33,32 +33,89 @@ def composition(x, w, b, t, **kw):
 
 
 # (N, H, V): one chunk, a vocabulary that is not a multiple of the vector width, several chunks with a
-# partial last one (4100 rows give 448-column chunks).
+# partial last one (4100 rows give 448-column chunks on the CPU; 256-column chunks on CUDA with the 1 MiB
+# workspace of the `device` fixture).
 SHAPES = [(5, 7, 33), (33, 16, 1000), (4100, 8, 1000)]
+
+# The CPU case runs on every backend (the reference too), the CUDA case where the CUDA kernels are served.
+ON_DEVICES = ["cpu", pytest.param("cuda", marks=needs_kernel("linear_cross_entropy", "cuda"), id="cuda")]
+
+
+@pytest.fixture(params=ON_DEVICES)
+def device(request, monkeypatch):
+    """The device of a test; on CUDA with a 1 MiB chunk workspace (the smallest), so that the shapes above take
+    several vocabulary chunks there too."""
+    if request.param == "cuda":
+        monkeypatch.setenv("FASTEVAL_LCE_WORKSPACE_MB", "1")
+    return request.param
 
 
 @pytest.mark.parametrize("n,h,v", SHAPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_values_and_gradients_match_the_composition(n, h, v, reduction, eps, weighted):
+def test_values_and_gradients_match_the_composition(n, h, v, reduction, eps, weighted, device):
     x, w, b, t = make(n, h, v, seed=n + v)
     t[::7] = -100
     cw = torch.rand(v, generator=torch.Generator().manual_seed(1)) + 0.5 if weighted else None
-    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
-    loss = fasteval.linear_cross_entropy(xs, ws, t, linear_bias=bs, weight=cw, reduction=reduction,
+    xs, ws, bs = (a.to(device).requires_grad_() for a in (x, w, b))
+    loss = fasteval.linear_cross_entropy(xs, ws, t.to(device), linear_bias=bs,
+                                         weight=cw.to(device) if weighted else None, reduction=reduction,
                                          label_smoothing=eps)
     x64, w64, b64 = (a.double().requires_grad_() for a in (x, w, b))
     ref = F.cross_entropy(F.linear(x64, w64, b64), t, weight=cw.double() if weighted else None,
                           reduction=reduction, label_smoothing=eps)
-    assert loss.dtype == torch.float32 and loss.shape == ref.shape
-    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
+    assert loss.dtype == torch.float32 and loss.shape == ref.shape and loss.device.type == device
+    torch.testing.assert_close(loss.double().cpu(), ref, rtol=2e-5, atol=2e-5)
     go = torch.rand(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    got = torch.autograd.grad(loss, (xs, ws, bs), go.float())
+    got = torch.autograd.grad(loss, (xs, ws, bs), go.float().to(device))
     want = torch.autograd.grad(ref, (x64, w64, b64), go)
     for a, e in zip(got, want):
         # float32 sums over up to N rows (grad_linear_weight) or V classes (grad_input)
-        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5 * float(e.abs().max()) + 1e-7)
+        torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-5 * float(e.abs().max()) + 1e-7)
+
+
+def hostile(device):
+    """Integer-valued hidden states, head and bias (every logit exact in float32, in any summation order) with
+    hazards: a row of zeros (its logits are the biases: ties everywhere), masked classes (bias -inf, every
+    13th), a target on a masked class (loss inf), a row holding a NaN (every logit NaN) and a row holding
+    +inf (logits +inf, -inf and, where the head's entry is 0, NaN). 2000 rows of 700 classes: several
+    vocabulary chunks on CUDA with the fixture's workspace."""
+    g = torch.Generator().manual_seed(5)
+    n, h, v = 2000, 4, 700
+    x = torch.randint(-2, 3, (n, h), generator=g).float()
+    w = torch.randint(-2, 3, (v, h), generator=g).float()
+    b = torch.randint(-1, 2, (v,), generator=g).float()
+    b[::13] = float("-inf")
+    t = torch.randint(0, v, (n,), generator=g)
+    x[0] = 0.0
+    t[3] = 13
+    x[5, 1] = float("nan")
+    x[6, 2] = float("inf")
+    return x.to(device), w.to(device), b.to(device), t.to(device)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_hostile_logits_give_the_composition_s_losses(eps, device):
+    x, w, b, t = hostile(device)
+    loss = fasteval.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none", label_smoothing=eps)
+    ref = F.cross_entropy(F.linear(x.double(), w.double(), b.double()), t, reduction="none", label_smoothing=eps)
+    assert loss[3].item() == float("inf") and loss[5].isnan() and loss[6].isnan()
+    torch.testing.assert_close(loss.double().cpu(), ref.cpu(), rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+def test_hostile_logits_give_update_s_state(device):
+    # The NaN rows (5 and 6) in a batch of their own: their NaN loss would hide the other rows' loss sum.
+    x, w, b, t = hostile(device)
+    rows = torch.ones(x.shape[0], dtype=torch.bool, device=device)
+    rows[5:7] = False
+    for sel in (rows, ~rows):
+        a, c = _pair(w.shape[0], top_k=(1, 2, 5), label_smoothing=0.1, full_confusion=False, device=device)
+        a.update_from_hidden(x[sel], w, t[sel], b)
+        c.update(F.linear(x[sel], w, b), t[sel])
+        for n in _STATE:
+            torch.testing.assert_close(getattr(a, n), getattr(c, n), rtol=1e-5, atol=1e-6, equal_nan=True,
+                                       msg=n)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -262,18 +319,18 @@ def _assert_same_state(a, b, loss_rtol=1e-5):
 
 @pytest.mark.parametrize("n,h,v", SHAPES)
 @pytest.mark.parametrize("full", [True, False])
-def test_update_from_hidden_adds_what_update_adds(n, h, v, full):
-    x, w, b, t = make(n, h, v, scale=1.0, seed=v)
+def test_update_from_hidden_adds_what_update_adds(n, h, v, full, device):
+    x, w, b, t = (a.to(device) for a in make(n, h, v, scale=1.0, seed=v))
     t[::5] = -1
-    kw = dict(top_k=(1, 5), ignore_index=-1, label_smoothing=0.1, full_confusion=full)
+    kw = dict(top_k=(1, 5), ignore_index=-1, label_smoothing=0.1, full_confusion=full, device=device)
     a, c = _pair(v, **kw)
     a.update_from_hidden(x, w, t, b)
-    c.update(F.linear(x, w, b), t)
+    c.update(F.linear(x.cpu(), w.cpu(), b.cpu()).to(device), t)  # the same float32 logits on every device
     _assert_same_state(a, c)
     assert a.compute()["count"] == int((t != -1).sum())
 
 
-def test_update_from_hidden_ties_and_exact_integers():
+def test_update_from_hidden_ties_and_exact_integers(device):
     # Integer-valued hidden states and weights: every logit is exact in float32, duplicated weight rows tie
     # exactly, so argmax (first index), top-k rank (ties in index order) and the bins must match exactly.
     g = torch.Generator().manual_seed(3)
@@ -282,7 +339,8 @@ def test_update_from_hidden_ties_and_exact_integers():
     w[300:] = w[:300]  # every class has a tied twin
     x = torch.randint(-2, 3, (4100, h), generator=g).float()
     t = torch.randint(0, v, (4100,), generator=g)
-    a, c = _pair(v, top_k=(1, 2, 5, 50), full_confusion=False)
+    x, w, t = x.to(device), w.to(device), t.to(device)
+    a, c = _pair(v, top_k=(1, 2, 5, 50), full_confusion=False, device=device)
     a.update_from_hidden(x, w, t)
     c.update(x @ w.t(), t)
     _assert_same_state(a, c)
