@@ -224,6 +224,31 @@ def test_comparator_merge_state_dict_reset():
     assert whole.compute()["count"] == 0 and math.isnan(whole.compute()["kl_max"])
 
 
+def test_comparator_reset_gives_the_state_of_a_fresh_one():
+    """reset() zeroes the sums and counts and puts the maxima back to -inf: a reset comparator holds a fresh
+    one's state, and after the same batch the same state again. The batch lowers every target's probability,
+    so its delta-p maximum is negative (maxima left at 0 would keep 0)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 5, generator=g)
+    t = a.argmax(1)
+    b = a.clone()
+    b[torch.arange(6), t] -= 1.0
+    used, fresh = fasteval.LogitComparator(5), fasteval.LogitComparator(5)
+    used.update(a, torch.randn(6, 5, generator=g), t)
+
+    def assert_same_state(step):
+        got, want = used.state_dict(), fresh.state_dict()
+        for name in ("stats", "counts", "kl_hist", "dp_hist"):
+            assert torch.equal(got[name], want[name]), (step, name, got[name], want[name])
+
+    used.reset()
+    assert_same_state("reset")
+    used.update(a, b, t)
+    fresh.update(a, b, t)
+    assert_same_state("update")
+    assert float(fresh.stats[R.COMPARE_STAT_ROWS.index("delta_p"), 2]) < 0
+
+
 def test_bad_inputs():
     cmp = fasteval.LogitComparator(5)
     a = torch.randn(4, 5)
