@@ -195,8 +195,9 @@ class LogitComparator:
         """Moves the state to ``device``; returns self."""
         device = _validate.device(device)
         with self._lock:
-            for n in _STATE_NAMES:
-                setattr(self, n, getattr(self, n).to(device))
+            moved = [getattr(self, n).to(device) for n in _STATE_NAMES]  # all or nothing if a copy fails
+            for n, t in zip(_STATE_NAMES, moved):
+                setattr(self, n, t)
         return self
 
     @public(_NAME + ".state_dict")

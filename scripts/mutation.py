@@ -66,6 +66,8 @@ SELECTIONS: Dict[str, List[str]] = {
     "losses.py": _EDGES + ["fasteval/losses.py", "tests/test_cross_entropy_paths.py", "tests/test_cross_entropy.py",
                            "tests/test_zero_size.py"] + _NOT_SLOW,
     "_validate.py": _EDGES + ["tests/test_evaluator.py", "tests/test_compare.py"] + _NOT_SLOW,
+    "compare.py": ["tests/test_compare.py", "tests/test_compare_distributed.py::test_sync_equals_single_process[2]"]
+    + _NOT_SLOW,
     "reference.py": _EDGES + ["tests/test_confusion.py", "tests/test_zero_size.py", "tests/test_evaluator.py"]
     + _NOT_SLOW,
 }
@@ -139,6 +141,12 @@ HAND: List[Tuple[str, str, str, str, str]] = [
      "update() keeps the autograd graph of the logits"),
     ("evaluator.py", "ClassificationEvaluator.to", 'for n in _STATE_NAMES + ("calib_boundaries",)',
      "for n in _STATE_NAMES", "to() leaves the calibration boundaries behind"),
+    # Comparator: the maxima column of its statistics (merged and synchronised by maximum, reset to -inf).
+    ("compare.py", "LogitComparator.merge", "torch.maximum(self.stats[:, 2], s_stats[:, 2])",
+     "torch.minimum(self.stats[:, 2], s_stats[:, 2])", "merge() keeps the smaller maxima"),
+    ("compare.py", "LogitComparator.sync", "slots[rank] = self.stats[:, 2]", "slots[0] = self.stats[:, 2]",
+     "sync() writes every process's maxima into slot 0"),
+    ("compare.py", "LogitComparator.reset", "self.stats[:, 2] = -math.inf", "pass", "reset() leaves the maxima at 0"),
     # Metrics.
     ("metrics.py", "_topk_counts", "hit = valid & (rank < k)", "hit = valid & (rank <= k)", "top-k off by one"),
     ("metrics.py", "top_k_accuracy", "hits = hits + (ok & (rank < k)).sum()", "hits = hits + (ok & (rank <= k)).sum()",
