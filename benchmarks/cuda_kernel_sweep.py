@@ -102,6 +102,26 @@ def build_cases(dev: str):
                             return run
                         add(name, {"ce_fwd"} | ({"smem"} if block else set()), make)
 
+    # ---- cross-entropy with enough long rows to fill the GPU: the block-per-row forward and backward without
+    # the split into segments (37 rows, above, take the split path at C >= 2049)
+    for dt in SCORE_DTYPES:
+        for eps, weighted in ((0.0, False), (0.1, True)):
+            name = f"ce_rows/{_name(dt)}/eps={eps}/w={weighted}"
+
+            def make(dt=dt, eps=eps, weighted=weighted):
+                n, c = 1100, 5000
+                x, t = logits(n, c, dt, offset=True), targets(n, c, I64, bad=True)
+                w = (torch.rand(c, generator=g) + 0.5).to(dev) if weighted else None
+                lse, tw = ops.softmax_cross_entropy(x, t, w, IGNORE, eps, 0)[1:]
+                g_rows = torch.randn(n, generator=g).to(dev)
+
+                def run():
+                    for red in (0, 1, 2):
+                        ops.softmax_cross_entropy(x, t, w, IGNORE, eps, red)
+                    ops.softmax_cross_entropy_backward(g_rows, x, t, w, lse, tw, IGNORE, eps, 0)
+                return run
+            add(name, {"ce_fwd", "ce_bwd", "smem"}, make)
+
     # ---- cross-entropy backward: G = 1..256, the weight branch, expanded grad (stride 0), bad rows
     bwd_known_fault = []
     for dt in SCORE_DTYPES:

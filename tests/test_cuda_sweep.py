@@ -580,16 +580,17 @@ def test_hostile_rows(c, dtype):
 
 
 @needs_kernel(("softmax_cross_entropy", "softmax_cross_entropy_backward"), DEV)
-@pytest.mark.parametrize("n", (1, 5))
+@pytest.mark.parametrize("n,c", ((1, 256001), (5, 256001), (1100, 5001)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-def test_few_long_rows(n, dtype):
-    """A few rows of a large vocabulary, which the CUDA kernels cut into segments read by separate blocks (a
-    row fills at most one block otherwise): C = 256001 is no multiple of any vector width, the rows start off
-    any 16-byte boundary, the target lies in the last segment, one row holds a NaN in its middle segment and
-    one is -inf but for its target's logit; with and without out-of-range targets."""
-    c = 256001
+def test_long_rows(n, c, dtype):
+    """Long rows, a few of them and many. A few rows of a large vocabulary are cut by the CUDA kernels into
+    segments read by separate blocks (a row fills at most one block otherwise; the sweep's 1 and 33 rows at
+    C >= 1025 take that path too); 1100 rows of 5001 fill the GPU with a block per row, unsplit. C is no
+    multiple of any vector width, the rows start off any 16-byte boundary, the first row's target is the
+    last class, one row holds a NaN in its middle and one is -inf but for its target's logit; with and
+    without out-of-range targets."""
     m = Mismatches(f"n={n} c={c} {dtype}")
-    s = seed_of("few", n, dtype)
+    s = seed_of("long", n, c, dtype)
     xc = make_logits(n, c, dtype, s).double()
     tc = make_targets(n, c, torch.int64, s)
     tc[0] = c - 1
