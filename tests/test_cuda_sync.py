@@ -3,8 +3,9 @@
 Covers every op called directly (every layout, out-of-range targets included: on CUDA they are counted or
 give NaN, never raised), and every public path documented as free of host reads: cross_entropy and its
 backward, the confusion-matrix functions, the metrics (except zero_division="warn", classification_report
-and the exact curve metrics, which read results back by design), and ClassificationEvaluator.update, merge,
-state_dict and reset (not load_state_dict, which validates the counts on the host by design).
+and the exact curve metrics, which read results back by design), ClassificationEvaluator.update, merge,
+state_dict and reset (not load_state_dict, which validates the counts on the host by design), and the paths
+from hidden states: linear_cross_entropy (forward and backward) and update_from_hidden.
 tests/test_host_reads.py checks the same paths on any machine.
 Each call runs once before the check (first calls may initialise libraries) and once under the check.
 """
@@ -20,7 +21,8 @@ from cases import needs_kernel
 
 ops = torch.ops.fasteval
 OPS = ["softmax_cross_entropy", "softmax_cross_entropy_backward", "eval_update", "confusion_matrix", "class_counts",
-       "multilabel_confusion_matrix", "binned_confusion_matrix", "topk_rank"]
+       "multilabel_confusion_matrix", "binned_confusion_matrix", "topk_rank", "linear_cross_entropy",
+       "linear_cross_entropy_backward", "linear_eval_update"]
 
 
 @pytest.fixture
@@ -254,6 +256,28 @@ def _evaluator(dtype, layout, full):
     return make
 
 
+def _hidden_states(dtype):
+    def make():
+        v, h = 5000, 32
+        x = (torch.randn(300, h, generator=_g(7))).to(dtype).cuda().requires_grad_()
+        w = (torch.randn(v, h, generator=_g(8)) * 0.5).to(dtype).cuda().requires_grad_()
+        b = torch.randn(v, generator=_g(9)).to(dtype).cuda().requires_grad_()
+        t, tb = _targets(300, v), _targets(300, v, bad=True)
+        cw = torch.rand(v, device="cuda") + 0.5
+        ev = fasteval.ClassificationEvaluator(v, top_k=(1, 5), ignore_index=-100, label_smoothing=0.1, device="cuda")
+
+        def call():
+            for kw in ({}, {"weight": cw, "label_smoothing": 0.1, "reduction": "sum"}, {"reduction": "none"}):
+                loss = fasteval.linear_cross_entropy(x, w, t, linear_bias=b, **kw)
+                torch.autograd.grad(loss.sum(), (x, w, b))
+            fasteval.linear_cross_entropy(x, w, tb, linear_bias=b)  # out-of-range targets: NaN rows, no raise
+            with torch.no_grad():
+                ev.update_from_hidden(x, w, t, b)
+                ev.update_from_hidden(x, w, tb, b)  # rejected on the device, reported by compute()
+        return call
+    return make
+
+
 PATHS = {}
 for _dt in (torch.float32, torch.bfloat16, torch.float16):
     for _w, _eps in ((False, 0.0), (False, 0.1), (True, 0.1), (True, 0.0)):
@@ -275,6 +299,8 @@ for _dt in (torch.float32, torch.bfloat16, torch.float16):
     for _layout in ("rows", "class_dim_1", "last_dim"):
         PATHS[f"ClassificationEvaluator.update {str(_dt)[6:]} {_layout}"] = _evaluator(_dt, _layout, _layout != "rows")
 PATHS["ClassificationEvaluator.update float64 rows (reference path)"] = _evaluator(torch.float64, "rows", False)
+for _dt in (torch.float32, torch.bfloat16):
+    PATHS[f"linear_cross_entropy and update_from_hidden {str(_dt)[6:]}"] = _hidden_states(_dt)
 
 
 @needs_kernel(tuple(OPS), "cuda")

@@ -169,6 +169,36 @@ def test_float64_eval_update_op_counts_bad_targets_without_reading():
         reference.eval_update(x, t, torch.linspace(0, 1, 6), None, 0.0, [1], False, *state)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_hidden_state_paths_read_nothing(dtype):
+    """fasteval.linear_cross_entropy (forward and backward) and ClassificationEvaluator.update_from_hidden, with
+    (B, T, H) hidden states as a language model gives them."""
+    v, h = 300, 8
+    x = torch.randn(2, 5, h, generator=_g(20)).to(dtype)
+    w = (torch.randn(v, h, generator=_g(21)) * 0.5).to(dtype)
+    b = torch.randn(v, generator=_g(22)).to(dtype)
+    t = torch.randint(0, v, (2, 5), generator=_g(23))
+    t[0, :2] = -100
+    cw = torch.rand(v, generator=_g(24)) + 0.5
+
+    def run():
+        out = []
+        for kw in ({}, {"weight": cw.to(dtype) if dtype == torch.float64 else cw, "label_smoothing": 0.1,
+                        "reduction": "sum"}, {"reduction": "none"}):
+            xa, wa, ba = (a.clone().requires_grad_() for a in (x, w, b))
+            loss = fasteval.linear_cross_entropy(xa, wa, t, linear_bias=ba, **kw)
+            out += [loss.detach(), *torch.autograd.grad(loss.sum(), (xa, wa, ba))]
+        ev = fasteval.ClassificationEvaluator(v, top_k=(1, 5), ignore_index=-100, label_smoothing=0.1)
+        ev.update_from_hidden(x, w, t, b)
+        return out + [ev.state_dict()[n] for n in ("loss_sum", "confmat", "topk_hits", "calib_count", "count")]
+
+    want = run()
+    with device_like():
+        got = run()
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The other documented paths: cross-entropy, the confusion functions, the metrics, the reference ops.
 
