@@ -20,6 +20,10 @@ crash comes from:
   ext_link_flags     only -fopenmp, -fvisibility=hidden and -fno-semantic-interposition
   ext_with_cuda      the plain extension with a CUDA source linked in (nvcc's host code; skipped without
                      CUDA)
+  ext_other_compiler the extension with fasteval's flags built by another C++ compiler of this machine
+                     (the first of g++, g++-14 ... g++-11, clang++ under /usr/bin that is not the default
+                     c++; skipped when there is none): a crash with the default compiler only is the
+                     toolchain's
 
 It also records the toolchain facts that decide how an exception unwinds: the C++ compiler torch builds
 with, the libraries the built fasteval library loads (ldd), its unwind sections (readelf) and the
@@ -41,7 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CASES = ["torch_alone", "torch_after_import", "op_cpu_index", "op_cpu_value", "op_cuda_value", "ext_plain",
-         "ext_fasteval_flags", "ext_simd_flags", "ext_link_flags", "ext_with_cuda"]
+         "ext_fasteval_flags", "ext_simd_flags", "ext_link_flags", "ext_with_cuda", "ext_other_compiler"]
 
 EXT_SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -76,6 +80,17 @@ def simd_flags() -> list[str]:
 
     simd = os.environ.get("FASTEVAL_CPU_SIMD", "").lower() or _cpu.best_simd()
     return ["-O3", *_cpu.COMPILE_FLAGS[simd]]
+
+
+def other_compiler() -> str | None:
+    """A C++ compiler under /usr/bin other than the one `c++` (or $CXX) runs, or None."""
+    default = shutil.which(os.environ.get("CXX", "c++"))
+    default = os.path.realpath(default) if default else ""
+    for name in ("g++", "g++-14", "g++-13", "g++-12", "g++-11", "clang++"):
+        path = os.path.join("/usr/bin", name)
+        if os.path.exists(path) and os.path.realpath(path) != default:
+            return path
+    return None
 
 
 def build_and_raise(name: str, flags: list[str], with_cuda: bool = False) -> None:
@@ -138,13 +153,20 @@ def run_case(case: str) -> None:
         if not (torch.cuda.is_available() and cpp_extension.CUDA_HOME):
             raise SystemExit(77)
         build_and_raise("throw_probe_cuda", [], with_cuda=True)
+    if case == "ext_other_compiler":
+        cxx = other_compiler()
+        if cxx is None:
+            raise SystemExit(77)
+        os.environ["CXX"] = cxx  # read by torch.utils.cpp_extension when it writes the build
+        print(f"compiler: {cxx}")
+        build_and_raise("throw_probe_other_cxx", simd_flags() + LINK_FLAGS)
     raise SystemExit(3)  # reached only when nothing raised
 
 
 EXPECTED = {"torch_alone": RuntimeError, "torch_after_import": RuntimeError, "op_cpu_index": IndexError,
             "op_cpu_value": ValueError, "op_cuda_value": ValueError, "ext_plain": IndexError,
             "ext_fasteval_flags": IndexError, "ext_simd_flags": IndexError, "ext_link_flags": IndexError,
-            "ext_with_cuda": IndexError, "selftest_crash": RuntimeError}
+            "ext_with_cuda": IndexError, "ext_other_compiler": IndexError, "selftest_crash": RuntimeError}
 
 
 def child(case: str) -> int:
