@@ -954,6 +954,91 @@ def test_classification_evaluator(case, top_k):
 
 
 # ---------------------------------------------------------------------------------------------------
+# From hidden states: the linear ops (vocabulary chunks, online softmax) against the reference composition.
+
+@st.composite
+def linear_case(draw):
+    """Integer-valued hidden states, head and bias, so that every logit is exact in float32 whatever the order of
+    the matmul's sums (argmax, ranks and bins compare exactly), with hazards: tied head rows, masked classes
+    (bias -inf), a NaN or an inf in a row of hidden states, a row of zeros (its logits are the biases). 3000 rows
+    give the CPU kernels several vocabulary chunks at the larger V."""
+    n = draw(st.sampled_from([0, 1, 2, 7, 33, 3000]))
+    h = draw(st.integers(1, 6))
+    v = draw(st.sampled_from([1, 2, 5, 64, 333, 700]))
+    dtype = draw(st.sampled_from(FLOATS))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randint(-2, 3, (n, h), generator=g).double()
+    w = torch.randint(-2, 3, (v, h), generator=g).double()
+    b = torch.randint(-3, 4, (v,), generator=g).double() if draw(st.booleans()) else None
+    hazards = draw(st.sets(st.sampled_from(["tied_head", "masked", "nan", "inf", "zero_row"])))
+    if "tied_head" in hazards and v > 1:
+        w[v - v // 2:] = w[:v // 2].clone()  # the last half repeats the first
+    if "masked" in hazards and b is not None and v > 1:
+        b[::3] = -math.inf
+    if n:
+        r = int(torch.randint(0, n, (1,), generator=g))
+        if "nan" in hazards:
+            x[r, 0] = math.nan
+        if "inf" in hazards:
+            x[(r + 1) % n, -1] = math.inf
+        if "zero_row" in hazards:
+            x[(r + 2) % n] = 0.0
+    ign = draw(st.sampled_from([-100, 0, v - 1]))
+    t = torch.randint(0, v, (n,), generator=g)
+    if n > 2:
+        t[1::4] = ign
+    t = t.to(draw(st.sampled_from([torch.int64, torch.int32])))
+    cw = torch.rand(v, generator=g) * 2 + 0.05 if draw(st.booleans()) else None
+    eps = draw(st.sampled_from([0.0, 0.1, 1.0]))
+    return x.to(dtype), w.to(dtype), b.to(dtype) if b is not None else None, t, cw, ign, eps
+
+
+@FUZZ
+@given(case=linear_case(), reduction=st.sampled_from([0, 1, 2]), gseed=st.integers(0, 2**16))
+def test_linear_ops(case, reduction, gseed):
+    x, w, b, t, cw, ign, eps = case
+    n, v = x.shape[0], w.shape[0]
+    ref = reference.linear_cross_entropy(x, w, b, t, cw, ign, eps, reduction)
+    # the composition itself against F.cross_entropy of F.linear in float64 on the same (exact) values
+    logits64 = F.linear(x.double(), w.double(), b.double() if b is not None else None)
+    spread = reduced_spread(row_spread(logits64), reduction) if n else torch.tensor(1.0, dtype=torch.float64)
+    want = F.cross_entropy(logits64, t.long(), weight=cw.double() if cw is not None else None, ignore_index=ign,
+                           label_smoothing=eps, reduction=("none", "mean", "sum")[reduction])
+    assert_loss_close(ref[0], want.to(ref[0].dtype), spread, "reference loss vs F.cross_entropy")
+    if kernel("linear_cross_entropy"):
+        got = ops.linear_cross_entropy(x, w, b, t, cw, ign, eps, reduction)
+        assert_loss_close(got[0], ref[0], spread, "kernel loss vs reference")
+        assert_loss_close(got[1], ref[1], row_spread(logits64) if n else 1.0, "kernel lse vs reference")
+        assert_loss_close(got[2], ref[2], max(1, n), "kernel total_weight vs reference")
+        finite = bool(torch.isfinite(logits64).all()) if n else True
+        if kernel("linear_cross_entropy_backward") and finite:
+            gl = torch.rand(ref[0].shape, generator=torch.Generator().manual_seed(gseed))
+            gk = ops.linear_cross_entropy_backward(gl, x, w, b, t, cw, got[1], got[2], ign, eps, reduction)
+            gr = reference.linear_cross_entropy_backward(gl, x, w, b, t, cw, ref[1], ref[2], ign, eps, reduction)
+            for name, a, e in zip(("input", "weight", "bias"), gk, gr):
+                tol = 1e-4 if x.dtype == torch.float32 else 1.6e-2
+                torch.testing.assert_close(a.double(), e.double(), rtol=tol,
+                                           atol=tol * (float(e.double().abs().max()) if e.numel() else 0.0) + 1e-6,
+                                           msg=f"kernel grad_{name} vs reference")
+    if v == 0 or not kernel("linear_eval_update"):
+        return
+    bnd = torch.linspace(0, 1, 11)
+    ker, rf = _state(v, 2, 10, v > 64, seed=gseed), _state(v, 2, 10, v > 64, seed=gseed)
+    ev_ign = None if ign == -100 else ign
+    tt = t if ev_ign is not None else torch.where(t == -100, torch.zeros_like(t), t)
+    ops.linear_eval_update(x, w, b, tt, bnd, ev_ign, eps, [1, 5], v > 64, *ker)
+    reference.linear_eval_update(x, w, b, tt, bnd, ev_ign, eps, [1, 5], v > 64, *rf)
+    names = ("loss_sum", "confmat", "topk_hits", "calib_count", "calib_conf", "calib_correct", "count")
+    for name, a, e in zip(names, ker, rf):
+        if name == "loss_sum":
+            assert_loss_close(a, e, (row_spread(logits64).sum() if n else 0.0) + 50, f"kernel {name} vs reference")
+        elif name == "calib_conf":
+            assert_loss_close(a, e, max(1, n) + 50, f"kernel {name} vs reference")
+        else:
+            assert_same(a, e, f"kernel {name} vs reference")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Out-of-range labels: IndexError on the CPU from the kernel and the reference alike, nothing mutated.
 
 @st.composite
