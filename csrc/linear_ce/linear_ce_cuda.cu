@@ -118,7 +118,8 @@ __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict
 // smoothing sum and the rank counts. Values are visited in increasing column order within a lane, so the
 // first maximum and the first NaN a lane meets are its smallest such columns.
 struct LaneRow {
-  float m = neg_inf(), s = 0.f, sx = 0.f;
+  cuda::MaxSumExp mse = cuda::MaxSumExp::empty();
+  float sx = 0.f;
   int64_t arg = INT64_MAX, first_nan = INT64_MAX;
   int above = 0, eqb = 0;  // per lane at most len / 32 + 1 <= 2^17 (chunk_columns caps len at 2^22)
 };
@@ -142,9 +143,7 @@ __device__ __forceinline__ void fold_values(LaneRow& r, const float (&x)[K], int
   float vmax = v[0];
 #pragma unroll
   for (int k = 1; k < K; ++k) vmax = fmaxf(vmax, v[k]);  // NaNs are left to first_nan
-  if (vmax > r.m) {
-    r.s *= fast_exp(r.m - vmax);  // exp(-inf) = 0 on the first value
-    r.m = vmax;
+  if (vmax > r.mse.max) {
     int64_t a = v0 + j0 + K - 1;
 #pragma unroll
     for (int k = K - 1; k >= 0; --k) {
@@ -152,9 +151,7 @@ __device__ __forceinline__ void fold_values(LaneRow& r, const float (&x)[K], int
     }
     r.arg = a;
   }
-  const float ref = r.m == neg_inf() ? 0.f : r.m;  // m = -inf: every value so far is -inf (exp gives 0)
-#pragma unroll
-  for (int k = 0; k < K; ++k) r.s += fast_exp(v[k] - ref);
+  r.mse.update(v, vmax);  // a row with a NaN is decided by first_nan, whatever this holds
   if (with_sum) {
 #pragma unroll
     for (int k = 0; k < K; ++k) r.sx += cw ? cw[v0 + j0 + k] * v[k] : v[k];
@@ -201,7 +198,7 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
           fold_values<kRanks>(r, one, j, v0, bias, cw, with_sum, xt, tnan, jt);
         });
     // Warp merge: equal maxima keep the smaller column (each lane's arg is its first maximum).
-    float m = r.m, s = r.s, sx = r.sx;
+    float m = r.mse.max, s = r.mse.sum, sx = r.sx;
     long long arg = r.arg, first_nan = r.first_nan;
     int above = r.above, eqb = r.eqb;
     for (int off = 16; off > 0; off >>= 1) {
