@@ -218,8 +218,11 @@ def softmax_cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Te
     eps = label_smoothing
     w = weight.to(x.dtype) if weight is not None else torch.ones(c, dtype=x.dtype, device=x.device)
     wt = w.gather(0, t)
-    a = g * ((1 - eps) * wt + eps * w.sum() / c)
-    grad = a[:, None] * p - (g * eps / c)[:, None] * w[None, :]
+    if eps > 0:
+        a = g * ((1 - eps) * wt + eps * w.sum() / c)
+        grad = a[:, None] * p - (g * eps / c)[:, None] * w[None, :]
+    else:  # the other classes' weights do not enter (an inf or NaN one among them included), as in torch
+        grad = (g * wt)[:, None] * p
     grad = grad.scatter_add(1, t[:, None], (-g * (1 - eps) * wt)[:, None])
     grad = torch.where(valid[:, None], grad, torch.zeros((), dtype=x.dtype, device=x.device))
     return grad.to(logits.dtype)

@@ -173,6 +173,28 @@ def test_non_finite_logits_as_torch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("c", [4, 40, 700])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_of_a_class_no_row_targets_as_torch(device, c, bad):
+    # Without label smoothing only the targets' weights enter the loss and its gradient: torch's results are
+    # finite whatever the weight of a class that no row targets (an ignored row included).
+    g = torch.Generator().manual_seed(c)
+    x = torch.randn(20, c, generator=g).to(device).requires_grad_()
+    t = torch.randint(0, c - 1, (20,), generator=g)
+    t[3] = -100
+    w = torch.rand(c, generator=g) + 0.5
+    w[c - 1] = bad
+    t, w = t.to(device), w.to(device)
+    for reduction in ("none", "sum", "mean"):
+        a = fasteval.cross_entropy(x, t, weight=w, reduction=reduction)
+        b = F.cross_entropy(x, t, weight=w, reduction=reduction)
+        (ga,), (gb,) = torch.autograd.grad(a.sum(), x), torch.autograd.grad(b.sum(), x)
+        assert gb.isfinite().all()
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_offsets_are_stable(device):
     x, t = make_case((32, 100), device=device)
     for off in (-1e4, 1e4):

@@ -199,6 +199,37 @@ def test_all_ignored_and_empty():
     assert e.grad.shape == (0, 3)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_no_classes_as_torch(reduction, eps, device):
+    # V = 0 (every row ignored): torch's smoothing term is eps / V * (a sum of no terms), NaN on every row.
+    x, w, t = torch.randn(3, 4), torch.randn(0, 4), torch.full((3,), -100)
+    want = F.cross_entropy(F.linear(x, w), t, reduction=reduction, label_smoothing=eps)
+    got = fasteval.linear_cross_entropy(x.to(device), w.to(device), t.to(device), reduction=reduction,
+                                        label_smoothing=eps)
+    torch.testing.assert_close(got.cpu(), want, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_of_a_class_no_row_targets_as_torch(bad, device):
+    # Without label smoothing only the targets' weights enter: torch's loss and gradients stay finite.
+    x, w, b, t = make(40, 8, 300)
+    t = t.clamp(max=298)
+    t[5] = -100
+    cw = torch.rand(300) + 0.5
+    cw[299] = bad
+    dev = [a.to(device).requires_grad_() for a in (x, w, b)]
+    cpu = [a.double().requires_grad_() for a in (x, w, b)]
+    for reduction in ("none", "sum", "mean"):
+        got = fasteval.linear_cross_entropy(dev[0], dev[1], t.to(device), linear_bias=dev[2], weight=cw.to(device),
+                                            reduction=reduction)
+        want = F.cross_entropy(F.linear(*cpu), t, weight=cw.double(), reduction=reduction)
+        torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
+        for a, e in zip(torch.autograd.grad(got.sum(), dev), torch.autograd.grad(want.sum(), cpu)):
+            assert e.isfinite().all()
+            torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-5)
+
+
 def test_weight_requires_grad_is_refused():
     x, w, b, t = make(4, 3, 6)
     with pytest.raises(RuntimeError):

@@ -56,6 +56,10 @@ inline float weight_sum(const float* w, int64_t C) {
   return static_cast<float>(acc);
 }
 
+// The class weights that enter a row's gradient besides its target's: with label smoothing only (the eps / C
+// term); without it a weight of a class that is never a target changes nothing, inf or NaN included, as in torch.
+inline const float* smoothing_weights(const float* w, float eps) { return eps > 0.f ? w : nullptr; }
+
 [[noreturn]] void bad_target(int64_t t, int64_t C, int64_t ignore_index, const char* op = kOp) {
   throw_target_out_of_bounds(op, t, C, ignore_index);
 }
@@ -333,7 +337,8 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
                    const float* w, const double* lse, int64_t N, int64_t C, int64_t ignore_index, float eps,
                    T* grad) {
   using L = ChunkLoader<T>;
-  const float wsum = weight_sum(w, C);
+  const float* w_smooth = smoothing_weights(w, eps);
+  const float wsum = weight_sum(w_smooth, C);
   const float keep = 1.f - eps;
   const float eps_over_c = C > 0 ? eps / static_cast<float>(C) : 0.f;  // C = 0: no row is counted
   auto run = [&](int64_t begin, int64_t end) {
@@ -359,12 +364,13 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
       const float hi = static_cast<float>(lse[i]);
       const float lo = static_cast<float>(lse[i] - static_cast<double>(hi));
       const fVec va(a), vb(b), vhi(hi), vlo(lo);
-      auto grad_chunk = [&](const Chunk& c, const float* wc, int64_t n) {
+      auto grad_chunk = [&](const Chunk& c, int64_t j, int64_t n) {  // columns [j, j + n)
         Chunk r;
         r.lo = va * cpu::fast_exp((c.lo - vhi) - vlo);
         r.hi = va * cpu::fast_exp((c.hi - vhi) - vlo);
         if (b != 0.f) {
-          if (wc) {
+          if (w_smooth) {
+            const float* wc = w_smooth + j;
             Chunk cw = n == kChunk ? ChunkLoader<float>::load(wc) : ChunkLoader<float>::load(wc, n);
             r.lo = at::vec::fnmadd(vb, cw.lo, r.lo);
             r.hi = at::vec::fnmadd(vb, cw.hi, r.hi);
@@ -376,8 +382,8 @@ void backward_rows(const float* g, int64_t g_stride, float g_scale, const T* x, 
         return r;
       };
       int64_t j = 0;
-      for (; j + kChunk <= C; j += kChunk) L::store(out + j, grad_chunk(L::load(row + j), w ? w + j : nullptr, kChunk));
-      if (j < C) L::store(out + j, grad_chunk(L::load(row + j, C - j), w ? w + j : nullptr, C - j), C - j);
+      for (; j + kChunk <= C; j += kChunk) L::store(out + j, grad_chunk(L::load(row + j), j, kChunk));
+      if (j < C) L::store(out + j, grad_chunk(L::load(row + j, C - j), j, C - j), C - j);
       // The target column, recomputed in fp32 rather than corrected after rounding.
       const float pt = std::exp((static_cast<float>(row[t]) - hi) - lo);
       out[t] = static_cast<T>(a * pt - b * wt - gi * keep * wt);
@@ -398,7 +404,8 @@ template <typename T, typename I, bool WEIGHTED>
 void backward_lanes(const float* g, int64_t g_stride, float g_scale, const T* x, int64_t row_stride, const I* target,
                     const float* w, const double* lse, int64_t N, int64_t C, int64_t ignore_index, float eps, T* grad) {
   namespace L = cpu::lanes;
-  const float wsum = weight_sum(w, C);
+  const float* w_smooth = smoothing_weights(w, eps);
+  const float wsum = weight_sum(w_smooth, C);
   const __m256 vkeep = _mm256_set1_ps(1.f - eps), veps = _mm256_set1_ps(eps / static_cast<float>(C));
   const __m256 vwsum = _mm256_set1_ps(wsum);
   const T* limit = x + (N - 1) * row_stride + C;
@@ -440,8 +447,8 @@ void backward_lanes(const float* g, int64_t g_stride, float g_scale, const T* x,
       for (int64_t c = 0; c < C; ++c) {
         // x - lse <= 0 (lse >= the row max); exact 0 for -inf logits (NaN rows are replaced below)
         const __m256 p = L::exp_le0_flush(_mm256_sub_ps(_mm256_sub_ps(col[c], vhi), vlo));
-        __m256 gc = WEIGHTED ? _mm256_fnmadd_ps(b, _mm256_set1_ps(w[c]), _mm256_mul_ps(a, p))
-                             : _mm256_fmsub_ps(a, p, b);
+        __m256 gc = WEIGHTED && w_smooth ? _mm256_fnmadd_ps(b, _mm256_set1_ps(w_smooth[c]), _mm256_mul_ps(a, p))
+                                         : _mm256_fmsub_ps(a, p, b);
         gc = _mm256_sub_ps(gc, _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(tg.t, cidx)), gk));
         col[c] = _mm256_or_ps(_mm256_and_ps(counted, gc), nan_rows);  // ignored rows 0; NaN rows NaN
         cidx = _mm256_add_epi32(cidx, _mm256_set1_epi32(1));

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -173,8 +174,12 @@ struct Entry {
     const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, kOp);
     at::Tensor cw = checked_class_weight(weight, sz.V, input, kOp);
     const at::NoGradGuard no_grad;
-    return K::forward({sz, input, linear_weight, linear_bias, target, std::move(cw), ignore_index,
-                       static_cast<float>(label_smoothing), reduction});
+    Tensor3 out = K::forward({sz, input, linear_weight, linear_bias, target, std::move(cw), ignore_index,
+                              static_cast<float>(label_smoothing), reduction});
+    // No classes (every row ignored, or a bad target): torch's smoothing term is eps / V * (a sum of no
+    // terms) = NaN on every row, ignored or not.
+    if (sz.V == 0 && label_smoothing > 0) std::get<0>(out).fill_(std::numeric_limits<float>::quiet_NaN());
+    return out;
   }
 
   static Tensor3 backward(const at::Tensor& grad_loss, const at::Tensor& input, const at::Tensor& linear_weight,

@@ -353,7 +353,10 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   const float* gp = g.const_data_ptr<float>();
   const float* lsp = ls.const_data_ptr<float>();
   const float tw = a.total_weight.item<float>();
-  const float wsum = static_cast<float>(weight_total(w, V));
+  // The class weights other than the target's only enter with label smoothing (as in torch: an inf or NaN
+  // weight of a class that is never a target changes nothing without it).
+  const float* ws_w = eps > 0.f ? w : nullptr;
+  const float wsum = static_cast<float>(weight_total(ws_w, V));
   const float eps_over_v = V > 0 ? eps / static_cast<float>(V) : 0.f;
   // dL[i, c] = a_i exp(x_ic - lse_i) - b_i w_c - [c == t] d_i
   std::vector<float> ca(N, 0.f), cb(N, 0.f), cd(N, 0.f);
@@ -384,7 +387,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
     const at::Tensor wc = weight_chunk(p.w, v0, len);
     at::Tensor d = chunk_logits(p, wc, ws, v0, len);
     float* dp = d.data_ptr<float>();
-    const float* wv = w ? w + v0 : nullptr;
+    const float* wv = ws_w ? ws_w + v0 : nullptr;
     at::parallel_for(0, N, std::max<int64_t>(1, 16384 / len), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         float* row = dp + i * len;

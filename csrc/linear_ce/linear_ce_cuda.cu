@@ -377,7 +377,10 @@ __global__ void grad_chunk_kernel(float* __restrict__ lg, S* __restrict__ d2, in
     float g = per_row ? grad_loss[i] : grad_loss[0];
     if (mean) g = g / tw[0];
     const float wt = cw ? cw[t] : 1.f;
-    const float wsum = wsum_ptr ? *wsum_ptr : static_cast<float>(V);
+    // The other classes' weights only enter with label smoothing (as in torch: without it an inf or NaN
+    // weight of a class that is never a target changes nothing).
+    const float* cw_smooth = eps > 0.f ? cw : nullptr;
+    const float wsum = cw_smooth ? *wsum_ptr : static_cast<float>(V);
     const float a = g * ((1.f - eps) * wt + eps / static_cast<float>(V) * wsum);
     const float e = g * eps / static_cast<float>(V);
     const float d = g * (1.f - eps) * wt;
@@ -385,7 +388,7 @@ __global__ void grad_chunk_kernel(float* __restrict__ lg, S* __restrict__ d2, in
     for (int64_t j = lane; j < len; j += 32) {
       const int64_t c = v0 + j;
       const float v = row[j] + (bias ? bias[c] : 0.f);
-      float r = a * expf(v - l) - e * (cw ? cw[c] : 1.f);
+      float r = a * expf(v - l) - e * (cw_smooth ? cw_smooth[c] : 1.f);
       if (c == t) r -= d;
       store(j, r);
     }
@@ -456,8 +459,8 @@ Tensor3 Kernels<at::kCUDA>::forward(const ForwardArgs& a) {
   const auto f32 = a.input.options().dtype(at::kFloat);
   at::Tensor loss_rows = at::empty({sz.N}, f32), lse = at::empty({sz.N}, f32), wrow = at::empty({sz.N}, f32);
   if (sz.N > 0) {
-    // sum_c w_c stays on the device (reading it here would synchronise with the host).
-    const at::Tensor wsum = cwt.defined() ? cwt.sum() : at::Tensor();
+    // sum_c w_c (label smoothing only) stays on the device (reading it here would synchronise with the host).
+    const at::Tensor wsum = cwt.defined() && eps > 0.f ? cwt.sum() : at::Tensor();
     const RowState st = make_state(fbuf, ibuf, sz.N);
     auto stream = at::cuda::getCurrentCUDAStream();
     const int blocks = static_cast<int>(std::min<int64_t>((sz.N + kThreads - 1) / kThreads, 65535));
@@ -516,7 +519,7 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const float* cw = cwt.defined() ? cwt.const_data_ptr<float>() : nullptr;
-  const at::Tensor wsum = cwt.defined() ? cwt.sum() : at::Tensor();  // on the device
+  const at::Tensor wsum = cwt.defined() && a.label_smoothing > 0.f ? cwt.sum() : at::Tensor();  // on the device
   const at::Tensor g = a.grad_loss.to(at::kFloat).contiguous();
   const at::Tensor ls = a.lse.contiguous();
   const at::Tensor tw = a.total_weight.to(at::kFloat).contiguous();
