@@ -303,6 +303,21 @@ def test_op_errors_same_type_as_reference(name, args, exc):
             assert torch.equal(s0, s1)  # nothing written
 
 
+@needs_kernel("compare_update", "cuda")
+def test_cuda_rejected_batch_reads_as_ignored_everywhere():
+    # Without a host sync the CUDA kernel cannot raise on a bad target: the batch is rejected (only counts[6]
+    # grows) and every row output reads as ignored (NaN, -1), as the reference gives it on the device. Those
+    # rows are what compare_logits(reduction="none") returns under torch.compile, where it does not raise.
+    a = torch.randn(6, 5)
+    t = torch.tensor([0, 1, 7, 2, -1, 4])
+    for fn in (torch.ops.fasteval.compare_update, R.compare_update):
+        st = [s.cuda() for s in new_state(1)]
+        rs, ra = torch.full((6, 4), 7.0, device="cuda"), torch.full((6, 2), 7, dtype=torch.int64, device="cuda")
+        fn(a.cuda(), (a + 0.1).cuda(), t.cuda(), None, [1], *st, rs, ra)
+        assert rs.isnan().all() and (ra == -1).all(), fn
+        assert st[1].tolist() == [0] * 6 + [2, 0, 0] and not st[2].any() and not st[3].any(), fn
+
+
 @needs_kernel("compare_update", "cpu")
 def test_opcheck():
     g = torch.Generator().manual_seed(0)

@@ -521,6 +521,26 @@ def test_cuda_update_from_hidden_and_rejected_batch():
         a.compute()
 
 
+@needs_kernel("linear_cross_entropy", "cuda")
+@pytest.mark.parametrize("reduction", [0, 2])
+def test_cuda_bad_targets_count_the_nearest_class_weight(reduction):
+    # The CPU raises on a target outside [0, V); the CUDA kernel cannot without a host sync. Such a row gets
+    # a NaN loss and lse and counts the weight of the nearest class in total_weight, as the cross-entropy
+    # kernel on the same logits does (and the reference).
+    x, w, b, _ = make(6, 8, 40)
+    t = torch.tensor([3, -5, 40, 2**31 - 1, -100, 39])
+    cw = torch.arange(1.0, 41.0)
+    args = (t.cuda(), cw.cuda(), -100, 0.0, reduction)
+    loss, lse, tw = torch.ops.fasteval.linear_cross_entropy(x.cuda(), w.cuda(), b.cuda(), *args)
+    ce_loss, ce_lse, ce_tw = torch.ops.fasteval.softmax_cross_entropy(F.linear(x, w, b).cuda(), *args)
+    assert tw.item() == ce_tw.item() == 4 + 1 + 40 + 40 + 40
+    bad = torch.tensor([False, True, True, True, False, False])
+    assert lse.cpu()[bad].isnan().all() and not lse.cpu()[~bad].isnan().any()
+    torch.testing.assert_close(lse.cpu(), ce_lse.float().cpu(), equal_nan=True, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.cpu(), ce_loss.cpu(), equal_nan=True, rtol=1e-5, atol=1e-5)
+    assert loss.isnan().any()
+
+
 @needs_kernel("linear_cross_entropy_backward", "cpu")
 def test_backward_op_rejects_bad_saved_inputs():
     x, w, t = torch.randn(4, 3), torch.randn(5, 3), torch.tensor([0, 1, 2, 3])

@@ -69,6 +69,14 @@ __device__ __forceinline__ void atomic_nan_max(double* addr, double v) {
   } while (old != assumed);
 }
 
+// The row outputs of a position that does not count: NaN statistics, argmaxes -1.
+__device__ __forceinline__ void write_ignored_row(const Params& p, int64_t i) {
+  if (p.row_stats) {
+    for (int k = 0; k < 4; ++k) p.row_stats[4 * i + k] = cuda::quiet_nan();
+  }
+  if (p.row_argmax) p.row_argmax[2 * i] = p.row_argmax[2 * i + 1] = -1;
+}
+
 // The argmax and the rank counts merge across lanes in the order of common/order.h.
 struct RankPartsOp {
   using Parts = order::RankParts<int64_t>;
@@ -94,7 +102,13 @@ struct BlockAcc {
 template <typename TA, typename TB, typename I>
 __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ xa, const TB* __restrict__ xb,
                                                          const I* __restrict__ target, Params p) {
-  if (*p.bad != 0) return;  // the batch is rejected (uniform over the grid)
+  if (*p.bad != 0) {  // the batch is rejected (uniform over the grid): every position reads as ignored
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < p.P;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      write_ignored_row(p, i);
+    }
+    return;
+  }
   __shared__ BlockAcc acc;
   for (int i = threadIdx.x; i < kStatRows; i += blockDim.x) {
     acc.sum[i] = 0.0;
@@ -114,12 +128,7 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
     if (p.has_target) {
       t = static_cast<int64_t>(target[i]);
       if (p.has_ignore && t == p.ignore_index) {  // uniform over the warp
-        if (lane == 0) {
-          if (p.row_stats) {
-            for (int k = 0; k < 4; ++k) p.row_stats[4 * i + k] = cuda::quiet_nan();
-          }
-          if (p.row_argmax) p.row_argmax[2 * i] = p.row_argmax[2 * i + 1] = -1;
-        }
+        if (lane == 0) write_ignored_row(p, i);
         continue;
       }
     }

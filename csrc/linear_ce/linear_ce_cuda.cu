@@ -59,7 +59,9 @@ int64_t workspace_bytes() {
                     "FASTEVAL_LCE_WORKSPACE_MB must be a whole number of MiB in [1, 4096], got '", e, "'");
   return static_cast<int64_t>(mb) << 20;
 }
-constexpr int64_t kIgnored = -1, kBad = -2;
+// Codes of the rows whose target is not a class: ignored, or outside [0, V) below or above (a bad target
+// counts the weight of the nearest class in total_weight, as the cross-entropy kernel and the reference do).
+constexpr int64_t kIgnored = -1, kBadLow = -2, kBadHigh = -3;
 
 // Per-row running state (structure of arrays in one float and one int64 buffer).
 struct RowState {
@@ -70,7 +72,7 @@ struct RowState {
   int64_t* arg;     // first index of the maximum
   int64_t* above;   // #{c != t : !(x_c <= x_t)}
   int64_t* eqb;     // #{c < t : x_c == x_t}  (x_t NaN: #{c < t : isnan(x_c)})
-  int64_t* tgt;     // target, kIgnored or kBad
+  int64_t* tgt;     // target, kIgnored, kBadLow or kBadHigh
 };
 
 inline RowState make_state(const at::Tensor& f, const at::Tensor& i, int64_t N) {
@@ -79,7 +81,7 @@ inline RowState make_state(const at::Tensor& f, const at::Tensor& i, int64_t N) 
   return {fp, fp + N, fp + 2 * N, fp + 3 * N, ip, ip + N, ip + 2 * N, ip + 3 * N};
 }
 
-// Targets and target logits, one warp per row: tgt = t, kIgnored or kBad (outside [0, V)); xt = <x_i, w_t>
+// Targets and target logits, one warp per row: tgt = t, kIgnored, kBadLow (t < 0) or kBadHigh (t >= V); xt = <x_i, w_t>
 // + b_t in float32. bad_count (may be null) counts the bad targets.
 template <typename T, typename I>
 __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
@@ -92,7 +94,8 @@ __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict
     const int64_t t = static_cast<int64_t>(target[i]);
     int64_t code = t;
     if (has_ignore && t == ignore_index) code = kIgnored;
-    else if (t < 0 || t >= V) code = kBad;
+    else if (t < 0) code = kBadLow;
+    else if (t >= V) code = kBadHigh;
     float acc = 0.f;
     if (code >= 0) {
       const T* xr = x + i * H;
@@ -109,7 +112,7 @@ __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict
       st.arg[i] = 0;
       st.above[i] = 0;
       st.eqb[i] = 0;
-      if (code == kBad && bad_count) atomicAdd(reinterpret_cast<unsigned long long*>(bad_count), 1ull);
+      if (code < kIgnored && bad_count) atomicAdd(reinterpret_cast<unsigned long long*>(bad_count), 1ull);
     }
   }
 }
@@ -269,10 +272,10 @@ __global__ void loss_rows_kernel(RowState st, int64_t N, int64_t V, const float*
       wrow[i] = 0.f;
       continue;
     }
-    if (t == kBad) {  // the CPU raises; here the row's loss is NaN (it shows in any reduction)
+    if (t < kIgnored) {  // the CPU raises; here the row's loss is NaN (it shows in any reduction)
       loss[i] = quiet_nan();
       lse[i] = quiet_nan();
-      wrow[i] = cw ? cw[0] : 1.f;
+      wrow[i] = cw && V > 0 ? cw[t == kBadLow ? 0 : V - 1] : 1.f;
       continue;
     }
     const float wt = cw ? cw[t] : 1.f;
@@ -505,7 +508,7 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
   at::Tensor grad_b = at::zeros({V}, f32);
   if (N == 0 || V == 0) return {grad_x.to(a.input.scalar_type()), grad_w, grad_b.to(a.input.scalar_type())};
   auto stream = at::cuda::getCurrentCUDAStream();
-  // Targets (kIgnored / kBad rows get a zero gradient) through the forward's preparation kernel.
+  // Targets (ignored and bad rows get a zero gradient) through the forward's preparation kernel.
   at::Tensor fbuf = at::empty({4 * N}, f32);
   at::Tensor ibuf = at::empty({4 * N}, a.input.options().dtype(at::kLong));
   const RowState st = make_state(fbuf, ibuf, N);
