@@ -219,6 +219,8 @@ HAND: List[Tuple[str, str, str, str, str]] = [
      "reference calibration counts NaN confidences"),
     ("reference.py", "eval_update", "above = (x > xt) | (xnan & ~tnan)", "above = (x > xt)",
      "reference evaluator rank ignores NaN"),
+    ("reference.py", "softmax_cross_entropy_backward", "if eps > 0:", "if True:",
+     "the other classes' weights read without label smoothing (NaN gradients from an untargeted NaN weight)"),
     ("reference.py", "_cross_entropy_rows", "lse = torch.where(finite, lse, torch.full_like(lse, float(\"nan\")))",
      "pass", "reference lse finite for a row with +inf"),
     ("reference.py", "binned_confusion_matrix", "bad = keep & ((t < 0) | (t >= num_labels))",

@@ -194,6 +194,20 @@ def test_cross_entropy_ignored_rows_and_non_finite():
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bad", [NAN, INF])
+def test_cross_entropy_backward_reads_no_untargeted_weight_without_smoothing(bad):
+    # Without label smoothing only the targets' weights enter the gradient (torch's is finite here).
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 1, 0])
+    w = torch.tensor([1.0, 2.0, 0.5, bad], dtype=torch.float64)
+    want, = torch.autograd.grad(F.cross_entropy(x, t, weight=w, reduction="sum"), x)
+    loss, lse, tw = reference.softmax_cross_entropy(x.detach(), t, w, -100, 0.0, 2)
+    got = reference.softmax_cross_entropy_backward(torch.tensor(1.0, dtype=torch.float64), x.detach(), t, w, lse, tw,
+                                                   -100, 0.0, 2)
+    assert want.isfinite().all()
+    torch.testing.assert_close(got, want)
+
+
 def test_cross_entropy_out_of_range_and_ignore_beyond_dtype():
     x = torch.randn(3, 4)
     with pytest.raises(IndexError, match="target 4 is out of bounds"):
