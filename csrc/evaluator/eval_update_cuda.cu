@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "common/checks.h"
@@ -392,6 +393,8 @@ void Kernels<at::kCUDA>::update(const UpdateArgs& args) {
               " top_k values are supported on CUDA, got ", args.top_k.size());
   TORCH_CHECK_VALUE(args.boundaries.numel() <= kMaxBins, kOp, ": at most ", kMaxBins,
               " calibration boundaries are supported on CUDA, got ", args.boundaries.numel());
+  // A row's rank counts are 32-bit (RowPartial): a class count past that would wrap a rank into a hit.
+  TORCH_CHECK_VALUE(sh.C <= INT32_MAX, kOp, ": at most ", INT32_MAX, " classes are supported on CUDA, got ", sh.C);
   const c10::cuda::CUDAGuard guard(args.logits.device());
   const at::Tensor logits = evaluator::kernel_layout(args.logits);
   const at::Tensor target = args.target.contiguous();
