@@ -232,3 +232,57 @@ def test_forward_mode_bad_target_raises_on_cpu():
     t[1] = 7
     with pytest.raises(IndexError, match="out of bounds"):
         torch.func.jvp(lambda x: fasteval.cross_entropy(x, t), (x,), (torch.ones_like(x),))
+
+
+# The differentiable route (create_graph, torch.func) on the edge cases the kernels handle: it must give the
+# same first derivative as the backward kernel and torch.
+
+def _routes(fn, x, t, **kw):
+    """The loss and the gradient of its sum by backward(), by create_graph=True and by torch.func.grad."""
+    a = x.clone().requires_grad_()
+    (g_plain,) = torch.autograd.grad(fn(a, t, **kw).sum(), a)
+    (g_graph,) = torch.autograd.grad(fn(a, t, **kw).sum(), a, create_graph=True)
+    g_func = torch.func.grad(lambda z: fn(z, t, **kw).sum())(x)
+    return fn(x, t, **kw), (g_plain, g_graph.detach(), g_func)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int32_targets_with_ignore_index_beyond_int32_on_every_route(device):
+    # 2**32 wraps to 0 in int32: it must match no target (not the rows of class 0) on every route.
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -1.0], [0.0, 3.0, 1.0]], device=device)
+    t = torch.tensor([0, 1, 0], dtype=torch.int32, device=device)
+    loss, grads = _routes(fasteval.cross_entropy, x, t, ignore_index=2**32)
+    want, (g_want, *_) = _routes(F.cross_entropy, x, t.long())
+    torch.testing.assert_close(loss, want)
+    for g in grads:
+        torch.testing.assert_close(g, g_want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w0", [float("inf"), float("nan"), 3e38])
+def test_untargeted_and_ignored_weights_on_every_route(device, w0):
+    # Without label smoothing a weight no counted row targets enters nothing (inf, NaN, or a sum that
+    # overflows float32 with the weight of class 1): torch's loss and gradients are finite, on every route.
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -1.0], [0.0, 3.0, 1.0]], device=device)
+    t = torch.tensor([1, 2, -100], device=device)  # the ignored row would gather class 0
+    w = torch.tensor([w0, 3e38 if w0 == 3e38 else 1.0, 1.0], device=device)
+    for reduction in REDUCTIONS:
+        loss, grads = _routes(fasteval.cross_entropy, x, t, weight=w, reduction=reduction)
+        want, (g_want, *_) = _routes(F.cross_entropy, x, t, weight=w, reduction=reduction)
+        assert g_want.isfinite().all()
+        torch.testing.assert_close(loss, want)
+        for g in grads:
+            torch.testing.assert_close(g, g_want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ignored_non_finite_rows_have_a_zero_gradient_on_every_route(device):
+    # Rows that do not count are not read (torch's log_softmax backward gives NaN there: 0 * NaN).
+    x = torch.tensor([[float("nan"), 1.0], [float("inf"), 0.0], [0.0, 1.0]], device=device)
+    t = torch.tensor([-100, -100, 1], device=device)
+    loss, grads = _routes(fasteval.cross_entropy, x, t)
+    want, (g_want, *_) = _routes(F.cross_entropy, x[2:], t[2:])
+    torch.testing.assert_close(loss, want)
+    for g in grads:
+        assert not g[:2].any()
+        torch.testing.assert_close(g[2:], g_want)

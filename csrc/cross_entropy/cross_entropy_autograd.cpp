@@ -79,7 +79,10 @@ struct TargetMasks {
   at::Tensor valid, bad, safe;  // safe: the target where valid, else 0 (int64)
 };
 
-TargetMasks target_masks(const at::Tensor& target, int64_t C, int64_t ignore_index, const char* op, bool check) {
+TargetMasks target_masks(const at::Tensor& target_any, int64_t C, int64_t ignore_index, const char* op,
+                         bool check) {
+  // In int64: an ignore_index outside the target dtype's range must match nothing, not its wrapped value.
+  const at::Tensor target = target_any.to(at::kLong);
   const at::Tensor counted = target.ne(ignore_index);
   const at::Tensor bad = counted.logical_and(target.lt(0).logical_or(target.ge(C)));
   if (check && target.is_cpu()) {
@@ -98,7 +101,7 @@ TargetMasks target_masks(const at::Tensor& target, int64_t C, int64_t ignore_ind
     }
   }
   const at::Tensor valid = counted.logical_and(bad.logical_not());
-  const at::Tensor safe = at::where(valid, target, at::zeros({}, target.options())).to(at::kLong);
+  const at::Tensor safe = at::where(valid, target, at::zeros({}, target.options()));
   return {valid, bad, safe};
 }
 
@@ -121,9 +124,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_forward(const at::
     lse = at::zeros({N}, x.options().dtype(at::kDouble));
     wt = at::zeros({N}, x.options());
   } else {
-    const at::Tensor logp = at::log_softmax(x, 1);
+    // Rows that do not count are not used at all: their gradient is exactly 0 as in the kernels, even where
+    // their logits are NaN / inf; their weight is 0 (never w[0] times a zero gradient: 0 * inf is NaN).
+    const at::Tensor logp = at::log_softmax(at::where(m.valid.unsqueeze(1), x, zero), 1);
     const at::Tensor nll = logp.gather(1, m.safe.unsqueeze(1)).squeeze(1).neg();
-    wt = w.defined() ? w.index_select(0, m.safe) : at::ones({N}, x.options());
+    wt = at::where(m.valid, w.defined() ? w.index_select(0, m.safe) : at::ones({N}, x.options()), zero);
     loss = nll.mul(wt).mul(1.0 - eps);
     if (eps > 0) {
       const at::Tensor smooth = (w.defined() ? logp.mul(w.unsqueeze(0)) : logp).sum(1).neg();
@@ -137,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_forward(const at::
   loss = at::where(m.valid, loss, at::where(m.bad, nan, zero));
   lse = at::where(m.valid, lse, at::where(m.bad, scalar_like(std::numeric_limits<double>::quiet_NaN(), lse),
                                           scalar_like(0.0, lse)));
-  const at::Tensor total_weight = at::where(m.valid, wt.detach(), zero).sum();
+  const at::Tensor total_weight = wt.detach().sum();
   if (reduction == 1) {
     loss = loss.sum().div(total_weight);
   } else if (reduction == 2) {
@@ -163,10 +168,16 @@ at::Tensor differentiable_backward(const at::Tensor& grad_loss, const at::Tensor
   if (reduction == 1) g = g.div(total_weight);
   if (reduction != 0) g = g.expand({N});
   g = at::where(m.valid, g, scalar_like(0.0, g));
-  const at::Tensor wt = w.defined() ? w.index_select(0, m.safe) : at::ones({N}, x.options());
-  const at::Tensor W = w.defined() ? w.sum() : scalar_like(static_cast<double>(C), x);  // sum_c w_c
-  const at::Tensor p = at::softmax(x, 1);
-  at::Tensor grad = p.mul(g.mul(wt.mul(1.0 - eps).add(W.mul(eps / static_cast<double>(C)))).unsqueeze(1));
+  const at::Tensor zero = scalar_like(0.0, x);
+  const at::Tensor wt =
+      at::where(m.valid, w.defined() ? w.index_select(0, m.safe) : at::ones({N}, x.options()), zero);
+  const at::Tensor p = at::softmax(at::where(m.valid.unsqueeze(1), x, zero), 1);
+  at::Tensor coef_p = wt.mul(1.0 - eps);
+  if (eps > 0) {  // the other classes' weights only enter with label smoothing (W = sum_c w_c)
+    const at::Tensor W = w.defined() ? w.sum() : scalar_like(static_cast<double>(C), x);
+    coef_p = coef_p.add(W.mul(eps / static_cast<double>(C)));
+  }
+  at::Tensor grad = p.mul(g.mul(coef_p).unsqueeze(1));
   if (eps > 0) {
     const at::Tensor ge = g.mul(eps / static_cast<double>(C)).unsqueeze(1);
     grad = grad.sub(w.defined() ? ge.mul(w.unsqueeze(0)) : ge);
