@@ -144,9 +144,9 @@ TORCH_LIBRARY(fasteval, m) {
   // int32.
   //
   // Loss: exactly fasteval::softmax_cross_entropy of the logits x (see above), with
-  // x_it = <input_i, linear_weight_t> + linear_bias_t; loss, lse_i = log sum_c exp(x_ic) and total_weight
-  // all float32 here (the backward's exp(x - lse) is exact to about ulp(lse), enough for the logits of
-  // language-model heads; softmax_cross_entropy keeps lse in float64 for logits of any magnitude).
+  // x_it = <input_i, linear_weight_t> + linear_bias_t; loss and total_weight float32, lse_i = log sum_c
+  // exp(x_ic) float64, as softmax_cross_entropy's (a row's loss is (max - x_it) + log sum exp(x_i - max)
+  // with x_it from the same matmul as the other logits: exact for logits of any magnitude, never negative).
   m.def(
       "linear_cross_entropy(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
       "Tensor? weight, int ignore_index, float label_smoothing, int reduction) -> "

@@ -134,7 +134,7 @@ def _lce_fake(input, linear_weight, linear_bias, target, weight, ignore_index, l
     torch._check(linear_weight.dim() == 2, lambda: "expected linear_weight of shape (V, H)")
     n = input.shape[0]
     loss = input.new_empty((n,) if reduction == 0 else (), dtype=torch.float32)
-    return loss, input.new_empty((n,), dtype=torch.float32), input.new_empty((), dtype=torch.float32)
+    return loss, input.new_empty((n,), dtype=torch.float64), input.new_empty((), dtype=torch.float32)
 
 
 def _lce_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, lse, total_weight,

@@ -25,8 +25,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
 
     The compiled kernels work over chunks of the vocabulary: each chunk's logits come from one matmul into a
     workspace of a few MiB (never more than max(64 MiB, 2% of the N x V float32 logits)), and a fused pass
-    over the chunk keeps each row's running max and sum of exp (an online softmax). The target's logit is
-    one dot product per row. The backward pass recomputes each chunk and gives exact gradients for
+    over the chunk keeps each row's running max and sum of exp (an online softmax). The loss is taken
+    relative to the row max, so that it is never negative and exact for logits of any magnitude. The
+    backward pass recomputes each chunk and gives exact gradients for
     ``input``, ``linear_weight`` and ``linear_bias`` (nothing is filtered). Every product and sum is
     accumulated in float32, also for bfloat16 / float16 inputs.
 

@@ -230,6 +230,40 @@ def test_non_finite_weight_of_a_class_no_row_targets_as_torch(bad, device):
             torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [1e4, 1e10, -1e10])
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_logits_far_from_zero(offset, eps, device):
+    # A large bias shifts every logit: the loss is taken relative to the row max and the smoothing sum relative
+    # to the target logit, and lse is float64, so the loss and gradients stay those of torch on the same float32
+    # logits (before: -170 instead of 1.79 at 1e10 with smoothing; 0 instead of log V for tied rows).
+    x, w, b, t = make(40, 8, 300)
+    bb = b + offset
+    cw = torch.rand(300, generator=torch.Generator().manual_seed(1)) + 0.5
+    dev = [a.to(device).requires_grad_() for a in (x, w, bb)]
+    got = fasteval.linear_cross_entropy(*dev[:2], t.to(device), linear_bias=dev[2], weight=cw.to(device),
+                                        label_smoothing=eps, reduction="sum")
+    logits = F.linear(x, w, bb).double().requires_grad_()  # float32 logits, as the kernels' matmul gives them
+    want = F.cross_entropy(logits, t, weight=cw.double(), label_smoothing=eps, reduction="sum")
+    (g,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=1e-5, atol=1e-4)
+    grads = torch.autograd.grad(got, dev)
+    for a, e in zip(grads, (g @ w.double(), g.t() @ x.double(), g.sum(0))):
+        torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-4)
+
+
+def test_loss_is_never_negative(device):
+    # The target's logit comes from the same matmul as the row max: (max - x_t) + log sum exp >= 0, and exactly
+    # 0 for a single class (a separate dot product for x_t differed in the last bit: -2e-7 at V = 1).
+    x, w, _, _ = make(64, 33, 1, bias=False, scale=3.0)
+    t = torch.zeros(64, dtype=torch.long)
+    assert not fasteval.linear_cross_entropy(x.to(device), w.to(device), t.to(device), reduction="none").any()
+    x, w, b, t = make(256, 33, 40, scale=3.0)  # peaked rows: losses near 0
+    w[t] *= 4
+    loss = fasteval.linear_cross_entropy(x.to(device), w.to(device), t.to(device), linear_bias=b.to(device),
+                                         reduction="none")
+    assert (loss >= 0).all()
+
+
 def test_weight_requires_grad_is_refused():
     x, w, b, t = make(4, 3, 6)
     with pytest.raises(RuntimeError):
@@ -359,6 +393,17 @@ def test_update_from_hidden_adds_what_update_adds(n, h, v, full, device):
     c.update(F.linear(x.cpu(), w.cpu(), b.cpu()).to(device), t)  # the same float32 logits on every device
     _assert_same_state(a, c)
     assert a.compute()["count"] == int((t != -1).sum())
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e10])
+def test_update_from_hidden_far_from_zero(offset, device):
+    # The evaluation pass takes its loss as the loss op does (relative to the row max and the target logit).
+    x, w, b, t = (a.to(device) for a in make(64, 8, 300))
+    a, c = _pair(300, top_k=(1, 5), label_smoothing=0.2, device=device)
+    a.update_from_hidden(x, w, t, b + offset)
+    c.update(F.linear(x, w, b + offset), t)
+    torch.testing.assert_close(a.loss_sum, c.loss_sum, rtol=1e-5, atol=1e-4)
+    assert torch.equal(a.count, c.count)
 
 
 def test_update_from_hidden_ties_and_exact_integers(device):
@@ -552,7 +597,7 @@ def test_backward_op_rejects_bad_saved_inputs():
         bwd(torch.ones(()), x, w, None, t, None, lse, tw, -100, 0.0, 0)
     with pytest.raises(ValueError, match=r"lse must have shape \(4,\)"):
         bwd(torch.ones(()), x, w, None, t, None, lse[:3], tw, -100, 0.0, 1)
-    with pytest.raises(TypeError, match="lse must be float32"):
-        bwd(torch.ones(()), x, w, None, t, None, lse.double(), tw, -100, 0.0, 1)
+    with pytest.raises(TypeError, match="lse must be float64"):
+        bwd(torch.ones(()), x, w, None, t, None, lse.float(), tw, -100, 0.0, 1)
     with pytest.raises(ValueError, match="total_weight must be 0-dim"):
         bwd(torch.ones(()), x, w, None, t, None, lse, tw.reshape(1), -100, 0.0, 1)

@@ -190,7 +190,7 @@ struct Entry {
     const char* op = kBackwardOp;
     const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
     at::Tensor cw = checked_class_weight(weight, sz.V, input, op);
-    check_backward_extras(grad_loss, lse, total_weight, input, "input", sz.N, at::kFloat, reduction, op);
+    check_backward_extras(grad_loss, lse, total_weight, input, "input", sz.N, at::kDouble, reduction, op);
     const at::NoGradGuard no_grad;
     return K::backward({{sz, input, linear_weight, linear_bias, target, std::move(cw), ignore_index,
                          static_cast<float>(label_smoothing), reduction},

@@ -8,11 +8,13 @@
 //      workspace;
 //   2. a fused row pass over the chunk while it is in cache (at::parallel_for over rows), updating per-row
 //      running state: the max and the sum of exp (online softmax, rescaled when the max grows), the argmax
-//      (first maximal index, NaN as the maximum, as torch.argmax), sum_c w_c x_c for label smoothing, and
-//      the counts that give the rank of the target (#{c != t : x_c > x_t or NaN} + #{c < t : x_c == x_t},
-//      the order of common/row_rank_cpu.h).
-// The target logit is computed up front, one dot product per row, so that the rank is counted in the same
-// pass as everything else. bfloat16 / float16 inputs and weights are converted to float32 (the input once,
+//      (first maximal index, NaN as the maximum, as torch.argmax), sum_c w_c (x_c - pivot) for label
+//      smoothing, the target's logit as the matmul gives it, and the counts that give the rank of the target
+//      (#{c != t : x_c > x_t or NaN} + #{c < t : x_c == x_t}, the order of common/row_rank_cpu.h).
+// The target logit is also computed up front, one dot product per row, so that the rank is counted in the
+// same pass as everything else (it is the smoothing sum's pivot too). The loss takes the matmul's target
+// logit: (max - x_t) + log sum exp(x - max) is then never negative, and relative to the row max, it keeps
+// the low bits of logits far from 0; lse is returned in float64. bfloat16 / float16 inputs and weights are converted to float32 (the input once,
 // the weight one chunk at a time): every product is accumulated in float32, and on CPUs without native
 // 16-bit matmuls the float32 matmul is also the fast one.
 // Backward recomputes each chunk's logits, turns them in place into the gradient of the loss with respect
@@ -61,13 +63,25 @@ constexpr int64_t kWorkspaceBytes = int64_t(8) << 20;
 struct RowAcc {
   float m = -kInf;     // running max (NaN once a NaN was seen)
   float s = 0.f;       // sum of exp(x - m)
-  float sx = 0.f;      // sum_c w_c x_c (sum_c x_c without weights); only with WITH_SUM
+  float sx = 0.f;      // sum_c w_c (x_c - pivot) (w_c = 1 without weights); only with WITH_SUM
+  float xm = 0.f;      // the target's logit as its chunk's matmul gives it
   int64_t arg = 0;     // first index of the maximum
   int64_t above = 0;   // #{c != t : !(x_c <= x_t)} (x_t not NaN), i.e. larger or NaN
   int64_t eqb = 0;     // #{c < t : x_c == x_t} (x_t not NaN); #{c < t : isnan(x_c)} (x_t NaN)
-  inline float lse() const { return std::isfinite(m) ? m + std::log(s) : kNaN; }
+  // lse - v = (m - v) + log(s), NaN when the max is not finite: for v = xm the row's loss without smoothing
+  // (never negative: m >= xm; 0 for a single class), for v = pivot the smoothing term's lse. Relative to v,
+  // so that rows of logits far from 0 keep their low bits.
+  inline float lse_minus(float v) const { return std::isfinite(m) ? (m - v) + std::log(s) : kNaN; }
+  inline double lse() const {
+    return std::isfinite(m) ? static_cast<double>(m) + static_cast<double>(std::log(s)) : static_cast<double>(kNaN);
+  }
   inline int64_t rank() const { return above + eqb; }
 };
+
+// The value subtracted from every logit of a row in the smoothing sum: its target logit (dot product) when
+// finite, else 0. Any pivot gives the same sum in exact arithmetic; one near the row's logits keeps it exact
+// in float32 for rows far from 0 (sum_c w_c x_c would cancel against W lse).
+inline float pivot_of(float xt) { return std::isfinite(xt) ? xt : 0.f; }
 
 // Folds one row of a chunk (len float32 logits p of the classes [v0, v0 + len)) into the row's state.
 // w: the class weights of the chunk for the smoothing sum (or null); t, xt: the target and its logit.
@@ -76,7 +90,8 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
                                      RowAcc& a) {
   using L = ChunkLoader<float>;
   const fVec ninf = cpu::neg_inf_vec();
-  const fVec vnan(kNaN), vxt(xt), one(1.f);
+  const fVec vnan(kNaN), vxt(xt), one(1.f), vpivot(pivot_of(xt));
+  const auto shifted = [&](const Chunk& c) { return Chunk{c.lo - vpivot, c.hi - vpivot}; };
   const int64_t full = len - len % kChunk;
   fVec mx_lo = ninf, mx_hi = ninf;
   fVec le_lo(0.f), le_hi(0.f), eq_lo(0.f), eq_hi(0.f);  // counts exact below 2^24
@@ -91,7 +106,7 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
       eq_lo = eq_lo + ((c.lo == vxt) & one);
       eq_hi = eq_hi + ((c.hi == vxt) & one);
     }
-    if constexpr (WITH_SUM) sx.add(c, w ? w + j : nullptr, kChunk);
+    if constexpr (WITH_SUM) sx.add(shifted(c), w ? w + j : nullptr, kChunk);
   }
   if (full < len) {
     const int64_t n = len - full;
@@ -106,9 +121,10 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
       eq_lo = eq_lo + ((cn.lo == vxt) & one);
       eq_hi = eq_hi + ((cn.hi == vxt) & one);
     }
-    if constexpr (WITH_SUM) sx.add(c, w ? w + full : nullptr, n);
+    if constexpr (WITH_SUM) sx.add(cpu::mask_tail(shifted(c), n, fVec(0.f)), w ? w + full : nullptr, n);
   }
   if constexpr (WITH_SUM) a.sx += sx.total();
+  if (t >= v0 && t < v0 + len) a.xm = p[t - v0];
   if constexpr (WITH_EVAL) {
     const int64_t end = v0 + len;
     if (!std::isnan(xt)) {
@@ -306,9 +322,9 @@ Tensor3 Kernels<at::kCPU>::forward(const ForwardArgs& a) {
       eps > 0.f ? forward_pass<true, false>(p, xt, w) : forward_pass<false, false>(p, xt, w);
   const auto f32 = a.input.options().dtype(at::kFloat);
   at::Tensor loss_rows = at::empty({sz.N}, f32);
-  at::Tensor lse = at::empty({sz.N}, f32);
+  at::Tensor lse = at::empty({sz.N}, a.input.options().dtype(at::kDouble));
   float* lr = loss_rows.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
+  double* lp = lse.data_ptr<double>();
   const float keep = 1.f - eps;
   const float eps_over_v = sz.V > 0 ? eps / static_cast<float>(sz.V) : 0.f;
   const float wsum = static_cast<float>(weight_total(w, sz.V));
@@ -321,11 +337,10 @@ Tensor3 Kernels<at::kCPU>::forward(const ForwardArgs& a) {
       continue;
     }
     const float wt = w ? w[t] : 1.f;
-    const float l = acc[i].lse();
-    float v = keep * (wt * (l - xt[i]));
-    if (eps > 0.f) v += eps_over_v * (wsum * l - acc[i].sx);
+    float v = keep * (wt * acc[i].lse_minus(acc[i].xm));
+    if (eps > 0.f) v += eps_over_v * (wsum * acc[i].lse_minus(pivot_of(xt[i])) - acc[i].sx);
     lr[i] = v;
-    lp[i] = l;
+    lp[i] = acc[i].lse();
     total += wt;
     sum += v;
   }
@@ -351,7 +366,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   const at::Tensor g = a.grad_loss.to(at::kFloat).contiguous();
   const at::Tensor ls = a.lse.contiguous();
   const float* gp = g.const_data_ptr<float>();
-  const float* lsp = ls.const_data_ptr<float>();
+  const double* lsp = ls.const_data_ptr<double>();
   const float tw = a.total_weight.item<float>();
   // The class weights other than the target's only enter with label smoothing (as in torch: an inf or NaN
   // weight of a class that is never a target changes nothing without it).
@@ -396,17 +411,21 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
           std::fill(row, row + len, 0.f);
           continue;
         }
-        const fVec va(ca[i]), vb(cb[i]), vl(lsp[i]);
+        // x - lse as (x - hi) - lo with lse = hi + lo in floats: x - hi is exact for the logits near the row
+        // max, whatever their magnitude.
+        const float hi = static_cast<float>(lsp[i]);
+        const float lo = static_cast<float>(lsp[i] - static_cast<double>(hi));
+        const fVec va(ca[i]), vb(cb[i]), vhi(hi), vlo(lo);
         const int64_t full = len - len % kChunk;
         for (int64_t j = 0; j < full; j += kChunk) {
           Chunk c = ChunkLoader<float>::load(row + j);
           Chunk wj = wv ? ChunkLoader<float>::load(wv + j) : Chunk{fVec(1.f), fVec(1.f)};
-          c.lo = va * cpu::fast_exp(c.lo - vl) - vb * wj.lo;
-          c.hi = va * cpu::fast_exp(c.hi - vl) - vb * wj.hi;
+          c.lo = va * cpu::fast_exp((c.lo - vhi) - vlo) - vb * wj.lo;
+          c.hi = va * cpu::fast_exp((c.hi - vhi) - vlo) - vb * wj.hi;
           ChunkLoader<float>::store(row + j, c);
         }
         for (int64_t j = full; j < len; ++j) {
-          row[j] = ca[i] * std::exp(row[j] - lsp[i]) - cb[i] * (wv ? wv[j] : 1.f);
+          row[j] = ca[i] * std::exp((row[j] - hi) - lo) - cb[i] * (wv ? wv[j] : 1.f);
         }
         if (t >= v0 && t < v0 + len) row[t - v0] -= cd[i];
       }
@@ -455,9 +474,8 @@ void Kernels<at::kCPU>::eval_update(const EvalArgs& a) {
       l = kNaN;
       conf = kNaN;
     } else {
-      const float lse = r.lse();
-      l = keep * (lse - xt[i]);
-      if (eps > 0.f) l += eps_over_v * (static_cast<float>(V) * lse - r.sx);
+      l = keep * r.lse_minus(r.xm);
+      if (eps > 0.f) l += eps_over_v * (static_cast<float>(V) * r.lse_minus(pivot_of(xt[i])) - r.sx);
       conf = 1.f / r.s;
     }
     const int64_t pred = r.arg, rank = r.rank();

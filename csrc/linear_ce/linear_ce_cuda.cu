@@ -67,18 +67,26 @@ constexpr int64_t kIgnored = -1, kBadLow = -2, kBadHigh = -3;
 struct RowState {
   float* m;         // running max (NaN once a NaN was seen)
   float* s;         // sum of exp(x - m)
-  float* sx;        // sum_c w_c x_c
+  float* sx;        // sum_c w_c (x_c - pivot), pivot = xt if finite else 0 (see row_pivot)
   float* xt;        // target logit (dot product)
+  float* xm;        // target logit as its chunk's matmul gives it (the loss's, consistent with m)
   int64_t* arg;     // first index of the maximum
   int64_t* above;   // #{c != t : !(x_c <= x_t)}
   int64_t* eqb;     // #{c < t : x_c == x_t}  (x_t NaN: #{c < t : isnan(x_c)})
   int64_t* tgt;     // target, kIgnored, kBadLow or kBadHigh
 };
 
+constexpr int64_t kStateFloats = 5;  // float arrays of RowState
+
+// The value subtracted from every logit of a row in the smoothing sum: the target logit when finite, else 0.
+// Any pivot gives the same sum in exact arithmetic; one near the row's logits keeps it exact in float32 for
+// rows far from 0 (sum_c w_c x_c would cancel against W lse).
+__device__ __forceinline__ float row_pivot(float xt) { return cuda::is_finite_bits(xt) ? xt : 0.f; }
+
 inline RowState make_state(const at::Tensor& f, const at::Tensor& i, int64_t N) {
   float* fp = f.data_ptr<float>();
   int64_t* ip = i.data_ptr<int64_t>();
-  return {fp, fp + N, fp + 2 * N, fp + 3 * N, ip, ip + N, ip + 2 * N, ip + 3 * N};
+  return {fp, fp + N, fp + 2 * N, fp + 3 * N, fp + 4 * N, ip, ip + N, ip + 2 * N, ip + 3 * N};
 }
 
 // Targets and target logits, one warp per row: tgt = t, kIgnored, kBadLow (t < 0) or kBadHigh (t >= V); xt = <x_i, w_t>
@@ -106,6 +114,7 @@ __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict
     if (lane == 0) {
       st.tgt[i] = code;
       st.xt[i] = code >= 0 ? acc + (bias ? bias[code] : 0.f) : 0.f;
+      st.xm[i] = 0.f;
       st.m[i] = neg_inf();
       st.s[i] = 0.f;
       st.sx[i] = 0.f;
@@ -133,7 +142,7 @@ struct LaneRow {
 template <bool kRanks, int K>
 __device__ __forceinline__ void fold_values(LaneRow& r, const float (&x)[K], int64_t j0, int64_t v0,
                                             const float* __restrict__ bias, const float* __restrict__ cw,
-                                            bool with_sum, float xt, bool tnan, int64_t jt) {
+                                            bool with_sum, float xt, float pivot, bool tnan, int64_t jt) {
   float v[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) v[k] = x[k] + (bias ? bias[v0 + j0 + k] : 0.f);
@@ -157,7 +166,7 @@ __device__ __forceinline__ void fold_values(LaneRow& r, const float (&x)[K], int
   r.mse.update(v, vmax);  // a row with a NaN is decided by first_nan, whatever this holds
   if (with_sum) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) r.sx += cw ? cw[v0 + j0 + k] * v[k] : v[k];
+    for (int k = 0; k < K; ++k) r.sx += cw ? cw[v0 + j0 + k] * (v[k] - pivot) : v[k] - pivot;
   }
   if constexpr (kRanks) {
 #pragma unroll
@@ -187,6 +196,7 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
     const int64_t t = st.tgt[i];
     if (t < 0) continue;  // warp-uniform
     const float xt = st.xt[i];
+    const float pivot = row_pivot(xt);
     const bool tnan = is_nan_bits(xt);
     const int64_t jt = t - v0 < 0 ? -1 : (t - v0 > len ? len : t - v0);
     const float* __restrict__ row = lg + i * len;
@@ -194,11 +204,11 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
     cuda::for_each_vectorized<float, 4>(
         row, len, lane, 32,
         [&](int64_t j0, const float(&x)[cuda::kVecWidth<float>]) {
-          fold_values<kRanks>(r, x, j0, v0, bias, cw, with_sum, xt, tnan, jt);
+          fold_values<kRanks>(r, x, j0, v0, bias, cw, with_sum, xt, pivot, tnan, jt);
         },
         [&](int64_t j, float x) {
           const float one[1] = {x};
-          fold_values<kRanks>(r, one, j, v0, bias, cw, with_sum, xt, tnan, jt);
+          fold_values<kRanks>(r, one, j, v0, bias, cw, with_sum, xt, pivot, tnan, jt);
         });
     // Warp merge: equal maxima keep the smaller column (each lane's arg is its first maximum).
     float m = r.mse.max, s = r.mse.sum, sx = r.sx;
@@ -233,6 +243,7 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
         st.eqb[i] += eqb;
       }
       st.sx[i] += sx;
+      if (t - v0 >= 0 && t - v0 < len) st.xm[i] = row[t - v0] + (bias ? bias[t] : 0.f);
       float rm = st.m[i];
       if (is_nan_bits(rm)) continue;  // sticky
       if (first_nan != INT64_MAX) {
@@ -255,36 +266,40 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
   }
 }
 
-__device__ __forceinline__ float row_lse(float m, float s) {
-  return cuda::is_finite_bits(m) ? m + logf(s) : quiet_nan();
+// lse - v = (m - v) + log(s), NaN when the max is not finite: for v = xm a row's loss without smoothing (never
+// negative: m >= xm; 0 for one class), for v = the pivot the smoothing term's lse. Relative to v, so that rows
+// of logits far from 0 keep their low bits.
+__device__ __forceinline__ float lse_minus(float m, float s, float v) {
+  return cuda::is_finite_bits(m) ? (m - v) + logf(s) : quiet_nan();
 }
 
 // Per-row losses of the loss op, the lse and each row's weight in total_weight.
 __global__ void loss_rows_kernel(RowState st, int64_t N, int64_t V, const float* __restrict__ cw,
                                  const float* __restrict__ wsum_ptr, float eps, float* __restrict__ loss,
-                                 float* __restrict__ lse, float* __restrict__ wrow) {
+                                 double* __restrict__ lse, float* __restrict__ wrow) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < N;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = st.tgt[i];
     if (t == kIgnored) {
       loss[i] = 0.f;
-      lse[i] = 0.f;
+      lse[i] = 0.0;
       wrow[i] = 0.f;
       continue;
     }
     if (t < kIgnored) {  // the CPU raises; here the row's loss is NaN (it shows in any reduction)
       loss[i] = quiet_nan();
-      lse[i] = quiet_nan();
+      lse[i] = static_cast<double>(quiet_nan());
       wrow[i] = cw && V > 0 ? cw[t == kBadLow ? 0 : V - 1] : 1.f;
       continue;
     }
     const float wt = cw ? cw[t] : 1.f;
     const float wsum = wsum_ptr ? *wsum_ptr : static_cast<float>(V);  // sum_c w_c
-    const float l = row_lse(st.m[i], st.s[i]);
-    float v = (1.f - eps) * (wt * (l - st.xt[i]));
-    if (eps > 0.f) v += eps / static_cast<float>(V) * (wsum * l - st.sx[i]);
+    const float m = st.m[i], s = st.s[i];
+    float v = (1.f - eps) * (wt * lse_minus(m, s, st.xm[i]));
+    if (eps > 0.f) v += eps / static_cast<float>(V) * (wsum * lse_minus(m, s, row_pivot(st.xt[i])) - st.sx[i]);
     loss[i] = v;
-    lse[i] = l;
+    lse[i] = cuda::is_finite_bits(m) ? static_cast<double>(m) + static_cast<double>(logf(s))
+                                     : static_cast<double>(quiet_nan());
     wrow[i] = wt;
   }
 }
@@ -319,7 +334,7 @@ std::pair<at::Tensor, at::Tensor> forward_state(const at::Tensor& x, const at::T
                                                 const at::Tensor& target, bool has_ignore, int64_t ignore_index,
                                                 const float* cw, bool with_sum, bool ranks, int64_t* bad_count) {
   const int64_t N = x.size(0), H = x.size(1), V = w.size(0);
-  at::Tensor fbuf = at::empty({4 * N}, x.options().dtype(at::kFloat));
+  at::Tensor fbuf = at::empty({kStateFloats * N}, x.options().dtype(at::kFloat));
   at::Tensor ibuf = at::empty({4 * N}, x.options().dtype(at::kLong));
   if (N == 0) return {fbuf, ibuf};
   const RowState st = make_state(fbuf, ibuf, N);
@@ -355,7 +370,7 @@ template <typename S>
 __global__ void grad_chunk_kernel(float* __restrict__ lg, S* __restrict__ d2, int64_t N, int64_t len, int64_t v0,
                                   const float* __restrict__ bias, const float* __restrict__ cw,
                                   const float* __restrict__ wsum_ptr, float eps,
-                                  int64_t V, const int64_t* __restrict__ tgt, const float* __restrict__ lse,
+                                  int64_t V, const int64_t* __restrict__ tgt, const double* __restrict__ lse,
                                   const float* __restrict__ grad_loss, bool per_row, const float* __restrict__ tw,
                                   bool mean) {
   const int lane = threadIdx.x & 31;
@@ -387,11 +402,14 @@ __global__ void grad_chunk_kernel(float* __restrict__ lg, S* __restrict__ d2, in
     const float a = g * ((1.f - eps) * wt + eps / static_cast<float>(V) * wsum);
     const float e = g * eps / static_cast<float>(V);
     const float d = g * (1.f - eps) * wt;
-    const float l = lse[i];
+    // v - lse as (v - hi) - lo with lse = hi + lo in floats: v - hi is exact for the logits near the row max,
+    // whatever their magnitude.
+    const float hi = static_cast<float>(lse[i]);
+    const float lo = static_cast<float>(lse[i] - static_cast<double>(hi));
     for (int64_t j = lane; j < len; j += 32) {
       const int64_t c = v0 + j;
       const float v = row[j] + (bias ? bias[c] : 0.f);
-      float r = a * expf(v - l) - e * (cw_smooth ? cw_smooth[c] : 1.f);
+      float r = a * expf((v - hi) - lo) - e * (cw_smooth ? cw_smooth[c] : 1.f);
       if (c == t) r -= d;
       store(j, r);
     }
@@ -422,9 +440,11 @@ __global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float 
       l = quiet_nan();
       conf = quiet_nan();
     } else {
-      const float lse = m + logf(st.s[i]);
-      l = (1.f - eps) * (lse - st.xt[i]);
-      if (eps > 0.f) l += eps / static_cast<float>(V) * (static_cast<float>(V) * lse - st.sx[i]);
+      const float s = st.s[i];
+      l = (1.f - eps) * lse_minus(m, s, st.xm[i]);
+      if (eps > 0.f) {
+        l += eps / static_cast<float>(V) * (static_cast<float>(V) * lse_minus(m, s, row_pivot(st.xt[i])) - st.sx[i]);
+      }
       conf = 1.f / st.s[i];
     }
     const int64_t pred = st.arg[i];
@@ -460,7 +480,8 @@ Tensor3 Kernels<at::kCUDA>::forward(const ForwardArgs& a) {
   const float eps = a.label_smoothing;
   auto [fbuf, ibuf] = forward_state(x, w, b32, t, true, a.ignore_index, cw, eps > 0.f, /*ranks=*/false, nullptr);
   const auto f32 = a.input.options().dtype(at::kFloat);
-  at::Tensor loss_rows = at::empty({sz.N}, f32), lse = at::empty({sz.N}, f32), wrow = at::empty({sz.N}, f32);
+  at::Tensor loss_rows = at::empty({sz.N}, f32), wrow = at::empty({sz.N}, f32);
+  at::Tensor lse = at::empty({sz.N}, a.input.options().dtype(at::kDouble));
   if (sz.N > 0) {
     // sum_c w_c (label smoothing only) stays on the device (reading it here would synchronise with the host).
     const at::Tensor wsum = cwt.defined() && eps > 0.f ? cwt.sum() : at::Tensor();
@@ -469,7 +490,7 @@ Tensor3 Kernels<at::kCUDA>::forward(const ForwardArgs& a) {
     const int blocks = static_cast<int>(std::min<int64_t>((sz.N + kThreads - 1) / kThreads, 65535));
     loss_rows_kernel<<<blocks, kThreads, 0, stream>>>(st, sz.N, sz.V, cw,
                                                       wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps,
-                                                      loss_rows.data_ptr<float>(), lse.data_ptr<float>(),
+                                                      loss_rows.data_ptr<float>(), lse.data_ptr<double>(),
                                                       wrow.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
@@ -509,7 +530,7 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
   if (N == 0 || V == 0) return {grad_x.to(a.input.scalar_type()), grad_w, grad_b.to(a.input.scalar_type())};
   auto stream = at::cuda::getCurrentCUDAStream();
   // Targets (ignored and bad rows get a zero gradient) through the forward's preparation kernel.
-  at::Tensor fbuf = at::empty({4 * N}, f32);
+  at::Tensor fbuf = at::empty({kStateFloats * N}, f32);
   at::Tensor ibuf = at::empty({4 * N}, a.input.options().dtype(at::kLong));
   const RowState st = make_state(fbuf, ibuf, N);
   dispatch_types(a.input, t, [&](auto tz, auto iz) {
@@ -538,7 +559,7 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
     const auto launch = [&](const at::Tensor& d, auto* d2) {
       grad_chunk_kernel<<<row_blocks(N), kThreads, 0, stream>>>(
           d.data_ptr<float>(), d2, N, len, v0, b32.defined() ? b32.const_data_ptr<float>() : nullptr, cw,
-          wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps, V, st.tgt, ls.const_data_ptr<float>(),
+          wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps, V, st.tgt, ls.const_data_ptr<double>(),
           g.const_data_ptr<float>(), a.reduction == 0, tw.const_data_ptr<float>(), a.reduction == 1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
