@@ -84,7 +84,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         if tuple(target.shape) != tuple(input.shape[:-1]):
             raise FastevalValueError(f"expected target of shape {tuple(input.shape[:-1])} for input of shape "
                                      f"{tuple(input.shape)}, got {tuple(target.shape)}")
-        h2 = input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input
+        # (rows, H) with rows = target.numel(): reshape(-1, H) cannot infer the rows when H = 0
+        h2 = input.reshape(target.numel(), input.shape[-1]) if input.dim() != 2 else input
         t1 = target.reshape(-1) if target.dim() != 1 else target
         loss = _ops.linear_cross_entropy(h2, linear_weight, linear_bias, t1, weight, ignore_index,
                                          float(label_smoothing), red)[0]

@@ -264,6 +264,17 @@ def test_loss_is_never_negative(device):
     assert (loss >= 0).all()
 
 
+@pytest.mark.parametrize("shape", [(0,), (3, 0)])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_no_hidden_features_as_torch(shape, reduction):
+    # H = 0: every logit is the bias (0 without one), the loss log V; the rows of an unbatched (0,) input could
+    # not be inferred by reshape(-1, 0).
+    x, w = torch.randn(*shape), torch.randn(17, 0)
+    t = torch.full(shape[:-1], 3, dtype=torch.long)
+    got = fasteval.linear_cross_entropy(x, w, t, reduction=reduction)
+    torch.testing.assert_close(got, F.linear_cross_entropy(x, w, t, reduction=reduction))
+
+
 def test_weight_requires_grad_is_refused():
     x, w, b, t = make(4, 3, 6)
     with pytest.raises(RuntimeError):
