@@ -338,12 +338,13 @@ def binary_confusion_matrix(preds: Tensor, target: Tensor, threshold: float = 0.
             dtype's range become inf. NaN is negative.
         target: 0/1 labels of the same shape (integer or bool).
         threshold: the decision threshold (a probability when ``from_logits``).
-        from_logits: preds are logits: positive when ``sigmoid(preds) > threshold`` in real arithmetic,
-            evaluated as ``preds > logit(threshold)`` (logit(t) = log(t) - log1p(-t) in float64, then
-            rounded so that the float32 comparison is exact) without computing a sigmoid (nothing
-            data-dependent). torch's ``preds.sigmoid() > threshold`` agrees except where rounding
-            moves its sigmoid or threshold across the other (float32 ``sigmoid(x)`` is exactly 1.0 for x
-            above about 17; bfloat16 rounds both to 8 bits): ``from_logits`` is the exact answer there.
+        from_logits: preds are logits: positive when ``sigmoid(preds) > threshold``, evaluated as
+            ``preds > logit(threshold)`` (logit(t) = log(t) - log1p(-t) in float64, then rounded so that
+            the float32 comparison is exact) without computing a sigmoid (nothing data-dependent). torch's
+            ``preds.sigmoid() > threshold`` agrees except where rounding moves its sigmoid or threshold
+            across the other (float32 ``sigmoid(x)`` is exactly 1.0 for x above about 17; bfloat16 rounds
+            both to 8 bits): ``from_logits`` is the exact answer there, up to the float64 rounding of
+            logit(threshold) (a threshold within about 1e-16 relative of ``sigmoid(x)`` may go either way).
         ignore_index: elements whose target equals it are left out.
         normalize: as in :func:`confusion_matrix`.
 
