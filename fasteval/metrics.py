@@ -31,6 +31,7 @@ Bad input raises the :mod:`fasteval.errors` exceptions, messages prefixed with t
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -111,7 +112,7 @@ def _check_zero_division(zero_division, op: str) -> float:
     if isinstance(zero_division, str):
         if zero_division == "warn":
             return 0.0
-    elif isinstance(zero_division, (int, float)) and not isinstance(zero_division, bool):
+    elif isinstance(zero_division, numbers.Real):  # numpy scalars and bools too, as scikit-learn
         if math.isnan(zero_division):
             return math.nan
         if zero_division in (0, 1):

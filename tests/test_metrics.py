@@ -276,6 +276,15 @@ def test_bad_arguments():
         M.f1_score(p, t, 3, average="samples")
     with pytest.raises(ValueError, match="zero_division"):
         M.f1_score(p, t, 3, zero_division=2)
+    # scikit-learn also accepts bools and numpy scalars: the same numbers as 0 and 1
+    p0, t0 = torch.tensor([0, 0, 1]), torch.tensor([0, 0, 0])  # classes 1 and 2 divide by zero
+
+    def f1(z):
+        return float(M.f1_score(p0, t0, 3, average="macro", zero_division=z))
+
+    assert f1(0) != f1(1)
+    for z in (True, np.int64(1), np.float32(0.0)):
+        assert f1(z) == f1(int(z))
     with pytest.raises(ValueError, match="confmat"):
         M.f1_score(confmat=torch.zeros(3, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="integer"):
