@@ -14,9 +14,9 @@
 // The target logit is also computed up front, one dot product per row, so that the rank is counted in the
 // same pass as everything else (it is the smoothing sum's pivot too). The loss takes the matmul's target
 // logit: (max - x_t) + log sum exp(x - max) is then never negative, and relative to the row max, it keeps
-// the low bits of logits far from 0; lse is returned in float64. bfloat16 / float16 inputs and weights are converted to float32 (the input once,
-// the weight one chunk at a time): every product is accumulated in float32, and on CPUs without native
-// 16-bit matmuls the float32 matmul is also the fast one.
+// the low bits of logits far from 0; lse is returned in float64. bfloat16 / float16 inputs and weights are
+// converted to float32 (the input once, the weight one chunk at a time): every product is accumulated in
+// float32, and on CPUs without native 16-bit matmuls the float32 matmul is also the fast one.
 // Backward recomputes each chunk's logits, turns them in place into the gradient of the loss with respect
 // to them (exact: nothing is filtered), and adds its contributions to the three gradients with matmuls:
 // grad_input += dL @ W_chunk, grad_linear_weight[chunk] = dL^T @ input, grad_linear_bias[chunk] = sum dL.
