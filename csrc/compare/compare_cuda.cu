@@ -13,7 +13,8 @@
 // histogram bins straight into global memory with int64 atomics. At the end of the block, one thread
 // flushes the shared accumulators with one global atomic each (float64 atomicAdd for the sums, int64
 // atomics for the counts). No host synchronisation: bad targets cannot raise, so a first kernel counts
-// them into counts[6] and a scratch flag, and the main kernel then leaves everything untouched.
+// them into counts[6] and a scratch flag, and the main kernel then leaves the state untouched and writes
+// every position's row outputs (when given) as ignored: NaN statistics, argmaxes -1, as the reference.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/zeros.h>
