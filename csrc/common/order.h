@@ -37,16 +37,29 @@ FASTEVAL_HD bool is_nan(float x) {
   return (u & 0x7fffffffu) > 0x7f800000u;
 }
 
-FASTEVAL_HD float neg_inf() {
+// Finite test on the bits (neither NaN nor +-inf), like is_nan.
+FASTEVAL_HD bool is_finite(float x) {
 #if defined(__CUDA_ARCH__)
-  return __uint_as_float(0xff800000u);
+  const uint32_t u = __float_as_uint(x);
 #else
-  const uint32_t u = 0xff800000u;
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+#endif
+  return (u & 0x7f800000u) != 0x7f800000u;
+}
+
+FASTEVAL_HD float from_bits(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
   float f;
   std::memcpy(&f, &u, sizeof(f));
   return f;
 #endif
 }
+
+FASTEVAL_HD float neg_inf() { return from_bits(0xff800000u); }
+FASTEVAL_HD float quiet_nan() { return from_bits(0x7fc00000u); }
 
 // Whether (a, ia) comes before (b, ib) in the order.
 FASTEVAL_HD bool precedes(float a, int64_t ia, float b, int64_t ib) {

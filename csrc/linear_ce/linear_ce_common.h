@@ -9,12 +9,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
 
 #include "common/checks.h"
+#include "common/order.h"
 #include "evaluator/eval_update_common.h"
 
 namespace fasteval {
@@ -102,6 +104,25 @@ inline Sizes check_eval_inputs(const at::Tensor& input, const at::Tensor& w, con
 // the matmul wrote them; on a GPU more, so that fewer chunks amortise the host's cost of each), at least
 // kMinCols columns (matmul efficiency), never more than max(64 MiB, 2% of the N x V float32 logits), never
 // more than V.
+// The value subtracted from every logit of a row in the smoothing sum sum_c w_c (x_c - pivot): the target logit
+// xt (the up-front dot product) when finite, else 0. Any pivot gives the same sum in exact arithmetic; one near
+// the row's logits keeps it exact in float32 for rows far from 0 (sum_c w_c x_c would cancel against W lse).
+FASTEVAL_HD float smoothing_pivot(float xt) { return order::is_finite(xt) ? xt : 0.f; }
+
+// A counted row's loss from its state after every chunk: max m, sum s of exp(x - m), the target logit xm as
+// its chunk's matmul gave it, the pivot's xt and the smoothing sum sx (see smoothing_pivot); class weight wt
+// and wsum = sum_c w_c (V and 1 without weights). (1 - eps) wt (lse - xm) + eps / V (wsum lse - sum_c w_c x_c),
+// each lse term taken relative (lse - xm = (m - xm) + log s, never negative, 0 for one class), so that rows
+// far from 0 keep their low bits. NaN when the max is not finite (NaN, +inf, only -inf), as torch.
+FASTEVAL_HD float row_loss(float m, float s, float xm, float xt, float sx, float wt, float wsum, float eps,
+                           int64_t V) {
+  if (!order::is_finite(m)) return order::quiet_nan();
+  const float log_s = logf(s);
+  float v = (1.f - eps) * (wt * ((m - xm) + log_s));
+  if (eps > 0.f) v += eps / static_cast<float>(V) * (wsum * ((m - smoothing_pivot(xt)) + log_s) - sx);
+  return v;
+}
+
 inline int64_t chunk_columns(int64_t N, int64_t V, int64_t target_bytes) {
   if (V <= 0) return 1;
   const int64_t n = std::max<int64_t>(N, 1);

@@ -63,25 +63,16 @@ constexpr int64_t kWorkspaceBytes = int64_t(8) << 20;
 struct RowAcc {
   float m = -kInf;     // running max (NaN once a NaN was seen)
   float s = 0.f;       // sum of exp(x - m)
-  float sx = 0.f;      // sum_c w_c (x_c - pivot) (w_c = 1 without weights); only with WITH_SUM
+  float sx = 0.f;      // sum_c w_c (x_c - pivot) (w_c = 1 without weights; linear_ce::smoothing_pivot)
   float xm = 0.f;      // the target's logit as its chunk's matmul gives it
   int64_t arg = 0;     // first index of the maximum
   int64_t above = 0;   // #{c != t : !(x_c <= x_t)} (x_t not NaN), i.e. larger or NaN
   int64_t eqb = 0;     // #{c < t : x_c == x_t} (x_t not NaN); #{c < t : isnan(x_c)} (x_t NaN)
-  // lse - v = (m - v) + log(s), NaN when the max is not finite: for v = xm the row's loss without smoothing
-  // (never negative: m >= xm; 0 for a single class), for v = pivot the smoothing term's lse. Relative to v,
-  // so that rows of logits far from 0 keep their low bits.
-  inline float lse_minus(float v) const { return std::isfinite(m) ? (m - v) + std::log(s) : kNaN; }
   inline double lse() const {
     return std::isfinite(m) ? static_cast<double>(m) + static_cast<double>(std::log(s)) : static_cast<double>(kNaN);
   }
   inline int64_t rank() const { return above + eqb; }
 };
-
-// The value subtracted from every logit of a row in the smoothing sum: its target logit (dot product) when
-// finite, else 0. Any pivot gives the same sum in exact arithmetic; one near the row's logits keeps it exact
-// in float32 for rows far from 0 (sum_c w_c x_c would cancel against W lse).
-inline float pivot_of(float xt) { return std::isfinite(xt) ? xt : 0.f; }
 
 // Folds one row of a chunk (len float32 logits p of the classes [v0, v0 + len)) into the row's state.
 // w: the class weights of the chunk for the smoothing sum (or null); t, xt: the target and its logit.
@@ -90,7 +81,7 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
                                      RowAcc& a) {
   using L = ChunkLoader<float>;
   const fVec ninf = cpu::neg_inf_vec();
-  const fVec vnan(kNaN), vxt(xt), one(1.f), vpivot(pivot_of(xt));
+  const fVec vnan(kNaN), vxt(xt), one(1.f), vpivot(linear_ce::smoothing_pivot(xt));
   const auto shifted = [&](const Chunk& c) { return Chunk{c.lo - vpivot, c.hi - vpivot}; };
   const int64_t full = len - len % kChunk;
   fVec mx_lo = ninf, mx_hi = ninf;
@@ -325,8 +316,6 @@ Tensor3 Kernels<at::kCPU>::forward(const ForwardArgs& a) {
   at::Tensor lse = at::empty({sz.N}, a.input.options().dtype(at::kDouble));
   float* lr = loss_rows.data_ptr<float>();
   double* lp = lse.data_ptr<double>();
-  const float keep = 1.f - eps;
-  const float eps_over_v = sz.V > 0 ? eps / static_cast<float>(sz.V) : 0.f;
   const float wsum = static_cast<float>(weight_total(w, sz.V));
   double total = 0, sum = 0;
   for (int64_t i = 0; i < sz.N; ++i) {
@@ -337,10 +326,10 @@ Tensor3 Kernels<at::kCPU>::forward(const ForwardArgs& a) {
       continue;
     }
     const float wt = w ? w[t] : 1.f;
-    float v = keep * (wt * acc[i].lse_minus(acc[i].xm));
-    if (eps > 0.f) v += eps_over_v * (wsum * acc[i].lse_minus(pivot_of(xt[i])) - acc[i].sx);
+    const RowAcc& r = acc[i];
+    const float v = linear_ce::row_loss(r.m, r.s, r.xm, xt[i], r.sx, wt, wsum, eps, sz.V);
     lr[i] = v;
-    lp[i] = acc[i].lse();
+    lp[i] = r.lse();
     total += wt;
     sum += v;
   }
@@ -457,7 +446,6 @@ void Kernels<at::kCPU>::eval_update(const EvalArgs& a) {
   const at::Tensor bnd = a.boundaries.contiguous();
   const float* bp = bnd.const_data_ptr<float>();
   const int64_t nb = bnd.numel();
-  const float keep = 1.f - eps, eps_over_v = eps / static_cast<float>(V);
   double loss = 0;
   int64_t valid = 0;
   int64_t* hits = a.state.topk_hits.data_ptr<int64_t>();
@@ -474,8 +462,7 @@ void Kernels<at::kCPU>::eval_update(const EvalArgs& a) {
       l = kNaN;
       conf = kNaN;
     } else {
-      l = keep * r.lse_minus(r.xm);
-      if (eps > 0.f) l += eps_over_v * (static_cast<float>(V) * r.lse_minus(pivot_of(xt[i])) - r.sx);
+      l = linear_ce::row_loss(r.m, r.s, r.xm, xt[i], r.sx, 1.f, static_cast<float>(V), eps, V);
       conf = 1.f / r.s;
     }
     const int64_t pred = r.arg, rank = r.rank();

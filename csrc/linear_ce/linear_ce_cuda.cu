@@ -67,7 +67,7 @@ constexpr int64_t kIgnored = -1, kBadLow = -2, kBadHigh = -3;
 struct RowState {
   float* m;         // running max (NaN once a NaN was seen)
   float* s;         // sum of exp(x - m)
-  float* sx;        // sum_c w_c (x_c - pivot), pivot = xt if finite else 0 (see row_pivot)
+  float* sx;        // sum_c w_c (x_c - pivot), pivot = xt if finite else 0 (linear_ce::smoothing_pivot)
   float* xt;        // target logit (dot product)
   float* xm;        // target logit as its chunk's matmul gives it (the loss's, consistent with m)
   int64_t* arg;     // first index of the maximum
@@ -77,11 +77,6 @@ struct RowState {
 };
 
 constexpr int64_t kStateFloats = 5;  // float arrays of RowState
-
-// The value subtracted from every logit of a row in the smoothing sum: the target logit when finite, else 0.
-// Any pivot gives the same sum in exact arithmetic; one near the row's logits keeps it exact in float32 for
-// rows far from 0 (sum_c w_c x_c would cancel against W lse).
-__device__ __forceinline__ float row_pivot(float xt) { return cuda::is_finite_bits(xt) ? xt : 0.f; }
 
 inline RowState make_state(const at::Tensor& f, const at::Tensor& i, int64_t N) {
   float* fp = f.data_ptr<float>();
@@ -196,7 +191,7 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
     const int64_t t = st.tgt[i];
     if (t < 0) continue;  // warp-uniform
     const float xt = st.xt[i];
-    const float pivot = row_pivot(xt);
+    const float pivot = linear_ce::smoothing_pivot(xt);
     const bool tnan = is_nan_bits(xt);
     const int64_t jt = t - v0 < 0 ? -1 : (t - v0 > len ? len : t - v0);
     const float* __restrict__ row = lg + i * len;
@@ -266,13 +261,6 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
   }
 }
 
-// lse - v = (m - v) + log(s), NaN when the max is not finite: for v = xm a row's loss without smoothing (never
-// negative: m >= xm; 0 for one class), for v = the pivot the smoothing term's lse. Relative to v, so that rows
-// of logits far from 0 keep their low bits.
-__device__ __forceinline__ float lse_minus(float m, float s, float v) {
-  return cuda::is_finite_bits(m) ? (m - v) + logf(s) : quiet_nan();
-}
-
 // Per-row losses of the loss op, the lse and each row's weight in total_weight.
 __global__ void loss_rows_kernel(RowState st, int64_t N, int64_t V, const float* __restrict__ cw,
                                  const float* __restrict__ wsum_ptr, float eps, float* __restrict__ loss,
@@ -295,9 +283,7 @@ __global__ void loss_rows_kernel(RowState st, int64_t N, int64_t V, const float*
     const float wt = cw ? cw[t] : 1.f;
     const float wsum = wsum_ptr ? *wsum_ptr : static_cast<float>(V);  // sum_c w_c
     const float m = st.m[i], s = st.s[i];
-    float v = (1.f - eps) * (wt * lse_minus(m, s, st.xm[i]));
-    if (eps > 0.f) v += eps / static_cast<float>(V) * (wsum * lse_minus(m, s, row_pivot(st.xt[i])) - st.sx[i]);
-    loss[i] = v;
+    loss[i] = linear_ce::row_loss(m, s, st.xm[i], st.xt[i], st.sx[i], wt, wsum, eps, V);
     lse[i] = cuda::is_finite_bits(m) ? static_cast<double>(m) + static_cast<double>(logf(s))
                                      : static_cast<double>(quiet_nan());
     wrow[i] = wt;
@@ -440,11 +426,7 @@ __global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float 
       l = quiet_nan();
       conf = quiet_nan();
     } else {
-      const float s = st.s[i];
-      l = (1.f - eps) * lse_minus(m, s, st.xm[i]);
-      if (eps > 0.f) {
-        l += eps / static_cast<float>(V) * (static_cast<float>(V) * lse_minus(m, s, row_pivot(st.xt[i])) - st.sx[i]);
-      }
+      l = linear_ce::row_loss(m, st.s[i], st.xm[i], st.xt[i], st.sx[i], 1.f, static_cast<float>(V), eps, V);
       conf = 1.f / st.s[i];
     }
     const int64_t pred = st.arg[i];
