@@ -172,6 +172,8 @@ def _cross_entropy_rows(x: Tensor, target: Tensor, valid: Tensor, weight: Option
     total_weight = torch.where(valid, wt, zero).sum()
     if reduction == 1:
         loss = loss.sum() / total_weight
+        if label_smoothing > 0:  # torch's (1 - eps) * (0 / 0) + (eps / C) * (s / 0) is NaN, not s / 0
+            loss = torch.where(total_weight == 0, nan, loss)
     elif reduction == 2:
         loss = loss.sum()
     return loss, torch.where(bad, nan.double(), torch.where(valid, lse, zero.double())), total_weight

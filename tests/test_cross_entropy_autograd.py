@@ -286,3 +286,30 @@ def test_ignored_non_finite_rows_have_a_zero_gradient_on_every_route(device):
     for g in grads:
         assert not g[:2].any()
         torch.testing.assert_close(g[2:], g_want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("w_counted", [0.0, -0.0])
+def test_zero_total_weight_with_smoothing_is_nan_on_every_route(device, w_counted):
+    # The counted rows target only zero-weight classes, and class 2 (which no row targets) has weight 1: torch's
+    # mean is (1 - eps) * (0 / 0) + (eps / C) * (s / 0) = NaN, not the inf of the fused sum / 0.
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -1.0], [0.0, 3.0, 1.0], [2.0, 2.0, 2.0]], device=device)
+    t = torch.tensor([0, 1, 0, -100], device=device)
+    w = torch.tensor([w_counted, 0.0, 1.0], device=device)
+    for eps in (0.0, 0.3, 1.0):
+        kw = dict(weight=w, label_smoothing=eps)
+        want = F.cross_entropy(x, t, **kw)
+        assert want.isnan()
+        torch.testing.assert_close(fasteval.cross_entropy(x, t, **kw), want, equal_nan=True)
+        grad, value = torch.func.grad_and_value(lambda z: fasteval.cross_entropy(z, t, **kw))(x)
+        torch.testing.assert_close(value, want, equal_nan=True)
+        h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, -0.5]], device=device)
+        lw = torch.tensor([[0.5, -1.0], [1.0, 0.0], [0.0, 3.0]], device=device)
+        want = F.cross_entropy(F.linear(h, lw), t, **kw)
+        assert want.isnan()
+        torch.testing.assert_close(fasteval.linear_cross_entropy(h, lw, t, **kw), want, equal_nan=True)
+    # The sum, and the mean of a non-zero total weight, are unchanged.
+    w = torch.tensor([0.0, 2.0, 1.0], device=device)
+    for reduction in ("mean", "sum"):
+        kw = dict(weight=w, label_smoothing=0.3, reduction=reduction)
+        torch.testing.assert_close(fasteval.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw))

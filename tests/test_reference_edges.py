@@ -194,6 +194,22 @@ def test_cross_entropy_ignored_rows_and_non_finite():
                                rtol=1e-5, atol=1e-6)
 
 
+def test_cross_entropy_mean_of_a_zero_total_weight_with_smoothing_is_nan():
+    # torch: (1 - eps) * (0 / 0) + (eps / C) * (s / 0) = NaN, where the fused sum / 0 would be inf.
+    x = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -1.0], [0.0, 3.0, 1.0]])
+    t = torch.tensor([0, 1, -100])
+    w = torch.tensor([0.0, 0.0, 1.0])
+    for eps in (0.2, 1.0):
+        want = F.cross_entropy(x, t, weight=w, label_smoothing=eps)
+        assert math.isnan(want)
+        assert math.isnan(reference.softmax_cross_entropy(x, t, w, -100, eps, 1)[0])
+        lin = reference.linear_cross_entropy(x, torch.eye(3), None, t, w, -100, eps, 1)[0]
+        assert math.isnan(lin)
+    # The sum is finite, as torch's.
+    got = reference.softmax_cross_entropy(x, t, w, -100, 0.2, 2)[0]
+    torch.testing.assert_close(got, F.cross_entropy(x, t, weight=w, label_smoothing=0.2, reduction="sum"))
+
+
 @pytest.mark.parametrize("bad", [NAN, INF])
 def test_cross_entropy_backward_reads_no_untargeted_weight_without_smoothing(bad):
     # Without label smoothing only the targets' weights enter the gradient (torch's is finite here).

@@ -145,6 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> differentiable_forward(const at::
   const at::Tensor total_weight = wt.detach().sum();
   if (reduction == 1) {
     loss = loss.sum().div(total_weight);
+    // A zero total weight with smoothing: torch's (1 - eps) * (0 / 0) + (eps / C) * (s / 0) is NaN, not s / 0.
+    if (eps > 0) loss = at::where(total_weight.eq(0), scalar_like(std::numeric_limits<double>::quiet_NaN(), loss), loss);
   } else if (reduction == 2) {
     loss = loss.sum();
   }

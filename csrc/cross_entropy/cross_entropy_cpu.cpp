@@ -531,8 +531,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels<at::kCPU>::forward(const 
   // Written in place: fill_ would be a dispatcher call each.
   *total_weight.data_ptr<float>() = static_cast<float>(tw);
   if (args.reduction == kReductionSum) *loss.data_ptr<float>() = static_cast<float>(total);
-  // 0 / 0 = NaN when every row is ignored, as torch
-  if (args.reduction == kReductionMean) *loss.data_ptr<float>() = static_cast<float>(total / tw);
+  // 0 / 0 = NaN when every row is ignored, as torch. A zero total weight with smoothing is NaN too (torch adds
+  // (1 - eps) * (0 / 0) to the smoothing term's s / 0), not the inf of the fused sum / 0.
+  if (args.reduction == kReductionMean)
+    *loss.data_ptr<float>() = tw == 0.0 && eps > 0.f ? std::numeric_limits<float>::quiet_NaN()
+                                                      : static_cast<float>(total / tw);
   // No classes (every row ignored, or a bad target raised above): torch's smoothing term is
   // eps / C * (a sum of no terms) = NaN on every row, ignored or not.
   if (C == 0 && eps > 0.f) loss.fill_(std::numeric_limits<float>::quiet_NaN());

@@ -316,14 +316,16 @@ __global__ void __launch_bounds__(kMaxRowBlock)
 
 // Thread 0 writes total_weight and, for reduction mean (1) or sum (2), the loss: sum / total_weight or sum,
 // in float32 as torch's (the float64 sums rounded first).
-__device__ __forceinline__ void store_reduced(const LossSums& all, int reduction, float* __restrict__ loss,
-                                              float* __restrict__ total_weight) {
+__device__ __forceinline__ void store_reduced(const LossSums& all, int reduction, bool smooth,
+                                              float* __restrict__ loss, float* __restrict__ total_weight) {
   if (threadIdx.x == 0) {
     const float tw = static_cast<float>(all.weight);
     *total_weight = tw;
     const float sum = static_cast<float>(all.loss);
     if (reduction == 2) *loss = sum;
-    if (reduction == 1) *loss = sum / tw;  // 0 / 0 = NaN when every row is ignored, as torch's
+    // 0 / 0 = NaN when every row is ignored, as torch's; a zero total weight with smoothing is NaN too
+    // (torch adds (1 - eps) * (0 / 0) to the smoothing term's s / 0).
+    if (reduction == 1) *loss = tw == 0.f && smooth ? quiet_nan() : sum / tw;
   }
 }
 
@@ -348,13 +350,14 @@ __global__ void __launch_bounds__(kReduceBlock)
     }
     mine = LossSumsOp{}(mine, finish_row<kSmooth>(p, row, status, t, x_t, pivot, acc));
   }
-  store_reduced(cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared), reduction, loss, total_weight);
+  store_reduced(cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared), reduction, kSmooth, loss,
+                total_weight);
 }
 
 // Adds the forward's per-block sums in block order (one block of kReduceBlock threads) and writes
 // total_weight and the reduced loss (store_reduced).
 __global__ void __launch_bounds__(kReduceBlock)
-    cross_entropy_reduce_kernel(const double* __restrict__ block_sums, int num_blocks, int reduction,
+    cross_entropy_reduce_kernel(const double* __restrict__ block_sums, int num_blocks, int reduction, bool smooth,
                                 float* __restrict__ loss, float* __restrict__ total_weight) {
   __shared__ LossSums shared[33];
   LossSums mine{0.0, 0.0};
@@ -362,7 +365,8 @@ __global__ void __launch_bounds__(kReduceBlock)
     mine.loss += block_sums[2 * b];
     mine.weight += block_sums[2 * b + 1];
   }
-  store_reduced(cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared), reduction, loss, total_weight);
+  store_reduced(cuda::block_reduce(mine, LossSumsOp{}, LossSums{0.0, 0.0}, shared), reduction, smooth, loss,
+                total_weight);
 }
 
 template <typename scalar_t, typename index_t>
@@ -584,7 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_forward_cuda(const 
   // With no rows: total_weight 0, and a sum of no terms (0; 0 / 0 = NaN for the mean).
   cross_entropy_reduce_kernel<<<1, kReduceBlock, 0, stream>>>(
       block_sums.const_data_ptr<double>(), static_cast<int>(blocks), static_cast<int>(reduction),
-      reduction == 0 ? nullptr : loss.mutable_data_ptr<float>(), total_weight.mutable_data_ptr<float>());
+      smooth, reduction == 0 ? nullptr : loss.mutable_data_ptr<float>(), total_weight.mutable_data_ptr<float>());
   FASTEVAL_CUDA_LAUNCH_CHECK();
   return {loss, lse, total_weight};
 }

@@ -340,7 +340,10 @@ Tensor3 Kernels<at::kCPU>::forward(const ForwardArgs& a) {
     loss = loss_rows;
   } else {
     loss = at::empty({}, f32);
-    loss.fill_(a.reduction == 1 ? static_cast<double>(static_cast<float>(sum)) / static_cast<float>(total) : sum);
+    // A zero total weight with smoothing is NaN for the mean, as torch's (1 - eps) * (0 / 0) + (eps / V) * (s / 0).
+    loss.fill_(a.reduction == 2                ? sum
+               : total == 0.0 && eps > 0.f ? std::numeric_limits<double>::quiet_NaN()
+                                           : static_cast<double>(static_cast<float>(sum)) / static_cast<float>(total));
   }
   return {loss, lse, total_weight};
 }

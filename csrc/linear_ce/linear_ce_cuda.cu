@@ -486,6 +486,8 @@ Tensor3 Kernels<at::kCUDA>::forward(const ForwardArgs& a) {
     loss = loss_rows.sum();
   } else {
     loss = loss_rows.sum().div(total_weight);
+    // A zero total weight with smoothing is NaN, as torch's (1 - eps) * (0 / 0) + (eps / V) * (s / 0).
+    if (a.label_smoothing > 0.0) loss.masked_fill_(total_weight.eq(0), std::numeric_limits<float>::quiet_NaN());
   }
   return {loss, lse, total_weight};
 }
