@@ -553,7 +553,9 @@ def classification_report(preds=None, target=None, num_classes=None, *, target_n
     weighted averages, identical to ``sklearn.metrics.classification_report(target, preds,
     labels=range(C), target_names=..., digits=..., output_dict=..., zero_division=...)``.
 
-    Reads the (C,) results on the host (and checks CUDA's invalid-label counter).
+    Reads the (C,) results on the host (and checks CUDA's invalid-label counter). Counts of a subset of the
+    classes (sliced ``counts=`` or ``confmat=``) whose predicted and true totals differ get a "micro avg" row in
+    place of "accuracy", as scikit-learn with ``labels`` that leave classes out.
 
     Example:
         >>> import torch
@@ -598,8 +600,12 @@ def classification_report(preds=None, target=None, num_classes=None, *, target_n
             text += row_fmt.format(*row, width=width, digits=digits)
         text += "\n"
     total = int(sum(s))
+    # scikit-learn reports the micro average as the accuracy only when the labels cover every class present.
+    # Counts of every class predict as many samples as they hold (micro precision = recall = accuracy); counts of
+    # a subset (sliced counts= or confmat=) that do not are labelled "micro avg", with the three values.
+    micro_is_accuracy = int(c.pred.sum()) == int(c.true.sum())
     for average in ("micro", "macro", "weighted"):
-        heading = "accuracy" if average == "micro" else average + " avg"
+        heading = average + " avg" if average != "micro" or not micro_is_accuracy else "accuracy"
         ap, ar, af, _ = precision_recall_fscore_support(counts=cc, average=average, zero_division=zero_division)
         avg = [float(ap), float(ar), float(af), total]
         if output_dict:
@@ -610,7 +616,8 @@ def classification_report(preds=None, target=None, num_classes=None, *, target_n
         else:
             text += row_fmt.format(heading, *avg, width=width, digits=digits)
     if output_dict:
-        report["accuracy"] = report["accuracy"]["precision"]
+        if micro_is_accuracy:
+            report["accuracy"] = report["accuracy"]["precision"]
         return report
     return text
 

@@ -165,6 +165,8 @@ HAND: List[Tuple[str, str, str, str, str]] = [
      "probabilities=from_logits is True)).values", "thr = _threshold_tensor(thresholds, preds.device, op, "
      "probabilities=from_logits is True)", "binned curve thresholds left unsorted"),
     ("metrics.py", "_binned_state", "preds = preds.sigmoid()", "pass", "torchmetrics' sigmoid rule skipped"),
+    ("metrics.py", "classification_report", "micro_is_accuracy = int(c.pred.sum()) == int(c.true.sum())",
+     "micro_is_accuracy = True", "the report calls the micro average of a subset of the classes the accuracy"),
     # Confusion matrices.
     ("confusion.py", "_normalize", "c = c / c.sum(dim=(-2, -1), keepdim=True)", "c = c / c.sum(dim=-1, keepdim=True)",
      "normalize='all' normalises rows"),
@@ -221,6 +223,8 @@ HAND: List[Tuple[str, str, str, str, str]] = [
      "reference evaluator rank ignores NaN"),
     ("reference.py", "softmax_cross_entropy_backward", "if eps > 0:", "if True:",
      "the other classes' weights read without label smoothing (NaN gradients from an untargeted NaN weight)"),
+    ("reference.py", "_cross_entropy_rows", "loss = torch.where(total_weight == 0, nan, loss)", "pass",
+     "reference mean of a zero total weight with smoothing is s / 0 (inf), not torch's NaN"),
     ("reference.py", "_cross_entropy_rows", "lse = torch.where(finite, lse, torch.full_like(lse, float(\"nan\")))",
      "pass", "reference lse finite for a row with +inf"),
     ("reference.py", "binned_confusion_matrix", "bad = keep & ((t < 0) | (t >= num_labels))",

@@ -121,6 +121,34 @@ def test_classification_report(c, zero_division, output_dict):
                     assert got == want
 
 
+@pytest.mark.parametrize("output_dict", [False, True])
+def test_classification_report_of_a_subset_of_the_classes(output_dict):
+    # Counts of classes 0..2 of a 5-class problem: scikit-learn (labels=[0, 1, 2]) reports the micro average as
+    # "micro avg" with its precision, recall and F1, not as the accuracy.
+    p, t = make_labels(5, "uniform", n=400, seed=7)
+    tn, pn = t.numpy(), p.numpy()
+    want = sk.classification_report(tn, pn, labels=[0, 1, 2], output_dict=output_dict, zero_division=0)
+    tp, pc, tc = fasteval.class_counts(p, t, 5)
+    cm = fasteval.confusion_matrix(p, t, 5)
+    for src in (dict(counts=(tp[:3], pc[:3], tc[:3])), dict(confmat=cm[:3, :3].contiguous())):
+        if "confmat" in src:  # a sliced matrix drops the predictions into classes 3, 4: sklearn on those rows
+            keep = (tn < 3) & (pn < 3)
+            want = sk.classification_report(tn[keep], pn[keep], labels=[0, 1, 2], output_dict=output_dict,
+                                            zero_division=0)
+        got = M.classification_report(**src, output_dict=output_dict, zero_division=0)
+        if not output_dict:
+            assert got == want
+            continue
+        assert got.keys() == want.keys()
+        for k in want:
+            if isinstance(want[k], dict):
+                assert got[k].keys() == want[k].keys()
+                for kk in want[k]:
+                    close(got[k][kk], want[k][kk])
+            else:
+                close(got[k], want[k])
+
+
 @pytest.mark.parametrize("c", [3, 10, 1000])
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_top_k_accuracy(c, k):
