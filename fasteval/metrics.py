@@ -745,7 +745,9 @@ def binary_average_precision(preds: Tensor, target: Tensor, *, thresholds=None,
                                                  from_logits=from_logits)
     if thresholds is not None:
         return -torch.nansum((rec[1:] - rec[:-1]) * prec[:-1])
-    return -torch.sum(torch.diff(rec) * prec[:-1])
+    # scikit-learn returns max(0.0, -sum(...)): +0.0, not -0.0, when no sample is positive (the sum is never
+    # negative otherwise). The binned path keeps torchmetrics' -0.0.
+    return -torch.sum(torch.diff(rec) * prec[:-1]) + 0.0
 
 
 @public("fasteval.metrics.binary_auroc")

@@ -244,6 +244,24 @@ def test_exact_auroc_single_class_is_nan():
         assert math.isnan(M.binary_auroc(torch.rand(10), torch.zeros(10, dtype=torch.long)).item())
 
 
+@pytest.mark.parametrize("positives", [0, 1, 4])
+def test_average_precision_sign_of_zero_as_the_references(positives):
+    # With no positive sample scikit-learn's AP is +0.0 (max(0.0, -sum)); torchmetrics' binned one is -0.0.
+    s = torch.tensor([0.1, 0.4, 0.35, 0.8])
+    t = (torch.arange(4) < positives).long()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = sk.average_precision_score(t.numpy(), s.numpy())
+        got = M.binary_average_precision(s, t).item()
+    assert got == want and math.copysign(1.0, got) == math.copysign(1.0, want)
+    tmf = pytest.importorskip("torchmetrics.functional.classification")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = tmf.binary_average_precision(s, t, thresholds=5).item()
+        got = M.binary_average_precision(s, t, thresholds=5).item()
+    assert math.isclose(got, want, rel_tol=1e-6) and math.copysign(1.0, got) == math.copysign(1.0, want)
+
+
 @pytest.mark.parametrize("thresholds", [5, 200, "tensor"])
 def test_binned_auroc_ap_match_torchmetrics(thresholds):
     tmf = pytest.importorskip("torchmetrics.functional.classification")
