@@ -120,6 +120,10 @@ class LogitComparator:
         quantiles: the levels of ``kl_quantiles`` and ``delta_p_quantiles``.
         device: where the state lives (default: CPU).
 
+    The class dimension is dim 1 for (N, C) logits and for (N, C, d1, ...) logits, otherwise the last one
+    ((..., C)). A shape that fits both (dims 1 and -1 of size C) is read as (N, C, d1, ...) only with a target
+    of shape (N, d1, ...), as :func:`compare_logits` reads it.
+
     Quantiles come from histograms: KL on log-spaced bins of relative width 0.997% over [1e-10, 1e2]
     (each reported quantile within 0.5% of torch.quantile's, or within 1e-10 below 1e-10), delta-p on bins
     of width 1e-4 over [-1, 1] (within 0.5e-4).
@@ -321,6 +325,8 @@ class LogitComparator:
         tshape = tuple(target.shape) if target is not None else None
         dim1 = shape[1] == c and (tshape is None or tshape == (shape[0],) + shape[2:])
         last = shape[-1] == c and (tshape is None or tshape == shape[:-1])
+        if dim1 and last and tshape is None:
+            dim1 = False  # (N, C, ..., C) without a target: the last dim, as compare_logits reads it
         if dim1:
             if a.dim() == 2:
                 return a, b, target, shape[:1]

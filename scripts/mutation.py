@@ -147,6 +147,8 @@ HAND: List[Tuple[str, str, str, str, str]] = [
     ("compare.py", "LogitComparator.sync", "slots[rank] = self.stats[:, 2]", "slots[0] = self.stats[:, 2]",
      "sync() writes every process's maxima into slot 0"),
     ("compare.py", "LogitComparator.reset", "self.stats[:, 2] = -math.inf", "pass", "reset() leaves the maxima at 0"),
+    ("compare.py", "LogitComparator._prepare", "dim1 = False  #", "pass  #",
+     "the comparator reads (N, C, C) logits without a target along dim 1, compare_logits along the last"),
     # Metrics.
     ("metrics.py", "_topk_counts", "hit = valid & (rank < k)", "hit = valid & (rank <= k)", "top-k off by one"),
     ("metrics.py", "top_k_accuracy", "hits = hits + (ok & (rank < k)).sum()", "hits = hits + (ok & (rank <= k)).sum()",

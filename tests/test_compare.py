@@ -164,6 +164,24 @@ def test_ignore_index_and_layouts():
     assert bool((r1["ref_argmax"][:, -2:] == -1).all())
 
 
+def test_a_shape_that_fits_both_layouts_is_read_alike_by_the_comparator_and_compare_logits():
+    # (N, C, C): without a target the class dim is the last one, with a target of shape (N, C) dim 1, in
+    # compare_logits and in LogitComparator alike (the comparator read dim 1 in both cases).
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(2, 3, 3, generator=g), torch.randn(2, 3, 3, generator=g)
+    t = torch.randint(0, 3, (2, 3), generator=g)
+    rows_last = (a.reshape(-1, 3), b.reshape(-1, 3))
+    rows_dim1 = (a.permute(0, 2, 1).reshape(-1, 3), b.permute(0, 2, 1).reshape(-1, 3))
+    for target, (ra, rb) in ((None, rows_last), (t, rows_dim1)):
+        rt = None if target is None else target.reshape(-1)
+        want = fasteval.compare_logits(ra, rb, rt, reduction="none")
+        got = fasteval.compare_logits(a, b, target, reduction="none")
+        torch.testing.assert_close(got["kl"].reshape(-1), want["kl"])
+        cmp = fasteval.LogitComparator(3)
+        cmp.update(a, b, target)
+        assert cmp.compute()["kl_mean"] == pytest.approx(float(want["kl"].double().mean()), rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantiles_within_bin_error(dtype):
     g = torch.Generator().manual_seed(8)
