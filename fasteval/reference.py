@@ -7,6 +7,7 @@ may materialise N x C temporaries.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -702,20 +703,50 @@ def _rank_rows(x: Tensor, t: Tensor) -> Tensor:
     return above.sum(1)
 
 
+# Taylor coefficients (x^2 .. x^20) of phi(x) = x e^x - e^x + 1 = sum_{n >= 2} (n - 1) x^n / n!: below |x| = 0.5
+# the series is exact to float64 rounding.
+_PHI_COEFFS = tuple((n - 1) / math.factorial(n) for n in range(2, 21))
+
+
+def _m_phi(m: Tensor, p: Tensor, x: Tensor) -> Tensor:
+    """m phi(x) for x = log(p / m): m x^2 (c_2 + c_3 x + ...) near 0 (no cancellation), m - p (1 - x) beyond.
+    Never negative (x + e^-x >= 1)."""
+    small = x.abs() < 0.5
+    xs = torch.where(small, x, torch.zeros_like(x))
+    acc = torch.zeros_like(xs)
+    for c in reversed(_PHI_COEFFS):
+        acc = acc * xs + c
+    return torch.where(small, m * (xs * xs * acc), m - p * (1 - x))
+
+
 def _compare_rows(a: Tensor, b: Tensor, y_target: Optional[Tensor]):
     """Per-row comparison of float64 (P, C) logits (the math of the op's schema). y_target: the class of
-    each row for delta-p and the losses (None: a's argmax)."""
+    each row for delta-p and the losses (None: a's argmax).
+
+    As in the kernels, every class adds a non-negative term of t = log p - log q (no cancellation in the sums,
+    exactly 0 for identical rows): KL(p||q) = sum q phi(t), KL(q||p) = sum p phi(-t), and
+    JS = (sum m phi(log p/m) + sum m phi(log q/m)) / 2 with m = (p + q) / 2. t = (a - b) - (lse a - lse b): the
+    difference of two close logits is exact, and an error in lse a - lse b shifts every t alike (second order)."""
     ninf = float("-inf")
     finite = torch.isfinite(a.amax(1)) & torch.isfinite(b.amax(1))  # NaN, +inf, all -inf: NaN results
     la, lb = torch.log_softmax(a, 1), torch.log_softmax(b, 1)
     p, q = la.exp(), lb.exp()
     amask, bmask = a == ninf, b == ninf
     inf, zero = torch.full((), float("inf"), dtype=a.dtype), torch.zeros((), dtype=a.dtype)
-    # 0 log 0 = 0 (a class masked in p adds nothing), p > 0 where q = 0 adds +inf.
-    kl = torch.where(amask, zero, torch.where(bmask, inf, p * (la - lb))).sum(1)
-    rkl = torch.where(bmask, zero, torch.where(amask, inf, q * (lb - la))).sum(1)
-    lm = torch.log((p + q) / 2)
-    js = 0.5 * (torch.where(p > 0, p * (la - lm), zero) + torch.where(q > 0, q * (lb - lm), zero)).sum(1)
+    live = ~amask & ~bmask & finite[:, None]
+    t = (a - b) - (a.logsumexp(1) - b.logsumexp(1))[:, None]
+    t = torch.where(live, torch.where(torch.isfinite(t), t, la - lb), zero)
+    # log(q / m) = -log((1 + e^t) / 2), from log1p near 0 and logaddexp beyond; log(p / m) = t + log(q / m).
+    near = t.abs() < 1
+    lqm = torch.where(near, -torch.log1p(torch.expm1(torch.where(near, t, zero)) / 2),
+                      math.log(2.0) - torch.logaddexp(zero, t))
+    m = (p + q) / 2
+    # 0 log 0 = 0 (a class masked in p adds nothing to KL(p||q)), p > 0 where q = 0 adds +inf; the limits of
+    # the terms where one side is masked: q to KL(p||q) (a masked), q log 2 / 2 to JS.
+    kl = torch.where(amask & bmask, zero, torch.where(bmask, inf, torch.where(amask, q, _m_phi(q, p, t)))).sum(1)
+    rkl = torch.where(amask & bmask, zero, torch.where(amask, inf, torch.where(bmask, p, _m_phi(p, q, -t)))).sum(1)
+    js_live = 0.5 * (_m_phi(m, p, t + lqm) + _m_phi(m, q, lqm))
+    js = torch.where(amask & bmask, zero, torch.where(amask | bmask, (p + q) * (math.log(2.0) / 2), js_live)).sum(1)
     nan = torch.full((), float("nan"), dtype=a.dtype)
     kl, rkl, js = (torch.where(finite, v, nan) for v in (kl, rkl, js))
     ia, ib = a.argmax(1), b.argmax(1)

@@ -119,6 +119,27 @@ def test_near_identical_models_keep_relative_precision():
     assert bool((same["kl"] == 0).all()) and bool((same["js"].abs() <= 1e-12).all())
 
 
+def test_float64_near_identical_models_on_the_reference():
+    # float64 runs on the reference: KL of ~1e-19 per row from per-class terms that are never negative (p (la - lb)
+    # summed gave +-1e-16, a negative reverse KL, and a state that load_state_dict refused).
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 100, generator=g, dtype=torch.float64)
+    b = a + 1e-9 * torch.randn(4, 100, generator=g, dtype=torch.float64)
+    out = fasteval.compare_logits(a, b, reduction="none")
+    # Second order in d = b - a (exact here): KL(p||q) = KL(q||p) = 4 JS = Var_p(d) / 2, to a relative O(1e-9).
+    p, d = torch.softmax(a, 1), b - a
+    want = 0.5 * (p * (d - (p * d).sum(1, keepdim=True)) ** 2).sum(1)
+    torch.testing.assert_close(out["kl"].double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["reverse_kl"].double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out["js"].double(), want / 4, rtol=1e-6, atol=0)
+    cmp = fasteval.LogitComparator(100)
+    cmp.update(a, b)
+    fasteval.LogitComparator(100).load_state_dict(cmp.state_dict())
+    same = fasteval.compare_logits(a, a.clone(), reduction="none")
+    for k in ("kl", "reverse_kl", "js"):
+        assert bool((same[k] == 0).all()), k
+
+
 def test_masks_and_special_rows():
     a = torch.tensor([[1.0, 2.0, NINF, 0.5], [1.0, 2.0, 3.0, 0.5], [NINF, 2.0, 3.0, 0.5], [NAN, 1.0, 0.0, 0.0],
                       [NINF] * 4, [INF, 0.0, 0.0, 0.0]])
