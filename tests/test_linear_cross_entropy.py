@@ -433,6 +433,32 @@ def test_update_from_hidden_ties_and_exact_integers(device):
     _assert_same_state(a, c)
 
 
+@pytest.mark.parametrize("h", [3, 64, 257])
+@pytest.mark.parametrize("copies", [2, 5, 9])
+def test_update_from_hidden_exact_ties_of_real_valued_logits(h, copies, device):
+    # Duplicated weight rows give logits equal in the matmul, but the target's dot product, computed apart, may
+    # differ from them in the last bit: the rank is still that of the matmul's logits, so a top-1 hit is an
+    # argmax hit, and ties rank in index order as in update() (up to 4 near-ties beside the target; 8 other
+    # copies of the target's row exceed that and fall back to ranking against the dot product, which still
+    # agrees with the argmax on rank 0).
+    g = torch.Generator().manual_seed(h + copies)
+    v = 500
+    w = torch.randn(v, h, generator=g)
+    twins = torch.randperm(v, generator=g)[:copies]
+    w[twins] = w[twins[0]].clone()
+    x = torch.randn(400, h, generator=g)
+    t = twins[torch.randint(0, copies, (400,), generator=g)]
+    x, w, t = x.to(device), w.to(device), t.to(device)
+    a, c = _pair(v, top_k=(1, 2, 3), device=device)
+    a.update_from_hidden(x, w, t)
+    ra = a.compute()
+    assert ra["top1_accuracy"] == ra["accuracy"]
+    if copies - 1 <= 4:
+        c.update(x @ w.t(), t)
+        for n in ("topk_hits", "confmat", "count"):  # (confidences within an ulp of 1 may change bins)
+            assert torch.equal(getattr(a, n), getattr(c, n)), n
+
+
 def test_update_from_hidden_language_model_shapes_and_bias_module():
     head = torch.nn.Linear(8, 40)
     hid = torch.randn(3, 7, 8)

@@ -12,7 +12,11 @@
 //      smoothing, the target's logit as the matmul gives it, and the counts that give the rank of the target
 //      (#{c != t : x_c > x_t or NaN} + #{c < t : x_c == x_t}, the order of common/row_rank_cpu.h).
 // The target logit is also computed up front, one dot product per row, so that the rank is counted in the
-// same pass as everything else (it is the smoothing sum's pivot too). The loss takes the matmul's target
+// same pass as everything else (it is the smoothing sum's pivot too). The dot product may differ from the
+// matmul's x_t in the last bits, so the evaluation pass also counts the logits above x_t + d and keeps the few
+// within [x_t - d, x_t + d] (d bounds |dot - matmul| for any order of float32 accumulation); once the chunk
+// of the target gives x_t, those few are ranked against it: the rank is then exactly that of the matmul's
+// logits, the ones the argmax reads (ties included: a top-1 hit is always an argmax hit). The loss takes the matmul's target
 // logit: (max - x_t) + log sum exp(x - max) is then never negative, and relative to the row max, it keeps
 // the low bits of logits far from 0; lse is returned in float64. bfloat16 / float16 inputs and weights are
 // converted to float32 (the input once, the weight one chunk at a time): every product is accumulated in
@@ -68,24 +72,43 @@ struct RowAcc {
   int64_t arg = 0;     // first index of the maximum
   int64_t above = 0;   // #{c != t : !(x_c <= x_t)} (x_t not NaN), i.e. larger or NaN
   int64_t eqb = 0;     // #{c < t : x_c == x_t} (x_t not NaN); #{c < t : isnan(x_c)} (x_t NaN)
+  // The evaluation's exact rank (x_t = the dot product, d its error bound): above_hi = #{c : !(x_c <= x_t + d)};
+  // the classes c != t with x_c in [x_t - d, x_t + d] in band_c / band_x (nband > kBand: too many to keep, or
+  // no finite bound: the rank falls back to above + eqb, exact except for ties within rounding).
+  static constexpr int kBand = 4;
+  int64_t above_hi = 0;
+  int nband = 0;
+  float band_x[kBand];
+  int64_t band_c[kBand];
   inline double lse() const {
     return std::isfinite(m) ? static_cast<double>(m) + static_cast<double>(std::log(s)) : static_cast<double>(kNaN);
   }
-  inline int64_t rank() const { return above + eqb; }
+  // The target's rank among the matmul's logits: #{c != t : x_c > x_t or NaN} + #{c < t : x_c == x_t}. The
+  // fallback (counts against the dot product) still agrees with the argmax on rank 0.
+  inline int64_t rank(int64_t t, float xt, float d) const {
+    if (nband > kBand || !(std::fabs(xm - xt) <= d)) return arg == t ? 0 : std::max<int64_t>(1, above + eqb);
+    int64_t r = above_hi;
+    for (int j = 0; j < nband; ++j) r += band_x[j] > xm || (band_x[j] == xm && band_c[j] < t);
+    return r;
+  }
 };
 
 // Folds one row of a chunk (len float32 logits p of the classes [v0, v0 + len)) into the row's state.
 // w: the class weights of the chunk for the smoothing sum (or null); t, xt: the target and its logit.
+// d: the bound on |dot product - matmul| of the target's logit (evaluation only; NaN: none).
 template <bool WITH_SUM, bool WITH_EVAL>
 FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, const float* w, int64_t t, float xt,
-                                     RowAcc& a) {
+                                     float d, RowAcc& a) {
   using L = ChunkLoader<float>;
   const fVec ninf = cpu::neg_inf_vec();
   const fVec vnan(kNaN), vxt(xt), one(1.f), vpivot(linear_ce::smoothing_pivot(xt));
+  const float lo = xt - d, hi = xt + d;  // NaN when there is no bound: nothing compares within
+  const fVec vlo(lo), vhi(hi);
   const auto shifted = [&](const Chunk& c) { return Chunk{c.lo - vpivot, c.hi - vpivot}; };
   const int64_t full = len - len % kChunk;
   fVec mx_lo = ninf, mx_hi = ninf;
   fVec le_lo(0.f), le_hi(0.f), eq_lo(0.f), eq_hi(0.f);  // counts exact below 2^24
+  fVec leh_lo(0.f), leh_hi(0.f), in_lo(0.f), in_hi(0.f);
   cpu::WeightedSum sx;
   for (int64_t j = 0; j < full; j += kChunk) {
     const Chunk c = L::load(p + j);
@@ -96,6 +119,11 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
       le_hi = le_hi + ((c.hi <= vxt) & one);
       eq_lo = eq_lo + ((c.lo == vxt) & one);
       eq_hi = eq_hi + ((c.hi == vxt) & one);
+      const fVec h_lo = (c.lo <= vhi) & one, h_hi = (c.hi <= vhi) & one;
+      leh_lo = leh_lo + h_lo;
+      leh_hi = leh_hi + h_hi;
+      in_lo = in_lo + ((c.lo >= vlo) & h_lo);
+      in_hi = in_hi + ((c.hi >= vlo) & h_hi);
     }
     if constexpr (WITH_SUM) sx.add(shifted(c), w ? w + j : nullptr, kChunk);
   }
@@ -111,6 +139,11 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
       le_hi = le_hi + ((cn.hi <= vxt) & one);
       eq_lo = eq_lo + ((cn.lo == vxt) & one);
       eq_hi = eq_hi + ((cn.hi == vxt) & one);
+      const fVec h_lo = (cn.lo <= vhi) & one, h_hi = (cn.hi <= vhi) & one;
+      leh_lo = leh_lo + h_lo;
+      leh_hi = leh_hi + h_hi;
+      in_lo = in_lo + ((cn.lo >= vlo) & h_lo);
+      in_hi = in_hi + ((cn.hi >= vlo) & h_hi);
     }
     if constexpr (WITH_SUM) sx.add(cpu::mask_tail(shifted(c), n, fVec(0.f)), w ? w + full : nullptr, n);
   }
@@ -133,6 +166,23 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
         a.eqb += eq;
       }
       a.above += above;
+      // The exact rank's counts: above x_t + d, and the few other classes within d of x_t (scanned one by one
+      // when the chunk has any: near-ties are rare).
+      a.above_hi += len - static_cast<int64_t>(cpu::hsum(leh_lo + leh_hi));
+      int64_t in = static_cast<int64_t>(cpu::hsum(in_lo + in_hi));
+      if (t >= v0 && t < end && p[t - v0] >= lo && p[t - v0] <= hi) in -= 1;
+      if (in > 0 && a.nband <= RowAcc::kBand) {
+        for (int64_t c = 0; c < len; ++c) {
+          if (v0 + c == t || !(p[c] >= lo && p[c] <= hi)) continue;
+          if (a.nband == RowAcc::kBand) {
+            a.nband += 1;  // too many to keep: the fallback count
+            break;
+          }
+          a.band_x[a.nband] = p[c];
+          a.band_c[a.nband] = v0 + c;
+          a.nband += 1;
+        }
+      }
     } else if (t > v0) {  // a NaN target logit ranks below the NaNs before it only
       const int64_t stop = std::min(len, t - v0);
       for (int64_t c = 0; c < stop; ++c) a.eqb += std::isnan(p[c]);
@@ -168,16 +218,20 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
   a.s += cpu::hsum(se_lo + se_hi);
 }
 
-// Dot product of a float32 row with a row of T, accumulated in float32.
+// Dot product of a float32 row with a row of T, accumulated in float32; with abs_sum, also sum |x_h w_h|.
 template <typename T>
-inline float dot_row(const float* x, const T* w, int64_t H) {
-  fVec acc_lo(0.f), acc_hi(0.f);
+inline float dot_row(const float* x, const T* w, int64_t H, float* abs_sum = nullptr) {
+  fVec acc_lo(0.f), acc_hi(0.f), abs_lo(0.f), abs_hi(0.f);
   const int64_t full = H - H % kChunk;
   for (int64_t j = 0; j < full; j += kChunk) {
     const Chunk a = ChunkLoader<float>::load(x + j);
     const Chunk b = ChunkLoader<T>::load(w + j);
     acc_lo = at::vec::fmadd(a.lo, b.lo, acc_lo);
     acc_hi = at::vec::fmadd(a.hi, b.hi, acc_hi);
+    if (abs_sum) {
+      abs_lo = abs_lo + (a.lo * b.lo).abs();
+      abs_hi = abs_hi + (a.hi * b.hi).abs();
+    }
   }
   if (full < H) {
     const int64_t n = H - full;
@@ -185,7 +239,12 @@ inline float dot_row(const float* x, const T* w, int64_t H) {
     const Chunk b = ChunkLoader<T>::load(w + full, n);
     acc_lo = at::vec::fmadd(a.lo, b.lo, acc_lo);
     acc_hi = at::vec::fmadd(a.hi, b.hi, acc_hi);
+    if (abs_sum) {
+      abs_lo = abs_lo + (a.lo * b.lo).abs();
+      abs_hi = abs_hi + (a.hi * b.hi).abs();
+    }
   }
+  if (abs_sum) *abs_sum = cpu::hsum(abs_lo + abs_hi);
   return cpu::hsum(acc_lo + acc_hi);
 }
 
@@ -248,11 +307,24 @@ inline at::Tensor chunk_logits(const Prepared& p, const at::Tensor& wc, const at
   return out;
 }
 
-// Target logits, one dot product per counted row (0 for the others).
-std::vector<float> target_logits(const Prepared& p) {
-  std::vector<float> xt(static_cast<size_t>(p.N), 0.f);
+// Target logits, one dot product per counted row (0 for the others). With bounds, d[i] bounds the distance
+// between xt[i] and any float32 evaluation of the same sum (the matmul's): two errors of at most
+// gamma(H + 1) * sum |terms| each (products and H + 1 additions with the bias, any order, FMA or not),
+// doubled for the rounding of S itself and of x_t +- d, plus the underflow of H + 1 products. NaN where
+// that is not finite (then the rank is the counts' against xt).
+struct TargetLogits {
+  std::vector<float> xt, d;
+};
+
+TargetLogits target_logits(const Prepared& p, bool bounds) {
+  TargetLogits out;
+  out.xt.assign(static_cast<size_t>(p.N), 0.f);
+  out.d.assign(bounds ? static_cast<size_t>(p.N) : 0, kNaN);
   const float* x = p.x.const_data_ptr<float>();
   const float* b = p.bias.defined() ? p.bias.const_data_ptr<float>() : nullptr;
+  const double n = static_cast<double>(p.H + 1), u = std::ldexp(1.0, -24);
+  const double gamma = n * u / (1.0 - n * u);
+  const double tiny = 2.0 * n * std::ldexp(1.0, -149);
   FASTEVAL_DISPATCH_LOGITS_TYPES(p.w.scalar_type(), "linear_ce_target_logits", [&] {
     const scalar_t* w = p.w.const_data_ptr<scalar_t>();
     const int64_t H = p.H;
@@ -260,16 +332,21 @@ std::vector<float> target_logits(const Prepared& p) {
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t t = p.tgt[i];
         if (t < 0) continue;
-        xt[i] = dot_row<scalar_t>(x + i * H, w + t * H, H) + (b ? b[t] : 0.f);
+        float S = 0.f;
+        out.xt[i] = dot_row<scalar_t>(x + i * H, w + t * H, H, bounds ? &S : nullptr) + (b ? b[t] : 0.f);
+        if (bounds) {
+          const double d = 4.0 * gamma * (static_cast<double>(S) + (b ? std::fabs(b[t]) : 0.0)) + tiny;
+          if (std::isfinite(out.xt[i]) && d < 3e38) out.d[i] = static_cast<float>(d);
+        }
       }
     });
   });
-  return xt;
+  return out;
 }
 
 // The chunked forward pass: every counted row's state after all V classes.
 template <bool WITH_SUM, bool WITH_EVAL>
-std::vector<RowAcc> forward_pass(const Prepared& p, const std::vector<float>& xt, const float* class_w) {
+std::vector<RowAcc> forward_pass(const Prepared& p, const TargetLogits& tl, const float* class_w) {
   std::vector<RowAcc> acc(static_cast<size_t>(p.N));
   if (p.N == 0 || p.V == 0) return acc;
   const int64_t vc = linear_ce::chunk_columns(p.N, p.V, kWorkspaceBytes);
@@ -283,7 +360,7 @@ std::vector<RowAcc> forward_pass(const Prepared& p, const std::vector<float>& xt
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t t = p.tgt[i];
         if (t < 0) continue;
-        tile_row<WITH_SUM, WITH_EVAL>(lp + i * len, len, v0, wv, t, xt[i], acc[i]);
+        tile_row<WITH_SUM, WITH_EVAL>(lp + i * len, len, v0, wv, t, tl.xt[i], WITH_EVAL ? tl.d[i] : kNaN, acc[i]);
       }
     });
   }
@@ -308,9 +385,10 @@ Tensor3 Kernels<at::kCPU>::forward(const ForwardArgs& a) {
       prepare(a.input, a.linear_weight, a.linear_bias, a.target, true, a.ignore_index, kOp, "");
   const float* w = a.class_weight.defined() ? a.class_weight.const_data_ptr<float>() : nullptr;
   const float eps = a.label_smoothing;
-  const std::vector<float> xt = target_logits(p);
+  const TargetLogits tl = target_logits(p, /*bounds=*/false);
+  const std::vector<float>& xt = tl.xt;
   const std::vector<RowAcc> acc =
-      eps > 0.f ? forward_pass<true, false>(p, xt, w) : forward_pass<false, false>(p, xt, w);
+      eps > 0.f ? forward_pass<true, false>(p, tl, w) : forward_pass<false, false>(p, tl, w);
   const auto f32 = a.input.options().dtype(at::kFloat);
   at::Tensor loss_rows = at::empty({sz.N}, f32);
   at::Tensor lse = at::empty({sz.N}, a.input.options().dtype(at::kDouble));
@@ -443,9 +521,10 @@ void Kernels<at::kCPU>::eval_update(const EvalArgs& a) {
   if (sz.N == 0) return;
   const int64_t V = sz.V;
   const float eps = a.label_smoothing;
-  const std::vector<float> xt = target_logits(p);
+  const TargetLogits tl = target_logits(p, /*bounds=*/true);
+  const std::vector<float>& xt = tl.xt;
   const std::vector<RowAcc> acc =
-      eps > 0.f ? forward_pass<true, true>(p, xt, nullptr) : forward_pass<false, true>(p, xt, nullptr);
+      eps > 0.f ? forward_pass<true, true>(p, tl, nullptr) : forward_pass<false, true>(p, tl, nullptr);
   const at::Tensor bnd = a.boundaries.contiguous();
   const float* bp = bnd.const_data_ptr<float>();
   const int64_t nb = bnd.numel();
@@ -468,7 +547,7 @@ void Kernels<at::kCPU>::eval_update(const EvalArgs& a) {
       l = linear_ce::row_loss(r.m, r.s, r.xm, xt[i], r.sx, 1.f, static_cast<float>(V), eps, V);
       conf = 1.f / r.s;
     }
-    const int64_t pred = r.arg, rank = r.rank();
+    const int64_t pred = r.arg, rank = r.rank(t, xt[i], tl.d[i]);
     loss += static_cast<double>(l);
     valid += 1;
     for (size_t k = 0; k < a.top_k.size(); ++k) hits[k] += rank < a.top_k[k];
