@@ -8,7 +8,9 @@
 // index, NaN as the maximum), sum_c w_c x_c for label smoothing and the counts that give the target's
 // rank. The bias is added by the row pass as it reads the chunk. Targets are validated on the device:
 // an out-of-range target gives its row a NaN loss (loss op) or rejects the batch (evaluation op, counted
-// in count[1]), never a host synchronisation. The backward recomputes each chunk, turns it into the
+// in count[1]), never a host synchronisation. The target's rank is that of the matmul's logits, as on the CPU:
+// counted against the dot product's x_t + d (d bounds its error), with the few logits within d of x_t kept
+// (band_x, band_c) and ranked against the matmul's x_t at the end. The backward recomputes each chunk, turns it into the
 // gradient of the logits and applies it with two matmuls and a column sum: float32 operands for float32
 // and float16 inputs, for bfloat16 the gradient's hi and lo bfloat16 terms (grad_chunk_kernel).
 #include <ATen/core/Tensor.h>
@@ -74,14 +76,25 @@ struct RowState {
   int64_t* above;   // #{c != t : !(x_c <= x_t)}
   int64_t* eqb;     // #{c < t : x_c == x_t}  (x_t NaN: #{c < t : isnan(x_c)})
   int64_t* tgt;     // target, kIgnored, kBadLow or kBadHigh
+  // The exact rank (evaluation): d bounds |x_t - the matmul's x_t| (NaN: no bound); above_hi = #{c :
+  // !(x_c <= x_t + d)}; nband counts the classes c != t within d of x_t, the first kBand of them kept in
+  // band_x / band_c (kBand per row).
+  float* d;
+  int64_t* above_hi;
+  int64_t* nband;
+  float* band_x;
+  int64_t* band_c;
 };
 
-constexpr int64_t kStateFloats = 5;  // float arrays of RowState
+constexpr int64_t kBand = 4;
+constexpr int64_t kStateFloats = 6 + kBand;  // float32 values per row in the state's float buffer
+constexpr int64_t kStateInts = 6 + kBand;    // int64 values per row in its int64 buffer
 
 inline RowState make_state(const at::Tensor& f, const at::Tensor& i, int64_t N) {
   float* fp = f.data_ptr<float>();
   int64_t* ip = i.data_ptr<int64_t>();
-  return {fp, fp + N, fp + 2 * N, fp + 3 * N, fp + 4 * N, ip, ip + N, ip + 2 * N, ip + 3 * N};
+  return {fp,         fp + N,     fp + 2 * N, fp + 3 * N, fp + 4 * N, ip, ip + N, ip + 2 * N, ip + 3 * N,
+          fp + 5 * N, ip + 4 * N, ip + 5 * N, fp + 6 * N, ip + 6 * N};
 }
 
 // Targets and target logits, one warp per row: tgt = t, kIgnored, kBadLow (t < 0) or kBadHigh (t >= V); xt = <x_i, w_t>
@@ -99,16 +112,31 @@ __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict
     if (has_ignore && t == ignore_index) code = kIgnored;
     else if (t < 0) code = kBadLow;
     else if (t >= V) code = kBadHigh;
-    float acc = 0.f;
+    float acc = 0.f, mag = 0.f;
     if (code >= 0) {
       const T* xr = x + i * H;
       const T* wr = w + code * H;
-      for (int64_t j = lane; j < H; j += 32) acc += cuda::to_float(xr[j]) * cuda::to_float(wr[j]);
+      for (int64_t j = lane; j < H; j += 32) {
+        const float pr = cuda::to_float(xr[j]) * cuda::to_float(wr[j]);
+        acc += pr;
+        mag += fabsf(pr);
+      }
     }
     acc = cuda::warp_reduce_sum(acc);
+    mag = cuda::warp_reduce_sum(mag);
     if (lane == 0) {
       st.tgt[i] = code;
-      st.xt[i] = code >= 0 ? acc + (bias ? bias[code] : 0.f) : 0.f;
+      const float xt = code >= 0 ? acc + (bias ? bias[code] : 0.f) : 0.f;
+      st.xt[i] = xt;
+      // Two errors of at most gamma(H + 1) sum |terms| (any order, FMA or not), doubled for the roundings of
+      // the sum of magnitudes and of x_t +- d, plus the underflow of H + 1 products (linear_ce_cpu.cpp).
+      const double n = static_cast<double>(H + 1), u = 5.9604644775390625e-8;
+      const double bound = 4.0 * (n * u / (1.0 - n * u)) * (static_cast<double>(mag) +
+                                                            (code >= 0 && bias ? fabs(bias[code]) : 0.0)) +
+                           2.0 * n * 1.401298464324817e-45;
+      st.d[i] = cuda::is_finite_bits(xt) && bound < 3e38 ? static_cast<float>(bound) : quiet_nan();
+      st.above_hi[i] = 0;
+      st.nband[i] = 0;
       st.xm[i] = 0.f;
       st.m[i] = neg_inf();
       st.s[i] = 0.f;
@@ -128,7 +156,17 @@ struct LaneRow {
   cuda::MaxSumExp mse = cuda::MaxSumExp::empty();
   float sx = 0.f;
   int64_t arg = INT64_MAX, first_nan = INT64_MAX;
-  int above = 0, eqb = 0;  // per lane at most len / 32 + 1 <= 2^17 (chunk_columns caps len at 2^22)
+  int above = 0, eqb = 0, above_hi = 0;  // per lane at most len / 32 + 1 <= 2^17 (chunk_columns caps len at 2^22)
+};
+
+// Where a row keeps the logits within d of its target's (the exact rank's band): lo = x_t - d, hi = x_t + d
+// (NaN: none), t the target's vocabulary column.
+struct Band {
+  float lo, hi;
+  int64_t t;
+  unsigned long long* n;
+  float* x;
+  int64_t* c;
 };
 
 // Folds K consecutive values (chunk column j0 + k, vocabulary column v0 + j0 + k) into the lane's state. jt is
@@ -137,7 +175,8 @@ struct LaneRow {
 template <bool kRanks, int K>
 __device__ __forceinline__ void fold_values(LaneRow& r, const float (&x)[K], int64_t j0, int64_t v0,
                                             const float* __restrict__ bias, const float* __restrict__ cw,
-                                            bool with_sum, float xt, float pivot, bool tnan, int64_t jt) {
+                                            bool with_sum, float xt, float pivot, bool tnan, int64_t jt,
+                                            const Band& band) {
   float v[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) v[k] = x[k] + (bias ? bias[v0 + j0 + k] : 0.f);
@@ -170,6 +209,15 @@ __device__ __forceinline__ void fold_values(LaneRow& r, const float (&x)[K], int
       if (!tnan) {
         r.above += !(v[k] <= xt);
         r.eqb += before_t && (v[k] == xt);
+        r.above_hi += !(v[k] <= band.hi);
+        const int64_t col = v0 + j0 + k;
+        if (v[k] >= band.lo && v[k] <= band.hi && col != band.t) {  // a near-tie: rare
+          const unsigned long long slot = atomicAdd(band.n, 1ull);
+          if (slot < static_cast<unsigned long long>(kBand)) {
+            band.x[slot] = v[k];
+            band.c[slot] = col;
+          }
+        }
       } else {
         r.eqb += before_t && is_nan_bits(v[k]);
       }
@@ -195,20 +243,26 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
     const bool tnan = is_nan_bits(xt);
     const int64_t jt = t - v0 < 0 ? -1 : (t - v0 > len ? len : t - v0);
     const float* __restrict__ row = lg + i * len;
+    Band band{quiet_nan(), quiet_nan(), t, reinterpret_cast<unsigned long long*>(st.nband + i), st.band_x + i * kBand,
+              st.band_c + i * kBand};
+    if constexpr (kRanks) {
+      band.lo = xt - st.d[i];
+      band.hi = xt + st.d[i];
+    }
     LaneRow r;
     cuda::for_each_vectorized<float, 4>(
         row, len, lane, 32,
         [&](int64_t j0, const float(&x)[cuda::kVecWidth<float>]) {
-          fold_values<kRanks>(r, x, j0, v0, bias, cw, with_sum, xt, pivot, tnan, jt);
+          fold_values<kRanks>(r, x, j0, v0, bias, cw, with_sum, xt, pivot, tnan, jt, band);
         },
         [&](int64_t j, float x) {
           const float one[1] = {x};
-          fold_values<kRanks>(r, one, j, v0, bias, cw, with_sum, xt, pivot, tnan, jt);
+          fold_values<kRanks>(r, one, j, v0, bias, cw, with_sum, xt, pivot, tnan, jt, band);
         });
     // Warp merge: equal maxima keep the smaller column (each lane's arg is its first maximum).
     float m = r.mse.max, s = r.mse.sum, sx = r.sx;
     long long arg = r.arg, first_nan = r.first_nan;
-    int above = r.above, eqb = r.eqb;
+    int above = r.above, eqb = r.eqb, above_hi = r.above_hi;
     for (int off = 16; off > 0; off >>= 1) {
       const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
       const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
@@ -225,6 +279,7 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
       if constexpr (kRanks) {
         above += __shfl_xor_sync(0xffffffffu, above, off);
         eqb += __shfl_xor_sync(0xffffffffu, eqb, off);
+        above_hi += __shfl_xor_sync(0xffffffffu, above_hi, off);
       }
     }
     if (lane == 0) {
@@ -236,6 +291,7 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
         }
         st.above[i] += above;
         st.eqb[i] += eqb;
+        st.above_hi[i] += above_hi;
       }
       st.sx[i] += sx;
       if (t - v0 >= 0 && t - v0 < len) st.xm[i] = row[t - v0] + (bias ? bias[t] : 0.f);
@@ -321,7 +377,7 @@ std::pair<at::Tensor, at::Tensor> forward_state(const at::Tensor& x, const at::T
                                                 const float* cw, bool with_sum, bool ranks, int64_t* bad_count) {
   const int64_t N = x.size(0), H = x.size(1), V = w.size(0);
   at::Tensor fbuf = at::empty({kStateFloats * N}, x.options().dtype(at::kFloat));
-  at::Tensor ibuf = at::empty({4 * N}, x.options().dtype(at::kLong));
+  at::Tensor ibuf = at::empty({kStateInts * N}, x.options().dtype(at::kLong));
   if (N == 0) return {fbuf, ibuf};
   const RowState st = make_state(fbuf, ibuf, N);
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -430,7 +486,20 @@ __global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float 
       conf = 1.f / st.s[i];
     }
     const int64_t pred = st.arg[i];
-    const int64_t rank = st.above[i] + st.eqb[i];
+    // The rank among the matmul's logits when its x_t lies within d of the dot product's and the band kept
+    // every near-tie; else the counts against the dot product, which still agree with the argmax on rank 0.
+    const float xm = st.xm[i];
+    const int64_t nb = st.nband[i];
+    int64_t rank;
+    if (nb > kBand || !(fabsf(xm - st.xt[i]) <= st.d[i])) {
+      rank = pred == t ? 0 : max(static_cast<int64_t>(1), st.above[i] + st.eqb[i]);
+    } else {
+      rank = st.above_hi[i];
+      for (int64_t j = 0; j < nb; ++j) {
+        const float bx = st.band_x[i * kBand + j];
+        rank += bx > xm || (bx == xm && st.band_c[i * kBand + j] < t);
+      }
+    }
     atomicAdd(loss_sum, static_cast<double>(l));
     cuda::atomic_add_i64(count, 1);
     for (int k = 0; k < K; ++k) {
@@ -515,7 +584,7 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
   auto stream = at::cuda::getCurrentCUDAStream();
   // Targets (ignored and bad rows get a zero gradient) through the forward's preparation kernel.
   at::Tensor fbuf = at::empty({kStateFloats * N}, f32);
-  at::Tensor ibuf = at::empty({4 * N}, a.input.options().dtype(at::kLong));
+  at::Tensor ibuf = at::empty({kStateInts * N}, a.input.options().dtype(at::kLong));
   const RowState st = make_state(fbuf, ibuf, N);
   dispatch_types(a.input, t, [&](auto tz, auto iz) {
     using T = decltype(tz);
