@@ -162,7 +162,9 @@ TORCH_LIBRARY(fasteval, m) {
   // The fused evaluation pass from hidden states: exactly fasteval::eval_update of the (N, V) logits x
   // above (same state, same mutations, same handling of ignore_index and of targets outside [0, V)).
   // The target logit is computed as one dot product per row; argmax and rank follow torch.argmax's order
-  // and are exact except where two logits tie within float32 rounding.
+  // over the chunks' float32 logits (the rank counted against the dot product and made exact with the few
+  // logits within its error bound: up to 4 per row); they can differ from those of F.linear's logits only
+  // where two logits lie within float32 rounding.
   m.def(
       "linear_eval_update(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
       "Tensor calib_boundaries, int? ignore_index, float label_smoothing, int[] top_k, bool counts_only, "

@@ -357,8 +357,10 @@ class ClassificationEvaluator:
         what ``update(F.linear(hidden, linear_weight, linear_bias), target)`` adds (loss, confusion counts,
         top-k hits, calibration bins, count), computed over chunks of the V = num_classes columns of the
         head (``torch.ops.fasteval.linear_eval_update``; the (N, V) logits are never held). The loss agrees
-        within float32 rounding; the argmax and the top-k rank are exact except where two logits tie
-        within rounding.
+        within float32 rounding. The argmax and the top-k rank are those of the chunks' float32 logits, exact
+        ties in index order as in ``update`` (a top-1 hit is always an argmax hit); they can differ from
+        ``update``'s only where two logits lie within rounding, which F.linear may round otherwise (and, for
+        a target with more than 4 other logits that close, the ranks below the top 1).
 
         Args:
             hidden: (N, H) hidden states, or (..., H) (e.g. (B, T, H) for a language model); float32,
