@@ -366,7 +366,9 @@ class ClassificationEvaluator:
             hidden: (N, H) hidden states, or (..., H) (e.g. (B, T, H) for a language model); float32,
                 bfloat16, float16 or float64.
             linear_weight: the head's weight (V, H), in hidden's dtype.
-            target: (N,) class indices, or hidden's leading dims (e.g. (B, T)).
+            target: (N,) class indices, or hidden's leading dims (e.g. (B, T)). The classes are always the
+                logits' last dim, also for (B, T, H) with T = V, where ``update`` would read (B, T, V) logits as
+                (N, C, d1) (its rule when both layouts fit): there pass ``F.linear(...).reshape(-1, V)`` to it.
             linear_bias: optional (V,) bias, in hidden's dtype.
 
         Same guarantees as :meth:`update`: bad shapes, dtypes or devices raise before anything changes, a
