@@ -125,8 +125,8 @@ class LogitComparator:
     of shape (N, d1, ...), as :func:`compare_logits` reads it.
 
     Quantiles come from histograms: KL on log-spaced bins of relative width 0.997% over [1e-10, 1e2]
-    (each reported quantile within 0.5% of torch.quantile's, or within 1e-10 below 1e-10), delta-p on bins
-    of width 1e-4 over [-1, 1] (within 0.5e-4).
+    (each reported quantile within 0.5% plus 1e-10 of torch.quantile's: the bin below 1e-10 stands for 0),
+    delta-p on bins of width 1e-4 over [-1, 1] (within 0.5e-4).
 
     Example:
         >>> import torch, fasteval

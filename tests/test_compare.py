@@ -119,6 +119,22 @@ def test_near_identical_models_keep_relative_precision():
     assert bool((same["kl"] == 0).all()) and bool((same["js"].abs() <= 1e-12).all())
 
 
+@pytest.mark.parametrize("offset", [0.0, 256.0, 1000.0, 1e4])
+def test_near_identical_models_with_an_offset_keep_relative_precision(offset):
+    # A candidate whose logits are the reference's plus an offset: the differences a - b and the row maxima's
+    # are carried exactly, so KL (~5e-7) keeps its relative precision instead of losing ulp(offset) (0.5% at
+    # 1000, 13% at 1e4 before).
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(64, 2000, generator=g) * 3
+    b = a + offset + 1e-3 * torch.randn(64, 2000, generator=g)
+    out = fasteval.compare_logits(a, b, reduction="none")
+    la, lb = logp(a), logp(b)
+    kl = F.kl_div(lb, la, log_target=True, reduction="none").sum(1)
+    rkl = F.kl_div(la, lb, log_target=True, reduction="none").sum(1)
+    torch.testing.assert_close(out["kl"].double(), kl, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["reverse_kl"].double(), rkl, rtol=1e-5, atol=0)
+
+
 def test_float64_near_identical_models_on_the_reference():
     # float64 runs on the reference: KL of ~1e-19 per row from per-class terms that are never negative (p (la - lb)
     # summed gave +-1e-16, a negative reverse KL, and a state that load_state_dict refused).

@@ -79,16 +79,45 @@ FASTEVAL_CMP_HD void series_parts(float t, float e2, float e4, float e6, float e
   O = t * u * (o3 + u * (o5 + u * (o7 + u * o9)));
 }
 
+// x - y = s + e exactly (TwoSum, round to nearest); e = 0 where x - y overflows.
+FASTEVAL_CMP_HD float two_diff(float x, float y, float& e) {
+  const float s = x - y;
+  const float yv = s - x;
+  e = (x - (s - yv)) - (y + yv);
+  if (e != e) e = 0.f;
+  return s;
+}
+
+// D = lse a - lse b = (ma - mb) + (ra - rb) as hi + lo, hi = fl(ma - mb): with a - b carried as exactly,
+// t = ((a - b)_hi - hi) + ((a - b)_lo - lo), whose first difference is exact for close a - b and ma - mb. A
+// candidate whose logits are the reference's plus an offset c then keeps t to its own rounding instead of
+// ulp(c) (an error d in t common to all classes still adds about d^2 / 2 to KL).
+struct LogShift {
+  float hi, lo;
+};
+
+FASTEVAL_CMP_HD LogShift log_shift(float ma, float mb, float ra, float rb) {
+  float e;
+  const float hi = two_diff(ma, mb, e);
+  return {hi, (ra - rb) + e};
+}
+
+FASTEVAL_CMP_HD float log_ratio(float a, float b, LogShift D) {
+  float e;
+  const float s = two_diff(a, b, e);
+  return (s - D.hi) + (e - D.lo);
+}
+
 // Terms of one class (scalar; the CPU kernel has a vector form of the same arithmetic). In the pivoted
 // form (exact for logits of any magnitude): ma, mb the rows' maxima, ra = log sum exp(a - ma),
-// rb = log sum exp(b - mb), so log p = (a - ma) - ra; D = (ma - mb) + (ra - rb) = lse a - lse b.
+// rb = log sum exp(b - mb), so log p = (a - ma) - ra; D = log_shift(ma, mb, ra, rb) = lse a - lse b.
 // kl_inf / rkl_inf are set where a term is +inf.
 struct ClassTerms {
   float kl = 0.f, rkl = 0.f, js = 0.f;
   bool kl_inf = false, rkl_inf = false;
 };
 
-FASTEVAL_CMP_HD void add_class_terms(float a, float b, float ma, float mb, float ra, float rb, float D,
+FASTEVAL_CMP_HD void add_class_terms(float a, float b, float ma, float mb, float ra, float rb, LogShift D,
                                      ClassTerms& acc) {
   const float ninf = -INFINITY;
   const bool ai = a == ninf, bi = b == ninf;
@@ -107,7 +136,7 @@ FASTEVAL_CMP_HD void add_class_terms(float a, float b, float ma, float mb, float
     acc.js += kHalfLog2 * p;
     return;
   }
-  const float t = (a - b) - D;
+  const float t = log_ratio(a, b, D);
   if (fabsf(t) < kSmallT) {
     float E, O, EJ, OJ;
     series_parts(t, FASTEVAL_PHI_EVEN, FASTEVAL_PHI_ODD, E, O);
