@@ -79,12 +79,12 @@ FASTEVAL_CMP_HD void series_parts(float t, float e2, float e4, float e6, float e
   O = t * u * (o3 + u * (o5 + u * (o7 + u * o9)));
 }
 
-// x - y = s + e exactly (TwoSum, round to nearest); e = 0 where x - y overflows.
+// x - y = s + e exactly (TwoSum, round to nearest); e is NaN where x - y overflows (then so are the row's
+// divergences).
 FASTEVAL_CMP_HD float two_diff(float x, float y, float& e) {
   const float s = x - y;
   const float yv = s - x;
   e = (x - (s - yv)) - (y + yv);
-  if (e != e) e = 0.f;
   return s;
 }
 

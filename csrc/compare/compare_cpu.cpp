@@ -138,11 +138,11 @@ FASTEVAL_ALWAYS_INLINE void vterms(const fVec& a, const fVec& b, const fVec& vma
   const fVec either = ai | bi;
   const fVec la = (a - vma) - vra, lb = (b - vmb) - vrb;  // pivoted: exact for logits of any magnitude
   const fVec p = cpu::fast_exp(la), q = cpu::fast_exp(lb);
-  // log_ratio (compare_common.h): a - b = s + e exactly (TwoSum), e dropped where a - b overflows.
+  // log_ratio (compare_common.h): a - b = s + e exactly (TwoSum; NaN where a - b overflows).
   const fVec s = a - b;
   const fVec bv = s - a;
   const fVec e = (a - (s - bv)) - (b + bv);
-  const fVec t = fVec::blendv((s - vDh) + (fVec::blendv(e, zero, e != e) - vDl), zero, either);
+  const fVec t = fVec::blendv((s - vDh) + (e - vDl), zero, either);
   const fVec u = t * t;
   using at::vec::fmadd;
   const fVec E = u * fmadd(u, fmadd(u, fmadd(u, fmadd(u, fVec(1.f / 403200.f), fVec(1.f / 5760.f)), fVec(1.f / 144.f)),
