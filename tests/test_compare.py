@@ -135,6 +135,17 @@ def test_near_identical_models_with_an_offset_keep_relative_precision(offset):
     torch.testing.assert_close(out["reverse_kl"].double(), rkl, rtol=1e-5, atol=0)
 
 
+@needs_kernel("compare_update", "cpu")
+def test_rows_whose_logits_differ_beyond_the_float32_range_are_nan():
+    # Documented: on the float32 kernels, finite logits whose differences overflow float32 give NaN divergences,
+    # never a finite number (the float64 reference has the range to give the values).
+    a = torch.tensor([[3e38, -3e38], [1e38, 0.0], [1.0, 2.0]])
+    b = torch.tensor([[-3e38, 3e38], [-3e38, 0.0], [1.5, 2.0]])
+    out = fasteval.compare_logits(a, b, reduction="none")
+    for k in ("kl", "reverse_kl", "js"):
+        assert bool(out[k][:2].isnan().all()) and bool(out[k][2].isfinite()), k
+
+
 def test_float64_near_identical_models_on_the_reference():
     # float64 runs on the reference: KL of ~1e-19 per row from per-class terms that are never negative (p (la - lb)
     # summed gave +-1e-16, a negative reverse KL, and a state that load_state_dict refused).
