@@ -11,7 +11,7 @@ import fasteval
 from fasteval import _loader, _ops
 from fasteval import reference as R
 
-from cases import INF, NAN, NINF, compare_cases, needs_kernel, params
+from cases import INF, NAN, NINF, compare_cases, device_params, needs_kernel, params
 
 HAS_KERNEL = _loader.has_kernel("compare_update", "cpu")
 
@@ -119,15 +119,16 @@ def test_near_identical_models_keep_relative_precision():
     assert bool((same["kl"] == 0).all()) and bool((same["js"].abs() <= 1e-12).all())
 
 
+@pytest.mark.parametrize("device", device_params("compare_update"))
 @pytest.mark.parametrize("offset", [0.0, 256.0, 1000.0, 1e4])
-def test_near_identical_models_with_an_offset_keep_relative_precision(offset):
+def test_near_identical_models_with_an_offset_keep_relative_precision(offset, device):
     # A candidate whose logits are the reference's plus an offset: the differences a - b and the row maxima's
     # are carried exactly, so KL (~5e-7) keeps its relative precision instead of losing ulp(offset) (0.5% at
     # 1000, 13% at 1e4 before).
     g = torch.Generator().manual_seed(1)
     a = torch.randn(64, 2000, generator=g) * 3
     b = a + offset + 1e-3 * torch.randn(64, 2000, generator=g)
-    out = fasteval.compare_logits(a, b, reduction="none")
+    out = {k: v.cpu() for k, v in fasteval.compare_logits(a.to(device), b.to(device), reduction="none").items()}
     la, lb = logp(a), logp(b)
     kl = F.kl_div(lb, la, log_target=True, reduction="none").sum(1)
     rkl = F.kl_div(la, lb, log_target=True, reduction="none").sum(1)

@@ -72,11 +72,15 @@ struct RowAcc {
   int64_t arg = 0;     // first index of the maximum
   int64_t above = 0;   // #{c != t : !(x_c <= x_t)} (x_t not NaN), i.e. larger or NaN
   int64_t eqb = 0;     // #{c < t : x_c == x_t} (x_t not NaN); #{c < t : isnan(x_c)} (x_t NaN)
-  // The evaluation's exact rank (x_t = the dot product, d its error bound): above_hi = #{c : !(x_c <= x_t + d)};
-  // the classes c != t with x_c in [x_t - d, x_t + d] in band_c / band_x (nband > kBand: too many to keep, or
-  // no finite bound: the rank falls back to above + eqb, exact except for ties within rounding).
-  static constexpr int kBand = 4;
+  // The evaluation's exact rank: above_hi = #{c : !(x_c <= x_t + d)} over the chunks before the target's
+  // (x_t = the dot product, d the band's half-width), and #{c != t : !(x_c <= x_t)} + #{c < t : x_c == x_t}
+  // from the target's chunk on (x_t = the matmul's); the classes before the target's chunk with x_c in
+  // [x_t - d, x_t + d] in band_c / band_x (banded: there were such chunks). With nband > kBand (too many to
+  // keep), or the matmul's x_t outside the band, the rank falls back to above + eqb (exact except for ties
+  // within rounding).
+  static constexpr int kBand = 8;
   int64_t above_hi = 0;
+  bool banded = false;
   int nband = 0;
   float band_x[kBand];
   int64_t band_c[kBand];
@@ -86,7 +90,9 @@ struct RowAcc {
   // The target's rank among the matmul's logits: #{c != t : x_c > x_t or NaN} + #{c < t : x_c == x_t}. The
   // fallback (counts against the dot product) still agrees with the argmax on rank 0.
   inline int64_t rank(int64_t t, float xt, float d) const {
-    if (nband > kBand || !(std::fabs(xm - xt) <= d)) return arg == t ? 0 : std::max<int64_t>(1, above + eqb);
+    if (std::isnan(xt) || std::isnan(xm) || (banded && (nband > kBand || !(std::fabs(xm - xt) <= d)))) {
+      return arg == t ? 0 : std::max<int64_t>(1, above + eqb);
+    }
     int64_t r = above_hi;
     for (int j = 0; j < nband; ++j) r += band_x[j] > xm || (band_x[j] == xm && band_c[j] < t);
     return r;
@@ -102,7 +108,12 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
   using L = ChunkLoader<float>;
   const fVec ninf = cpu::neg_inf_vec();
   const fVec vnan(kNaN), vxt(xt), one(1.f), vpivot(linear_ce::smoothing_pivot(xt));
-  const float lo = xt - d, hi = xt + d;  // NaN when there is no bound: nothing compares within
+  // The exact rank's reference: from the target's chunk on, the matmul's x_t itself (lo = hi = x_t: the
+  // counts are exact, no band); before it [x_t - d, x_t + d] around the dot product's (NaN: no bound).
+  const int64_t end = v0 + len;
+  const bool known = t < end;
+  const float ref = t < v0 ? a.xm : (known ? p[t - v0] : 0.f);
+  const float lo = known ? ref : xt - d, hi = known ? ref : xt + d;
   const fVec vlo(lo), vhi(hi);
   const auto shifted = [&](const Chunk& c) { return Chunk{c.lo - vpivot, c.hi - vpivot}; };
   const int64_t full = len - len % kChunk;
@@ -148,9 +159,8 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
     if constexpr (WITH_SUM) sx.add(cpu::mask_tail(shifted(c), n, fVec(0.f)), w ? w + full : nullptr, n);
   }
   if constexpr (WITH_SUM) a.sx += sx.total();
-  if (t >= v0 && t < v0 + len) a.xm = p[t - v0];
+  if (t >= v0 && t < end) a.xm = p[t - v0];
   if constexpr (WITH_EVAL) {
-    const int64_t end = v0 + len;
     if (!std::isnan(xt)) {
       const int64_t le = static_cast<int64_t>(cpu::hsum(le_lo + le_hi));
       const int64_t eq = static_cast<int64_t>(cpu::hsum(eq_lo + eq_hi));
@@ -166,12 +176,20 @@ FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, co
         a.eqb += eq;
       }
       a.above += above;
-      // The exact rank's counts: above x_t + d, and the few other classes within d of x_t (scanned one by one
-      // when the chunk has any: near-ties are rare).
+      // The exact rank's counts: above hi, and the other classes within [lo, hi] (scanned one by one when the
+      // chunk has any: ties and near-ties are rare). From the target's chunk on those are the ties with the
+      // matmul's x_t, counted when they come before t; before it they go to the band.
       a.above_hi += len - static_cast<int64_t>(cpu::hsum(leh_lo + leh_hi));
       int64_t in = static_cast<int64_t>(cpu::hsum(in_lo + in_hi));
       if (t >= v0 && t < end && p[t - v0] >= lo && p[t - v0] <= hi) in -= 1;
-      if (in > 0 && a.nband <= RowAcc::kBand) {
+      if (known) {
+        if (in > 0 && t >= v0) {
+          for (int64_t c = 0; c < t - v0; ++c) a.above_hi += p[c] == ref;
+        }
+      } else {
+        a.banded = true;
+      }
+      if (!known && in > 0 && a.nband <= RowAcc::kBand) {
         for (int64_t c = 0; c < len; ++c) {
           if (v0 + c == t || !(p[c] >= lo && p[c] <= hi)) continue;
           if (a.nband == RowAcc::kBand) {
@@ -307,11 +325,12 @@ inline at::Tensor chunk_logits(const Prepared& p, const at::Tensor& wc, const at
   return out;
 }
 
-// Target logits, one dot product per counted row (0 for the others). With bounds, d[i] bounds the distance
-// between xt[i] and any float32 evaluation of the same sum (the matmul's): two errors of at most
-// gamma(H + 1) * sum |terms| each (products and H + 1 additions with the bias, any order, FMA or not),
-// doubled for the rounding of S itself and of x_t +- d, plus the underflow of H + 1 products. NaN where
-// that is not finite (then the rank is the counts' against xt).
+// Target logits, one dot product per counted row (0 for the others). With bounds, d[i] is the half-width of
+// the band around xt[i] that the matmul's x_t is expected in: 4 (2 + sqrt(H + 1)) u S with S = sum |terms|,
+// the size of rounding errors that grow as a random walk (measured: at most 2.2 u S between a dot product and
+// a BLAS matmul, H from 3 to 4096), well inside the worst case 2 gamma(H + 1) S, plus the underflow of H + 1
+// products. The rank does not rely on it: a matmul x_t found outside the band makes it fall back. NaN where
+// it is not finite.
 struct TargetLogits {
   std::vector<float> xt, d;
 };
@@ -323,7 +342,7 @@ TargetLogits target_logits(const Prepared& p, bool bounds) {
   const float* x = p.x.const_data_ptr<float>();
   const float* b = p.bias.defined() ? p.bias.const_data_ptr<float>() : nullptr;
   const double n = static_cast<double>(p.H + 1), u = std::ldexp(1.0, -24);
-  const double gamma = n * u / (1.0 - n * u);
+  const double width = 4.0 * (2.0 + std::sqrt(n)) * u;
   const double tiny = 2.0 * n * std::ldexp(1.0, -149);
   FASTEVAL_DISPATCH_LOGITS_TYPES(p.w.scalar_type(), "linear_ce_target_logits", [&] {
     const scalar_t* w = p.w.const_data_ptr<scalar_t>();
@@ -335,7 +354,7 @@ TargetLogits target_logits(const Prepared& p, bool bounds) {
         float S = 0.f;
         out.xt[i] = dot_row<scalar_t>(x + i * H, w + t * H, H, bounds ? &S : nullptr) + (b ? b[t] : 0.f);
         if (bounds) {
-          const double d = 4.0 * gamma * (static_cast<double>(S) + (b ? std::fabs(b[t]) : 0.0)) + tiny;
+          const double d = width * (static_cast<double>(S) + (b ? std::fabs(b[t]) : 0.0)) + tiny;
           if (std::isfinite(out.xt[i]) && d < 3e38) out.d[i] = static_cast<float>(d);
         }
       }

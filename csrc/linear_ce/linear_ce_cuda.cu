@@ -9,8 +9,9 @@
 // rank. The bias is added by the row pass as it reads the chunk. Targets are validated on the device:
 // an out-of-range target gives its row a NaN loss (loss op) or rejects the batch (evaluation op, counted
 // in count[1]), never a host synchronisation. The target's rank is that of the matmul's logits, as on the CPU:
-// counted against the dot product's x_t + d (d bounds its error), with the few logits within d of x_t kept
-// (band_x, band_c) and ranked against the matmul's x_t at the end. The backward recomputes each chunk, turns it into the
+// from the target's chunk on it is counted against the matmul's x_t; before it against the dot product's
+// x_t + d, with the few logits within d of x_t kept (band_x, band_c) and ranked against the matmul's x_t at
+// the end. The backward recomputes each chunk, turns it into the
 // gradient of the logits and applies it with two matmuls and a column sum: float32 operands for float32
 // and float16 inputs, for bfloat16 the gradient's hi and lo bfloat16 terms (grad_chunk_kernel).
 #include <ATen/core/Tensor.h>
@@ -76,25 +77,28 @@ struct RowState {
   int64_t* above;   // #{c != t : !(x_c <= x_t)}
   int64_t* eqb;     // #{c < t : x_c == x_t}  (x_t NaN: #{c < t : isnan(x_c)})
   int64_t* tgt;     // target, kIgnored, kBadLow or kBadHigh
-  // The exact rank (evaluation): d bounds |x_t - the matmul's x_t| (NaN: no bound); above_hi = #{c :
-  // !(x_c <= x_t + d)}; nband counts the classes c != t within d of x_t, the first kBand of them kept in
-  // band_x / band_c (kBand per row).
+  // The exact rank (evaluation; linear_ce_cpu.cpp's RowAcc): d, the band's half-width around the dot
+  // product's x_t (NaN: none); above_hi = #{c : !(x_c <= x_t + d)} over the chunks before the target's and
+  // #{c != t : !(x_c <= x_t)} + #{c < t : x_c == x_t} from its chunk on (the matmul's x_t); nband counts the
+  // classes before the target's chunk within d of x_t, the first kBand of them kept in band_x / band_c
+  // (kBand per row); banded: there were chunks before the target's.
   float* d;
   int64_t* above_hi;
   int64_t* nband;
+  int64_t* banded;
   float* band_x;
   int64_t* band_c;
 };
 
-constexpr int64_t kBand = 4;
+constexpr int64_t kBand = 8;
 constexpr int64_t kStateFloats = 6 + kBand;  // float32 values per row in the state's float buffer
-constexpr int64_t kStateInts = 6 + kBand;    // int64 values per row in its int64 buffer
+constexpr int64_t kStateInts = 7 + kBand;    // int64 values per row in its int64 buffer
 
 inline RowState make_state(const at::Tensor& f, const at::Tensor& i, int64_t N) {
   float* fp = f.data_ptr<float>();
   int64_t* ip = i.data_ptr<int64_t>();
-  return {fp,         fp + N,     fp + 2 * N, fp + 3 * N, fp + 4 * N, ip, ip + N, ip + 2 * N, ip + 3 * N,
-          fp + 5 * N, ip + 4 * N, ip + 5 * N, fp + 6 * N, ip + 6 * N};
+  return {fp,         fp + N,     fp + 2 * N, fp + 3 * N, fp + 4 * N, ip,         ip + N, ip + 2 * N, ip + 3 * N,
+          fp + 5 * N, ip + 4 * N, ip + 5 * N, ip + 6 * N, fp + 6 * N, ip + 7 * N};
 }
 
 // Targets and target logits, one warp per row: tgt = t, kIgnored, kBadLow (t < 0) or kBadHigh (t >= V); xt = <x_i, w_t>
@@ -128,15 +132,16 @@ __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict
       st.tgt[i] = code;
       const float xt = code >= 0 ? acc + (bias ? bias[code] : 0.f) : 0.f;
       st.xt[i] = xt;
-      // Two errors of at most gamma(H + 1) sum |terms| (any order, FMA or not), doubled for the roundings of
-      // the sum of magnitudes and of x_t +- d, plus the underflow of H + 1 products (linear_ce_cpu.cpp).
+      // The band's half-width 4 (2 + sqrt(H + 1)) u S plus the underflow of H + 1 products (linear_ce_cpu.cpp's
+      // target_logits; the rank checks that the matmul's x_t falls inside).
       const double n = static_cast<double>(H + 1), u = 5.9604644775390625e-8;
-      const double bound = 4.0 * (n * u / (1.0 - n * u)) * (static_cast<double>(mag) +
-                                                            (code >= 0 && bias ? fabs(bias[code]) : 0.0)) +
+      const double bound = 4.0 * (2.0 + sqrt(n)) * u * (static_cast<double>(mag) +
+                                                        (code >= 0 && bias ? fabs(bias[code]) : 0.0)) +
                            2.0 * n * 1.401298464324817e-45;
       st.d[i] = cuda::is_finite_bits(xt) && bound < 3e38 ? static_cast<float>(bound) : quiet_nan();
       st.above_hi[i] = 0;
       st.nband[i] = 0;
+      st.banded[i] = 0;
       st.xm[i] = 0.f;
       st.m[i] = neg_inf();
       st.s[i] = 0.f;
@@ -159,10 +164,12 @@ struct LaneRow {
   int above = 0, eqb = 0, above_hi = 0;  // per lane at most len / 32 + 1 <= 2^17 (chunk_columns caps len at 2^22)
 };
 
-// Where a row keeps the logits within d of its target's (the exact rank's band): lo = x_t - d, hi = x_t + d
-// (NaN: none), t the target's vocabulary column.
+// The exact rank's reference for a chunk: from the target's chunk on (exact) lo = hi = the matmul's x_t, and a
+// logit equal to it counts when its column is before t; before it lo = x_t - d, hi = x_t + d around the dot
+// product's (NaN: none) and the logits within go to the row's band. t: the target's vocabulary column.
 struct Band {
   float lo, hi;
+  bool exact;
   int64_t t;
   unsigned long long* n;
   float* x;
@@ -211,11 +218,15 @@ __device__ __forceinline__ void fold_values(LaneRow& r, const float (&x)[K], int
         r.eqb += before_t && (v[k] == xt);
         r.above_hi += !(v[k] <= band.hi);
         const int64_t col = v0 + j0 + k;
-        if (v[k] >= band.lo && v[k] <= band.hi && col != band.t) {  // a near-tie: rare
-          const unsigned long long slot = atomicAdd(band.n, 1ull);
-          if (slot < static_cast<unsigned long long>(kBand)) {
-            band.x[slot] = v[k];
-            band.c[slot] = col;
+        if (v[k] >= band.lo && v[k] <= band.hi && col != band.t) {  // a tie or near-tie: rare
+          if (band.exact) {
+            r.above_hi += col < band.t;
+          } else {
+            const unsigned long long slot = atomicAdd(band.n, 1ull);
+            if (slot < static_cast<unsigned long long>(kBand)) {
+              band.x[slot] = v[k];
+              band.c[slot] = col;
+            }
           }
         }
       } else {
@@ -243,11 +254,16 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
     const bool tnan = is_nan_bits(xt);
     const int64_t jt = t - v0 < 0 ? -1 : (t - v0 > len ? len : t - v0);
     const float* __restrict__ row = lg + i * len;
-    Band band{quiet_nan(), quiet_nan(), t, reinterpret_cast<unsigned long long*>(st.nband + i), st.band_x + i * kBand,
-              st.band_c + i * kBand};
+    const bool known = t < v0 + len;  // the matmul's x_t is known from the target's chunk on
+    Band band{quiet_nan(), quiet_nan(), known, t, reinterpret_cast<unsigned long long*>(st.nband + i),
+              st.band_x + i * kBand, st.band_c + i * kBand};
     if constexpr (kRanks) {
-      band.lo = xt - st.d[i];
-      band.hi = xt + st.d[i];
+      if (known) {
+        band.lo = band.hi = t < v0 ? st.xm[i] : row[t - v0] + (bias ? bias[t] : 0.f);
+      } else {
+        band.lo = xt - st.d[i];
+        band.hi = xt + st.d[i];
+      }
     }
     LaneRow r;
     cuda::for_each_vectorized<float, 4>(
@@ -292,6 +308,7 @@ __global__ void row_pass_kernel(const float* __restrict__ lg, int64_t N, int64_t
         st.above[i] += above;
         st.eqb[i] += eqb;
         st.above_hi[i] += above_hi;
+        if (!known) st.banded[i] = 1;
       }
       st.sx[i] += sx;
       if (t - v0 >= 0 && t - v0 < len) st.xm[i] = row[t - v0] + (bias ? bias[t] : 0.f);
@@ -486,12 +503,13 @@ __global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float 
       conf = 1.f / st.s[i];
     }
     const int64_t pred = st.arg[i];
-    // The rank among the matmul's logits when its x_t lies within d of the dot product's and the band kept
-    // every near-tie; else the counts against the dot product, which still agree with the argmax on rank 0.
-    const float xm = st.xm[i];
+    // The rank among the matmul's logits, unless a band was needed and failed (the matmul's x_t outside it, or
+    // more near-ties than it keeps) or an x_t is NaN; then the counts against the dot product, which still
+    // agree with the argmax on rank 0.
+    const float xm = st.xm[i], xt = st.xt[i];
     const int64_t nb = st.nband[i];
     int64_t rank;
-    if (nb > kBand || !(fabsf(xm - st.xt[i]) <= st.d[i])) {
+    if (is_nan_bits(xt) || is_nan_bits(xm) || (st.banded[i] != 0 && (nb > kBand || !(fabsf(xm - xt) <= st.d[i])))) {
       rank = pred == t ? 0 : max(static_cast<int64_t>(1), st.above[i] + st.eqb[i]);
     } else {
       rank = st.above_hi[i];
