@@ -427,7 +427,7 @@ class ClassificationEvaluator:
                                      f"{tuple(hidden.shape)}: expected {tuple(hidden.shape[:-1])}")
         if target.dtype not in (torch.int64, torch.int32):
             target = target.long()
-        h = hidden.detach().reshape(-1, hidden.shape[-1])
+        h = hidden.detach().reshape(target.numel(), hidden.shape[-1])  # (not -1: H may be 0)
         b = linear_bias.detach() if linear_bias is not None else None
         return h, linear_weight.detach(), b, target.reshape(-1)
 

@@ -481,6 +481,16 @@ def test_update_from_hidden_exact_ties_across_vocabulary_chunks(copies, device):
             assert torch.equal(getattr(a, n), getattr(c, n)), n
 
 
+def test_update_from_hidden_with_no_hidden_features(device):
+    # H = 0: every logit is the bias (reshape(-1, 0) used to raise a plain RuntimeError before the op).
+    b = torch.tensor([0.5, -1.0, 2.0, 0.0], device=device)
+    t = torch.tensor([[0, 2, 3], [1, 2, 2]], device=device)
+    a, c = _pair(4, top_k=(1, 2), device=device)
+    a.update_from_hidden(torch.zeros(2, 3, 0, device=device), torch.zeros(4, 0, device=device), t, b)
+    c.update(b.expand(6, 4), t.reshape(-1))
+    _assert_same_state(a, c)
+
+
 def test_update_from_hidden_language_model_shapes_and_bias_module():
     head = torch.nn.Linear(8, 40)
     hid = torch.randn(3, 7, 8)
