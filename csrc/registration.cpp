@@ -162,9 +162,9 @@ TORCH_LIBRARY(fasteval, m) {
   // The fused evaluation pass from hidden states: exactly fasteval::eval_update of the (N, V) logits x
   // above (same state, same mutations, same handling of ignore_index and of targets outside [0, V)).
   // The target logit is computed as one dot product per row; argmax and rank follow torch.argmax's order
-  // over the chunks' float32 logits (the rank counted against the dot product and made exact with the few
-  // logits within its error bound: up to 4 per row); they can differ from those of F.linear's logits only
-  // where two logits lie within float32 rounding.
+  // over the chunks' float32 logits (the rank is counted against the matmul's x_t from the target's chunk on,
+  // and before it against the dot product, made exact with the few logits within rounding of it: up to 8 per
+  // row); they can differ from those of F.linear's logits only where two logits lie within float32 rounding.
   m.def(
       "linear_eval_update(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
       "Tensor calib_boundaries, int? ignore_index, float label_smoothing, int[] top_k, bool counts_only, "

@@ -359,8 +359,9 @@ class ClassificationEvaluator:
         head (``torch.ops.fasteval.linear_eval_update``; the (N, V) logits are never held). The loss agrees
         within float32 rounding. The argmax and the top-k rank are those of the chunks' float32 logits, exact
         ties in index order as in ``update`` (a top-1 hit is always an argmax hit); they can differ from
-        ``update``'s only where two logits lie within rounding, which F.linear may round otherwise (and, for
-        a target with more than 4 other logits that close, the ranks below the top 1).
+        ``update``'s only where two logits lie within rounding, which F.linear may round otherwise (and, below
+        the top 1, for a target with more than 8 logits that close in the vocabulary chunks before its chunk,
+        or for logits beyond float32's range).
 
         Args:
             hidden: (N, H) hidden states, or (..., H) (e.g. (B, T, H) for a language model); float32,
