@@ -95,6 +95,21 @@ def test_mcc_kappa_accuracy(c, kind):
         close(M.accuracy(p, t, c, average="macro"), sk.balanced_accuracy_score(tn, pn))
 
 
+def assert_same_report(got, want):
+    """A text report equal to scikit-learn's, or a dict report with the same keys and values."""
+    if not isinstance(want, dict):
+        assert got == want
+        return
+    assert got.keys() == want.keys()
+    for k in want:
+        if isinstance(want[k], dict):
+            assert got[k].keys() == want[k].keys()
+            for kk in want[k]:
+                close(got[k][kk], want[k][kk])
+        else:
+            close(got[k], want[k])
+
+
 @pytest.mark.parametrize("c", [2, 3, 10])
 @pytest.mark.parametrize("zero_division", ZERO_DIVISION, ids=str)
 @pytest.mark.parametrize("output_dict", [False, True])
@@ -108,17 +123,7 @@ def test_classification_report(c, zero_division, output_dict):
             for src in all_sources(p, t, c):
                 got = M.classification_report(**src, target_names=names, digits=digits, output_dict=output_dict,
                                               zero_division=zero_division)
-                if output_dict:
-                    assert got.keys() == want.keys()
-                    for k in want:
-                        if isinstance(want[k], dict):
-                            assert got[k].keys() == want[k].keys()
-                            for kk in want[k]:
-                                close(got[k][kk], want[k][kk])
-                        else:
-                            close(got[k], want[k])
-                else:
-                    assert got == want
+                assert_same_report(got, want)
 
 
 @pytest.mark.parametrize("output_dict", [False, True])
@@ -135,18 +140,7 @@ def test_classification_report_of_a_subset_of_the_classes(output_dict):
             keep = (tn < 3) & (pn < 3)
             want = sk.classification_report(tn[keep], pn[keep], labels=[0, 1, 2], output_dict=output_dict,
                                             zero_division=0)
-        got = M.classification_report(**src, output_dict=output_dict, zero_division=0)
-        if not output_dict:
-            assert got == want
-            continue
-        assert got.keys() == want.keys()
-        for k in want:
-            if isinstance(want[k], dict):
-                assert got[k].keys() == want[k].keys()
-                for kk in want[k]:
-                    close(got[k][kk], want[k][kk])
-            else:
-                close(got[k], want[k])
+        assert_same_report(M.classification_report(**src, output_dict=output_dict, zero_division=0), want)
 
 
 @pytest.mark.parametrize("c", [3, 10, 1000])
