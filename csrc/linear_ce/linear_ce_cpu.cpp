@@ -13,14 +13,15 @@
 //      (#{c != t : x_c > x_t or NaN} + #{c < t : x_c == x_t}, the order of common/row_rank_cpu.h).
 // The target logit is also computed up front, one dot product per row, so that the rank is counted in the
 // same pass as everything else (it is the smoothing sum's pivot too). The dot product may differ from the
-// matmul's x_t in the last bits, so the evaluation pass also counts the logits above x_t + d and keeps the few
-// within [x_t - d, x_t + d] (d bounds |dot - matmul| for any order of float32 accumulation); once the chunk
-// of the target gives x_t, those few are ranked against it: the rank is then exactly that of the matmul's
-// logits, the ones the argmax reads (ties included: a top-1 hit is always an argmax hit). The loss takes the matmul's target
-// logit: (max - x_t) + log sum exp(x - max) is then never negative, and relative to the row max, it keeps
-// the low bits of logits far from 0; lse is returned in float64. bfloat16 / float16 inputs and weights are
-// converted to float32 (the input once, the weight one chunk at a time): every product is accumulated in
-// float32, and on CPUs without native 16-bit matmuls the float32 matmul is also the fast one.
+// matmul's x_t in the last bits, so the evaluation pass ranks exactly against the matmul's logits, the ones
+// the argmax reads (ties included: a top-1 hit is always an argmax hit): from the target's chunk on against
+// its x_t itself, before it against the dot product's x_t + d, keeping the few logits within
+// [x_t - d, x_t + d] (a band of rounding size) to rank against the matmul's x_t at the end (RowAcc::rank).
+// The loss takes the matmul's target logit: (max - x_t) + log sum exp(x - max) is then never negative, and
+// relative to the row max, it keeps the low bits of logits far from 0; lse is returned in float64. bfloat16
+// / float16 inputs and weights are converted to float32 (the input once, the weight one chunk at a time):
+// every product is accumulated in float32, and on CPUs without native 16-bit matmuls the float32 matmul is
+// also the fast one.
 // Backward recomputes each chunk's logits, turns them in place into the gradient of the loss with respect
 // to them (exact: nothing is filtered), and adds its contributions to the three gradients with matmuls:
 // grad_input += dL @ W_chunk, grad_linear_weight[chunk] = dL^T @ input, grad_linear_bias[chunk] = sum dL.
@@ -101,7 +102,7 @@ struct RowAcc {
 
 // Folds one row of a chunk (len float32 logits p of the classes [v0, v0 + len)) into the row's state.
 // w: the class weights of the chunk for the smoothing sum (or null); t, xt: the target and its logit.
-// d: the bound on |dot product - matmul| of the target's logit (evaluation only; NaN: none).
+// d: the band's half-width around the dot product's x_t (evaluation only; NaN: none).
 template <bool WITH_SUM, bool WITH_EVAL>
 FASTEVAL_ALWAYS_INLINE void tile_row(const float* p, int64_t len, int64_t v0, const float* w, int64_t t, float xt,
                                      float d, RowAcc& a) {

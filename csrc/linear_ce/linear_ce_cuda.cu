@@ -8,12 +8,12 @@
 // index, NaN as the maximum), sum_c w_c x_c for label smoothing and the counts that give the target's
 // rank. The bias is added by the row pass as it reads the chunk. Targets are validated on the device:
 // an out-of-range target gives its row a NaN loss (loss op) or rejects the batch (evaluation op, counted
-// in count[1]), never a host synchronisation. The target's rank is that of the matmul's logits, as on the CPU:
-// from the target's chunk on it is counted against the matmul's x_t; before it against the dot product's
-// x_t + d, with the few logits within d of x_t kept (band_x, band_c) and ranked against the matmul's x_t at
-// the end. The backward recomputes each chunk, turns it into the
-// gradient of the logits and applies it with two matmuls and a column sum: float32 operands for float32
-// and float16 inputs, for bfloat16 the gradient's hi and lo bfloat16 terms (grad_chunk_kernel).
+// in count[1]), never a host synchronisation. The target's rank is that of the matmul's logits, as on the
+// CPU: from the target's chunk on it is counted against the matmul's x_t; before it against the dot
+// product's x_t + d, with the few logits within d of x_t kept (band_x, band_c) and ranked against the
+// matmul's x_t at the end. The backward recomputes each chunk, turns it into the gradient of the logits and
+// applies it with two matmuls and a column sum: float32 operands for float32 and float16 inputs, for
+// bfloat16 the gradient's hi and lo bfloat16 terms (grad_chunk_kernel).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/cat.h>
@@ -509,7 +509,8 @@ __global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float 
     const float xm = st.xm[i], xt = st.xt[i];
     const int64_t nb = st.nband[i];
     int64_t rank;
-    if (is_nan_bits(xt) || is_nan_bits(xm) || (st.banded[i] != 0 && (nb > kBand || !(fabsf(xm - xt) <= st.d[i])))) {
+    const bool band_failed = st.banded[i] != 0 && (nb > kBand || !(fabsf(xm - xt) <= st.d[i]));
+    if (is_nan_bits(xt) || is_nan_bits(xm) || band_failed) {
       rank = pred == t ? 0 : max(static_cast<int64_t>(1), st.above[i] + st.eqb[i]);
     } else {
       rank = st.above_hi[i];
