@@ -99,11 +99,6 @@ inline Sizes check_eval_inputs(const at::Tensor& input, const at::Tensor& w, con
   return s;
 }
 
-// Columns of the vocabulary per chunk. The chunk's logits (N x vc float32) are the workspace: about
-// target_bytes (on the CPU a few MiB, so that the row pass finds them in the last-level cache right after
-// the matmul wrote them; on a GPU more, so that fewer chunks amortise the host's cost of each), at least
-// kMinCols columns (matmul efficiency), never more than max(64 MiB, 2% of the N x V float32 logits), never
-// more than V.
 // The value subtracted from every logit of a row in the smoothing sum sum_c w_c (x_c - pivot): the target logit
 // xt (the up-front dot product) when finite, else 0. Any pivot gives the same sum in exact arithmetic; one near
 // the row's logits keeps it exact in float32 for rows far from 0 (sum_c w_c x_c would cancel against W lse).
@@ -123,6 +118,41 @@ FASTEVAL_HD float row_loss(float m, float s, float xm, float xt, float sx, float
   return v;
 }
 
+// The exact rank of the evaluation pass. The target's logit xt is a dot product computed up front, which may
+// differ in the last bits from xm, the one its chunk's matmul gives (and the argmax reads). From the target's
+// chunk on the rank is counted against xm itself; before it against xt + d, the classes within [xt - d, xt + d]
+// kept in a band of kBand per row. band_half_width: d = 4 (2 + sqrt(H + 1)) u S for S = sum_h |x_h w_h| (+ |b_t|),
+// the size of rounding errors that grow as a random walk (measured: at most 2.2 u S between a dot product and a
+// BLAS matmul, H from 3 to 4096; the worst case is 2 gamma(H + 1) S), plus the underflow of H + 1 products; NaN
+// where xt or d is not finite. The rank does not rely on it: an xm outside the band makes it fall back.
+constexpr int kBand = 8;
+
+FASTEVAL_HD float band_half_width(int64_t H, double S, float xt) {
+  const double n = static_cast<double>(H + 1);
+  const double d = 4.0 * (2.0 + sqrt(n)) * 5.9604644775390625e-8 * S + 2.0 * n * 1.401298464324817e-45;
+  return order::is_finite(xt) && d < 3e38 ? static_cast<float>(d) : order::quiet_nan();
+}
+
+// The rank #{c != t : x_c > xm or NaN} + #{c < t : x_c == xm} from above_hi (the count above the reference of
+// each chunk: xt + d before the target's chunk, xm from it on, ties before t included) and the band (nband
+// classes band_c with logits band_x; banded: there were chunks before the target's). When the band failed (xm
+// outside it, more near-ties than it keeps) or a target logit is NaN, the count against the dot product,
+// fallback = #{c != t : x_c > xt or NaN} + #{c < t : x_c == xt}, made to agree with the argmax pred on rank 0.
+FASTEVAL_HD int64_t target_rank(int64_t t, int64_t pred, float xt, float xm, float d, bool banded, int64_t nband,
+                                const float* band_x, const int64_t* band_c, int64_t above_hi, int64_t fallback) {
+  if (order::is_nan(xt) || order::is_nan(xm) || (banded && (nband > kBand || !(fabsf(xm - xt) <= d)))) {
+    return pred == t ? 0 : (fallback > 1 ? fallback : 1);
+  }
+  int64_t r = above_hi;
+  for (int64_t j = 0; j < nband; ++j) r += band_x[j] > xm || (band_x[j] == xm && band_c[j] < t);
+  return r;
+}
+
+// Columns of the vocabulary per chunk. The chunk's logits (N x vc float32) are the workspace: about
+// target_bytes (on the CPU a few MiB, so that the row pass finds them in the last-level cache right after
+// the matmul wrote them; on a GPU more, so that fewer chunks amortise the host's cost of each), at least
+// kMinCols columns (matmul efficiency), never more than max(64 MiB, 2% of the N x V float32 logits), never
+// more than V.
 inline int64_t chunk_columns(int64_t N, int64_t V, int64_t target_bytes) {
   if (V <= 0) return 1;
   const int64_t n = std::max<int64_t>(N, 1);

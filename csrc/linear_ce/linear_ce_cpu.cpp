@@ -73,13 +73,12 @@ struct RowAcc {
   int64_t arg = 0;     // first index of the maximum
   int64_t above = 0;   // #{c != t : !(x_c <= x_t)} (x_t not NaN), i.e. larger or NaN
   int64_t eqb = 0;     // #{c < t : x_c == x_t} (x_t not NaN); #{c < t : isnan(x_c)} (x_t NaN)
-  // The evaluation's exact rank: above_hi = #{c : !(x_c <= x_t + d)} over the chunks before the target's
-  // (x_t = the dot product, d the band's half-width), and #{c != t : !(x_c <= x_t)} + #{c < t : x_c == x_t}
-  // from the target's chunk on (x_t = the matmul's); the classes before the target's chunk with x_c in
-  // [x_t - d, x_t + d] in band_c / band_x (banded: there were such chunks). With nband > kBand (too many to
-  // keep), or the matmul's x_t outside the band, the rank falls back to above + eqb (exact except for ties
-  // within rounding).
-  static constexpr int kBand = 8;
+  // The evaluation's exact rank (linear_ce::target_rank): above_hi = #{c : !(x_c <= x_t + d)} over the chunks
+  // before the target's (x_t = the dot product, d the band's half-width), and #{c != t : !(x_c <= x_t)} +
+  // #{c < t : x_c == x_t} from the target's chunk on (x_t = the matmul's); the classes before the target's
+  // chunk with x_c in [x_t - d, x_t + d] in band_c / band_x (banded: there were such chunks; nband > kBand:
+  // too many to keep).
+  static constexpr int kBand = linear_ce::kBand;
   int64_t above_hi = 0;
   bool banded = false;
   int nband = 0;
@@ -88,15 +87,9 @@ struct RowAcc {
   inline double lse() const {
     return std::isfinite(m) ? static_cast<double>(m) + static_cast<double>(std::log(s)) : static_cast<double>(kNaN);
   }
-  // The target's rank among the matmul's logits: #{c != t : x_c > x_t or NaN} + #{c < t : x_c == x_t}. The
-  // fallback (counts against the dot product) still agrees with the argmax on rank 0.
+  // The target's rank among the matmul's logits (linear_ce::target_rank).
   inline int64_t rank(int64_t t, float xt, float d) const {
-    if (std::isnan(xt) || std::isnan(xm) || (banded && (nband > kBand || !(std::fabs(xm - xt) <= d)))) {
-      return arg == t ? 0 : std::max<int64_t>(1, above + eqb);
-    }
-    int64_t r = above_hi;
-    for (int j = 0; j < nband; ++j) r += band_x[j] > xm || (band_x[j] == xm && band_c[j] < t);
-    return r;
+    return linear_ce::target_rank(t, arg, xt, xm, d, banded, nband, band_x, band_c, above_hi, above + eqb);
   }
 };
 
@@ -327,11 +320,7 @@ inline at::Tensor chunk_logits(const Prepared& p, const at::Tensor& wc, const at
 }
 
 // Target logits, one dot product per counted row (0 for the others). With bounds, d[i] is the half-width of
-// the band around xt[i] that the matmul's x_t is expected in: 4 (2 + sqrt(H + 1)) u S with S = sum |terms|,
-// the size of rounding errors that grow as a random walk (measured: at most 2.2 u S between a dot product and
-// a BLAS matmul, H from 3 to 4096), well inside the worst case 2 gamma(H + 1) S, plus the underflow of H + 1
-// products. The rank does not rely on it: a matmul x_t found outside the band makes it fall back. NaN where
-// it is not finite.
+// the band around xt[i] that the matmul's x_t is expected in (linear_ce::band_half_width).
 struct TargetLogits {
   std::vector<float> xt, d;
 };
@@ -342,9 +331,6 @@ TargetLogits target_logits(const Prepared& p, bool bounds) {
   out.d.assign(bounds ? static_cast<size_t>(p.N) : 0, kNaN);
   const float* x = p.x.const_data_ptr<float>();
   const float* b = p.bias.defined() ? p.bias.const_data_ptr<float>() : nullptr;
-  const double n = static_cast<double>(p.H + 1), u = std::ldexp(1.0, -24);
-  const double width = 4.0 * (2.0 + std::sqrt(n)) * u;
-  const double tiny = 2.0 * n * std::ldexp(1.0, -149);
   FASTEVAL_DISPATCH_LOGITS_TYPES(p.w.scalar_type(), "linear_ce_target_logits", [&] {
     const scalar_t* w = p.w.const_data_ptr<scalar_t>();
     const int64_t H = p.H;
@@ -355,8 +341,7 @@ TargetLogits target_logits(const Prepared& p, bool bounds) {
         float S = 0.f;
         out.xt[i] = dot_row<scalar_t>(x + i * H, w + t * H, H, bounds ? &S : nullptr) + (b ? b[t] : 0.f);
         if (bounds) {
-          const double d = width * (static_cast<double>(S) + (b ? std::fabs(b[t]) : 0.0)) + tiny;
-          if (std::isfinite(out.xt[i]) && d < 3e38) out.d[i] = static_cast<float>(d);
+          out.d[i] = linear_ce::band_half_width(H, static_cast<double>(S) + (b ? std::fabs(b[t]) : 0.0), out.xt[i]);
         }
       }
     });

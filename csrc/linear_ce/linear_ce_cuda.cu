@@ -90,7 +90,7 @@ struct RowState {
   int64_t* band_c;
 };
 
-constexpr int64_t kBand = 8;
+using linear_ce::kBand;
 constexpr int64_t kStateFloats = 6 + kBand;  // float32 values per row in the state's float buffer
 constexpr int64_t kStateInts = 7 + kBand;    // int64 values per row in its int64 buffer
 
@@ -132,13 +132,8 @@ __global__ void prepare_rows_kernel(const T* __restrict__ x, const T* __restrict
       st.tgt[i] = code;
       const float xt = code >= 0 ? acc + (bias ? bias[code] : 0.f) : 0.f;
       st.xt[i] = xt;
-      // The band's half-width 4 (2 + sqrt(H + 1)) u S plus the underflow of H + 1 products (linear_ce_cpu.cpp's
-      // target_logits; the rank checks that the matmul's x_t falls inside).
-      const double n = static_cast<double>(H + 1), u = 5.9604644775390625e-8;
-      const double bound = 4.0 * (2.0 + sqrt(n)) * u * (static_cast<double>(mag) +
-                                                        (code >= 0 && bias ? fabs(bias[code]) : 0.0)) +
-                           2.0 * n * 1.401298464324817e-45;
-      st.d[i] = cuda::is_finite_bits(xt) && bound < 3e38 ? static_cast<float>(bound) : quiet_nan();
+      st.d[i] = linear_ce::band_half_width(
+          H, static_cast<double>(mag) + (code >= 0 && bias ? fabs(bias[code]) : 0.0), xt);
       st.above_hi[i] = 0;
       st.nband[i] = 0;
       st.banded[i] = 0;
@@ -503,22 +498,9 @@ __global__ void eval_accumulate_kernel(RowState st, int64_t N, int64_t V, float 
       conf = 1.f / st.s[i];
     }
     const int64_t pred = st.arg[i];
-    // The rank among the matmul's logits, unless a band was needed and failed (the matmul's x_t outside it, or
-    // more near-ties than it keeps) or an x_t is NaN; then the counts against the dot product, which still
-    // agree with the argmax on rank 0.
-    const float xm = st.xm[i], xt = st.xt[i];
-    const int64_t nb = st.nband[i];
-    int64_t rank;
-    const bool band_failed = st.banded[i] != 0 && (nb > kBand || !(fabsf(xm - xt) <= st.d[i]));
-    if (is_nan_bits(xt) || is_nan_bits(xm) || band_failed) {
-      rank = pred == t ? 0 : max(static_cast<int64_t>(1), st.above[i] + st.eqb[i]);
-    } else {
-      rank = st.above_hi[i];
-      for (int64_t j = 0; j < nb; ++j) {
-        const float bx = st.band_x[i * kBand + j];
-        rank += bx > xm || (bx == xm && st.band_c[i * kBand + j] < t);
-      }
-    }
+    const int64_t rank =
+        linear_ce::target_rank(t, pred, st.xt[i], st.xm[i], st.d[i], st.banded[i] != 0, st.nband[i],
+                               st.band_x + i * kBand, st.band_c + i * kBand, st.above_hi[i], st.above[i] + st.eqb[i]);
     atomicAdd(loss_sum, static_cast<double>(l));
     cuda::atomic_add_i64(count, 1);
     for (int k = 0; k < K; ++k) {
