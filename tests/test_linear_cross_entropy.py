@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fasteval
-from fasteval import _loader, reference
+from fasteval import _cpu, _loader, reference
 
 from cases import device_params, needs_kernel
 
@@ -118,8 +118,22 @@ def test_hostile_logits_give_update_s_state(device):
                                        msg=n)
 
 
+# The CPU multiplies bfloat16 inputs and weights with VDPBF16PS where the CPU has AVX512_BF16 (the products
+# exact, summed in float32, as the float32 matmul does it in another order); FASTEVAL_CPU_BF16_DOT=0 forces
+# the float32 matmul of the converted operands. Both routes must give the same results.
+BF16_ROUTE = HAS_KERNEL and "avx512_bf16" in _cpu.cpu_flags()
+
+
+@pytest.fixture(params=["dot", "float32"])
+def cpu_route(request, monkeypatch):
+    if request.param == "dot" and not BF16_ROUTE:
+        pytest.skip("needs the compiled CPU kernels on a CPU with AVX512_BF16")
+    monkeypatch.setenv("FASTEVAL_CPU_BF16_DOT", "1" if request.param == "dot" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_inputs_accumulate_in_float32(dtype):
+def test_16_bit_inputs_accumulate_in_float32(dtype, cpu_route):
     x, w, b, t = make(300, 24, 700, dtype=dtype)
     xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
     loss = fasteval.linear_cross_entropy(xs, ws, t, linear_bias=bs, label_smoothing=0.1)
@@ -384,11 +398,11 @@ def _pair(v, **kw):
     return fasteval.ClassificationEvaluator(v, **kw), fasteval.ClassificationEvaluator(v, **kw)
 
 
-def _assert_same_state(a, b, loss_rtol=1e-5):
+def _assert_same_state(a, b, loss_rtol=1e-5, equal_nan=False):
     for n in _STATE:
         x, y = getattr(a, n), getattr(b, n)
         if n in ("loss_sum", "calib_conf"):
-            torch.testing.assert_close(x, y, rtol=loss_rtol, atol=1e-6)
+            torch.testing.assert_close(x, y, rtol=loss_rtol, atol=1e-6, equal_nan=equal_nan)
         else:
             assert torch.equal(x, y), n
 
@@ -504,12 +518,105 @@ def test_update_from_hidden_language_model_shapes_and_bias_module():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_update_from_hidden_16_bit(dtype):
+def test_update_from_hidden_16_bit(dtype, cpu_route):
     x, w, b, t = make(200, 16, 300, dtype=dtype)
     a, c = _pair(300)
     a.update_from_hidden(x, w, t, b)
     c.update(F.linear(x.float(), w.float(), b.float()), t)  # the float32 products of the same inputs
     _assert_same_state(a, c, loss_rtol=1e-4)
+
+
+# Shapes for the bfloat16 route's tiles: 8-row tiles and 1 to 7 rows left over, panels of 48 classes and a
+# partial last one, odd H (a zero pair pads the rows), several vocabulary chunks (4100 rows).
+@pytest.mark.parametrize("n,h,v", [(1, 1, 1), (13, 7, 97), (37, 64, 1000), (4100, 9, 1000), (300, 256, 700)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_update_from_hidden_adds_what_update_of_the_float32_products_adds(n, h, v, bias, cpu_route):
+    # Values on a grid (multiples of 1/4, 1/16 and 1/2 below 2): every sum is exact in float32, so the logits
+    # of every route and summation order are bitwise those of F.linear, ties (many) included, and so is
+    # every count and calibration bin.
+    g = torch.Generator().manual_seed(n + v)
+    x = (torch.randint(-8, 9, (n, h), generator=g) / 4).bfloat16()
+    w = (torch.randint(-16, 17, (v, h), generator=g) / 16).bfloat16()
+    b = (torch.randint(-4, 5, (v,), generator=g) / 2).bfloat16() if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::6] = -1
+    kw = dict(top_k=(1, 5), ignore_index=-1, label_smoothing=0.1)
+    a, c = _pair(v, **kw)
+    a.update_from_hidden(x, w, t, b)
+    c.update(F.linear(x.float(), w.float(), None if b is None else b.float()), t)
+    _assert_same_state(a, c, loss_rtol=1e-5)
+
+
+def test_bfloat16_update_from_hidden_of_real_values(cpu_route):
+    # Real-valued products summed in another order than F.linear's: the loss within float32 error, argmax and
+    # top-k as F.linear's (no near-ties on these inputs); a confidence may cross a bin edge in the last bit.
+    x, w, b, t = make(300, 256, 700, dtype=torch.bfloat16, scale=1.0, seed=5)
+    a, c = _pair(700, top_k=(1, 5))
+    a.update_from_hidden(x, w, t, b)
+    c.update(F.linear(x.float(), w.float(), b.float()), t)
+    torch.testing.assert_close(a.loss_sum, c.loss_sum, rtol=1e-5, atol=0)
+    for n in ("confmat", "topk_hits", "count"):
+        assert torch.equal(getattr(a, n), getattr(c, n)), n
+    assert int(a.calib_count.sum()) == int(c.calib_count.sum()) == 300
+    torch.testing.assert_close(a.calib_conf.sum(), c.calib_conf.sum(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("n,h,v", [(37, 64, 1000), (4100, 9, 1000)])
+def test_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, monkeypatch):
+    if not BF16_ROUTE:
+        pytest.skip("needs the compiled CPU kernels on a CPU with AVX512_BF16")
+    x, w, b, t = make(n, h, v, dtype=torch.bfloat16, scale=1.0, seed=n)
+    t[::5] = -100
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTEVAL_CPU_BF16_DOT", flag)
+        args = [a.clone().requires_grad_() for a in (x, w, b)]
+        loss = fasteval.linear_cross_entropy(args[0], args[1], t, linear_bias=args[2], label_smoothing=0.1,
+                                             reduction="sum")
+        out.append((loss, *torch.autograd.grad(loss, args)))
+    for a, e in zip(*out):
+        # float32 sums in two orders, each rounded once to bfloat16: at most one bfloat16 ulp apart
+        torch.testing.assert_close(a.float(), e.float(), rtol=2.0 ** -7, atol=2.0 ** -7 * e.abs().max().item())
+
+
+def _underflowing_pair(side):
+    """Hidden states and a head whose class-1 logit is 2^-127 (a float32 subnormal) and class-0 logit 0:
+    (2^-57 (1 + 2^-7)) (2^-56 (1 + 2^-7)) - 2^-57 2^-56 (1 + 2^-6) = 2^-113 2^-14. One operand of each product
+    is below 2^-56, where VDPBF16PS (which flushes subnormal results to zero) is not exact: the kernels must
+    keep the float32 matmul's 2^-127, and the argmax is class 1."""
+    small = [2.0 ** -57 * (1 + 2.0 ** -7), -(2.0 ** -57)]
+    other = [2.0 ** -56 * (1 + 2.0 ** -7), 2.0 ** -56 * (1 + 2.0 ** -6)]
+    x_row, w_row = (small, other) if side == "hidden" else (other, small)
+    x = torch.tensor([x_row] * 21, dtype=torch.bfloat16)  # two 8-row tiles and 5 rows
+    w = torch.tensor([[0.0, 0.0], w_row, [0.0, 0.0]], dtype=torch.bfloat16)
+    assert torch.equal(x.float(), torch.tensor([x_row] * 21)) and torch.equal(w[1].float(), torch.tensor(w_row))
+    return x, w
+
+
+@pytest.mark.parametrize("side", ["hidden", "head"])
+def test_bfloat16_products_that_underflow_float32_are_kept(side, cpu_route):
+    x, w = _underflowing_pair(side)
+    logits = F.linear(x.float(), w.float())
+    assert logits[0, 1].item() == 2.0 ** -127 and logits[0, 0].item() == 0.0
+    t = torch.ones(21, dtype=torch.long)
+    a, c = _pair(3, top_k=(1, 2))
+    a.update_from_hidden(x, w, t)
+    c.update(logits, t)
+    _assert_same_state(a, c)
+    assert a.compute()["accuracy"] == 1.0  # a flushed 2^-127 would tie with class 0, and the argmax be 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e-39, 2.0 ** 70])
+def test_bfloat16_chunks_with_operands_outside_the_exact_range(bad, cpu_route):
+    # One vocabulary chunk (of several) and one row hold the bad operand: only they leave the dot-product
+    # route, and every count is still that of the float32 products.
+    x, w, b, t = make(4100, 9, 1000, dtype=torch.bfloat16, scale=1.0, seed=3)
+    w[900, 4] = bad
+    x[17, 2] = bad
+    a, c = _pair(1000, top_k=(1, 5))
+    a.update_from_hidden(x, w, t, b)
+    c.update(F.linear(x.float(), w.float(), b.float()), t)
+    _assert_same_state(a, c, loss_rtol=1e-5, equal_nan=True)
 
 
 def test_update_from_hidden_bad_inputs_leave_the_state_alone():

@@ -18,13 +18,18 @@
 // its x_t itself, before it against the dot product's x_t + d, keeping the few logits within
 // [x_t - d, x_t + d] (a band of rounding size) to rank against the matmul's x_t at the end (RowAcc::rank).
 // The loss takes the matmul's target logit: (max - x_t) + log sum exp(x - max) is then never negative, and
-// relative to the row max, it keeps the low bits of logits far from 0; lse is returned in float64. bfloat16
-// / float16 inputs and weights are converted to float32 (the input once, the weight one chunk at a time):
-// every product is accumulated in float32, and on CPUs without native 16-bit matmuls the float32 matmul is
-// also the fast one.
-// Backward recomputes each chunk's logits, turns them in place into the gradient of the loss with respect
-// to them (exact: nothing is filtered), and adds its contributions to the three gradients with matmuls:
-// grad_input += dL @ W_chunk, grad_linear_weight[chunk] = dL^T @ input, grad_linear_bias[chunk] = sum dL.
+// relative to the row max, it keeps the low bits of logits far from 0; lse is returned in float64. Every
+// product is accumulated in float32. bfloat16 input and weight on a CPU with AVX512_BF16 take the bfloat16
+// route (linear_ce/bf16_gemm_cpu.h: exact products, float32 sums, twice the float32 matmul's speed): each
+// thread multiplies its own rows of a chunk, 32 at a time, and runs the row pass on them while they are in its
+// cache (a chunk whose weights hold an operand the instruction does not multiply exactly takes the float32
+// matmul). Otherwise 16-bit inputs and weights are converted to float32 (the input once, the weight one chunk
+// at a time) for the float32 matmul.
+// Backward recomputes each chunk's logits (on the same route), turns them in place into the gradient of the
+// loss with respect to them (exact: nothing is filtered), and adds its contributions to the three gradients
+// with float32 matmuls: grad_input += dL @ W_chunk, grad_linear_weight[chunk] = dL^T @ input,
+// grad_linear_bias[chunk] = sum dL. (A bfloat16 product of dL would need dL as two bfloat16 terms, hi + lo,
+// to stay float32-accurate: as many multiply instructions as the float32 matmul, no faster.)
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -47,6 +52,7 @@
 #include "common/row_softmax_cpu.h"
 #include "confusion/confusion_common.h"
 #include "evaluator/eval_update_common.h"
+#include "linear_ce/bf16_gemm_cpu.h"
 #include "linear_ce/linear_ce_common.h"
 
 namespace fasteval {
@@ -269,7 +275,17 @@ struct Prepared {
   at::Tensor bias;  // (V,) float32 or undefined
   std::vector<int64_t> tgt;
   int64_t N, H, V;
+  // The bfloat16 route (linear_ce::bf16): bfloat16 input and weight on a CPU with AVX512_BF16, every input
+  // value in the kernel's exact range. xb: the input as (N, ldx) bfloat16, ldx = H rounded up to even (the
+  // padding zero).
+  bool bf16 = false;
+  at::Tensor xb;
+  int64_t ldx = 0;
 };
+
+inline const uint16_t* bf16_bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
+}
 
 inline Prepared prepare(const at::Tensor& input, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                         const at::Tensor& target, bool has_ignore, int64_t ignore_index, const char* op,
@@ -298,6 +314,17 @@ inline Prepared prepare(const at::Tensor& input, const at::Tensor& w, const std:
   p.x = input.to(at::kFloat).contiguous();
   p.w = w.contiguous();
   if (bias.has_value() && bias->defined()) p.bias = bias->to(at::kFloat).contiguous();
+  if (input.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && p.N > 0 && p.V > 0 &&
+      linear_ce::bf16::available()) {
+    p.ldx = p.H + (p.H & 1);
+    if (p.ldx == p.H) {
+      p.xb = input.contiguous();
+    } else {
+      p.xb = at::zeros({p.N, p.ldx}, input.options());
+      p.xb.narrow(1, 0, p.H).copy_(input);
+    }
+    p.bf16 = linear_ce::bf16::in_range(bf16_bits(p.xb), p.N * p.ldx);
+  }
   return p;
 }
 
@@ -317,6 +344,37 @@ inline at::Tensor chunk_logits(const Prepared& p, const at::Tensor& wc, const at
     at::mm_out(out, p.x, wc.t());
   }
   return out;
+}
+
+// Rows of 32 bfloat16-route logits are handed to the row pass while they are in the multiplying thread's cache.
+constexpr int64_t kRowBlock = 32;
+
+// Runs fn(r0, r1, rows) over ranges of rows, rows pointing at the chunk [v0, v0 + len)'s float32 logits of
+// rows r0 to r1 (row stride len; ws holds them as (N, len)). On the bfloat16 route (if the chunk's weights are
+// in the kernel's exact range) each thread multiplies its own rows, kRowBlock at a time, into ws and hands
+// them to fn at once; otherwise one float32 matmul fills ws (wc: the chunk's weights as float32, converted
+// here if undefined) and fn runs over rows in parallel. packed: packed_size(vc, H) elements on the bfloat16
+// route.
+template <class F>
+void for_chunk_rows(const Prepared& p, int64_t v0, int64_t len, const at::Tensor& ws, std::vector<uint16_t>& packed,
+                    const at::Tensor& wc, const F& fn) {
+  float* base = ws.data_ptr<float>();
+  if (p.bf16 && linear_ce::bf16::pack(bf16_bits(p.w) + v0 * p.H, len, p.H, packed.data())) {
+    const uint16_t* x = bf16_bits(p.xb);
+    const float* bias = p.bias.defined() ? p.bias.const_data_ptr<float>() + v0 : nullptr;
+    at::parallel_for(0, p.N, kRowBlock, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; i += kRowBlock) {
+        const int64_t e = std::min(r1, i + kRowBlock);
+        float* rows = base + i * len;
+        linear_ce::bf16::gemm_rows(x, p.ldx, p.H, packed.data(), len, bias, i, e, rows, len);
+        fn(i, e, rows);
+      }
+    });
+    return;
+  }
+  chunk_logits(p, wc.defined() ? wc : weight_chunk(p.w, v0, len), ws, v0, len);
+  at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len),
+                   [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
 }
 
 // Target logits, one dot product per counted row (0 for the others). With bounds, d[i] is the half-width of
@@ -356,16 +414,16 @@ std::vector<RowAcc> forward_pass(const Prepared& p, const TargetLogits& tl, cons
   if (p.N == 0 || p.V == 0) return acc;
   const int64_t vc = linear_ce::chunk_columns(p.N, p.V, kWorkspaceBytes);
   const at::Tensor ws = at::empty({p.N * vc}, p.x.options());
+  std::vector<uint16_t> packed(p.bf16 ? linear_ce::bf16::packed_size(vc, p.H) : 0);
   for (int64_t v0 = 0; v0 < p.V; v0 += vc) {
     const int64_t len = std::min(vc, p.V - v0);
-    const at::Tensor logits = chunk_logits(p, weight_chunk(p.w, v0, len), ws, v0, len);
-    const float* lp = logits.const_data_ptr<float>();
     const float* wv = class_w ? class_w + v0 : nullptr;
-    at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len), [&](int64_t r0, int64_t r1) {
+    for_chunk_rows(p, v0, len, ws, packed, at::Tensor(), [&](int64_t r0, int64_t r1, const float* rows) {
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t t = p.tgt[i];
         if (t < 0) continue;
-        tile_row<WITH_SUM, WITH_EVAL>(lp + i * len, len, v0, wv, t, tl.xt[i], WITH_EVAL ? tl.d[i] : kNaN, acc[i]);
+        tile_row<WITH_SUM, WITH_EVAL>(rows + (i - r0) * len, len, v0, wv, t, tl.xt[i], WITH_EVAL ? tl.d[i] : kNaN,
+                                      acc[i]);
       }
     });
   }
@@ -472,15 +530,15 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
   const at::Tensor ws = at::empty({N * vc}, f32);
   const bool w32 = a.linear_weight.scalar_type() == at::kFloat;
+  std::vector<uint16_t> packed(p.bf16 ? linear_ce::bf16::packed_size(vc, H) : 0);
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
     const at::Tensor wc = weight_chunk(p.w, v0, len);
-    at::Tensor d = chunk_logits(p, wc, ws, v0, len);
-    float* dp = d.data_ptr<float>();
+    const at::Tensor d = ws.narrow(0, 0, N * len).view({N, len});
     const float* wv = ws_w ? ws_w + v0 : nullptr;
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / len), [&](int64_t r0, int64_t r1) {
+    for_chunk_rows(p, v0, len, ws, packed, wc, [&](int64_t r0, int64_t r1, float* rows) {
       for (int64_t i = r0; i < r1; ++i) {
-        float* row = dp + i * len;
+        float* row = rows + (i - r0) * len;
         const int64_t t = p.tgt[i];
         if (t < 0) {
           std::fill(row, row + len, 0.f);
