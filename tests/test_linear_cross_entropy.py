@@ -527,8 +527,10 @@ def test_update_from_hidden_16_bit(dtype, cpu_route):
 
 
 # Shapes for the bfloat16 route's tiles: 8-row tiles and 1 to 7 rows left over, panels of 48 classes and a
-# partial last one, odd H (a zero pair pads the rows), several vocabulary chunks (4100 rows).
-@pytest.mark.parametrize("n,h,v", [(1, 1, 1), (13, 7, 97), (37, 64, 1000), (4100, 9, 1000), (300, 256, 700)])
+# partial last one, odd H (a zero pair pads the rows), several vocabulary chunks (4100 rows), chunks wider than
+# the columns packed at a time (1008 at H = 1000: few rows give one chunk of the whole vocabulary).
+@pytest.mark.parametrize("n,h,v", [(1, 1, 1), (12, 3, 50), (15, 7, 97), (37, 64, 1000), (4100, 9, 1000),
+                                   (300, 256, 700), (5, 1000, 3000), (70, 1000, 2500)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bfloat16_update_from_hidden_adds_what_update_of_the_float32_products_adds(n, h, v, bias, cpu_route):
     # Values on a grid (multiples of 1/4, 1/16 and 1/2 below 2): every sum is exact in float32, so the logits
@@ -607,13 +609,14 @@ def test_bfloat16_products_that_underflow_float32_are_kept(side, cpu_route):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e-39, 2.0 ** 70])
-def test_bfloat16_chunks_with_operands_outside_the_exact_range(bad, cpu_route):
-    # One vocabulary chunk (of several) and one row hold the bad operand: only they leave the dot-product
-    # route, and every count is still that of the float32 products.
-    x, w, b, t = make(4100, 9, 1000, dtype=torch.bfloat16, scale=1.0, seed=3)
-    w[900, 4] = bad
-    x[17, 2] = bad
-    a, c = _pair(1000, top_k=(1, 5))
+@pytest.mark.parametrize("n,h,v,col", [(4100, 9, 1000, 900), (5, 1000, 3000, 2500)])
+def test_bfloat16_chunks_with_operands_outside_the_exact_range(bad, n, h, v, col, cpu_route):
+    # One vocabulary chunk (of several; or the third column block of the only chunk) and one row hold the bad
+    # operand: they leave the dot-product route, and every count is still that of the float32 products.
+    x, w, b, t = make(n, h, v, dtype=torch.bfloat16, scale=1.0, seed=3)
+    w[col, 4] = bad
+    x[n // 2, 2] = bad
+    a, c = _pair(v, top_k=(1, 5))
     a.update_from_hidden(x, w, t, b)
     c.update(F.linear(x.float(), w.float(), b.float()), t)
     _assert_same_state(a, c, loss_rtol=1e-5, equal_nan=True)

@@ -348,33 +348,72 @@ inline at::Tensor chunk_logits(const Prepared& p, const at::Tensor& wc, const at
 
 // Rows of 32 bfloat16-route logits are handed to the row pass while they are in the multiplying thread's cache.
 constexpr int64_t kRowBlock = 32;
+// The packed weights of at most this many bytes at a time (a few hundred columns: in the L2 cache).
+constexpr int64_t kPackBytes = int64_t(2) << 20;
+
+// Columns the bfloat16 route packs at a time: a multiple of the panel width.
+inline int64_t pack_columns(int64_t H) {
+  const int64_t per_column = 4 * linear_ce::bf16::pairs(H);  // bytes
+  return std::max<int64_t>(1, kPackBytes / per_column / linear_ce::bf16::kNR) * linear_ce::bf16::kNR;
+}
+
+// The packing buffer of the bfloat16 route for chunks of vc columns (empty on the float32 route).
+inline std::vector<uint16_t> pack_buffer(const Prepared& p, int64_t vc) {
+  if (!p.bf16) return {};
+  return std::vector<uint16_t>(static_cast<size_t>(linear_ce::bf16::packed_size(std::min(vc, pack_columns(p.H)), p.H)));
+}
 
 // Runs fn(r0, r1, rows) over ranges of rows, rows pointing at the chunk [v0, v0 + len)'s float32 logits of
 // rows r0 to r1 (row stride len; ws holds them as (N, len)). On the bfloat16 route (if the chunk's weights are
 // in the kernel's exact range) each thread multiplies its own rows, kRowBlock at a time, into ws and hands
-// them to fn at once; otherwise one float32 matmul fills ws (wc: the chunk's weights as float32, converted
-// here if undefined) and fn runs over rows in parallel. packed: packed_size(vc, H) elements on the bfloat16
-// route.
+// them to fn at once; a chunk wider than pack_columns is multiplied a column block at a time (all rows
+// in parallel) before fn runs. Otherwise one float32 matmul fills ws (wc: the chunk's weights as float32,
+// converted here if undefined) and fn runs over rows in parallel. packed: pack_buffer(p, vc).
 template <class F>
 void for_chunk_rows(const Prepared& p, int64_t v0, int64_t len, const at::Tensor& ws, std::vector<uint16_t>& packed,
                     const at::Tensor& wc, const F& fn) {
+  namespace bf16 = linear_ce::bf16;
   float* base = ws.data_ptr<float>();
-  if (p.bf16 && linear_ce::bf16::pack(bf16_bits(p.w) + v0 * p.H, len, p.H, packed.data())) {
+  const auto rows_in_parallel = [&] {
+    at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len),
+                     [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
+  };
+  if (p.bf16) {
     const uint16_t* x = bf16_bits(p.xb);
+    const uint16_t* w = bf16_bits(p.w) + v0 * p.H;
     const float* bias = p.bias.defined() ? p.bias.const_data_ptr<float>() + v0 : nullptr;
-    at::parallel_for(0, p.N, kRowBlock, [&](int64_t r0, int64_t r1) {
-      for (int64_t i = r0; i < r1; i += kRowBlock) {
-        const int64_t e = std::min(r1, i + kRowBlock);
-        float* rows = base + i * len;
-        linear_ce::bf16::gemm_rows(x, p.ldx, p.H, packed.data(), len, bias, i, e, rows, len);
-        fn(i, e, rows);
+    const int64_t pc = pack_columns(p.H);
+    if (len <= pc) {
+      if (bf16::pack(w, len, p.H, packed.data())) {
+        at::parallel_for(0, p.N, kRowBlock, [&](int64_t r0, int64_t r1) {
+          for (int64_t i = r0; i < r1; i += kRowBlock) {
+            const int64_t e = std::min(r1, i + kRowBlock);
+            float* rows = base + i * len;
+            bf16::gemm_rows(x, p.ldx, p.H, packed.data(), len, bias, i, e, rows, len);
+            fn(i, e, rows);
+          }
+        });
+        return;
       }
-    });
-    return;
+    } else {
+      bool exact = true;
+      for (int64_t c0 = 0; c0 < len && exact; c0 += pc) {
+        const int64_t cl = std::min(pc, len - c0);
+        exact = bf16::pack(w + c0 * p.H, cl, p.H, packed.data());
+        if (!exact) break;
+        at::parallel_for(0, p.N, kRowBlock, [&](int64_t r0, int64_t r1) {
+          bf16::gemm_rows(x, p.ldx, p.H, packed.data(), cl, bias ? bias + c0 : nullptr, r0, r1, base + r0 * len + c0,
+                          len);
+        });
+      }
+      if (exact) {
+        rows_in_parallel();
+        return;
+      }
+    }
   }
   chunk_logits(p, wc.defined() ? wc : weight_chunk(p.w, v0, len), ws, v0, len);
-  at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len),
-                   [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
+  rows_in_parallel();
 }
 
 // Target logits, one dot product per counted row (0 for the others). With bounds, d[i] is the half-width of
@@ -414,7 +453,7 @@ std::vector<RowAcc> forward_pass(const Prepared& p, const TargetLogits& tl, cons
   if (p.N == 0 || p.V == 0) return acc;
   const int64_t vc = linear_ce::chunk_columns(p.N, p.V, kWorkspaceBytes);
   const at::Tensor ws = at::empty({p.N * vc}, p.x.options());
-  std::vector<uint16_t> packed(p.bf16 ? linear_ce::bf16::packed_size(vc, p.H) : 0);
+  std::vector<uint16_t> packed = pack_buffer(p, vc);
   for (int64_t v0 = 0; v0 < p.V; v0 += vc) {
     const int64_t len = std::min(vc, p.V - v0);
     const float* wv = class_w ? class_w + v0 : nullptr;
@@ -530,7 +569,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
   const at::Tensor ws = at::empty({N * vc}, f32);
   const bool w32 = a.linear_weight.scalar_type() == at::kFloat;
-  std::vector<uint16_t> packed(p.bf16 ? linear_ce::bf16::packed_size(vc, H) : 0);
+  std::vector<uint16_t> packed = pack_buffer(p, vc);
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
     const at::Tensor wc = weight_chunk(p.w, v0, len);
