@@ -397,7 +397,7 @@ void for_chunk_rows(const Prepared& p, int64_t v0, int64_t len, const at::Tensor
       }
     } else {
       bool exact = true;
-      for (int64_t c0 = 0; c0 < len && exact; c0 += pc) {
+      for (int64_t c0 = 0; c0 < len; c0 += pc) {
         const int64_t cl = std::min(pc, len - c0);
         exact = bf16::pack(w + c0 * p.H, cl, p.H, packed.data());
         if (!exact) break;
