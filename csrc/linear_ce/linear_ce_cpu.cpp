@@ -21,7 +21,7 @@
 // relative to the row max, it keeps the low bits of logits far from 0; lse is returned in float64. Every
 // product is accumulated in float32. bfloat16 input and weight on a CPU with AVX512_BF16 take the bfloat16
 // route (linear_ce/bf16_gemm_cpu.h: exact products, float32 sums, twice the float32 matmul's speed): each
-// thread multiplies its own rows of a chunk, 32 at a time, and runs the row pass on them while they are in its
+// thread multiplies its own rows of a chunk, 16 at a time, and runs the row pass on them while they are in its
 // cache (a chunk whose weights hold an operand the instruction does not multiply exactly takes the float32
 // matmul). Otherwise 16-bit inputs and weights are converted to float32 (the input once, the weight one chunk
 // at a time) for the float32 matmul.
@@ -346,8 +346,8 @@ inline at::Tensor chunk_logits(const Prepared& p, const at::Tensor& wc, const at
   return out;
 }
 
-// Rows of 32 bfloat16-route logits are handed to the row pass while they are in the multiplying thread's cache.
-constexpr int64_t kRowBlock = 32;
+// Rows of 16 bfloat16-route logits are handed to the row pass while they are in the multiplying thread's cache.
+constexpr int64_t kRowBlock = 16;
 // The packed weights of at most this many bytes at a time (a few hundred columns: in the L2 cache).
 constexpr int64_t kPackBytes = int64_t(2) << 20;
 
