@@ -37,8 +37,11 @@ def composition(x, w, b, t, **kw):
 # workspace of the `device` fixture).
 SHAPES = [(5, 7, 33), (33, 16, 1000), (4100, 8, 1000)]
 
-# The CPU case runs on every backend (the reference too), the CUDA case where the CUDA kernels are served.
-ON_DEVICES = ["cpu", pytest.param("cuda", marks=needs_kernel("linear_cross_entropy", "cuda"), id="cuda")]
+# The CPU cases run on every backend (the reference too): "cpu" with the compiled kernels' own matmuls where
+# the CPU has AVX-512, "cpu_torch_matmul" with torch's (FASTEVAL_LCE_OWN_MATMUL=0); the CUDA case where the
+# CUDA kernels are served.
+ON_DEVICES = ["cpu", "cpu_torch_matmul",
+              pytest.param("cuda", marks=needs_kernel("linear_cross_entropy", "cuda"), id="cuda")]
 
 
 @pytest.fixture(params=ON_DEVICES)
@@ -47,6 +50,9 @@ def device(request, monkeypatch):
     several vocabulary chunks there too."""
     if request.param == "cuda":
         monkeypatch.setenv("FASTEVAL_LCE_WORKSPACE_MB", "1")
+    if request.param == "cpu_torch_matmul":
+        monkeypatch.setenv("FASTEVAL_LCE_OWN_MATMUL", "0")
+        return "cpu"
     return request.param
 
 
@@ -118,17 +124,18 @@ def test_hostile_logits_give_update_s_state(device):
                                        msg=n)
 
 
-# The CPU multiplies bfloat16 inputs and weights with VDPBF16PS where the CPU has AVX512_BF16 (the products
-# exact, summed in float32, as the float32 matmul does it in another order); FASTEVAL_CPU_BF16_DOT=0 forces
-# the float32 matmul of the converted operands. Both routes must give the same results.
-BF16_ROUTE = HAS_KERNEL and "avx512_bf16" in _cpu.cpu_flags()
+# On an AVX-512 CPU the compiled kernels multiply the vocabulary chunks with their own matmuls (float32 FMAs;
+# VDPBF16PS for bfloat16 input and weight where the CPU has AVX512_BF16: the products exact, summed in float32,
+# as torch's float32 matmul does in another order); FASTEVAL_LCE_OWN_MATMUL=0 forces torch's matmul. Both
+# routes must give the same results.
+OWN_MATMUL = HAS_KERNEL and "avx512f" in _cpu.cpu_flags()
 
 
-@pytest.fixture(params=["dot", "float32"])
+@pytest.fixture(params=["own", "torch"])
 def cpu_route(request, monkeypatch):
-    if request.param == "dot" and not BF16_ROUTE:
-        pytest.skip("needs the compiled CPU kernels on a CPU with AVX512_BF16")
-    monkeypatch.setenv("FASTEVAL_CPU_BF16_DOT", "1" if request.param == "dot" else "0")
+    if request.param == "own" and not OWN_MATMUL:
+        pytest.skip("needs the compiled CPU kernels on an AVX-512 CPU")
+    monkeypatch.setenv("FASTEVAL_LCE_OWN_MATMUL", "1" if request.param == "own" else "0")
     return request.param
 
 
@@ -526,11 +533,12 @@ def test_update_from_hidden_16_bit(dtype, cpu_route):
     _assert_same_state(a, c, loss_rtol=1e-4)
 
 
-# Shapes for the bfloat16 route's tiles: 8-row tiles and 1 to 7 rows left over, panels of 48 classes and a
-# partial last one, odd H (a zero pair pads the rows), several vocabulary chunks (4100 rows), chunks wider than
-# the columns packed at a time (1008 at H = 1000: few rows give one chunk of the whole vocabulary).
+# Shapes for the own matmuls' tiles: 8-row tiles and 1 to 7 rows left over, panels of 48 classes and a partial
+# last one, odd H (a zero pair pads the rows), several vocabulary chunks (4100 rows), chunks wider than the
+# columns packed at a time (1008 at H = 1000: few rows give one chunk of the whole vocabulary); below 96 rows
+# the bfloat16 kernel reads the weights' rows without packing (H = 1000: a masked tail of 8).
 @pytest.mark.parametrize("n,h,v", [(1, 1, 1), (12, 3, 50), (15, 7, 97), (37, 64, 1000), (4100, 9, 1000),
-                                   (300, 256, 700), (5, 1000, 3000), (70, 1000, 2500)])
+                                   (300, 256, 700), (5, 1000, 3000), (100, 1000, 2500)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bfloat16_update_from_hidden_adds_what_update_of_the_float32_products_adds(n, h, v, bias, cpu_route):
     # Values on a grid (multiples of 1/4, 1/16 and 1/2 below 2): every sum is exact in float32, so the logits
@@ -565,13 +573,13 @@ def test_bfloat16_update_from_hidden_of_real_values(cpu_route):
 
 @pytest.mark.parametrize("n,h,v", [(37, 64, 1000), (4100, 9, 1000)])
 def test_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, monkeypatch):
-    if not BF16_ROUTE:
-        pytest.skip("needs the compiled CPU kernels on a CPU with AVX512_BF16")
+    if not OWN_MATMUL:
+        pytest.skip("needs the compiled CPU kernels on an AVX-512 CPU")
     x, w, b, t = make(n, h, v, dtype=torch.bfloat16, scale=1.0, seed=n)
     t[::5] = -100
     out = []
     for flag in ("1", "0"):
-        monkeypatch.setenv("FASTEVAL_CPU_BF16_DOT", flag)
+        monkeypatch.setenv("FASTEVAL_LCE_OWN_MATMUL", flag)
         args = [a.clone().requires_grad_() for a in (x, w, b)]
         loss = fasteval.linear_cross_entropy(args[0], args[1], t, linear_bias=args[2], label_smoothing=0.1,
                                              reduction="sum")
@@ -581,7 +589,7 @@ def test_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, monkeypatch):
         torch.testing.assert_close(a.float(), e.float(), rtol=2.0 ** -7, atol=2.0 ** -7 * e.abs().max().item())
 
 
-def _underflowing_pair(side):
+def _underflowing_pair(side, rows):
     """Hidden states and a head whose class-1 logit is 2^-127 (a float32 subnormal) and class-0 logit 0:
     (2^-57 (1 + 2^-7)) (2^-56 (1 + 2^-7)) - 2^-57 2^-56 (1 + 2^-6) = 2^-113 2^-14. One operand of each product
     is below 2^-56, where VDPBF16PS (which flushes subnormal results to zero) is not exact: the kernels must
@@ -589,18 +597,19 @@ def _underflowing_pair(side):
     small = [2.0 ** -57 * (1 + 2.0 ** -7), -(2.0 ** -57)]
     other = [2.0 ** -56 * (1 + 2.0 ** -7), 2.0 ** -56 * (1 + 2.0 ** -6)]
     x_row, w_row = (small, other) if side == "hidden" else (other, small)
-    x = torch.tensor([x_row] * 21, dtype=torch.bfloat16)  # two 8-row tiles and 5 rows
+    x = torch.tensor([x_row] * rows, dtype=torch.bfloat16)
     w = torch.tensor([[0.0, 0.0], w_row, [0.0, 0.0]], dtype=torch.bfloat16)
-    assert torch.equal(x.float(), torch.tensor([x_row] * 21)) and torch.equal(w[1].float(), torch.tensor(w_row))
+    assert torch.equal(x.float(), torch.tensor([x_row] * rows)) and torch.equal(w[1].float(), torch.tensor(w_row))
     return x, w
 
 
 @pytest.mark.parametrize("side", ["hidden", "head"])
-def test_bfloat16_products_that_underflow_float32_are_kept(side, cpu_route):
-    x, w = _underflowing_pair(side)
+@pytest.mark.parametrize("rows", [5, 101])  # the few-rows kernel; the packed one: 12 8-row tiles and 5 rows
+def test_bfloat16_products_that_underflow_float32_are_kept(side, rows, cpu_route):
+    x, w = _underflowing_pair(side, rows)
     logits = F.linear(x.float(), w.float())
     assert logits[0, 1].item() == 2.0 ** -127 and logits[0, 0].item() == 0.0
-    t = torch.ones(21, dtype=torch.long)
+    t = torch.ones(rows, dtype=torch.long)
     a, c = _pair(3, top_k=(1, 2))
     a.update_from_hidden(x, w, t)
     c.update(logits, t)
@@ -609,10 +618,11 @@ def test_bfloat16_products_that_underflow_float32_are_kept(side, cpu_route):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e-39, 2.0 ** 70])
-@pytest.mark.parametrize("n,h,v,col", [(4100, 9, 1000, 900), (5, 1000, 3000, 2500)])
+@pytest.mark.parametrize("n,h,v,col", [(4100, 9, 1000, 900), (100, 1000, 2500, 2400), (5, 1000, 3000, 2500)])
 def test_bfloat16_chunks_with_operands_outside_the_exact_range(bad, n, h, v, col, cpu_route):
-    # One vocabulary chunk (of several; or the third column block of the only chunk) and one row hold the bad
-    # operand: they leave the dot-product route, and every count is still that of the float32 products.
+    # One vocabulary chunk (of several; or the third column block of the only chunk; or the few-rows kernel's
+    # columns) and one row hold the bad operand: they leave the bfloat16 kernels, and every count is still that
+    # of the float32 products.
     x, w, b, t = make(n, h, v, dtype=torch.bfloat16, scale=1.0, seed=3)
     w[col, 4] = bad
     x[n // 2, 2] = bad

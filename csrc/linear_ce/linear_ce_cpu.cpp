@@ -19,12 +19,12 @@
 // [x_t - d, x_t + d] (a band of rounding size) to rank against the matmul's x_t at the end (RowAcc::rank).
 // The loss takes the matmul's target logit: (max - x_t) + log sum exp(x - max) is then never negative, and
 // relative to the row max, it keeps the low bits of logits far from 0; lse is returned in float64. Every
-// product is accumulated in float32. bfloat16 input and weight on a CPU with AVX512_BF16 take the bfloat16
-// route (linear_ce/bf16_gemm_cpu.h: exact products, float32 sums, twice the float32 matmul's speed): each
-// thread multiplies its own rows of a chunk, 16 at a time, and runs the row pass on them while they are in its
-// cache (a chunk whose weights hold an operand the instruction does not multiply exactly takes the float32
-// matmul). Otherwise 16-bit inputs and weights are converted to float32 (the input once, the weight one chunk
-// at a time) for the float32 matmul.
+// product is accumulated in float32. On an AVX-512 CPU the chunk's logits come from the own matmul kernels
+// (linear_ce/chunk_matmul_cpu.h; for_chunk_rows says which, when): each thread multiplies its own rows of a
+// chunk, 16 at a time, and runs the row pass on them while they are in its cache; bfloat16 input and weight on
+// a CPU with AVX512_BF16 are multiplied as bfloat16 (exact products, float32 sums, twice the float32 speed).
+// Otherwise (and for few rows in float32) torch's float32 matmul computes them, 16-bit inputs and weights
+// converted to float32 (the input once, the weight one chunk at a time).
 // Backward recomputes each chunk's logits (on the same route), turns them in place into the gradient of the
 // loss with respect to them (exact: nothing is filtered), and adds its contributions to the three gradients
 // with float32 matmuls: grad_input += dL @ W_chunk, grad_linear_weight[chunk] = dL^T @ input,
@@ -41,6 +41,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -52,7 +53,7 @@
 #include "common/row_softmax_cpu.h"
 #include "confusion/confusion_common.h"
 #include "evaluator/eval_update_common.h"
-#include "linear_ce/bf16_gemm_cpu.h"
+#include "linear_ce/chunk_matmul_cpu.h"
 #include "linear_ce/linear_ce_common.h"
 
 namespace fasteval {
@@ -275,9 +276,10 @@ struct Prepared {
   at::Tensor bias;  // (V,) float32 or undefined
   std::vector<int64_t> tgt;
   int64_t N, H, V;
-  // The bfloat16 route (linear_ce::bf16): bfloat16 input and weight on a CPU with AVX512_BF16, every input
-  // value in the kernel's exact range. xb: the input as (N, ldx) bfloat16, ldx = H rounded up to even (the
-  // padding zero).
+  // The own matmul kernels (linear_ce/chunk_matmul_cpu.h) on an AVX-512 CPU; with bf16, the bfloat16 one
+  // (bfloat16 input and weight, AVX512_BF16, every input value in its exact range). xb: the input as
+  // (N, ldx) bfloat16, ldx = H rounded up to even (the padding zero).
+  bool own = false;
   bool bf16 = false;
   at::Tensor xb;
   int64_t ldx = 0;
@@ -314,8 +316,9 @@ inline Prepared prepare(const at::Tensor& input, const at::Tensor& w, const std:
   p.x = input.to(at::kFloat).contiguous();
   p.w = w.contiguous();
   if (bias.has_value() && bias->defined()) p.bias = bias->to(at::kFloat).contiguous();
-  if (input.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && p.N > 0 && p.V > 0 &&
-      linear_ce::bf16::available()) {
+  p.own = p.N > 0 && p.V > 0 && linear_ce::own::available();
+  if (p.own && input.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+      linear_ce::own::bf16_available()) {
     p.ldx = p.H + (p.H & 1);
     if (p.ldx == p.H) {
       p.xb = input.contiguous();
@@ -323,7 +326,7 @@ inline Prepared prepare(const at::Tensor& input, const at::Tensor& w, const std:
       p.xb = at::zeros({p.N, p.ldx}, input.options());
       p.xb.narrow(1, 0, p.H).copy_(input);
     }
-    p.bf16 = linear_ce::bf16::in_range(bf16_bits(p.xb), p.N * p.ldx);
+    p.bf16 = linear_ce::own::bf16::in_range(bf16_bits(p.xb), p.N * p.ldx);
   }
   return p;
 }
@@ -346,74 +349,136 @@ inline at::Tensor chunk_logits(const Prepared& p, const at::Tensor& wc, const at
   return out;
 }
 
-// Rows of 16 bfloat16-route logits are handed to the row pass while they are in the multiplying thread's cache.
+// Rows of 16 logits are handed from the own matmul to the row pass while they are in the thread's cache.
 constexpr int64_t kRowBlock = 16;
 // The packed weights of at most this many bytes at a time (a few hundred columns: in the L2 cache).
 constexpr int64_t kPackBytes = int64_t(2) << 20;
 
-// Columns the bfloat16 route packs at a time: a multiple of the panel width.
-inline int64_t pack_columns(int64_t H) {
-  const int64_t per_column = 4 * linear_ce::bf16::pairs(H);  // bytes
-  return std::max<int64_t>(1, kPackBytes / per_column / linear_ce::bf16::kNR) * linear_ce::bf16::kNR;
+// The own float32 matmul packs the weights of every chunk, which few rows do not amortise: below this many
+// rows torch's matmul is faster (measured: 0.8-0.9x at 4 and 64 rows, 1.05x at 512, 1.1-1.2x at 2048-8192).
+constexpr int64_t kOwnF32MinRows = 256;
+// Below this many rows the bfloat16 route multiplies straight from the weights' rows (own::bf16::dot_rows), in
+// parallel over the columns, without packing.
+constexpr int64_t kDotMaxRows = 96;
+
+// Packs the panels of a chunk's len columns in parallel: pack_panels(p0, p1) packs panels [p0, p1) and
+// says whether every operand was exact.
+template <class PackPanels>
+bool parallel_pack(int64_t len, const PackPanels& pack_panels) {
+  const int64_t panels = (len + linear_ce::own::kNR - 1) / linear_ce::own::kNR;
+  std::atomic<bool> exact{true};
+  at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
+    if (!pack_panels(p0, p1)) exact.store(false, std::memory_order_relaxed);
+  });
+  return exact.load();
 }
 
-// The packing buffer of the bfloat16 route for chunks of vc columns (empty on the float32 route).
-inline std::vector<uint16_t> pack_buffer(const Prepared& p, int64_t vc) {
-  if (!p.bf16) return {};
-  return std::vector<uint16_t>(static_cast<size_t>(linear_ce::bf16::packed_size(std::min(vc, pack_columns(p.H)), p.H)));
+// The packing buffers of the own matmuls (sized at their first use).
+struct Packed {
+  std::vector<uint16_t> b16;
+  std::vector<float> f32;
+};
+
+// Runs the own matmul of the chunk's columns [0, len), pc at a time, into base (N, len): pack(c0, cl) packs
+// columns [c0, c0 + cl) (false: an operand the kernel cannot take; nothing was computed then), gemm(c0, cl, r0,
+// r1, out, ldc) multiplies rows [r0, r1) by them. A chunk of at most pc columns is packed once and each thread
+// hands its rows to fn, kRowBlock at a time, as soon as they are computed; a wider one is multiplied a column
+// block at a time (all rows in parallel) before fn runs over the rows in parallel.
+template <class Pack, class Gemm, class F>
+bool own_matmul_rows(const Prepared& p, int64_t len, int64_t pc, float* base, const Pack& pack, const Gemm& gemm,
+                     const F& fn) {
+  if (len <= pc) {
+    if (!pack(0, len)) return false;
+    at::parallel_for(0, p.N, kRowBlock, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; i += kRowBlock) {
+        const int64_t e = std::min(r1, i + kRowBlock);
+        gemm(0, len, i, e, base + i * len, len);
+        fn(i, e, base + i * len);
+      }
+    });
+    return true;
+  }
+  for (int64_t c0 = 0; c0 < len; c0 += pc) {
+    const int64_t cl = std::min(pc, len - c0);
+    if (!pack(c0, cl)) return false;
+    at::parallel_for(0, p.N, kRowBlock,
+                     [&](int64_t r0, int64_t r1) { gemm(c0, cl, r0, r1, base + r0 * len + c0, len); });
+  }
+  at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len),
+                   [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
+  return true;
 }
 
 // Runs fn(r0, r1, rows) over ranges of rows, rows pointing at the chunk [v0, v0 + len)'s float32 logits of
-// rows r0 to r1 (row stride len; ws holds them as (N, len)). On the bfloat16 route (if the chunk's weights are
-// in the kernel's exact range) each thread multiplies its own rows, kRowBlock at a time, into ws and hands
-// them to fn at once; a chunk wider than pack_columns is multiplied a column block at a time (all rows
-// in parallel) before fn runs. Otherwise one float32 matmul fills ws (wc: the chunk's weights as float32,
-// converted here if undefined) and fn runs over rows in parallel. packed: pack_buffer(p, vc).
+// rows r0 to r1 (row stride len; ws holds them as (N, len)), computed by, in this order of preference:
+// - the own bfloat16 kernels (bfloat16 input and weight on an AVX512_BF16 CPU, the chunk's weights in their
+//   exact range): straight from the weights' rows for fewer than kDotMaxRows rows, else packed;
+// - the own float32 kernel, from kOwnF32MinRows rows on (any dtype, on an AVX-512 CPU);
+// - torch's matmul (wc: the chunk's weights as float32, converted here if undefined), after which fn runs over
+//   rows in parallel. FASTEVAL_LCE_OWN_MATMUL=0 forces this one.
 template <class F>
-void for_chunk_rows(const Prepared& p, int64_t v0, int64_t len, const at::Tensor& ws, std::vector<uint16_t>& packed,
+void for_chunk_rows(const Prepared& p, int64_t v0, int64_t len, const at::Tensor& ws, Packed& packed,
                     const at::Tensor& wc, const F& fn) {
-  namespace bf16 = linear_ce::bf16;
+  namespace own = linear_ce::own;
   float* base = ws.data_ptr<float>();
-  const auto rows_in_parallel = [&] {
-    at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len),
-                     [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
-  };
-  if (p.bf16) {
+  const int64_t H = p.H;
+  const float* bias = p.bias.defined() ? p.bias.const_data_ptr<float>() + v0 : nullptr;
+  const auto bias_at = [bias](int64_t c0) { return bias ? bias + c0 : nullptr; };
+  if (p.bf16 && p.N < kDotMaxRows) {
     const uint16_t* x = bf16_bits(p.xb);
-    const uint16_t* w = bf16_bits(p.w) + v0 * p.H;
-    const float* bias = p.bias.defined() ? p.bias.const_data_ptr<float>() + v0 : nullptr;
-    const int64_t pc = pack_columns(p.H);
-    if (len <= pc) {
-      if (bf16::pack(w, len, p.H, packed.data())) {
-        at::parallel_for(0, p.N, kRowBlock, [&](int64_t r0, int64_t r1) {
-          for (int64_t i = r0; i < r1; i += kRowBlock) {
-            const int64_t e = std::min(r1, i + kRowBlock);
-            float* rows = base + i * len;
-            bf16::gemm_rows(x, p.ldx, p.H, packed.data(), len, bias, i, e, rows, len);
-            fn(i, e, rows);
-          }
-        });
-        return;
+    const uint16_t* w = bf16_bits(p.w) + v0 * H;
+    std::atomic<bool> exact{true};
+    at::parallel_for(0, len, std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)), [&](int64_t c0, int64_t c1) {
+      if (!own::bf16::dot_rows(x, p.ldx, p.N, w, H, c0, c1, bias, base, len)) {
+        exact.store(false, std::memory_order_relaxed);
       }
-    } else {
-      bool exact = true;
-      for (int64_t c0 = 0; c0 < len; c0 += pc) {
-        const int64_t cl = std::min(pc, len - c0);
-        exact = bf16::pack(w + c0 * p.H, cl, p.H, packed.data());
-        if (!exact) break;
-        at::parallel_for(0, p.N, kRowBlock, [&](int64_t r0, int64_t r1) {
-          bf16::gemm_rows(x, p.ldx, p.H, packed.data(), cl, bias ? bias + c0 : nullptr, r0, r1, base + r0 * len + c0,
-                          len);
-        });
-      }
-      if (exact) {
-        rows_in_parallel();
-        return;
-      }
+    });
+    if (exact.load()) {
+      at::parallel_for(0, p.N, 1, [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
+      return;
     }
+  } else if (p.bf16) {
+    const uint16_t* x = bf16_bits(p.xb);
+    const uint16_t* w = bf16_bits(p.w) + v0 * H;
+    const int64_t pc = own::bf16::pack_columns(H, kPackBytes);
+    packed.b16.resize(static_cast<size_t>(own::bf16::packed_size(std::min(len, pc), H)));
+    const bool done = own_matmul_rows(
+        p, len, pc, base,
+        [&](int64_t c0, int64_t cl) {
+          return parallel_pack(cl, [&](int64_t p0, int64_t p1) {
+            return own::bf16::pack(w + c0 * H, cl, H, packed.b16.data(), p0, p1);
+          });
+        },
+        [&](int64_t c0, int64_t cl, int64_t r0, int64_t r1, float* out, int64_t ldc) {
+          own::bf16::gemm_rows(x, p.ldx, H, packed.b16.data(), cl, bias_at(c0), r0, r1, out, ldc);
+        },
+        fn);
+    if (done) return;
+  }
+  if (p.own && p.N >= kOwnF32MinRows) {
+    const float* x = p.x.const_data_ptr<float>();
+    const int64_t pc = own::f32::pack_columns(H, kPackBytes);
+    packed.f32.resize(static_cast<size_t>(own::f32::packed_size(std::min(len, pc), H)));
+    FASTEVAL_DISPATCH_LOGITS_TYPES(p.w.scalar_type(), "linear_ce_own_matmul", [&] {
+      const scalar_t* w = p.w.const_data_ptr<scalar_t>() + v0 * H;
+      own_matmul_rows(
+          p, len, pc, base,
+          [&](int64_t c0, int64_t cl) {
+            return parallel_pack(cl, [&](int64_t p0, int64_t p1) {
+              own::f32::pack(w + c0 * H, cl, H, packed.f32.data(), p0, p1);
+              return true;
+            });
+          },
+          [&](int64_t c0, int64_t cl, int64_t r0, int64_t r1, float* out, int64_t ldc) {
+            own::f32::gemm_rows(x, H, H, packed.f32.data(), cl, bias_at(c0), r0, r1, out, ldc);
+          },
+          fn);
+    });
+    return;
   }
   chunk_logits(p, wc.defined() ? wc : weight_chunk(p.w, v0, len), ws, v0, len);
-  rows_in_parallel();
+  at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len),
+                   [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
 }
 
 // Target logits, one dot product per counted row (0 for the others). With bounds, d[i] is the half-width of
@@ -453,7 +518,7 @@ std::vector<RowAcc> forward_pass(const Prepared& p, const TargetLogits& tl, cons
   if (p.N == 0 || p.V == 0) return acc;
   const int64_t vc = linear_ce::chunk_columns(p.N, p.V, kWorkspaceBytes);
   const at::Tensor ws = at::empty({p.N * vc}, p.x.options());
-  std::vector<uint16_t> packed = pack_buffer(p, vc);
+  Packed packed;
   for (int64_t v0 = 0; v0 < p.V; v0 += vc) {
     const int64_t len = std::min(vc, p.V - v0);
     const float* wv = class_w ? class_w + v0 : nullptr;
@@ -569,7 +634,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
   const at::Tensor ws = at::empty({N * vc}, f32);
   const bool w32 = a.linear_weight.scalar_type() == at::kFloat;
-  std::vector<uint16_t> packed = pack_buffer(p, vc);
+  Packed packed;
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
     const at::Tensor wc = weight_chunk(p.w, v0, len);

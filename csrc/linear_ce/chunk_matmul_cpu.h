@@ -1,0 +1,357 @@
+// The linear cross-entropy's own CPU matmuls of its vocabulary chunks: C (rows, len) = X (rows, H) @ W_chunk
+// (len, H)^T (+ bias) in float32, a few rows at a time, so that each thread hands its rows to the row pass while
+// they are in its cache (linear_ce_cpu.cpp, for_chunk_rows). Two kernels, for x86-64 CPUs with AVX-512:
+//
+// * float32 (namespace f32): products and sums by fused multiply-adds, as a BLAS does them (in another order);
+//   the weights of any dtype are converted to float32 as they are packed. About 180 GFLOPS on two Zen 4 cores
+//   against 140 for torch's matmul on the chunks of (8192, 256, 32000).
+// * bfloat16 (namespace bf16), on CPUs with AVX512_BF16: VDPBF16PS (16 float32 lanes, each += a[2j] * b[2j] +
+//   a[2j + 1] * b[2j + 1]) on bfloat16 input and weight, 350-400 GFLOPS there. torch has no public CPU matmul
+//   that multiplies bfloat16 into float32 at the bfloat16 speed: its bfloat16 matmul rounds the logits to
+//   bfloat16. Every product of two bfloat16 is exact in float32 and the sums are float32, as in the float32
+//   kernel; but VDPBF16PS treats subnormal inputs as zero, flushes subnormal results to zero and cannot
+//   overflow a product where a fused multiply-add would not, so it is only used where none of that can happen.
+//   Every nonzero operand must lie in [2^-56, 2^63): a bfloat16 there is a multiple of 2^-63, so every product
+//   is a multiple of 2^-126 below 2^126 and every partial sum is 0 or a normal float (a multiple of 2^-126
+//   rounds to one). Operands outside (NaN, inf, subnormal, huge) send the chunk (pack) or the call (in_range)
+//   to the float32 kernel instead.
+//
+// Layout: W_chunk is packed into panels of kNR columns. float32: each panel (H, kNR). bfloat16: each panel
+// (KP, kNR, 2) with KP = ceil(H / 2): the pair (w[c][2k], w[c][2k + 1]) of column c at [k][c], zero-padded past
+// H. Both zero-padded past len. X is read in place (bfloat16: as pairs of one row, the row stride an even number
+// of bfloat16: H rounded up, zero-padded by the caller). A micro-kernel keeps an (MR, kNR) tile of float32 sums
+// in 24 zmm registers: per k (bfloat16: per pair of k), kNR / 16 panel loads, MR broadcasts of the row's
+// element (pair), MR * kNR / 16 multiply-adds.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define FASTEVAL_OWN_MATMUL 1
+#define FASTEVAL_F32_TARGET __attribute__((target("avx512f")))
+#define FASTEVAL_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#else
+#define FASTEVAL_OWN_MATMUL 0
+#endif
+
+namespace fasteval {
+namespace linear_ce {
+namespace own {
+
+constexpr int kNR = 48;  // panel width: 3 zmm of float32 sums per row
+constexpr int kMR = 8;   // rows per micro-kernel tile
+constexpr int kNV = kNR / 16;
+
+// Whether the own kernels may run: compiled for x86-64, the CPU has AVX-512 (and the OS saves its state:
+// __builtin_cpu_supports checks both), and FASTEVAL_LCE_OWN_MATMUL is not "0" (read at each call, so that
+// torch's matmul can be forced, e.g. to compare the two).
+inline bool available() {
+#if FASTEVAL_OWN_MATMUL
+  static const bool cpu = __builtin_cpu_supports("avx512f");
+  if (!cpu) return false;
+  const char* e = std::getenv("FASTEVAL_LCE_OWN_MATMUL");
+  return !(e && e[0] == '0' && e[1] == '\0');
+#else
+  return false;
+#endif
+}
+
+// Whether the bfloat16 kernel may run as well (AVX512_BF16).
+inline bool bf16_available() {
+#if FASTEVAL_OWN_MATMUL
+  static const bool cpu = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return cpu && available();
+#else
+  return false;
+#endif
+}
+
+#if FASTEVAL_OWN_MATMUL
+namespace detail {
+
+// The bias of the tile's columns (masked past ncols) and the masked stores of its MR x kNR sums.
+template <int MR>
+FASTEVAL_F32_TARGET inline void store_tile(__m512 (&acc)[MR][kNV], const float* bias, float* c, int64_t ldc,
+                                           int ncols) {
+#pragma GCC unroll 3
+  for (int j = 0; j < kNV; ++j) {
+    const int n = std::min(16, std::max(0, ncols - j * 16));
+    if (n == 0) break;
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    const __m512 bj = bias ? _mm512_maskz_loadu_ps(m, bias + j * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(c + r * ldc + j * 16, m, _mm512_add_ps(acc[r][j], bj));
+  }
+}
+
+// Rows [r0, r1) with tiles of kMR rows, then one tile of the 1 to 7 rows left: tile<MR>(row r0 + i, i).
+template <class Tile>
+inline void rows_by_tiles(int64_t r0, int64_t r1, const Tile& tile) {
+  int64_t i = r0;
+  for (; i + kMR <= r1; i += kMR) tile(std::integral_constant<int, kMR>(), i);
+  switch (r1 - i) {
+    case 7: tile(std::integral_constant<int, 7>(), i); break;
+    case 6: tile(std::integral_constant<int, 6>(), i); break;
+    case 5: tile(std::integral_constant<int, 5>(), i); break;
+    case 4: tile(std::integral_constant<int, 4>(), i); break;
+    case 3: tile(std::integral_constant<int, 3>(), i); break;
+    case 2: tile(std::integral_constant<int, 2>(), i); break;
+    case 1: tile(std::integral_constant<int, 1>(), i); break;
+    default: break;
+  }
+}
+
+}  // namespace detail
+#endif
+
+namespace f32 {
+
+// float32 elements of a packed chunk of len columns.
+inline int64_t packed_size(int64_t len, int64_t H) { return (len + kNR - 1) / kNR * kNR * H; }
+
+// Columns packed at a time so that the panels take at most max_bytes.
+inline int64_t pack_columns(int64_t H, int64_t max_bytes) {
+  return std::max<int64_t>(1, max_bytes / (4 * std::max<int64_t>(H, 1)) / kNR) * kNR;
+}
+
+// Packs the panels [p0, p1) of w[0:len] (rows of H elements of T, stride H) into out (packed_size(len, H)
+// floats in all) as float32.
+template <typename T>
+inline void pack(const T* w, int64_t len, int64_t H, float* out, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int c = 0; c < kNR; ++c) {
+      const int64_t col = p * kNR + c;
+      float* o = out + p * H * kNR + c;
+      if (col >= len) {
+        for (int64_t k = 0; k < H; ++k) o[k * kNR] = 0.f;
+        continue;
+      }
+      const T* r = w + col * H;
+      for (int64_t k = 0; k < H; ++k) o[k * kNR] = static_cast<float>(r[k]);
+    }
+  }
+}
+
+#if FASTEVAL_OWN_MATMUL
+
+// c[r][0:ncols] = sum_k a_r[k] b[k][0:ncols] (+ bias) for the MR rows a_r = a + r * lda.
+template <int MR>
+FASTEVAL_F32_TARGET void micro(const float* a, int64_t lda, const float* b, int64_t H, const float* bias, float* c,
+                               int64_t ldc, int ncols) {
+  __m512 acc[MR][kNV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 3
+    for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < H; ++k) {
+    __m512 bv[kNV];
+#pragma GCC unroll 3
+    for (int j = 0; j < kNV; ++j) bv[j] = _mm512_loadu_ps(b + k * kNR + j * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+#pragma GCC unroll 3
+      for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+    }
+  }
+  detail::store_tile<MR>(acc, bias, c, ldc, ncols);
+}
+
+// c[i - r0][0:len] = x[i] @ W_chunk^T (+ bias) for rows i in [r0, r1): x rows of ldx floats, packed =
+// pack(W_chunk), c with row stride ldc.
+inline void gemm_rows(const float* x, int64_t ldx, int64_t H, const float* packed, int64_t len, const float* bias,
+                      int64_t r0, int64_t r1, float* c, int64_t ldc) {
+  detail::rows_by_tiles(r0, r1, [&](auto mr, int64_t i) {
+    constexpr int MR = decltype(mr)::value;
+    for (int64_t p0 = 0; p0 < len; p0 += kNR) {
+      micro<MR>(x + i * ldx, ldx, packed + p0 * H, H, bias ? bias + p0 : nullptr, c + (i - r0) * ldc + p0, ldc,
+                static_cast<int>(std::min<int64_t>(kNR, len - p0)));
+    }
+  });
+}
+
+#else
+
+inline void gemm_rows(const float*, int64_t, int64_t, const float*, int64_t, const float*, int64_t, int64_t, float*,
+                      int64_t) {}
+
+#endif
+
+}  // namespace f32
+
+namespace bf16 {
+
+// A bfloat16 (its bits) the kernel multiplies exactly: zero, or a magnitude in [2^-56, 2^63) (biased
+// exponent 71 to 189; NaN and inf have 255, subnormals 0).
+inline bool exact_operand(uint16_t b) {
+  const unsigned e = (b >> 7) & 0xffu;
+  return (b & 0x7fffu) == 0 || (e >= 71u && e <= 189u);
+}
+
+inline bool in_range(const uint16_t* v, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= exact_operand(v[i]);
+  return ok;
+}
+
+inline int64_t pairs(int64_t H) { return (H + 1) / 2; }
+
+// bfloat16 elements of the packed chunk of len columns.
+inline int64_t packed_size(int64_t len, int64_t H) { return (len + kNR - 1) / kNR * kNR * pairs(H) * 2; }
+
+// Columns packed at a time so that the panels take at most max_bytes.
+inline int64_t pack_columns(int64_t H, int64_t max_bytes) {
+  return std::max<int64_t>(1, max_bytes / (4 * std::max<int64_t>(pairs(H), 1)) / kNR) * kNR;
+}
+
+// Packs the panels [p0, p1) of w[0:len] (rows of H bfloat16, stride H) into out (packed_size(len, H) elements
+// in all); false if an operand is outside the exact range (out is then incomplete and must not be used).
+inline bool pack(const uint16_t* w, int64_t len, int64_t H, uint16_t* out, int64_t p0, int64_t p1) {
+  const int64_t KP = pairs(H);
+  bool ok = true;
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int c = 0; c < kNR; ++c) {
+      const int64_t col = p * kNR + c;
+      uint16_t* o = out + (p * KP * kNR + c) * 2;
+      if (col >= len) {
+        for (int64_t k = 0; k < KP; ++k) o[k * kNR * 2] = o[k * kNR * 2 + 1] = 0;
+        continue;
+      }
+      const uint16_t* r = w + col * H;
+      for (int64_t k = 0; k < KP; ++k) {
+        const uint16_t lo = r[2 * k], hi = 2 * k + 1 < H ? r[2 * k + 1] : uint16_t(0);
+        ok &= exact_operand(lo) & exact_operand(hi);
+        o[k * kNR * 2] = lo;
+        o[k * kNR * 2 + 1] = hi;
+      }
+    }
+  }
+  return ok;
+}
+
+#if FASTEVAL_OWN_MATMUL
+
+inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// c[r][0:ncols] = sum_k a_r[k] b[k][0:ncols] (+ bias) for the MR rows a_r = a + r * lda.
+template <int MR>
+FASTEVAL_BF16_TARGET void micro(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t KP, const float* bias,
+                                float* c, int64_t ldc, int ncols) {
+  __m512 acc[MR][kNV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 3
+    for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < KP; ++k) {
+    __m512bh bv[kNV];
+#pragma GCC unroll 3
+    for (int j = 0; j < kNV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + (k * kNR + j * 16) * 2);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(a + r * lda + 2 * k)));
+#pragma GCC unroll 3
+      for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+    }
+  }
+  detail::store_tile<MR>(acc, bias, c, ldc, ncols);
+}
+
+// c[i - r0][0:len] = x[i] @ W_chunk^T (+ bias) for rows i in [r0, r1): x rows of ldx bfloat16 (even, the
+// pairs past H zero), packed = pack(W_chunk), c with row stride ldc.
+inline void gemm_rows(const uint16_t* x, int64_t ldx, int64_t H, const uint16_t* packed, int64_t len,
+                      const float* bias, int64_t r0, int64_t r1, float* c, int64_t ldc) {
+  const int64_t KP = pairs(H);
+  detail::rows_by_tiles(r0, r1, [&](auto mr, int64_t i) {
+    constexpr int MR = decltype(mr)::value;
+    for (int64_t p0 = 0; p0 < len; p0 += kNR) {
+      micro<MR>(x + i * ldx, ldx, packed + p0 * KP * 2, KP, bias ? bias + p0 : nullptr, c + (i - r0) * ldc + p0, ldc,
+                static_cast<int>(std::min<int64_t>(kNR, len - p0)));
+    }
+  });
+}
+
+// The lanes of 32 bfloat16 (bits) that exact_operand refuses.
+FASTEVAL_BF16_TARGET inline __mmask32 inexact_lanes(__m512i v) {
+  const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7fff));
+  const __m512i e = _mm512_srli_epi16(mag, 7);
+  const __mmask32 outside = _mm512_cmp_epu16_mask(e, _mm512_set1_epi16(71), _MM_CMPINT_LT) |
+                            _mm512_cmp_epu16_mask(e, _mm512_set1_epi16(189), _MM_CMPINT_NLE);
+  return _mm512_test_epi16_mask(mag, mag) & outside;
+}
+
+// Few rows: out[i][c] = x[i] . w[c] (+ bias[c]) for the M rows x + i * ldx and the columns [c0, c1) of w (rows
+// of H bfloat16, stride H), one column at a time straight from w (no packing: the weights are read once).
+// Checks the weights as it goes: false if one is outside the exact range (out is then not to be used).
+template <int M>
+FASTEVAL_BF16_TARGET bool dot_columns(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t H, int64_t c0,
+                                      int64_t c1, const float* bias, float* out, int64_t ldo) {
+  const int64_t full = H - H % 32;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (H - full)) - 1u);
+  __mmask32 bad = 0;
+  for (int64_t c = c0; c < c1; ++c) {
+    const uint16_t* wc = w + c * H;
+    __m512 acc[M];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t h = 0; h < full; h += 32) {
+      const __m512i wv = _mm512_loadu_si512(wc + h);
+      bad |= inexact_lanes(wv);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(x + i * ldx + h), (__m512bh)wv);
+      }
+    }
+    if (full < H) {
+      const __m512i wv = _mm512_maskz_loadu_epi16(tail, wc + full);
+      bad |= inexact_lanes(wv);
+#pragma GCC unroll 8
+      for (int i = 0; i < M; ++i) {
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(tail, x + i * ldx + full), (__m512bh)wv);
+      }
+    }
+    const float b = bias ? bias[c] : 0.f;
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) out[i * ldo + c] = _mm512_reduce_add_ps(acc[i]) + b;
+  }
+  return bad == 0;
+}
+
+// dot_columns for rows [0, n), 8 at a time, over blocks of columns that stay in the cache meanwhile; false if a
+// weight is outside the exact range.
+inline bool dot_rows(const uint16_t* x, int64_t ldx, int64_t n, const uint16_t* w, int64_t H, int64_t c0, int64_t c1,
+                     const float* bias, float* out, int64_t ldo) {
+  const int64_t block = std::max<int64_t>(1, (int64_t(128) << 10) / (2 * std::max<int64_t>(H, 1)));
+  bool exact = true;
+  for (int64_t b0 = c0; b0 < c1; b0 += block) {
+    const int64_t b1 = std::min(c1, b0 + block);
+    detail::rows_by_tiles(0, n, [&](auto mr, int64_t i) {
+      exact &= dot_columns<decltype(mr)::value>(x + i * ldx, ldx, w, H, b0, b1, bias, out + i * ldo, ldo);
+    });
+  }
+  return exact;
+}
+
+#else
+
+inline void gemm_rows(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, const float*, int64_t, int64_t,
+                      float*, int64_t) {}
+inline bool dot_rows(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, const float*,
+                     float*, int64_t) {
+  return false;
+}
+
+#endif
+
+}  // namespace bf16
+}  // namespace own
+}  // namespace linear_ce
+}  // namespace fasteval
