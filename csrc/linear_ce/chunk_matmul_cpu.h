@@ -89,7 +89,8 @@ FASTEVAL_F32_TARGET inline void store_tile(__m512 (&acc)[MR][kNV], const float* 
   }
 }
 
-// Rows [r0, r1) with tiles of kMR rows, then one tile of the 1 to 7 rows left: tile<MR>(row r0 + i, i).
+// Rows [r0, r1) as tiles of kMR rows, then one tile of the 1 to 7 rows left: tile(MR, i) for the MR rows from
+// row i on (MR as a std::integral_constant, so that the tile's size is known at compile time).
 template <class Tile>
 inline void rows_by_tiles(int64_t r0, int64_t r1, const Tile& tile) {
   int64_t i = r0;
