@@ -589,28 +589,31 @@ def test_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, monkeypatch):
         torch.testing.assert_close(a.float(), e.float(), rtol=2.0 ** -7, atol=2.0 ** -7 * e.abs().max().item())
 
 
-def _underflowing_pair(side, rows):
-    """Hidden states and a head whose class-1 logit is 2^-127 (a float32 subnormal) and class-0 logit 0:
-    (2^-57 (1 + 2^-7)) (2^-56 (1 + 2^-7)) - 2^-57 2^-56 (1 + 2^-6) = 2^-113 2^-14. One operand of each product
-    is below 2^-56, where VDPBF16PS (which flushes subnormal results to zero) is not exact: the kernels must
-    keep the float32 matmul's 2^-127, and the argmax is class 1."""
+def _underflowing_pair(side, rows, h, v, col):
+    """Hidden states and a head whose class-col logit is 2^-127 (a float32 subnormal) and every other logit 0:
+    (2^-57 (1 + 2^-7)) (2^-56 (1 + 2^-7)) - 2^-57 2^-56 (1 + 2^-6) = 2^-113 2^-14, in the first two of h
+    features. One operand of each product is below 2^-56, where VDPBF16PS (which flushes subnormal results to
+    zero) is not exact: the kernels must keep the float32 matmul's 2^-127, and the argmax is class col."""
     small = [2.0 ** -57 * (1 + 2.0 ** -7), -(2.0 ** -57)]
     other = [2.0 ** -56 * (1 + 2.0 ** -7), 2.0 ** -56 * (1 + 2.0 ** -6)]
     x_row, w_row = (small, other) if side == "hidden" else (other, small)
-    x = torch.tensor([x_row] * rows, dtype=torch.bfloat16)
-    w = torch.tensor([[0.0, 0.0], w_row, [0.0, 0.0]], dtype=torch.bfloat16)
-    assert torch.equal(x.float(), torch.tensor([x_row] * rows)) and torch.equal(w[1].float(), torch.tensor(w_row))
+    x = torch.zeros(rows, h, dtype=torch.bfloat16)
+    x[:, :2] = torch.tensor(x_row, dtype=torch.bfloat16)
+    w = torch.zeros(v, h, dtype=torch.bfloat16)
+    w[col, :2] = torch.tensor(w_row, dtype=torch.bfloat16)
+    assert torch.equal(x[0, :2].float(), torch.tensor(x_row)) and torch.equal(w[col, :2].float(), torch.tensor(w_row))
     return x, w
 
 
 @pytest.mark.parametrize("side", ["hidden", "head"])
-@pytest.mark.parametrize("rows", [5, 101])  # the few-rows kernel; the packed one: 12 8-row tiles and 5 rows
-def test_bfloat16_products_that_underflow_float32_are_kept(side, rows, cpu_route):
-    x, w = _underflowing_pair(side, rows)
+# the few-rows kernel; the packed one (12 8-row tiles and 5 rows); the packed one's third column block
+@pytest.mark.parametrize("rows,h,v,col", [(5, 2, 3, 1), (101, 2, 3, 1), (101, 1000, 2500, 2400)])
+def test_bfloat16_products_that_underflow_float32_are_kept(side, rows, h, v, col, cpu_route):
+    x, w = _underflowing_pair(side, rows, h, v, col)
     logits = F.linear(x.float(), w.float())
-    assert logits[0, 1].item() == 2.0 ** -127 and logits[0, 0].item() == 0.0
-    t = torch.ones(rows, dtype=torch.long)
-    a, c = _pair(3, top_k=(1, 2))
+    assert logits[0, col].item() == 2.0 ** -127 and int((logits != 0).sum()) == rows
+    t = torch.full((rows,), col, dtype=torch.long)
+    a, c = _pair(v, top_k=(1, 2))
     a.update_from_hidden(x, w, t)
     c.update(logits, t)
     _assert_same_state(a, c)
@@ -619,13 +622,16 @@ def test_bfloat16_products_that_underflow_float32_are_kept(side, rows, cpu_route
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e-39, 2.0 ** 70])
 @pytest.mark.parametrize("n,h,v,col", [(4100, 9, 1000, 900), (100, 1000, 2500, 2400), (5, 1000, 3000, 2500)])
-def test_bfloat16_chunks_with_operands_outside_the_exact_range(bad, n, h, v, col, cpu_route):
-    # One vocabulary chunk (of several; or the third column block of the only chunk; or the few-rows kernel's
-    # columns) and one row hold the bad operand: they leave the bfloat16 kernels, and every count is still that
-    # of the float32 products.
+@pytest.mark.parametrize("where", ["head", "hidden"])
+def test_bfloat16_chunks_with_operands_outside_the_exact_range(bad, n, h, v, col, where, cpu_route):
+    # The bad operand in one vocabulary chunk of the head (of several; or in the third column block of the only
+    # chunk; or in the few-rows kernel's columns), or in one row of the hidden states (the whole batch): that
+    # leaves the bfloat16 kernels, and every count is still that of the float32 products.
     x, w, b, t = make(n, h, v, dtype=torch.bfloat16, scale=1.0, seed=3)
-    w[col, 4] = bad
-    x[n // 2, 2] = bad
+    if where == "head":
+        w[col, 4] = bad
+    else:
+        x[n // 2, 2] = bad
     a, c = _pair(v, top_k=(1, 5))
     a.update_from_hidden(x, w, t, b)
     c.update(F.linear(x.float(), w.float(), b.float()), t)
