@@ -379,6 +379,14 @@ struct Packed {
   std::vector<float> f32;
 };
 
+// fn(r0, r1, rows) over all rows in parallel, rows = base + r0 * len (a chunk's logits already in base).
+template <class F>
+void rows_in_parallel(const Prepared& p, int64_t len, float* base, const F& fn,
+                      int64_t grain_rows = 0) {
+  const int64_t grain = grain_rows > 0 ? grain_rows : std::max<int64_t>(1, 16384 / len);
+  at::parallel_for(0, p.N, grain, [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
+}
+
 // Runs the own matmul of the chunk's columns [0, len), pc at a time, into base (N, len): pack(c0, cl) packs
 // columns [c0, c0 + cl) (false: an operand the kernel cannot take; nothing was computed then), gemm(c0, cl, r0,
 // r1, out, ldc) multiplies rows [r0, r1) by them. A chunk of at most pc columns is packed once and each thread
@@ -404,8 +412,7 @@ bool own_matmul_rows(const Prepared& p, int64_t len, int64_t pc, float* base, co
     at::parallel_for(0, p.N, kRowBlock,
                      [&](int64_t r0, int64_t r1) { gemm(c0, cl, r0, r1, base + r0 * len + c0, len); });
   }
-  at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len),
-                   [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
+  rows_in_parallel(p, len, base, fn);
   return true;
 }
 
@@ -424,33 +431,31 @@ void for_chunk_rows(const Prepared& p, int64_t v0, int64_t len, const at::Tensor
   const int64_t H = p.H;
   const float* bias = p.bias.defined() ? p.bias.const_data_ptr<float>() + v0 : nullptr;
   const auto bias_at = [bias](int64_t c0) { return bias ? bias + c0 : nullptr; };
+  const uint16_t* x16 = p.bf16 ? bf16_bits(p.xb) : nullptr;
+  const uint16_t* w16 = p.bf16 ? bf16_bits(p.w) + v0 * H : nullptr;
   if (p.bf16 && p.N < kDotMaxRows) {
-    const uint16_t* x = bf16_bits(p.xb);
-    const uint16_t* w = bf16_bits(p.w) + v0 * H;
     std::atomic<bool> exact{true};
     at::parallel_for(0, len, std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)), [&](int64_t c0, int64_t c1) {
-      if (!own::bf16::dot_rows(x, p.ldx, p.N, w, H, c0, c1, bias, base, len)) {
+      if (!own::bf16::dot_rows(x16, p.ldx, p.N, w16, H, c0, c1, bias, base, len)) {
         exact.store(false, std::memory_order_relaxed);
       }
     });
     if (exact.load()) {
-      at::parallel_for(0, p.N, 1, [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
+      rows_in_parallel(p, len, base, fn, /*grain_rows=*/1);
       return;
     }
   } else if (p.bf16) {
-    const uint16_t* x = bf16_bits(p.xb);
-    const uint16_t* w = bf16_bits(p.w) + v0 * H;
     const int64_t pc = own::bf16::pack_columns(H, kPackBytes);
     packed.b16.resize(static_cast<size_t>(own::bf16::packed_size(std::min(len, pc), H)));
     const bool done = own_matmul_rows(
         p, len, pc, base,
         [&](int64_t c0, int64_t cl) {
           return parallel_pack(cl, [&](int64_t p0, int64_t p1) {
-            return own::bf16::pack(w + c0 * H, cl, H, packed.b16.data(), p0, p1);
+            return own::bf16::pack(w16 + c0 * H, cl, H, packed.b16.data(), p0, p1);
           });
         },
         [&](int64_t c0, int64_t cl, int64_t r0, int64_t r1, float* out, int64_t ldc) {
-          own::bf16::gemm_rows(x, p.ldx, H, packed.b16.data(), cl, bias_at(c0), r0, r1, out, ldc);
+          own::bf16::gemm_rows(x16, p.ldx, H, packed.b16.data(), cl, bias_at(c0), r0, r1, out, ldc);
         },
         fn);
     if (done) return;
@@ -477,8 +482,7 @@ void for_chunk_rows(const Prepared& p, int64_t v0, int64_t len, const at::Tensor
     return;
   }
   chunk_logits(p, wc.defined() ? wc : weight_chunk(p.w, v0, len), ws, v0, len);
-  at::parallel_for(0, p.N, std::max<int64_t>(1, 16384 / len),
-                   [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
+  rows_in_parallel(p, len, base, fn);
 }
 
 // Target logits, one dot product per counted row (0 for the others). With bounds, d[i] is the half-width of
