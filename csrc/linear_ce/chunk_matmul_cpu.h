@@ -30,6 +30,9 @@
 #include <cstring>
 #include <type_traits>
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define FASTEVAL_OWN_MATMUL 1
@@ -89,6 +92,58 @@ FASTEVAL_F32_TARGET inline void store_tile(__m512 (&acc)[MR][kNV], const float* 
   }
 }
 
+// Transposes 16 rows of 16 32-bit elements in place (r[j][i] = r[i][j] before).
+FASTEVAL_F32_TARGET inline void transpose16(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // b[g + q] (g = 0, 4, 8, 12), 128-bit lane L: the rows g to g + 3 of the column 4L + q.
+#pragma GCC unroll 4
+  for (int g = 0; g < 16; g += 4) {
+    b[g] = _mm512_unpacklo_epi64(a[g], a[g + 2]);
+    b[g + 1] = _mm512_unpackhi_epi64(a[g], a[g + 2]);
+    b[g + 2] = _mm512_unpacklo_epi64(a[g + 1], a[g + 3]);
+    b[g + 3] = _mm512_unpackhi_epi64(a[g + 1], a[g + 3]);
+  }
+  // The column 4L + q: the lanes L of b[q], b[4 + q], b[8 + q], b[12 + q].
+#pragma GCC unroll 4
+  for (int q = 0; q < 4; ++q) {
+    const __m512i c0 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0x44), c1 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0xee);
+    const __m512i c2 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0x44);
+    const __m512i c3 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0xee);
+    r[q] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+    r[4 + q] = _mm512_shuffle_i32x4(c0, c2, 0xdd);
+    r[8 + q] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+    r[12 + q] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
+  }
+}
+
+// The n (1 to 16) elements of T at p as float32 bits, zero past n.
+template <typename T>
+FASTEVAL_F32_TARGET inline __m512i load16_as_f32(const T* p, int n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm512_castps_si512(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p));
+  } else {
+    static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
+    __m256i h;
+    if (n == 16) {
+      h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    } else {
+      alignas(32) uint16_t tail[16] = {};
+      std::memcpy(tail, p, sizeof(T) * static_cast<size_t>(n));
+      h = _mm256_load_si256(reinterpret_cast<const __m256i*>(tail));
+    }
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+    } else {
+      return _mm512_castps_si512(_mm512_cvtph_ps(h));
+    }
+  }
+}
+
 // Rows [r0, r1) as tiles of kMR rows, then one tile of the 1 to 7 rows left: tile(MR, i) for the MR rows from
 // row i on (MR as a std::integral_constant, so that the tile's size is known at compile time).
 template <class Tile>
@@ -120,25 +175,29 @@ inline int64_t pack_columns(int64_t H, int64_t max_bytes) {
   return std::max<int64_t>(1, max_bytes / (4 * std::max<int64_t>(H, 1)) / kNR) * kNR;
 }
 
+#if FASTEVAL_OWN_MATMUL
+
 // Packs the panels [p0, p1) of w[0:len] (rows of H elements of T, stride H) into out (packed_size(len, H)
-// floats in all) as float32.
+// floats in all) as float32, 16 columns by 16 elements at a time (detail::transpose16).
 template <typename T>
-inline void pack(const T* w, int64_t len, int64_t H, float* out, int64_t p0, int64_t p1) {
+FASTEVAL_F32_TARGET void pack(const T* w, int64_t len, int64_t H, float* out, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
-    for (int c = 0; c < kNR; ++c) {
-      const int64_t col = p * kNR + c;
-      float* o = out + p * H * kNR + c;
-      if (col >= len) {
-        for (int64_t k = 0; k < H; ++k) o[k * kNR] = 0.f;
-        continue;
+    for (int cb = 0; cb < kNR; cb += 16) {
+      const int64_t col0 = p * kNR + cb;
+      for (int64_t k0 = 0; k0 < H; k0 += 16) {
+        const int n = static_cast<int>(std::min<int64_t>(16, H - k0));
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          r[i] = col0 + i < len ? detail::load16_as_f32(w + (col0 + i) * H + k0, n) : _mm512_setzero_si512();
+        }
+        detail::transpose16(r);
+        float* o = out + p * H * kNR + k0 * kNR + cb;
+        for (int j = 0; j < n; ++j) _mm512_storeu_si512(o + j * kNR, r[j]);
       }
-      const T* r = w + col * H;
-      for (int64_t k = 0; k < H; ++k) o[k * kNR] = static_cast<float>(r[k]);
     }
   }
 }
-
-#if FASTEVAL_OWN_MATMUL
 
 // c[r][0:ncols] = sum_k a_r[k] b[k][0:ncols] (+ bias) for the MR rows a_r = a + r * lda.
 template <int MR>
@@ -178,6 +237,8 @@ inline void gemm_rows(const float* x, int64_t ldx, int64_t H, const float* packe
 
 #else
 
+template <typename T>
+inline void pack(const T*, int64_t, int64_t, float*, int64_t, int64_t) {}
 inline void gemm_rows(const float*, int64_t, int64_t, const float*, int64_t, const float*, int64_t, int64_t, float*,
                       int64_t) {}
 
@@ -210,32 +271,45 @@ inline int64_t pack_columns(int64_t H, int64_t max_bytes) {
   return std::max<int64_t>(1, max_bytes / (4 * std::max<int64_t>(pairs(H), 1)) / kNR) * kNR;
 }
 
+#if FASTEVAL_OWN_MATMUL
+
+// The lanes of 32 bfloat16 (bits) that exact_operand refuses.
+FASTEVAL_BF16_TARGET inline __mmask32 inexact_lanes(__m512i v) {
+  const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7fff));
+  const __m512i e = _mm512_srli_epi16(mag, 7);
+  const __mmask32 outside = _mm512_cmp_epu16_mask(e, _mm512_set1_epi16(71), _MM_CMPINT_LT) |
+                            _mm512_cmp_epu16_mask(e, _mm512_set1_epi16(189), _MM_CMPINT_NLE);
+  return _mm512_test_epi16_mask(mag, mag) & outside;
+}
+
 // Packs the panels [p0, p1) of w[0:len] (rows of H bfloat16, stride H) into out (packed_size(len, H) elements
-// in all); false if an operand is outside the exact range (out is then incomplete and must not be used).
-inline bool pack(const uint16_t* w, int64_t len, int64_t H, uint16_t* out, int64_t p0, int64_t p1) {
+// in all), 16 columns by 16 pairs at a time (detail::transpose16 of the pairs as 32-bit elements); false if an
+// operand is outside the exact range (out is then incomplete and must not be used).
+FASTEVAL_BF16_TARGET inline bool pack(const uint16_t* w, int64_t len, int64_t H, uint16_t* out, int64_t p0,
+                                      int64_t p1) {
   const int64_t KP = pairs(H);
-  bool ok = true;
+  __mmask32 bad = 0;
   for (int64_t p = p0; p < p1; ++p) {
-    for (int c = 0; c < kNR; ++c) {
-      const int64_t col = p * kNR + c;
-      uint16_t* o = out + (p * KP * kNR + c) * 2;
-      if (col >= len) {
-        for (int64_t k = 0; k < KP; ++k) o[k * kNR * 2] = o[k * kNR * 2 + 1] = 0;
-        continue;
-      }
-      const uint16_t* r = w + col * H;
-      for (int64_t k = 0; k < KP; ++k) {
-        const uint16_t lo = r[2 * k], hi = 2 * k + 1 < H ? r[2 * k + 1] : uint16_t(0);
-        ok &= exact_operand(lo) & exact_operand(hi);
-        o[k * kNR * 2] = lo;
-        o[k * kNR * 2 + 1] = hi;
+    for (int cb = 0; cb < kNR; cb += 16) {
+      const int64_t col0 = p * kNR + cb;
+      for (int64_t k0 = 0; k0 < KP; k0 += 16) {
+        const int64_t e = std::min<int64_t>(32, H - 2 * k0);  // elements of the block in a row (odd H: the last
+        const __mmask32 m = e == 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << e) - 1u);  // pair's 2nd is 0)
+        __m512i r[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) {
+          r[i] = col0 + i < len ? _mm512_maskz_loadu_epi16(m, w + (col0 + i) * H + 2 * k0) : _mm512_setzero_si512();
+          bad |= inexact_lanes(r[i]);
+        }
+        detail::transpose16(r);
+        const int n = static_cast<int>(std::min<int64_t>(16, KP - k0));
+        uint16_t* o = out + (p * KP * kNR + k0 * kNR + cb) * 2;
+        for (int j = 0; j < n; ++j) _mm512_storeu_si512(o + j * kNR * 2, r[j]);
       }
     }
   }
-  return ok;
+  return bad == 0;
 }
-
-#if FASTEVAL_OWN_MATMUL
 
 inline uint32_t load_pair(const uint16_t* p) {
   uint32_t v;
@@ -278,15 +352,6 @@ inline void gemm_rows(const uint16_t* x, int64_t ldx, int64_t H, const uint16_t*
                 static_cast<int>(std::min<int64_t>(kNR, len - p0)));
     }
   });
-}
-
-// The lanes of 32 bfloat16 (bits) that exact_operand refuses.
-FASTEVAL_BF16_TARGET inline __mmask32 inexact_lanes(__m512i v) {
-  const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7fff));
-  const __m512i e = _mm512_srli_epi16(mag, 7);
-  const __mmask32 outside = _mm512_cmp_epu16_mask(e, _mm512_set1_epi16(71), _MM_CMPINT_LT) |
-                            _mm512_cmp_epu16_mask(e, _mm512_set1_epi16(189), _MM_CMPINT_NLE);
-  return _mm512_test_epi16_mask(mag, mag) & outside;
 }
 
 // Few rows: out[i][c] = x[i] . w[c] (+ bias[c]) for the M rows x + i * ldx and the columns [c0, c1) of w (rows
@@ -343,6 +408,7 @@ inline bool dot_rows(const uint16_t* x, int64_t ldx, int64_t n, const uint16_t* 
 
 #else
 
+inline bool pack(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t, int64_t) { return false; }
 inline void gemm_rows(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, const float*, int64_t, int64_t,
                       float*, int64_t) {}
 inline bool dot_rows(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, const float*,
