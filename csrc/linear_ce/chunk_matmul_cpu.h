@@ -170,11 +170,6 @@ namespace f32 {
 // float32 elements of a packed chunk of len columns.
 inline int64_t packed_size(int64_t len, int64_t H) { return (len + kNR - 1) / kNR * kNR * H; }
 
-// Columns packed at a time so that the panels take at most max_bytes.
-inline int64_t pack_columns(int64_t H, int64_t max_bytes) {
-  return std::max<int64_t>(1, max_bytes / (4 * std::max<int64_t>(H, 1)) / kNR) * kNR;
-}
-
 #if FASTEVAL_OWN_MATMUL
 
 // Packs the panels [p0, p1) of w[0:len] (rows of H elements of T, stride H) into out (packed_size(len, H)
@@ -265,11 +260,6 @@ inline int64_t pairs(int64_t H) { return (H + 1) / 2; }
 
 // bfloat16 elements of the packed chunk of len columns.
 inline int64_t packed_size(int64_t len, int64_t H) { return (len + kNR - 1) / kNR * kNR * pairs(H) * 2; }
-
-// Columns packed at a time so that the panels take at most max_bytes.
-inline int64_t pack_columns(int64_t H, int64_t max_bytes) {
-  return std::max<int64_t>(1, max_bytes / (4 * std::max<int64_t>(pairs(H), 1)) / kNR) * kNR;
-}
 
 #if FASTEVAL_OWN_MATMUL
 

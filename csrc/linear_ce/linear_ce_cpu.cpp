@@ -21,10 +21,10 @@
 // relative to the row max, it keeps the low bits of logits far from 0; lse is returned in float64. Every
 // product is accumulated in float32. On an AVX-512 CPU the chunk's logits come from the own matmul kernels
 // (linear_ce/chunk_matmul_cpu.h; for_chunk_rows says which, when): each thread multiplies its own rows of a
-// chunk, 16 at a time, and runs the row pass on them while they are in its cache; bfloat16 input and weight on
-// a CPU with AVX512_BF16 are multiplied as bfloat16 (exact products, float32 sums, twice the float32 speed).
-// Otherwise (and for few rows in float32) torch's float32 matmul computes them, 16-bit inputs and weights
-// converted to float32 (the input once, the weight one chunk at a time).
+// chunk, 16 at a time, and runs the row pass on them while they are in its cache (with fewer rows the threads
+// split the columns); bfloat16 input and weight on a CPU with AVX512_BF16 are multiplied as bfloat16 (exact
+// products, float32 sums, twice the float32 speed). Otherwise torch's float32 matmul computes them, 16-bit
+// inputs and weights converted to float32 (the input once, the weight one chunk at a time).
 // Backward recomputes each chunk's logits (on the same route), turns them in place into the gradient of the
 // loss with respect to them (exact: nothing is filtered), and adds its contributions to the three gradients
 // with float32 matmuls: grad_input += dL @ W_chunk, grad_linear_weight[chunk] = dL^T @ input,
@@ -351,27 +351,16 @@ inline at::Tensor chunk_logits(const Prepared& p, const at::Tensor& wc, const at
 
 // Rows of 16 logits are handed from the own matmul to the row pass while they are in the thread's cache.
 constexpr int64_t kRowBlock = 16;
-// The packed weights of at most this many bytes at a time (a few hundred columns: in the L2 cache).
+// The packed weights of a chunk shared by threads that split its rows: at most this many bytes (a few hundred
+// columns, in the L2 cache).
 constexpr int64_t kPackBytes = int64_t(2) << 20;
 
-// The own float32 matmul packs the weights of every chunk, which few rows do not amortise: below this many
-// rows torch's matmul is faster (measured: 0.8-0.9x at 4 and 64 rows, 1.05x at 512, 1.1-1.2x at 2048-8192).
-constexpr int64_t kOwnF32MinRows = 256;
-// Below this many rows the bfloat16 route multiplies straight from the weights' rows (own::bf16::dot_rows), in
-// parallel over the columns, without packing.
-constexpr int64_t kDotMaxRows = 96;
-
-// Packs the panels of a chunk's len columns in parallel: pack_panels(p0, p1) packs panels [p0, p1) and
-// says whether every operand was exact.
-template <class PackPanels>
-bool parallel_pack(int64_t len, const PackPanels& pack_panels) {
-  const int64_t panels = (len + linear_ce::own::kNR - 1) / linear_ce::own::kNR;
-  std::atomic<bool> exact{true};
-  at::parallel_for(0, panels, 4, [&](int64_t p0, int64_t p1) {
-    if (!pack_panels(p0, p1)) exact.store(false, std::memory_order_relaxed);
-  });
-  return exact.load();
-}
+// The bfloat16 route multiplies few rows straight from the weights' rows (own::bf16::dot_rows), in parallel
+// over the columns, without packing: fewer than kDotMaxRows rows whose N x H bfloat16 take at most
+// kDotMaxBytes, so that every column's pass over them reads them from the L1 cache (measured on two Zen 4
+// cores: faster than packing up to 2 rows at H = 4096, 8 at 1024, about 24 at 256; slower beyond).
+constexpr int64_t kDotMaxRows = 64;
+constexpr int64_t kDotMaxBytes = int64_t(16) << 10;
 
 // The packing buffers of the own matmuls (sized at their first use).
 struct Packed {
@@ -387,31 +376,50 @@ void rows_in_parallel(const Prepared& p, int64_t len, float* base, const F& fn,
   at::parallel_for(0, p.N, grain, [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
 }
 
-// Runs the own matmul of the chunk's columns [0, len), pc at a time, into base (N, len): pack(c0, cl) packs
-// columns [c0, c0 + cl) (false: an operand the kernel cannot take; nothing was computed then), gemm(c0, cl, r0,
-// r1, out, ldc) multiplies rows [r0, r1) by them. A chunk of at most pc columns is packed once and each thread
-// hands its rows to fn, kRowBlock at a time, as soon as they are computed; a wider one is multiplied a column
-// block at a time (all rows in parallel) before fn runs over the rows in parallel.
-template <class Pack, class Gemm, class F>
-bool own_matmul_rows(const Prepared& p, int64_t len, int64_t pc, float* base, const Pack& pack, const Gemm& gemm,
-                     const F& fn) {
-  if (len <= pc) {
-    if (!pack(0, len)) return false;
+// Runs the own matmul of the chunk's columns [0, len) into base (N, len). Packing: pack(c0, cl, q0, q1, buf)
+// packs the panels [q0, q1) of the columns [c0, c0 + cl) into buf, which holds the panels of those columns
+// (false: an operand the kernel cannot take; nothing is to be used then); gemm(j0, j1, buf, r0, r1, out, ldc)
+// multiplies rows [r0, r1) by the columns [j0, j1) of the chunk, packed in buf from j0 on, into out (row stride
+// ldc). panel: the elements of one packed panel; shared: the packing buffer of the first way.
+// - When every thread gets kRowBlock rows or more and the chunk's panels take at most kPackBytes, they are
+//   packed once and each thread hands its rows to fn, kRowBlock at a time, as soon as they are computed.
+// - Otherwise (few rows, or a chunk wider than that) the threads split the panels instead: each packs one
+//   panel at a time into a buffer of its own and multiplies every row by it while it is in its cache; then fn
+//   runs over the rows in parallel.
+template <typename E, class Pack, class Gemm, class F>
+bool own_matmul_rows(const Prepared& p, int64_t len, int64_t panel, std::vector<E>& shared, float* base,
+                     const Pack& pack, const Gemm& gemm, const F& fn) {
+  constexpr int64_t nr = linear_ce::own::kNR;
+  const int64_t panels = (len + nr - 1) / nr;
+  if (p.N >= kRowBlock * at::get_num_threads() && panels * panel * int64_t(sizeof(E)) <= kPackBytes) {
+    shared.resize(static_cast<size_t>(panels * panel));
+    std::atomic<bool> exact{true};
+    at::parallel_for(0, panels, 4, [&](int64_t q0, int64_t q1) {
+      if (!pack(0, len, q0, q1, shared.data())) exact.store(false, std::memory_order_relaxed);
+    });
+    if (!exact.load()) return false;
     at::parallel_for(0, p.N, kRowBlock, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; i += kRowBlock) {
         const int64_t e = std::min(r1, i + kRowBlock);
-        gemm(0, len, i, e, base + i * len, len);
+        gemm(0, len, shared.data(), i, e, base + i * len, len);
         fn(i, e, base + i * len);
       }
     });
     return true;
   }
-  for (int64_t c0 = 0; c0 < len; c0 += pc) {
-    const int64_t cl = std::min(pc, len - c0);
-    if (!pack(c0, cl)) return false;
-    at::parallel_for(0, p.N, kRowBlock,
-                     [&](int64_t r0, int64_t r1) { gemm(c0, cl, r0, r1, base + r0 * len + c0, len); });
-  }
+  std::atomic<bool> exact{true};
+  at::parallel_for(0, panels, 1, [&](int64_t q0, int64_t q1) {
+    std::vector<E> buf(static_cast<size_t>(panel));
+    for (int64_t q = q0; q < q1 && exact.load(std::memory_order_relaxed); ++q) {
+      const int64_t j0 = q * nr, j1 = std::min(len, j0 + nr);
+      if (!pack(j0, j1 - j0, 0, 1, buf.data())) {
+        exact.store(false, std::memory_order_relaxed);
+        return;
+      }
+      gemm(j0, j1, buf.data(), 0, p.N, base + j0, len);
+    }
+  });
+  if (!exact.load()) return false;
   rows_in_parallel(p, len, base, fn);
   return true;
 }
@@ -419,8 +427,8 @@ bool own_matmul_rows(const Prepared& p, int64_t len, int64_t pc, float* base, co
 // Runs fn(r0, r1, rows) over ranges of rows, rows pointing at the chunk [v0, v0 + len)'s float32 logits of
 // rows r0 to r1 (row stride len; ws holds them as (N, len)), computed by, in this order of preference:
 // - the own bfloat16 kernels (bfloat16 input and weight on an AVX512_BF16 CPU, the chunk's weights in their
-//   exact range): straight from the weights' rows for fewer than kDotMaxRows rows, else packed;
-// - the own float32 kernel, from kOwnF32MinRows rows on (any dtype, on an AVX-512 CPU);
+//   exact range): straight from the weights' rows for few rows (kDotMaxRows, kDotMaxBytes), else packed;
+// - the own float32 kernel (any dtype, on an AVX-512 CPU);
 // - torch's matmul (wc: the chunk's weights as float32, converted here if undefined), after which fn runs over
 //   rows in parallel. FASTEVAL_LCE_OWN_MATMUL=0 forces this one.
 template <class F>
@@ -433,7 +441,7 @@ void for_chunk_rows(const Prepared& p, int64_t v0, int64_t len, const at::Tensor
   const auto bias_at = [bias](int64_t c0) { return bias ? bias + c0 : nullptr; };
   const uint16_t* x16 = p.bf16 ? bf16_bits(p.xb) : nullptr;
   const uint16_t* w16 = p.bf16 ? bf16_bits(p.w) + v0 * H : nullptr;
-  if (p.bf16 && p.N < kDotMaxRows) {
+  if (p.bf16 && p.N < kDotMaxRows && 2 * p.N * H <= kDotMaxBytes) {
     std::atomic<bool> exact{true};
     at::parallel_for(0, len, std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)), [&](int64_t c0, int64_t c1) {
       if (!own::bf16::dot_rows(x16, p.ldx, p.N, w16, H, c0, c1, bias, base, len)) {
@@ -445,37 +453,29 @@ void for_chunk_rows(const Prepared& p, int64_t v0, int64_t len, const at::Tensor
       return;
     }
   } else if (p.bf16) {
-    const int64_t pc = own::bf16::pack_columns(H, kPackBytes);
-    packed.b16.resize(static_cast<size_t>(own::bf16::packed_size(std::min(len, pc), H)));
     const bool done = own_matmul_rows(
-        p, len, pc, base,
-        [&](int64_t c0, int64_t cl) {
-          return parallel_pack(cl, [&](int64_t p0, int64_t p1) {
-            return own::bf16::pack(w16 + c0 * H, cl, H, packed.b16.data(), p0, p1);
-          });
+        p, len, own::bf16::packed_size(1, H), packed.b16, base,
+        [&](int64_t c0, int64_t cl, int64_t q0, int64_t q1, uint16_t* buf) {
+          return own::bf16::pack(w16 + c0 * H, cl, H, buf, q0, q1);
         },
-        [&](int64_t c0, int64_t cl, int64_t r0, int64_t r1, float* out, int64_t ldc) {
-          own::bf16::gemm_rows(x16, p.ldx, H, packed.b16.data(), cl, bias_at(c0), r0, r1, out, ldc);
+        [&](int64_t j0, int64_t j1, const uint16_t* buf, int64_t r0, int64_t r1, float* out, int64_t ldc) {
+          own::bf16::gemm_rows(x16, p.ldx, H, buf, j1 - j0, bias_at(j0), r0, r1, out, ldc);
         },
         fn);
     if (done) return;
   }
-  if (p.own && p.N >= kOwnF32MinRows) {
+  if (p.own) {
     const float* x = p.x.const_data_ptr<float>();
-    const int64_t pc = own::f32::pack_columns(H, kPackBytes);
-    packed.f32.resize(static_cast<size_t>(own::f32::packed_size(std::min(len, pc), H)));
     FASTEVAL_DISPATCH_LOGITS_TYPES(p.w.scalar_type(), "linear_ce_own_matmul", [&] {
       const scalar_t* w = p.w.const_data_ptr<scalar_t>() + v0 * H;
       own_matmul_rows(
-          p, len, pc, base,
-          [&](int64_t c0, int64_t cl) {
-            return parallel_pack(cl, [&](int64_t p0, int64_t p1) {
-              own::f32::pack(w + c0 * H, cl, H, packed.f32.data(), p0, p1);
-              return true;
-            });
+          p, len, own::f32::packed_size(1, H), packed.f32, base,
+          [&](int64_t c0, int64_t cl, int64_t q0, int64_t q1, float* buf) {
+            own::f32::pack(w + c0 * H, cl, H, buf, q0, q1);
+            return true;
           },
-          [&](int64_t c0, int64_t cl, int64_t r0, int64_t r1, float* out, int64_t ldc) {
-            own::f32::gemm_rows(x, H, H, packed.f32.data(), cl, bias_at(c0), r0, r1, out, ldc);
+          [&](int64_t j0, int64_t j1, const float* buf, int64_t r0, int64_t r1, float* out, int64_t ldc) {
+            own::f32::gemm_rows(x, H, H, buf, j1 - j0, bias_at(j0), r0, r1, out, ldc);
           },
           fn);
     });
