@@ -575,6 +575,28 @@ def test_bfloat16_update_from_hidden_of_real_values(cpu_route):
     torch.testing.assert_close(a.calib_conf.sum(), c.calib_conf.sum(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_own_matmul_gives_the_same_bits_whichever_way_the_threads_split_the_work(dtype):
+    # 20 rows at H = 1001 (5 panels, under 2 MiB): one thread takes every row of the chunk and runs the row pass on
+    # them as they come, two split its panels (fewer than 16 rows each). Each logit is the same sum in the same
+    # order either way, so the losses, lse and gradients are bitwise equal.
+    if not OWN_MATMUL:
+        pytest.skip("needs the compiled CPU kernels on an AVX-512 CPU")
+    x, w, b, t = make(20, 1001, 200, dtype=dtype, scale=1.0, seed=11)
+    out = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            args = [a.clone().requires_grad_() for a in (x, w, b)]
+            loss = fasteval.linear_cross_entropy(args[0], args[1], t, linear_bias=args[2], reduction="none")
+            out.append((loss, *torch.autograd.grad(loss.sum(), args)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, e in zip(*out):
+        assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize("n,h,v", [(37, 64, 1000), (4100, 9, 1000), (12, 1501, 2500)])
 def test_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, monkeypatch):
     if not OWN_MATMUL:
