@@ -311,9 +311,9 @@ def build_cases(dev: str):
                 ev = fasteval.ClassificationEvaluator(v, top_k=(1, 5), ignore_index=IGNORE, device=dev)
 
                 def run():
-                    for weight, eps in ((None, 0.0), (cw, 0.1)):
+                    for weight, eps, gd in ((None, 0.0, None), (cw, 0.1, None), (cw, 0.1, dt)):
                         loss = fasteval.linear_cross_entropy(x, w, t, linear_bias=b, weight=weight,
-                                                             label_smoothing=eps)
+                                                             label_smoothing=eps, grad_dtype=gd)
                         loss.backward()
                     with torch.no_grad():
                         ev.update_from_hidden(x, w, t, b)

@@ -149,16 +149,21 @@ TORCH_LIBRARY(fasteval, m) {
   // with x_it from the same matmul as the other logits: exact for logits of any magnitude, never negative).
   m.def(
       "linear_cross_entropy(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
-      "Tensor? weight, int ignore_index, float label_smoothing, int reduction) -> "
+      "Tensor? weight, int ignore_index, float label_smoothing, int reduction, bool round_grad=False) -> "
       "(Tensor loss, Tensor lse, Tensor total_weight)");
   // Gradients of <grad_loss, loss> with the saved lse and total_weight. With g the gradient with respect
   // to the logits (softmax_cross_entropy_backward's, recomputed chunk by chunk, never materialised):
   //   grad_input = g @ linear_weight (N, H), grad_linear_weight = g^T @ input (V, H),
   //   grad_linear_bias = sum_i g_i (V,) (returned also when linear_bias is None), in input's dtype.
+  // Products and sums in float32, g itself in float32; with round_grad (the forward only carries it to its
+  // autograd formula), g is first rounded to input's dtype (as F.cross_entropy's backward gives it for logits
+  // of that dtype): for bfloat16 on a CPU with AVX512_BF16 and on CUDA, the matmuls then multiply bfloat16
+  // operands, where products below 2^-126 may count as zero.
   m.def(
       "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor linear_weight, Tensor? linear_bias, "
       "Tensor target, Tensor? weight, Tensor lse, Tensor total_weight, int ignore_index, float label_smoothing, "
-      "int reduction) -> (Tensor grad_input, Tensor grad_linear_weight, Tensor grad_linear_bias)");
+      "int reduction, bool round_grad=False) -> (Tensor grad_input, Tensor grad_linear_weight, "
+      "Tensor grad_linear_bias)");
   // The fused evaluation pass from hidden states: exactly fasteval::eval_update of the (N, V) logits x
   // above (same state, same mutations, same handling of ignore_index and of targets outside [0, V)).
   // The target logit is computed as one dot product per row; argmax and rank follow torch.argmax's order

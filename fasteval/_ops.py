@@ -129,7 +129,8 @@ def _compare_update_fake(reference, candidate, target, ignore_index, top_k, stat
     return None
 
 
-def _lce_fake(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, reduction):
+def _lce_fake(input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, reduction,
+              round_grad=False):
     torch._check(input.dim() == 2, lambda: "expected input of shape (N, H)")
     torch._check(linear_weight.dim() == 2, lambda: "expected linear_weight of shape (V, H)")
     n = input.shape[0]
@@ -138,7 +139,7 @@ def _lce_fake(input, linear_weight, linear_bias, target, weight, ignore_index, l
 
 
 def _lce_backward_fake(grad_loss, input, linear_weight, linear_bias, target, weight, lse, total_weight,
-                       ignore_index, label_smoothing, reduction):
+                       ignore_index, label_smoothing, reduction, round_grad=False):
     torch._check(input.dim() == 2, lambda: "expected input of shape (N, H)")
     torch._check(linear_weight.dim() == 2, lambda: "expected linear_weight of shape (V, H)")
     return (torch.empty(input.shape, dtype=input.dtype, device=input.device),
@@ -202,20 +203,21 @@ def _register_linear_autograd() -> None:
     in C++, csrc/cross_entropy/cross_entropy_autograd.cpp: a Python one costs microseconds per call.)"""
 
     def _setup(ctx, inputs, output):
-        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, reduction = inputs
+        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, reduction = inputs[:8]
+        round_grad = inputs[8] if len(inputs) > 8 else False
         _, lse, total_weight = output
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, total_weight)
-        ctx.config = (ignore_index, label_smoothing, reduction)
+        ctx.config = (ignore_index, label_smoothing, reduction, round_grad)
         ctx.has_bias = linear_bias is not None
         ctx.set_materialize_grads(False)  # lse and total_weight take no gradient: no zero-filled ones for them
 
     def _backward(ctx, grad_loss, grad_lse, grad_total_weight):
         input, linear_weight, linear_bias, target, weight, lse, total_weight = ctx.saved_tensors
         if grad_loss is None:  # only lse / total_weight were used: they are not differentiable
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         gi, gw, gb = torch.ops.fasteval.linear_cross_entropy_backward(
             grad_loss, input, linear_weight, linear_bias, target, weight, lse, total_weight, *ctx.config)
-        return gi, gw, (gb if ctx.has_bias else None), None, None, None, None, None
+        return gi, gw, (gb if ctx.has_bias else None), None, None, None, None, None, None
 
     torch.library.register_autograd("fasteval::linear_cross_entropy", _backward, setup_context=_setup)
 

@@ -896,6 +896,20 @@ def _linear_logits(input: Tensor, linear_weight: Tensor, linear_bias: Optional[T
     return torch.nn.functional.linear(input.to(cd), linear_weight.to(cd), b)
 
 
+class _RoundGrad(torch.autograd.Function):
+    """The identity, whose backward rounds the gradient to ``dtype`` (and back to the gradient's own dtype):
+    the round_grad of the linear ops, for the gradient with respect to the logits."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g.to(ctx.dtype).to(g.dtype), None
+
+
 def _check_linear_target(input: Tensor, target: Tensor, op: str) -> None:
     n = input.shape[0]
     if target.dtype not in (torch.int64, torch.int32):
@@ -909,10 +923,11 @@ def _check_linear_target(input: Tensor, target: Tensor, op: str) -> None:
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Optional[Tensor], target: Tensor,
                          weight: Optional[Tensor] = None, ignore_index: int = -100, label_smoothing: float = 0.0,
-                         reduction: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+                         reduction: int = 0, round_grad: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`softmax_cross_entropy` of ``F.linear(input, linear_weight, linear_bias)`` (input (N, H),
     linear_weight (V, H), linear_bias (V,) or None): ``(loss, lse, total_weight)``, differentiable with
-    respect to input, linear_weight and linear_bias through torch's autograd."""
+    respect to input, linear_weight and linear_bias through torch's autograd (round_grad: with the gradient
+    with respect to the logits rounded to input's dtype, as :func:`linear_cross_entropy_backward`)."""
     op = "fasteval.linear_cross_entropy"
     check_linear_inputs(input, linear_weight, linear_bias, op)
     _check_linear_target(input, target, op)
@@ -921,6 +936,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Opti
     if reduction not in (0, 1, 2):
         raise ValueError(f"{op}: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     logits = _linear_logits(input, linear_weight, linear_bias)
+    if round_grad and logits.dtype != input.dtype and logits.requires_grad:
+        logits = _RoundGrad.apply(logits, input.dtype)
     with _renamed("fasteval.softmax_cross_entropy", op):
         return softmax_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction)
 
@@ -928,9 +945,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, linear_bias: Opti
 def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
                                   linear_bias: Optional[Tensor], target: Tensor, weight: Optional[Tensor], lse: Tensor,
                                   total_weight: Tensor, ignore_index: int, label_smoothing: float,
-                                  reduction: int) -> Tuple[Tensor, Tensor, Tensor]:
+                                  reduction: int, round_grad: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients of ``<grad_loss, loss>`` with respect to input, linear_weight and linear_bias (the last
-    one also when linear_bias is None: the sum over rows of the logits' gradient), in input's dtype."""
+    one also when linear_bias is None: the sum over rows of the logits' gradient), in input's dtype. The
+    gradient g with respect to the logits is float32 (float64 for float64 inputs); round_grad rounds it to
+    input's dtype first, as F.cross_entropy's backward gives it for logits of that dtype."""
     op = "fasteval.linear_cross_entropy_backward"
     check_linear_inputs(input, linear_weight, linear_bias, op)
     _check_linear_target(input, target, op)
@@ -939,6 +958,8 @@ def linear_cross_entropy_backward(grad_loss: Tensor, input: Tensor, linear_weigh
         g = softmax_cross_entropy_backward(grad_loss, logits, target, weight, lse, total_weight, ignore_index,
                                            label_smoothing, reduction)
     cd = logits.dtype
+    if round_grad:
+        g = g.to(input.dtype).to(cd)
     grad_input = g @ linear_weight.to(cd)
     grad_weight = g.t() @ input.to(cd)
     return grad_input.to(input.dtype), grad_weight.to(input.dtype), g.sum(0).to(input.dtype)

@@ -341,7 +341,9 @@ def test_opcheck():
     x, w, b, t = make(20, 6, 50)
     t[3] = -100
     for args in [(x, w, b, t, None, -100, 0.0, 1), (x, w, None, t, torch.rand(50), -100, 0.1, 0),
-                 (x.bfloat16(), w.bfloat16(), b.bfloat16(), t, None, -100, 0.0, 2)]:
+                 (x.bfloat16(), w.bfloat16(), b.bfloat16(), t, None, -100, 0.0, 2),
+                 (x.bfloat16(), w.bfloat16(), b.bfloat16(), t, torch.rand(50), -100, 0.1, 1, True),
+                 (x.half(), w.half(), None, t, None, -100, 0.0, 0, True)]:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and i < 3 else a
                      for i, a in enumerate(args))
         torch.library.opcheck(torch.ops.fasteval.linear_cross_entropy.default, args)
@@ -352,11 +354,12 @@ def test_opcheck():
                           (x, w, b, t, torch.linspace(0, 1, 6), -100, 0.1, [1, 5], False, *st))
 
 
-def test_torch_compile_forward_and_backward():
-    x, w, b, t = make(64, 8, 300)
+@pytest.mark.parametrize("dtype,grad_dtype", [(torch.float32, None), (torch.bfloat16, torch.bfloat16)])
+def test_torch_compile_forward_and_backward(dtype, grad_dtype):
+    x, w, b, t = make(64, 8, 300, dtype=dtype)
 
     def f(x, w, b):
-        return fasteval.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1)
+        return fasteval.linear_cross_entropy(x, w, t, linear_bias=b, label_smoothing=0.1, grad_dtype=grad_dtype)
 
     args = [a.clone().requires_grad_() for a in (x, w, b)]
     cf = torch.compile(f, fullgraph=True, backend="aot_eager")
@@ -733,6 +736,118 @@ def test_evaluate_head_bad_type():
     with pytest.raises(TypeError, match="^fasteval.evaluate: head must be"):
         fasteval.evaluate(_Body(), [], num_classes=3, progress=False, head="linear")
 
+
+# ---------------------------------------------------------------------------------------------------
+# grad_dtype=input.dtype: the gradient of the logits rounded to the input's dtype before the gradient matmuls,
+# as F.cross_entropy's backward gives it for 16-bit logits (float32 products and sums after that).
+
+def _share_off_rounded_math(x, w, b, t, dtype, grads, **kw):
+    """The share of each gradient's elements more than 1.5 ulps (of dtype) from the float64 math on the same
+    inputs with the gradient of the logits rounded to dtype (dL). A kernel that rounds dL once and sums in
+    float32 is within half an ulp but where a term of its float32 dL rounds the other way than the float64
+    one (ties within float32 error, rare) or its float32 sums cancel; one that keeps dL in float32 (the
+    default) is off by the roundings it skips, beyond 1.5 ulps on a few percent of the elements (most of them
+    for float16 means over thousands of rows, where dL underflows)."""
+    x64, w64 = x.double(), w.double()
+    lg = F.linear(x64, w64, b.double() if b is not None else None).requires_grad_()
+    loss = F.cross_entropy(lg, t, **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+    d = torch.autograd.grad(loss, lg)[0].to(dtype).double()
+    p, sub = (7, 2.0 ** -133) if dtype == torch.bfloat16 else (10, 2.0 ** -24)
+    shares = []
+    for g, r in zip(grads, (d @ w64, d.t() @ x64, d.sum(0))):
+        ulp = torch.exp2(torch.floor(torch.log2(r.abs().clamp_min(1e-300))) - p).clamp_min(sub)
+        shares.append(((g.double() - r).abs() > 1.5 * ulp).double().mean().item())
+    return shares
+
+
+# (N, H, V): one chunk; three on the CPU with an odd last one (448 + 448 + 105 columns at 4100 rows: the
+# bfloat16 gradient's rows are padded to an even length)
+@pytest.mark.parametrize("n,h,v", [(40, 33, 300), (4100, 9, 1001)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_dtype_rounds_the_gradient_of_the_logits_once(n, h, v, dtype, reduction, device):
+    x, w, b, t = make(n, h, v, dtype=dtype, scale=2.0, seed=n)  # peaked rows: sums that cancel
+    t[::6] = -100
+    cw = torch.rand(v, generator=torch.Generator().manual_seed(3)) + 0.5
+    kw = dict(weight=cw, label_smoothing=0.05, reduction=reduction)
+    shares = {}
+    for grad_dtype in (dtype, None):
+        args = [a.to(device).requires_grad_() for a in (x, w, b)]
+        loss = fasteval.linear_cross_entropy(args[0], args[1], t.to(device), linear_bias=args[2],
+                                             grad_dtype=grad_dtype, **{**kw, "weight": cw.to(device)})
+        grads = [g.cpu() for g in torch.autograd.grad(loss, args)]
+        assert all(g.dtype == dtype for g in grads)
+        shares[grad_dtype] = _share_off_rounded_math(x, w, b, t, dtype, grads, **kw)
+    assert max(shares[dtype]) <= 0.005, shares[dtype]
+    assert max(shares[None]) >= 0.01, shares[None]  # the check tells the two apart
+
+
+def test_grad_dtype_rounded_gradients_of_a_nan_row_stay_in_their_row(cpu_route):
+    # A NaN hidden state makes its row's dL NaN; the other rows' grad_input must not see it (the padding of the
+    # odd last chunk's bfloat16 rows, 105 columns, is rewritten for every chunk: stale NaNs there would reach
+    # other rows). grad_linear_weight sums over every row: NaN, as torch's.
+    x, w, b, t = make(4100, 9, 1001, dtype=torch.bfloat16, seed=4)
+    x[7, 3] = float("nan")
+    ok = torch.ones(x.shape[0], dtype=torch.bool)
+    ok[7] = False
+    out = []
+    for rows in (slice(None), ok):
+        xs, ws = x[rows].clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fasteval.linear_cross_entropy(xs, ws, t[rows], linear_bias=b, reduction="sum",
+                                             grad_dtype=torch.bfloat16)
+        out.append(torch.autograd.grad(loss, (xs, ws)))
+    (gx, gw), (gx_ok, _) = out
+    assert gx[7].isnan().all() and gw.isnan().all()
+    assert not gx[ok].isnan().any()
+    torch.testing.assert_close(gx[ok].float(), gx_ok.float(), rtol=2.0 ** -7, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grad_dtype_none_and_float32_are_the_default(dtype):
+    x, w, b, t = make(50, 20, 300, dtype=dtype)
+    out = []
+    for kw in ({}, {"grad_dtype": None}, {"grad_dtype": torch.float32}) + (({"grad_dtype": dtype},) if
+                                                                           dtype == torch.float32 else ()):
+        args = [a.clone().requires_grad_() for a in (x, w, b)]
+        loss = fasteval.linear_cross_entropy(args[0], args[1], t, linear_bias=args[2], **kw)
+        out.append((loss, *torch.autograd.grad(loss, args)))
+    for other in out[1:]:
+        for a, e in zip(other, out[0]):
+            assert torch.equal(a, e)
+
+
+def test_grad_dtype_leaves_the_forward_alone():
+    x, w, b, t = make(300, 16, 700, dtype=torch.bfloat16)
+    a = fasteval.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none")
+    c = fasteval.linear_cross_entropy(x, w, t, linear_bias=b, reduction="none", grad_dtype=torch.bfloat16)
+    assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("grad_dtype,exc", [(torch.float64, ValueError), (torch.float16, ValueError),
+                                            ("bfloat16", TypeError), (torch.int64, ValueError)])
+def test_bad_grad_dtype(grad_dtype, exc):
+    x, w, b, t = make(4, 3, 6, dtype=torch.bfloat16)
+    with pytest.raises(exc, match="^fasteval.linear_cross_entropy: grad_dtype must be"):
+        fasteval.linear_cross_entropy(x, w, t, grad_dtype=grad_dtype)
+
+
+@pytest.mark.parametrize("n,h,v", [(37, 64, 1000), (4100, 9, 1001), (12, 1501, 2500)])
+def test_grad_dtype_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, monkeypatch):
+    # The own route multiplies the rounded dL as bfloat16 (VDPBF16PS); torch's float32 matmul multiplies the
+    # same values: float32 sums in two orders, each rounded once to bfloat16.
+    if not OWN_MATMUL:
+        pytest.skip("needs the compiled CPU kernels on an AVX-512 CPU")
+    x, w, b, t = make(n, h, v, dtype=torch.bfloat16, scale=1.0, seed=n)
+    t[::5] = -100
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTEVAL_LCE_OWN_MATMUL", flag)
+        args = [a.clone().requires_grad_() for a in (x, w, b)]
+        loss = fasteval.linear_cross_entropy(args[0], args[1], t, linear_bias=args[2], label_smoothing=0.1,
+                                             reduction="sum", grad_dtype=torch.bfloat16)
+        out.append((loss, *torch.autograd.grad(loss, args)))
+    for a, e in zip(*out):
+        torch.testing.assert_close(a.float(), e.float(), rtol=2.0 ** -7, atol=2.0 ** -7 * e.abs().max().item())
 
 # ---------------------------------------------------------------------------------------------------
 # CUDA kernels (skipped without a GPU and a CUDA build): the same parity on the device, no host sync.

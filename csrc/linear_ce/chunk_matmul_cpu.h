@@ -77,8 +77,9 @@ inline bool bf16_available() {
 #if FASTEVAL_OWN_MATMUL
 namespace detail {
 
-// The bias of the tile's columns (masked past ncols) and the masked stores of its MR x kNR sums.
-template <int MR>
+// The bias of the tile's columns (masked past ncols) and the masked stores of its MR x kNR sums (ACC: added to
+// the tile's values in c, bias null).
+template <int MR, bool ACC = false>
 FASTEVAL_F32_TARGET inline void store_tile(__m512 (&acc)[MR][kNV], const float* bias, float* c, int64_t ldc,
                                            int ncols) {
 #pragma GCC unroll 3
@@ -86,9 +87,17 @@ FASTEVAL_F32_TARGET inline void store_tile(__m512 (&acc)[MR][kNV], const float* 
     const int n = std::min(16, std::max(0, ncols - j * 16));
     if (n == 0) break;
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
-    const __m512 bj = bias ? _mm512_maskz_loadu_ps(m, bias + j * 16) : _mm512_setzero_ps();
+    if constexpr (ACC) {
 #pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(c + r * ldc + j * 16, m, _mm512_add_ps(acc[r][j], bj));
+      for (int r = 0; r < MR; ++r) {
+        float* o = c + r * ldc + j * 16;
+        _mm512_mask_storeu_ps(o, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o), acc[r][j]));
+      }
+    } else {
+      const __m512 bj = bias ? _mm512_maskz_loadu_ps(m, bias + j * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(c + r * ldc + j * 16, m, _mm512_add_ps(acc[r][j], bj));
+    }
   }
 }
 
@@ -307,8 +316,8 @@ inline uint32_t load_pair(const uint16_t* p) {
   return v;
 }
 
-// c[r][0:ncols] = sum_k a_r[k] b[k][0:ncols] (+ bias) for the MR rows a_r = a + r * lda.
-template <int MR>
+// c[r][0:ncols] = sum_k a_r[k] b[k][0:ncols] (+ bias) for the MR rows a_r = a + r * lda (ACC: c[r] += the sums).
+template <int MR, bool ACC = false>
 FASTEVAL_BF16_TARGET void micro(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t KP, const float* bias,
                                 float* c, int64_t ldc, int ncols) {
   __m512 acc[MR][kNV];
@@ -327,21 +336,39 @@ FASTEVAL_BF16_TARGET void micro(const uint16_t* a, int64_t lda, const uint16_t* 
       for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
     }
   }
-  detail::store_tile<MR>(acc, bias, c, ldc, ncols);
+  detail::store_tile<MR, ACC>(acc, bias, c, ldc, ncols);
 }
 
-// c[i - r0][0:len] = x[i] @ W_chunk^T (+ bias) for rows i in [r0, r1): x rows of ldx bfloat16 (even, the
-// pairs past H zero), packed = pack(W_chunk), c with row stride ldc.
+// c[i - r0][0:len] = x[i] @ W_chunk^T (+ bias) for rows i in [r0, r1) (ACC: c[i - r0][0:len] += x[i] @
+// W_chunk^T, bias null): x rows of ldx bfloat16 (even, the pairs past H zero), packed = pack(W_chunk), c with
+// row stride ldc.
+template <bool ACC = false>
 inline void gemm_rows(const uint16_t* x, int64_t ldx, int64_t H, const uint16_t* packed, int64_t len,
                       const float* bias, int64_t r0, int64_t r1, float* c, int64_t ldc) {
   const int64_t KP = pairs(H);
   detail::rows_by_tiles(r0, r1, [&](auto mr, int64_t i) {
     constexpr int MR = decltype(mr)::value;
     for (int64_t p0 = 0; p0 < len; p0 += kNR) {
-      micro<MR>(x + i * ldx, ldx, packed + p0 * KP * 2, KP, bias ? bias + p0 : nullptr, c + (i - r0) * ldc + p0, ldc,
-                static_cast<int>(std::min<int64_t>(kNR, len - p0)));
+      micro<MR, ACC>(x + i * ldx, ldx, packed + p0 * KP * 2, KP, bias ? bias + p0 : nullptr, c + (i - r0) * ldc + p0,
+                     ldc, static_cast<int>(std::min<int64_t>(kNR, len - p0)));
     }
   });
+}
+
+// Rounds the n floats of row to bfloat16 (to nearest, ties to even, as c10::BFloat16; a NaN stays a NaN):
+// row[j] becomes the rounded value and out[j] its bits.
+FASTEVAL_BF16_TARGET inline void round_row(float* row, int64_t n, uint16_t* out) {
+  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7fc00000);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(m, row + j);
+    const __m512i b = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
+    __m512i r = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(bias, lsb)), _mm512_set1_epi32(-65536));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+    _mm512_mask_storeu_ps(row + j, m, _mm512_castsi512_ps(r));
+    _mm256_mask_storeu_epi16(out + j, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+  }
 }
 
 // Few rows: out[i][c] = x[i] . w[c] (+ bias[c]) for the M rows x + i * ldx and the columns [c0, c1) of w (rows
@@ -399,8 +426,10 @@ inline bool dot_rows(const uint16_t* x, int64_t ldx, int64_t n, const uint16_t* 
 #else
 
 inline bool pack(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t, int64_t) { return false; }
+template <bool ACC = false>
 inline void gemm_rows(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, const float*, int64_t, int64_t,
                       float*, int64_t) {}
+inline void round_row(float*, int64_t, uint16_t*) {}
 inline bool dot_rows(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, const float*,
                      float*, int64_t) {
   return false;

@@ -185,6 +185,7 @@ struct BackwardArgs : ForwardArgs {
   const at::Tensor& grad_loss;
   const at::Tensor& lse;
   const at::Tensor& total_weight;
+  bool round_grad;  // dL rounded to input's dtype before the matmuls that apply it
 };
 
 struct EvalArgs {
@@ -221,7 +222,7 @@ struct Entry {
   static Tensor3 forward(const at::Tensor& input, const at::Tensor& linear_weight,
                          const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
                          const std::optional<at::Tensor>& weight, int64_t ignore_index, double label_smoothing,
-                         int64_t reduction) {
+                         int64_t reduction, bool /*round_grad: the backward's*/) {
     const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, kOp);
     at::Tensor cw = checked_class_weight(weight, sz.V, input, kOp);
     const at::NoGradGuard no_grad;
@@ -237,7 +238,7 @@ struct Entry {
                           const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
                           const std::optional<at::Tensor>& weight, const at::Tensor& lse,
                           const at::Tensor& total_weight, int64_t ignore_index, double label_smoothing,
-                          int64_t reduction) {
+                          int64_t reduction, bool round_grad) {
     const char* op = kBackwardOp;
     const Sizes sz = check_forward(input, linear_weight, linear_bias, target, label_smoothing, reduction, op);
     at::Tensor cw = checked_class_weight(weight, sz.V, input, op);
@@ -247,7 +248,8 @@ struct Entry {
                          static_cast<float>(label_smoothing), reduction},
                         grad_loss,
                         lse,
-                        total_weight});
+                        total_weight,
+                        round_grad});
   }
 
   static void eval_update(const at::Tensor& input, const at::Tensor& linear_weight,

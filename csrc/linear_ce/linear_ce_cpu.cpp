@@ -29,7 +29,11 @@
 // loss with respect to them (exact: nothing is filtered), and adds its contributions to the three gradients
 // with float32 matmuls: grad_input += dL @ W_chunk, grad_linear_weight[chunk] = dL^T @ input,
 // grad_linear_bias[chunk] = sum dL. (A bfloat16 product of dL would need dL as two bfloat16 terms, hi + lo,
-// to stay float32-accurate: as many multiply instructions as the float32 matmul, no faster.)
+// to stay float32-accurate: as many multiply instructions as the float32 matmul, no faster.) With round_grad
+// dL is rounded to the input's dtype first, as eager torch's backward has it; for bfloat16 on an AVX512_BF16
+// CPU the gradient matmuls then multiply bfloat16: grad_input by the own kernel (each thread adds its rows'
+// dL @ W_chunk as soon as the row pass has rounded them), grad_linear_weight by torch's bfloat16 matmul (float32
+// sums, rounded once).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -635,48 +639,98 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
     grad_b.zero_();
     return {grad_x.to(a.input.scalar_type()), grad_w, grad_b.to(a.input.scalar_type())};
   }
-  const int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
+  const at::ScalarType dt = a.input.scalar_type();
+  const bool round = a.round_grad && dt != at::kFloat;
+  // round_grad with bfloat16 on an AVX512_BF16 CPU: dL rounded to bfloat16 (db, rows of ldd, zero-padded to an
+  // even count) and multiplied as bfloat16. grad_x by the own kernel, each thread adding its rows' dL @ W_chunk
+  // as the row pass hands them over (W_chunk^T packed once per chunk); grad_linear_weight by torch's bfloat16
+  // matmul (float32 sums, one rounding).
+  const bool own16 = round && dt == at::kBFloat16 && linear_ce::own::bf16_available();
+  int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
+  // The packed W_chunk^T (H x vc bfloat16) stays within kPackBytes (it is shared by all threads, in the cache).
+  if (own16) vc = std::min(vc, std::max<int64_t>(64, kPackBytes / (2 * std::max<int64_t>(H, 1)) / 64 * 64));
   const at::Tensor ws = at::empty({N * vc}, f32);
+  const int64_t ldd = vc + (vc & 1);
+  const at::Tensor db = own16 ? at::zeros({N * ldd}, a.input.options()) : at::Tensor();
+  const at::Tensor xh = own16 ? a.input.contiguous() : at::Tensor();
   const bool w32 = a.linear_weight.scalar_type() == at::kFloat;
+  float* gxp = grad_x.data_ptr<float>();
   Packed packed;
+  std::vector<uint16_t> wt_packed;
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
-    const at::Tensor wc = weight_chunk(p.w, v0, len);
+    const int64_t ld = len + (len & 1);
     const at::Tensor d = ws.narrow(0, 0, N * len).view({N, len});
     const float* wv = ws_w ? ws_w + v0 : nullptr;
+    // grad_x's own kernel for this chunk: W_chunk^T (H, len) packed as the weights of a matmul with H columns;
+    // false when a weight is outside the kernel's exact range (then torch's float32 matmul, after the pass).
+    bool gx_own = false;
+    if (own16) {
+      const at::Tensor wt = p.w.narrow(0, v0, len).t().contiguous();
+      const uint16_t* wtp = bf16_bits(wt);
+      const int64_t panels = (H + linear_ce::own::kNR - 1) / linear_ce::own::kNR;
+      wt_packed.resize(static_cast<size_t>(linear_ce::own::bf16::packed_size(H, len)));
+      std::atomic<bool> exact{true};
+      at::parallel_for(0, panels, 1, [&](int64_t q0, int64_t q1) {
+        if (!linear_ce::own::bf16::pack(wtp, H, len, wt_packed.data(), q0, q1)) {
+          exact.store(false, std::memory_order_relaxed);
+        }
+      });
+      gx_own = exact.load();
+    }
+    uint16_t* dbp = own16 ? reinterpret_cast<uint16_t*>(db.data_ptr<at::BFloat16>()) : nullptr;
+    const at::Tensor wc = own16 ? at::Tensor() : weight_chunk(p.w, v0, len);
     for_chunk_rows(p, v0, len, ws, packed, wc, [&](int64_t r0, int64_t r1, float* rows) {
       for (int64_t i = r0; i < r1; ++i) {
         float* row = rows + (i - r0) * len;
         const int64_t t = p.tgt[i];
         if (t < 0) {
           std::fill(row, row + len, 0.f);
-          continue;
+        } else {
+          // x - lse as (x - hi) - lo with lse = hi + lo in floats: x - hi is exact for the logits near the row
+          // max, whatever their magnitude.
+          const float hi = static_cast<float>(lsp[i]);
+          const float lo = static_cast<float>(lsp[i] - static_cast<double>(hi));
+          const fVec va(ca[i]), vb(cb[i]), vhi(hi), vlo(lo);
+          const int64_t full = len - len % kChunk;
+          for (int64_t j = 0; j < full; j += kChunk) {
+            Chunk c = ChunkLoader<float>::load(row + j);
+            Chunk wj = wv ? ChunkLoader<float>::load(wv + j) : Chunk{fVec(1.f), fVec(1.f)};
+            c.lo = va * cpu::fast_exp((c.lo - vhi) - vlo) - vb * wj.lo;
+            c.hi = va * cpu::fast_exp((c.hi - vhi) - vlo) - vb * wj.hi;
+            ChunkLoader<float>::store(row + j, c);
+          }
+          for (int64_t j = full; j < len; ++j) {
+            row[j] = ca[i] * std::exp((row[j] - hi) - lo) - cb[i] * (wv ? wv[j] : 1.f);
+          }
+          if (t >= v0 && t < v0 + len) row[t - v0] -= cd[i];
         }
-        // x - lse as (x - hi) - lo with lse = hi + lo in floats: x - hi is exact for the logits near the row
-        // max, whatever their magnitude.
-        const float hi = static_cast<float>(lsp[i]);
-        const float lo = static_cast<float>(lsp[i] - static_cast<double>(hi));
-        const fVec va(ca[i]), vb(cb[i]), vhi(hi), vlo(lo);
-        const int64_t full = len - len % kChunk;
-        for (int64_t j = 0; j < full; j += kChunk) {
-          Chunk c = ChunkLoader<float>::load(row + j);
-          Chunk wj = wv ? ChunkLoader<float>::load(wv + j) : Chunk{fVec(1.f), fVec(1.f)};
-          c.lo = va * cpu::fast_exp((c.lo - vhi) - vlo) - vb * wj.lo;
-          c.hi = va * cpu::fast_exp((c.hi - vhi) - vlo) - vb * wj.hi;
-          ChunkLoader<float>::store(row + j, c);
+        if (own16) {
+          linear_ce::own::bf16::round_row(row, len, dbp + i * ld);
+          if (ld != len) dbp[i * ld + len] = 0;  // the pair's second element (a previous chunk's value)
+        } else if (round) {
+          FASTEVAL_DISPATCH_LOGITS_TYPES(dt, "linear_ce_round_grad", [&] {
+            for (int64_t j = 0; j < len; ++j) row[j] = static_cast<float>(static_cast<scalar_t>(row[j]));
+          });
         }
-        for (int64_t j = full; j < len; ++j) {
-          row[j] = ca[i] * std::exp((row[j] - hi) - lo) - cb[i] * (wv ? wv[j] : 1.f);
-        }
-        if (t >= v0 && t < v0 + len) row[t - v0] -= cd[i];
+      }
+      if (gx_own) {
+        linear_ce::own::bf16::gemm_rows<true>(dbp, ld, len, wt_packed.data(), H, nullptr, r0, r1,
+                                              gxp + r0 * H, H);
       }
     });
-    grad_x.addmm_(d, wc);
     at::Tensor gw = grad_w.narrow(0, v0, len);
-    if (w32) {
-      at::mm_out(gw, d.t(), p.x);
+    if (own16) {
+      const at::Tensor dbc = db.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, len);
+      if (!gx_own) grad_x.addmm_(d, weight_chunk(p.w, v0, len));
+      at::mm_out(gw, dbc.t(), xh);
     } else {
-      gw.copy_(at::mm(d.t(), p.x));
+      grad_x.addmm_(d, wc);
+      if (w32) {
+        at::mm_out(gw, d.t(), p.x);
+      } else {
+        gw.copy_(at::mm(d.t(), p.x));
+      }
     }
     at::Tensor gb = grad_b.narrow(0, v0, len);
     at::sum_out(gb, d, {0});

@@ -13,7 +13,8 @@
 // product's x_t + d, with the few logits within d of x_t kept (band_x, band_c) and ranked against the
 // matmul's x_t at the end. The backward recomputes each chunk, turns it into the gradient of the logits and
 // applies it with two matmuls and a column sum: float32 operands for float32 and float16 inputs, for
-// bfloat16 the gradient's hi and lo bfloat16 terms (grad_chunk_kernel).
+// bfloat16 the gradient's hi and lo bfloat16 terms (grad_chunk_kernel); with round_grad, 16-bit inputs give the
+// matmuls the gradient rounded to their dtype (one term).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/cat.h>
@@ -420,8 +421,10 @@ std::pair<at::Tensor, at::Tensor> forward_state(const at::Tensor& x, const at::T
 // as two bfloat16 terms into d2 (2N x len), hi = bf16(dL) in row i and lo = bf16(dL - hi) in row N + i, so
 // that the gradient matmuls run on bfloat16 operands and still see dL to about 2^-17 relative (hi + lo;
 // bfloat16 has float32's exponent range, so a term underflows only where dL itself is below float32's).
+// Without with_lo (round_grad; S = c10::BFloat16 or c10::Half), d2 (N x len) gets the rounded dL only.
 template <typename S>
-__global__ void grad_chunk_kernel(float* __restrict__ lg, S* __restrict__ d2, int64_t N, int64_t len, int64_t v0,
+__global__ void grad_chunk_kernel(float* __restrict__ lg, S* __restrict__ d2, bool with_lo, int64_t N, int64_t len,
+                                  int64_t v0,
                                   const float* __restrict__ bias, const float* __restrict__ cw,
                                   const float* __restrict__ wsum_ptr, float eps,
                                   int64_t V, const int64_t* __restrict__ tgt, const double* __restrict__ lse,
@@ -438,7 +441,7 @@ __global__ void grad_chunk_kernel(float* __restrict__ lg, S* __restrict__ d2, in
       } else {
         const S hi = static_cast<S>(r);
         d2[i * len + j] = hi;
-        d2[(N + i) * len + j] = static_cast<S>(r - static_cast<float>(hi));
+        if (with_lo) d2[(N + i) * len + j] = static_cast<S>(r - static_cast<float>(hi));
       }
     };
     const int64_t t = tgt[i];
@@ -570,8 +573,13 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
   const auto f32 = a.input.options().dtype(at::kFloat);
   // bfloat16: each chunk's logits recomputed as in the forward (bfloat16 operands, float32 products), the
   // gradient matmuls on the hi and lo bfloat16 terms of dL (grad_chunk_kernel). float16 (whose range would
-  // lose small terms of dL) and float32: float32 operands throughout.
-  const bool split = a.input.scalar_type() == at::kBFloat16;
+  // lose small terms of dL) and float32: float32 operands throughout. round_grad with bfloat16 or float16: the
+  // matmuls on dL rounded to that dtype (one term; float32 products and sums).
+  const at::ScalarType dt = a.input.scalar_type();
+  const bool round = a.round_grad && dt != at::kFloat;
+  const bool split = dt == at::kBFloat16 || round;  // 16-bit operands
+  const bool with_lo = dt == at::kBFloat16 && !round;
+  const int64_t drows = with_lo ? 2 * N : N;
   const at::Tensor xin = a.input.contiguous();
   const at::Tensor x32 = split ? at::Tensor() : xin.to(at::kFloat);
   const at::Tensor w = a.linear_weight.contiguous();
@@ -603,8 +611,8 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
   const at::Tensor tw = a.total_weight.to(at::kFloat).contiguous();
   const int64_t vc = linear_ce::chunk_columns(N, V, workspace_bytes());
   const at::Tensor ws = at::empty({N * vc}, f32);
-  const at::Tensor d2buf = split ? at::empty({2 * N * vc}, a.input.options()) : at::Tensor();
-  const at::Tensor x2 = split ? at::cat({xin, xin}) : at::Tensor();  // (2N, H): grad_w of hi and lo in one matmul
+  const at::Tensor d2buf = split ? at::empty({drows * vc}, a.input.options()) : at::Tensor();
+  const at::Tensor x2 = with_lo ? at::cat({xin, xin}) : at::Tensor();  // (2N, H): grad_w of hi and lo in one matmul
   const float eps = a.label_smoothing;
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
@@ -612,7 +620,7 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
     at::Tensor gb = grad_b.narrow(0, v0, len);
     const auto launch = [&](const at::Tensor& d, auto* d2) {
       grad_chunk_kernel<<<row_blocks(N), kThreads, 0, stream>>>(
-          d.data_ptr<float>(), d2, N, len, v0, b32.defined() ? b32.const_data_ptr<float>() : nullptr, cw,
+          d.data_ptr<float>(), d2, with_lo, N, len, v0, b32.defined() ? b32.const_data_ptr<float>() : nullptr, cw,
           wsum.defined() ? wsum.const_data_ptr<float>() : nullptr, eps, V, st.tgt, ls.const_data_ptr<double>(),
           g.const_data_ptr<float>(), a.reduction == 0, tw.const_data_ptr<float>(), a.reduction == 1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -620,11 +628,20 @@ Tensor3 Kernels<at::kCUDA>::backward(const BackwardArgs& a) {
     if (split) {
       const at::Tensor wc = w.narrow(0, v0, len);
       at::Tensor d = chunk_logits(xin, w, ws, N, v0, len);
-      at::Tensor d2 = d2buf.narrow(0, 0, 2 * N * len).view({2 * N, len});
-      launch(d, d2.data_ptr<c10::BFloat16>());
-      const at::Tensor gx2 = at::mm(d2, wc, at::kFloat);  // (2N, H): the hi rows, then the lo rows
-      grad_x.add_(gx2.narrow(0, 0, N).add(gx2.narrow(0, N, N)));
-      gw.copy_(at::mm(d2.t(), x2, at::kFloat));
+      at::Tensor d2 = d2buf.narrow(0, 0, drows * len).view({drows, len});
+      if (dt == at::kBFloat16) {
+        launch(d, d2.data_ptr<c10::BFloat16>());
+      } else {
+        launch(d, d2.data_ptr<c10::Half>());
+      }
+      if (with_lo) {
+        const at::Tensor gx2 = at::mm(d2, wc, at::kFloat);  // (2N, H): the hi rows, then the lo rows
+        grad_x.add_(gx2.narrow(0, 0, N).add(gx2.narrow(0, N, N)));
+        gw.copy_(at::mm(d2.t(), x2, at::kFloat));
+      } else {
+        grad_x.add_(at::mm(d2, wc, at::kFloat));
+        at::mm_out(gw, d2.t(), xin);
+      }
       at::sum_out(gb, d2, {0}, /*keepdim=*/false, at::kFloat);
     } else {
       const at::Tensor wc32 = w.narrow(0, v0, len).to(at::kFloat);
