@@ -642,6 +642,10 @@ def _lce_fasteval(d):
     return fasteval.linear_cross_entropy(d["x"], d["w"], d["t"])
 
 
+def _lce_fasteval_rounded(d):
+    return fasteval.linear_cross_entropy(d["x"], d["w"], d["t"], grad_dtype=d["x"].dtype)
+
+
 def _lce_parity(dtype: str):
     """float32: within float32 accumulation error. bfloat16: fasteval (float32 products, loss rounded once)
     within one bf16 rounding step of the float32 composition on the same inputs, or closer to it than the
@@ -708,6 +712,15 @@ for (_n, _h, _v) in _LCE_SHAPES:
             torch_and_compiled(_grads(_lce_torch), "F.linear + F.cross_entropy") + _chunked_bwd + _liger_lce_bwd,
             parity=_lce_parity(_dt), quick=_lce_quick(_n, _h, _v), main=("x", "w"), memory=True,
             note="gradients with respect to the hidden states and the head's weight"))
+    # The gradient of the logits rounded to bfloat16 before the gradient matmuls, as eager torch's backward
+    # has it (bfloat16 matmuls there too): the speed of the pair at the pair's precision.
+    register(Case(
+        "linear_cross_entropy", "fwd+bwd grad_dtype=bf16 ({n}, {h}, {c}) {dtype}",
+        dict(n=_n, h=_h, c=_v, dtype="bfloat16"), _hidden_grad, _grads(_lce_fasteval_rounded),
+        torch_and_compiled(_grads(_lce_torch), "F.linear + F.cross_entropy") + _liger_lce_bwd,
+        parity=_lce_parity("bfloat16"), quick=_lce_quick(_n, _h, _v), main=("x", "w"), memory=True,
+        note="fasteval.linear_cross_entropy(..., grad_dtype=torch.bfloat16): the gradient of the logits rounded "
+             "to bfloat16 (float32 products and sums), as F.cross_entropy's backward gives it to F.linear's"))
 
 
 def _hidden_state(d):
