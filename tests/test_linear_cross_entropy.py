@@ -621,6 +621,29 @@ def test_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, grad_dtype, monkey
         torch.testing.assert_close(a.float(), e.float(), rtol=2.0 ** -7, atol=2.0 ** -7 * e.abs().max().item())
 
 
+@pytest.mark.parametrize("grad_dtype", [None, torch.bfloat16])
+def test_hostile_bfloat16_gradients_of_both_cpu_routes_agree(grad_dtype, monkeypatch):
+    # The hostile rows in bfloat16 (integers, exact): masked classes, a NaN row, a row with +inf; grad_input's
+    # NaNs in the same places on both routes (the own kernels rounding and multiplying NaN and inf through
+    # VDPBF16PS), its finite values as close as in the test above; the other two gradients NaN throughout.
+    if not OWN_MATMUL:
+        pytest.skip("needs the compiled CPU kernels on an AVX-512 CPU")
+    x, w, b, t = (a.bfloat16() if a.is_floating_point() else a for a in hostile("cpu"))
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTEVAL_LCE_OWN_MATMUL", flag)
+        args = [a.clone().requires_grad_() for a in (x, w, b)]
+        loss = fasteval.linear_cross_entropy(args[0], args[1], t, linear_bias=args[2], reduction="sum",
+                                             grad_dtype=grad_dtype)
+        out.append(torch.autograd.grad(loss, args))
+    (gx, gw, gb), (ex, ew, eb) = out
+    assert ew.isnan().all() and eb.isnan().all()  # the NaN row's gradient reaches every class
+    assert gw.isnan().all() and gb.isnan().all()
+    assert 0 < int(ex.isnan().sum()) < ex.numel() and torch.equal(gx.isnan(), ex.isnan())
+    ok = ~ex.isnan()
+    torch.testing.assert_close(gx[ok].float(), ex[ok].float(), rtol=2.0 ** -7, atol=2.0 ** -7 * ex[ok].abs().max().item())
+
+
 def _underflowing_pair(side, rows, h, v, col):
     """Hidden states and a head whose class-col logit is 2^-127 (a float32 subnormal) and every other logit 0:
     (2^-57 (1 + 2^-7)) (2^-56 (1 + 2^-7)) - 2^-57 2^-56 (1 + 2^-6) = 2^-113 2^-14, in the first two of h
