@@ -203,8 +203,8 @@ def _register_linear_autograd() -> None:
     in C++, csrc/cross_entropy/cross_entropy_autograd.cpp: a Python one costs microseconds per call.)"""
 
     def _setup(ctx, inputs, output):
-        input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, reduction = inputs[:8]
-        round_grad = inputs[8] if len(inputs) > 8 else False
+        (input, linear_weight, linear_bias, target, weight, ignore_index, label_smoothing, reduction,
+         round_grad) = inputs  # the schema's defaults filled in
         _, lse, total_weight = output
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, lse, total_weight)
         ctx.config = (ignore_index, label_smoothing, reduction, round_grad)

@@ -282,7 +282,8 @@ struct Prepared {
   int64_t N, H, V;
   // The own matmul kernels (linear_ce/chunk_matmul_cpu.h) on an AVX-512 CPU; with bf16, the bfloat16 one
   // (bfloat16 input and weight, AVX512_BF16, every input value in its exact range). xb: the input as
-  // (N, ldx) bfloat16, ldx = H rounded up to even (the padding zero).
+  // (N, ldx) bfloat16, ldx = H rounded up to even (the padding zero), for bfloat16 input and weight on an
+  // AVX512_BF16 CPU whatever the range (undefined otherwise).
   bool own = false;
   bool bf16 = false;
   at::Tensor xb;
@@ -380,6 +381,17 @@ void rows_in_parallel(const Prepared& p, int64_t len, float* base, const F& fn,
   at::parallel_for(0, p.N, grain, [&](int64_t r0, int64_t r1) { fn(r0, r1, base + r0 * len); });
 }
 
+// Packs the panels [0, panels) in parallel, grain at a time: pack(q0, q1) packs [q0, q1) and says whether every
+// operand was in the kernel's exact range (the result: all were).
+template <class Pack>
+bool pack_in_parallel(int64_t panels, int64_t grain, const Pack& pack) {
+  std::atomic<bool> exact{true};
+  at::parallel_for(0, panels, grain, [&](int64_t q0, int64_t q1) {
+    if (!pack(q0, q1)) exact.store(false, std::memory_order_relaxed);
+  });
+  return exact.load();
+}
+
 // Runs the own matmul of the chunk's columns [0, len) into base (N, len). Packing: pack(c0, cl, q0, q1, buf)
 // packs the panels [q0, q1) of the columns [c0, c0 + cl) into buf, which holds the panels of those columns
 // (false: an operand the kernel cannot take; nothing is to be used then); gemm(j0, j1, buf, r0, r1, out, ldc)
@@ -397,11 +409,9 @@ bool own_matmul_rows(const Prepared& p, int64_t len, int64_t panel, std::vector<
   const int64_t panels = (len + nr - 1) / nr;
   if (p.N >= kRowBlock * at::get_num_threads() && panels * panel * int64_t(sizeof(E)) <= kPackBytes) {
     shared.resize(static_cast<size_t>(panels * panel));
-    std::atomic<bool> exact{true};
-    at::parallel_for(0, panels, 4, [&](int64_t q0, int64_t q1) {
-      if (!pack(0, len, q0, q1, shared.data())) exact.store(false, std::memory_order_relaxed);
-    });
-    if (!exact.load()) return false;
+    if (!pack_in_parallel(panels, 4, [&](int64_t q0, int64_t q1) { return pack(0, len, q0, q1, shared.data()); })) {
+      return false;
+    }
     at::parallel_for(0, p.N, kRowBlock, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; i += kRowBlock) {
         const int64_t e = std::min(r1, i + kRowBlock);
@@ -645,14 +655,13 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   // even count) and multiplied as bfloat16. grad_x by the own kernel, each thread adding its rows' dL @ W_chunk
   // as the row pass hands them over (W_chunk^T packed once per chunk); grad_linear_weight by torch's bfloat16
   // matmul (float32 sums, one rounding).
-  const bool own16 = round && dt == at::kBFloat16 && linear_ce::own::bf16_available();
+  const bool own16 = round && p.xb.defined();  // prepare's bfloat16 input: bfloat16 on an AVX512_BF16 CPU
   int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
   // The packed W_chunk^T (H x vc bfloat16) stays within kPackBytes (it is shared by all threads, in the cache).
   if (own16) vc = std::min(vc, std::max<int64_t>(64, kPackBytes / (2 * std::max<int64_t>(H, 1)) / 64 * 64));
   const at::Tensor ws = at::empty({N * vc}, f32);
   const int64_t ldd = vc + (vc & 1);
   const at::Tensor db = own16 ? at::zeros({N * ldd}, a.input.options()) : at::Tensor();
-  const at::Tensor xh = own16 ? a.input.contiguous() : at::Tensor();
   const bool w32 = a.linear_weight.scalar_type() == at::kFloat;
   float* gxp = grad_x.data_ptr<float>();
   Packed packed;
@@ -670,13 +679,9 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
       const uint16_t* wtp = bf16_bits(wt);
       const int64_t panels = (H + linear_ce::own::kNR - 1) / linear_ce::own::kNR;
       wt_packed.resize(static_cast<size_t>(linear_ce::own::bf16::packed_size(H, len)));
-      std::atomic<bool> exact{true};
-      at::parallel_for(0, panels, 1, [&](int64_t q0, int64_t q1) {
-        if (!linear_ce::own::bf16::pack(wtp, H, len, wt_packed.data(), q0, q1)) {
-          exact.store(false, std::memory_order_relaxed);
-        }
+      gx_own = pack_in_parallel(panels, 1, [&](int64_t q0, int64_t q1) {
+        return linear_ce::own::bf16::pack(wtp, H, len, wt_packed.data(), q0, q1);
       });
-      gx_own = exact.load();
     }
     uint16_t* dbp = own16 ? reinterpret_cast<uint16_t*>(db.data_ptr<at::BFloat16>()) : nullptr;
     const at::Tensor wc = own16 ? at::Tensor() : weight_chunk(p.w, v0, len);
@@ -723,7 +728,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
     if (own16) {
       const at::Tensor dbc = db.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, len);
       if (!gx_own) grad_x.addmm_(d, weight_chunk(p.w, v0, len));
-      at::mm_out(gw, dbc.t(), xh);
+      at::mm_out(gw, dbc.t(), p.xb.narrow(1, 0, H));
     } else {
       grad_x.addmm_(d, wc);
       if (w32) {
