@@ -178,6 +178,20 @@ def test_csv_columns_and_chart(tmp_path, capsys):
     assert (tmp_path / "bench-cpu-quick.png").stat().st_size > 0
 
 
+def test_csv_keeps_the_finished_cases_of_a_run_stopped_midway(tmp_path):
+    """The CSV is rewritten after every case, so that a run killed by a time limit (the GPU check's) still
+    leaves the rows of the cases it finished."""
+    def stopped(d):
+        raise KeyboardInterrupt  # as a signal would stop the run, not an error the harness reports
+    done = _toy(lambda d: d["x"] * 2, [Baseline("torch", lambda d: d["x"] * 2)])
+    cut = Case("toy", "cut n={n}", {"n": 8}, _toy_inputs, stopped, [Baseline("torch", lambda d: d["x"])], quick={})
+    with pytest.raises(KeyboardInterrupt):
+        cli.run(_args(out=str(tmp_path)), cases=[done, cut])
+    with open(tmp_path / "bench-cpu-quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["case"], r["provider"]) for r in rows] == [("toy n=8", "fasteval"), ("toy n=8", "torch")]
+
+
 # --------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace, cases: Optional[List] = None) -> int:
 
     all_rows: List[Row] = []
     titles = dict(registry.TABLES)
+    tag = f"{device}{'-quick' if args.quick else ''}"
+    path = os.path.join(args.out, f"bench-{tag}.csv") if args.out else None
     for table in dict.fromkeys(c.table for c in selected):
         group = [c for c in selected if c.table == table]
         report.print_header(titles.get(table, table), [c.label(args.quick) for c in group],
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace, cases: Optional[List] = None) -> int:
                 sys.stdout.flush()
 
             all_rows += run_case(case, args.quick, device, args.reps, on_row=show)
+            if path:  # after every case: a run stopped by a time limit keeps the cases it finished
+                report.write_csv(all_rows, path, env)
             if case.note:
                 notes.setdefault(case.note, []).append(case.label(args.quick))
         for note, labels in notes.items():
@@ -77,10 +81,7 @@ def run(args: argparse.Namespace, cases: Optional[List] = None) -> int:
 
     failures = [r for r in all_rows if r.parity is False or (r.provider == "fasteval" and r.status == "failed")]
     print(f"\n{len(all_rows)} rows in {time.perf_counter() - t_start:.0f} s")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        tag = f"{device}{'-quick' if args.quick else ''}"
-        path = os.path.join(args.out, f"bench-{tag}.csv")
+    if path:
         report.write_csv(all_rows, path, env)
         print(f"wrote {path}")
         png = os.path.join(args.out, f"bench-{tag}.png")

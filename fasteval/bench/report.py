@@ -100,13 +100,16 @@ def print_row(r: Row, first_of_case: bool) -> None:
 # CSV and chart
 # --------------------------------------------------------------------------------------------------
 def write_csv(rows: List[Row], path: str, env: Dict[str, str]) -> None:
-    """One CSV row per :class:`Row`, with the environment columns (:data:`CSV_COLUMNS`)."""
+    """One CSV row per :class:`Row`, with the environment columns (:data:`CSV_COLUMNS`). Written beside
+    ``path`` and then renamed, so that a run killed while writing leaves the previous complete file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
+    part = path + ".part"
+    with open(part, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         for r in rows:
             w.writerow({**asdict(r), **{k: env.get(k, "") for k in ENV_COLUMNS}})
+    os.replace(part, path)
 
 
 def plot(rows: List[Row], path: str, title: str) -> bool:
