@@ -195,6 +195,24 @@ def test_non_finite_weight_of_a_class_no_row_targets_as_torch(device, c, bad):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cw", [1e37, 1e38, 3e38])
+def test_class_weights_near_the_float32_maximum_as_torch(device, cw):
+    # Weighted losses and their sums beyond float32's range are inf as torch's float32 sums: the sum is inf and
+    # the mean inf / inf = NaN (the float64 total once gave inf), a finite mean for 1e37; the mean's gradient
+    # is divided by the inf total weight, zero as torch's.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, generator=g).to(device).requires_grad_()
+    t = torch.tensor([0, 1, 2, 3, 4, 0], device=device)
+    w = torch.full((5,), cw, device=device)
+    for reduction in ("none", "sum", "mean"):
+        a = fasteval.cross_entropy(x, t, weight=w, reduction=reduction)
+        b = F.cross_entropy(x, t, weight=w, reduction=reduction)
+        torch.testing.assert_close(a, b, equal_nan=True)
+    (ga,), (gb,) = (torch.autograd.grad(f(x, t, weight=w), x) for f in (fasteval.cross_entropy, F.cross_entropy))
+    torch.testing.assert_close(ga, gb, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_offsets_are_stable(device):
     x, t = make_case((32, 100), device=device)
     for off in (-1e4, 1e4):

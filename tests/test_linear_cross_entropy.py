@@ -251,6 +251,28 @@ def test_non_finite_weight_of_a_class_no_row_targets_as_torch(bad, device):
             torch.testing.assert_close(a.double().cpu(), e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("cw", [1e37, 1e38, 3e38])
+def test_class_weights_near_the_float32_maximum_as_torch(cw, device):
+    # Sums beyond float32's range are inf as torch's float32 sums (fill_ once refused the float64 totals with
+    # "value cannot be converted to type float without overflow"): the sum is inf, the mean inf / inf = NaN,
+    # finite for 1e37; the mean's gradient is divided by the inf total weight, zero as torch's.
+    x, w, b, t = make(6, 4, 5, bias=False, seed=3)
+    t = torch.tensor([0, 1, 2, 3, 4, 0])
+    cws = torch.full((5,), cw)
+    for reduction in ("none", "sum", "mean"):
+        got = fasteval.linear_cross_entropy(x.to(device), w.to(device), t.to(device), weight=cws.to(device),
+                                            reduction=reduction)
+        want = F.cross_entropy(F.linear(x, w), t, weight=cws, reduction=reduction)
+        # per-row losses of about 0.05 differ by the logits' rounding (1e-7), relative 2e-6
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=0, equal_nan=True)
+    dev = [a.to(device).requires_grad_() for a in (x, w)]
+    ref = [a.clone().requires_grad_() for a in (x, w)]
+    got = fasteval.linear_cross_entropy(*dev, t.to(device), weight=cws.to(device))
+    want = F.cross_entropy(F.linear(*ref), t, weight=cws)
+    for a, e in zip(torch.autograd.grad(got, dev), torch.autograd.grad(want, ref)):
+        torch.testing.assert_close(a.cpu(), e, rtol=1e-4, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("offset", [1e4, 1e10, -1e10])
 @pytest.mark.parametrize("eps", [0.0, 0.3])
 def test_logits_far_from_zero(offset, eps, device):

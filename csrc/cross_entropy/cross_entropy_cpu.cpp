@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -532,10 +533,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> Kernels<at::kCPU>::forward(const 
   *total_weight.data_ptr<float>() = static_cast<float>(tw);
   if (args.reduction == kReductionSum) *loss.data_ptr<float>() = static_cast<float>(total);
   // 0 / 0 = NaN when every row is ignored, as torch. A zero total weight with smoothing is NaN too (torch adds
-  // (1 - eps) * (0 / 0) to the smoothing term's s / 0), not the inf of the fused sum / 0.
+  // (1 - eps) * (0 / 0) to the smoothing term's s / 0), not the inf of the fused sum / 0. Sums beyond float32's
+  // range divide as torch's float32 sums, inf (class weights near float32's maximum: the mean is NaN, as
+  // torch's, where the float64 sums gave a finite mean or inf).
+  const float sum32 = static_cast<float>(total), tw32 = static_cast<float>(tw);
   if (args.reduction == kReductionMean)
-    *loss.data_ptr<float>() = tw == 0.0 && eps > 0.f ? std::numeric_limits<float>::quiet_NaN()
-                                                      : static_cast<float>(total / tw);
+    *loss.data_ptr<float>() = tw == 0.0 && eps > 0.f           ? std::numeric_limits<float>::quiet_NaN()
+                              : std::isinf(sum32) || std::isinf(tw32) ? sum32 / tw32
+                                                                      : static_cast<float>(total / tw);
   // No classes (every row ignored, or a bad target raised above): torch's smoothing term is
   // eps / C * (a sum of no terms) = NaN on every row, ignored or not.
   if (C == 0 && eps > 0.f) loss.fill_(std::numeric_limits<float>::quiet_NaN());

@@ -596,17 +596,20 @@ Tensor3 Kernels<at::kCPU>::forward(const ForwardArgs& a) {
     total += wt;
     sum += v;
   }
+  // Sums beyond float32's range are inf, as torch's float32 sums (fill_ would refuse a finite double there):
+  // with class weights near float32's maximum, the mean is inf / inf = NaN.
   at::Tensor total_weight = at::empty({}, f32);
-  total_weight.fill_(total);
+  total_weight.fill_(static_cast<float>(total));
   at::Tensor loss;
   if (a.reduction == 0) {
     loss = loss_rows;
   } else {
     loss = at::empty({}, f32);
     // A zero total weight with smoothing is NaN for the mean, as torch's (1 - eps) * (0 / 0) + (eps / V) * (s / 0).
-    loss.fill_(a.reduction == 2                ? sum
-               : total == 0.0 && eps > 0.f ? std::numeric_limits<double>::quiet_NaN()
-                                           : static_cast<double>(static_cast<float>(sum)) / static_cast<float>(total));
+    loss.fill_(a.reduction == 2                ? static_cast<float>(sum)
+               : total == 0.0 && eps > 0.f ? std::numeric_limits<float>::quiet_NaN()
+                                           : static_cast<float>(static_cast<double>(static_cast<float>(sum)) /
+                                                                static_cast<float>(total)));
   }
   return {loss, lse, total_weight};
 }
