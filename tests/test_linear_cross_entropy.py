@@ -33,9 +33,9 @@ def composition(x, w, b, t, **kw):
 
 
 # (N, H, V): one chunk, a vocabulary that is not a multiple of the vector width, several chunks with a
-# partial last one (4100 rows give 448-column chunks on the CPU; 256-column chunks on CUDA with the 1 MiB
-# workspace of the `device` fixture).
-SHAPES = [(5, 7, 33), (33, 16, 1000), (4100, 8, 1000)]
+# partial last one (4100 rows give 448-column chunks to the CPU's forward and 1024-column chunks to its
+# backward, 1024 + 1024 + 105; 256-column chunks on CUDA with the 1 MiB workspace of the `device` fixture).
+SHAPES = [(5, 7, 33), (33, 16, 1000), (4100, 8, 2153)]
 
 # The CPU cases run on every backend (the reference too): "cpu" with the compiled kernels' own matmuls where
 # the CPU has AVX-512, "cpu_torch_matmul" with torch's (FASTEVAL_LCE_OWN_MATMUL=0); the CUDA case where the
@@ -623,8 +623,9 @@ def test_own_matmul_gives_the_same_bits_whichever_way_the_threads_split_the_work
 
 
 # grad_dtype=torch.bfloat16: the own route multiplies the rounded gradient of the logits as bfloat16 (VDPBF16PS),
-# torch's float32 matmul the same values; (4100, 9, 1001): an odd last chunk, its bfloat16 rows padded.
-@pytest.mark.parametrize("n,h,v", [(37, 64, 1000), (4100, 9, 1000), (12, 1501, 2500), (4100, 9, 1001)])
+# torch's float32 matmul the same values; at 4100 rows the backward's chunks are 1024 columns: (4100, 9, 2153)
+# has an odd last chunk, its bfloat16 rows padded.
+@pytest.mark.parametrize("n,h,v", [(37, 64, 1000), (4100, 9, 2152), (12, 1501, 2500), (4100, 9, 2153)])
 @pytest.mark.parametrize("grad_dtype", [None, torch.bfloat16])
 def test_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, grad_dtype, monkeypatch):
     if not OWN_MATMUL:
@@ -808,9 +809,9 @@ def _share_off_rounded_math(x, w, b, t, dtype, grads, **kw):
     return shares
 
 
-# (N, H, V): one chunk; three on the CPU with an odd last one (448 + 448 + 105 columns at 4100 rows: the
-# bfloat16 gradient's rows are padded to an even length)
-@pytest.mark.parametrize("n,h,v", [(40, 33, 300), (4100, 9, 1001)])
+# (N, H, V): one chunk; three in the CPU's backward with an odd last one (1024 + 1024 + 105 columns at 4100
+# rows: the bfloat16 gradient's rows are padded to an even length)
+@pytest.mark.parametrize("n,h,v", [(40, 33, 300), (4100, 9, 2153)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_grad_dtype_rounds_the_gradient_of_the_logits_once(n, h, v, dtype, reduction, device):
@@ -834,7 +835,7 @@ def test_grad_dtype_rounded_gradients_of_a_nan_row_stay_in_their_row(cpu_route):
     # A NaN hidden state makes its row's dL NaN; the other rows' grad_input must not see it (the padding of the
     # odd last chunk's bfloat16 rows, 105 columns, is rewritten for every chunk: stale NaNs there would reach
     # other rows). grad_linear_weight sums over every row: NaN, as torch's.
-    x, w, b, t = make(4100, 9, 1001, dtype=torch.bfloat16, seed=4)
+    x, w, b, t = make(4100, 9, 2153, dtype=torch.bfloat16, seed=4)
     x[7, 3] = float("nan")
     ok = torch.ones(x.shape[0], dtype=torch.bool)
     ok[7] = False
