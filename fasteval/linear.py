@@ -46,8 +46,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         label_smoothing: in [0, 1], as :func:`torch.nn.functional.cross_entropy`.
         grad_dtype: ``None`` or ``torch.float32`` (the default: the gradient with respect to the logits in
             float32), or ``input.dtype`` (rounded to it before the matmuls that apply it, products and sums
-            still float32; on the bfloat16 kernels, products below 2**-126 may count as zero). The forward
-            values do not depend on it.
+            still float32; on the bfloat16 kernels, products below 2**-126 may count as zero, while subnormal
+            operands, which those kernels would read as zero, are multiplied in float32). The forward values
+            do not depend on it.
 
     Returns:
         The loss in ``input``'s dtype: a scalar, or the target's shape for ``reduction="none"``.

@@ -644,6 +644,51 @@ def test_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, grad_dtype, monkey
         torch.testing.assert_close(a.float(), e.float(), rtol=2.0 ** -7, atol=2.0 ** -7 * e.abs().max().item())
 
 
+@pytest.mark.parametrize("where", ["grad_input", "grad_weight", "hidden"])
+def test_bfloat16_subnormal_operands_of_the_rounded_gradient_count(where, monkeypatch):
+    # VDPBF16PS (the own kernel, and torch's bfloat16 matmul with it) reads a subnormal operand as zero, also where
+    # its products are normal numbers. The targets of some rows (in 16-row blocks of 100 rows) weigh 1e-38, so
+    # that their rounded dL is subnormal: with a head of 1e15 their products in grad_input are about 1e-23
+    # ("grad_input", zero on the own route before), with hidden states of 1e3 those in grad_linear_weight about
+    # 1e-38 ("grad_weight"). "hidden": a subnormal hidden state, whose products with dL (an upstream gradient of
+    # 1e12) are about 1e-28 in grad_linear_weight. Both routes must give the float32 products.
+    if not OWN_MATMUL:
+        pytest.skip("needs the compiled CPU kernels on an AVX-512 CPU")
+    g = torch.Generator().manual_seed(8)
+    n, h, v = 100, 16, 300
+    t = torch.randint(0, v, (n,), generator=g)
+    cw = torch.ones(v)
+    tiny = t < v // 5
+    scale = 1.0
+    if where == "hidden":
+        x = torch.randn(n, h, generator=g).bfloat16()
+        x[:, 3] = 1e-39
+        w = torch.randn(v, h, generator=g).bfloat16()
+        scale = 1e12
+    else:
+        cw[: v // 5] = 1e-38
+        f = 1e15 if where == "grad_input" else 1e-3
+        x = (torch.randn(n, h, generator=g) / f).bfloat16()
+        w = (torch.randn(v, h, generator=g) * f).bfloat16()
+        if where == "grad_weight":
+            t[~tiny] = -100  # grad_linear_weight from the subnormal rows alone
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTEVAL_LCE_OWN_MATMUL", flag)
+        args = [a.clone().requires_grad_() for a in (x, w)]
+        loss = fasteval.linear_cross_entropy(*args, t, weight=cw, reduction="sum", grad_dtype=torch.bfloat16)
+        out.append(torch.autograd.grad(loss * scale, args))
+    (gx, gw), (gx0, gw0) = out
+    if where == "grad_input":
+        assert 0 < int(tiny.sum()) < n and (gx0[tiny] != 0).all()
+    elif where == "grad_weight":
+        assert (gw0 != 0).float().mean() > 0.5  # the rest: dL values that round to zero
+    else:
+        assert (gw0[:, 3] != 0).all()
+    for a, e in ((gx, gx0), (gw, gw0)):
+        torch.testing.assert_close(a.float(), e.float(), rtol=2.0 ** -7, atol=0)
+
+
 @pytest.mark.parametrize("grad_dtype", [None, torch.bfloat16])
 def test_hostile_bfloat16_gradients_of_both_cpu_routes_agree(grad_dtype, monkeypatch):
     # The hostile rows in bfloat16 (integers, exact): masked classes, a NaN row, a row with +inf; grad_input's

@@ -265,6 +265,14 @@ inline bool in_range(const uint16_t* v, int64_t n) {
   return ok;
 }
 
+// Whether one of n bfloat16 (bits) is subnormal, which VDPBF16PS (and torch's bfloat16 matmul with it) reads as
+// zero.
+inline bool any_subnormal(const uint16_t* v, int64_t n) {
+  bool any = false;
+  for (int64_t i = 0; i < n; ++i) any |= (v[i] & 0x7f80u) == 0 && (v[i] & 0x7fu) != 0;
+  return any;
+}
+
 inline int64_t pairs(int64_t H) { return (H + 1) / 2; }
 
 // bfloat16 elements of the packed chunk of len columns.
@@ -356,9 +364,11 @@ inline void gemm_rows(const uint16_t* x, int64_t ldx, int64_t H, const uint16_t*
 }
 
 // Rounds the n floats of row to bfloat16 (to nearest, ties to even, as c10::BFloat16; a NaN stays a NaN):
-// row[j] becomes the rounded value and out[j] its bits.
-FASTEVAL_BF16_TARGET inline void round_row(float* row, int64_t n, uint16_t* out) {
+// row[j] becomes the rounded value and out[j] its bits. True if a rounded value is subnormal (see any_subnormal).
+FASTEVAL_BF16_TARGET inline bool round_row(float* row, int64_t n, uint16_t* out) {
   const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), qnan = _mm512_set1_epi32(0x7fc00000);
+  const __m512i exp_bits = _mm512_set1_epi32(0x7f800000), frac_bits = _mm512_set1_epi32(0x007f0000);
+  __mmask16 sub = 0;
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = n - j >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - j)) - 1u);
     const __m512 v = _mm512_maskz_loadu_ps(m, row + j);
@@ -368,7 +378,9 @@ FASTEVAL_BF16_TARGET inline void round_row(float* row, int64_t n, uint16_t* out)
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
     _mm512_mask_storeu_ps(row + j, m, _mm512_castsi512_ps(r));
     _mm256_mask_storeu_epi16(out + j, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    sub |= _mm512_mask_testn_epi32_mask(_mm512_mask_test_epi32_mask(m, r, frac_bits), r, exp_bits);
   }
+  return sub != 0;
 }
 
 // Few rows: out[i][c] = x[i] . w[c] (+ bias[c]) for the M rows x + i * ldx and the columns [c0, c1) of w (rows
@@ -429,7 +441,7 @@ inline bool pack(const uint16_t*, int64_t, int64_t, uint16_t*, int64_t, int64_t)
 template <bool ACC = false>
 inline void gemm_rows(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, const float*, int64_t, int64_t,
                       float*, int64_t) {}
-inline void round_row(float*, int64_t, uint16_t*) {}
+inline bool round_row(float*, int64_t, uint16_t*) { return false; }
 inline bool dot_rows(const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t, int64_t, int64_t, const float*,
                      float*, int64_t) {
   return false;

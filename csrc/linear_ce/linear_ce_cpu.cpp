@@ -659,8 +659,10 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   // round_grad with bfloat16 on an AVX512_BF16 CPU: dL rounded to bfloat16 (db, rows of ldd, zero-padded to an
   // even count) and multiplied as bfloat16. grad_x by the own kernel, each thread adding its rows' dL @ W_chunk
   // as the row pass hands them over (W_chunk^T packed once per chunk); grad_linear_weight by torch's bfloat16
-  // matmul (float32 sums, one rounding).
-  const bool own16 = round && p.xb.defined();  // prepare's bfloat16 input: bfloat16 on an AVX512_BF16 CPU
+  // matmul (float32 sums, one rounding). VDPBF16PS reads subnormal operands as zero: an input with one takes the
+  // float32 route, and so do the rows of a chunk whose rounded dL has one (a probability below 2^-126).
+  const bool own16 = round && p.xb.defined() &&  // prepare's bfloat16 input: bfloat16 on an AVX512_BF16 CPU
+                     !linear_ce::own::bf16::any_subnormal(bf16_bits(p.xb), p.xb.numel());
   int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
   // The gradient matmuls take the chunk's columns as the inner dimension of grad_input (which each chunk reads
   // and writes once) and the rows of grad_linear_weight's: chunks of kBackwardCols columns run them faster than
@@ -677,6 +679,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   float* gxp = grad_x.data_ptr<float>();
   Packed packed;
   std::vector<uint16_t> wt_packed;
+  std::vector<uint8_t> sub_rows(own16 ? static_cast<size_t>(N) : 0);  // a chunk's rows whose dL has a subnormal
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
     const int64_t ld = len + (len & 1);
@@ -695,6 +698,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
       });
     }
     uint16_t* dbp = own16 ? reinterpret_cast<uint16_t*>(db.data_ptr<at::BFloat16>()) : nullptr;
+    std::atomic<bool> sub_chunk{false};
     const at::Tensor wc = own16 ? at::Tensor() : weight_chunk(p.w, v0, len);
     for_chunk_rows(p, v0, len, ws, packed, wc, [&](int64_t r0, int64_t r1, float* rows) {
       for (int64_t i = r0; i < r1; ++i) {
@@ -722,7 +726,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
           if (t >= v0 && t < v0 + len) row[t - v0] -= cd[i];
         }
         if (own16) {
-          linear_ce::own::bf16::round_row(row, len, dbp + i * ld);
+          sub_rows[i] = linear_ce::own::bf16::round_row(row, len, dbp + i * ld);
           if (ld != len) dbp[i * ld + len] = 0;  // the pair's second element (a previous chunk's value)
         } else if (round) {
           FASTEVAL_DISPATCH_LOGITS_TYPES(dt, "linear_ce_round_grad", [&] {
@@ -730,13 +734,33 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
           });
         }
       }
-      if (gx_own) {
+      bool sub = false;
+      if (own16) {
+        for (int64_t i = r0; i < r1; ++i) sub |= sub_rows[i] != 0;
+        if (sub) {  // the whole block goes to the float32 products after the pass
+          std::fill(sub_rows.begin() + r0, sub_rows.begin() + r1, uint8_t(1));
+          sub_chunk.store(true, std::memory_order_relaxed);
+        }
+      }
+      if (gx_own && !sub) {
         linear_ce::own::bf16::gemm_rows<true>(dbp, ld, len, wt_packed.data(), H, nullptr, r0, r1,
                                               gxp + r0 * H, H);
       }
     });
     at::Tensor gw = grad_w.narrow(0, v0, len);
-    if (own16) {
+    if (own16 && sub_chunk.load()) {
+      // The rounded values of d in float32 products: grad_x for the rows that the own kernel left out (every row
+      // where it did not run), grad_linear_weight for all of them.
+      const at::Tensor wc32 = weight_chunk(p.w, v0, len);
+      for (int64_t i = 0; i < N;) {
+        int64_t e = i + 1;
+        const bool redo = !gx_own || sub_rows[i] != 0;
+        while (e < N && (!gx_own || sub_rows[e] != 0) == redo) ++e;
+        if (redo) grad_x.narrow(0, i, e - i).addmm_(d.narrow(0, i, e - i), wc32);
+        i = e;
+      }
+      gw.copy_(at::mm(d.t(), p.x));
+    } else if (own16) {
       const at::Tensor dbc = db.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, len);
       if (!gx_own) grad_x.addmm_(d, weight_chunk(p.w, v0, len));
       at::mm_out(gw, dbc.t(), p.xb.narrow(1, 0, H));
