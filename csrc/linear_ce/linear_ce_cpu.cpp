@@ -660,7 +660,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   // even count) and multiplied as bfloat16. grad_x by the own kernel, each thread adding its rows' dL @ W_chunk
   // as the row pass hands them over (W_chunk^T packed once per chunk); grad_linear_weight by torch's bfloat16
   // matmul (float32 sums, one rounding). VDPBF16PS reads subnormal operands as zero: an input with one takes the
-  // float32 route, and so do the rows of a chunk whose rounded dL has one (a probability below 2^-126).
+  // float32 route, and so do the row blocks of a chunk whose rounded dL has one (a probability below 2^-126).
   const bool own16 = round && p.xb.defined() &&  // prepare's bfloat16 input: bfloat16 on an AVX512_BF16 CPU
                      !linear_ce::own::bf16::any_subnormal(bf16_bits(p.xb), p.xb.numel());
   int64_t vc = linear_ce::chunk_columns(N, V, kWorkspaceBytes);
@@ -668,7 +668,7 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   // and writes once) and the rows of grad_linear_weight's: chunks of kBackwardCols columns run them faster than
   // the forward's (256 columns at 8192 rows), as long as the recompute's packed weights fit kPackBytes.
   const int64_t wide = std::min<int64_t>(
-      kBackwardCols, kPackBytes / ((p.xb.defined() ? 2 : 4) * std::max<int64_t>(H, 1)) / 64 * 64);
+      kBackwardCols, kPackBytes / ((p.bf16 ? 2 : 4) * std::max<int64_t>(H, 1)) / 64 * 64);
   if (wide > vc) vc = linear_ce::chunk_columns(N, V, 4 * std::max<int64_t>(N, 1) * wide);
   // The packed W_chunk^T (H x vc bfloat16) stays within kPackBytes (it is shared by all threads, in the cache).
   if (own16) vc = std::min(vc, std::max<int64_t>(64, kPackBytes / (2 * std::max<int64_t>(H, 1)) / 64 * 64));
