@@ -698,7 +698,6 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
       });
     }
     uint16_t* dbp = own16 ? reinterpret_cast<uint16_t*>(db.data_ptr<at::BFloat16>()) : nullptr;
-    std::atomic<bool> sub_chunk{false};
     const at::Tensor wc = own16 ? at::Tensor() : weight_chunk(p.w, v0, len);
     for_chunk_rows(p, v0, len, ws, packed, wc, [&](int64_t r0, int64_t r1, float* rows) {
       for (int64_t i = r0; i < r1; ++i) {
@@ -737,10 +736,8 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
       bool sub = false;
       if (own16) {
         for (int64_t i = r0; i < r1; ++i) sub |= sub_rows[i] != 0;
-        if (sub) {  // the whole block goes to the float32 products after the pass
-          std::fill(sub_rows.begin() + r0, sub_rows.begin() + r1, uint8_t(1));
-          sub_chunk.store(true, std::memory_order_relaxed);
-        }
+        // the whole block goes to the float32 products after the pass
+        if (sub) std::fill(sub_rows.begin() + r0, sub_rows.begin() + r1, uint8_t(1));
       }
       if (gx_own && !sub) {
         linear_ce::own::bf16::gemm_rows<true>(dbp, ld, len, wt_packed.data(), H, nullptr, r0, r1,
@@ -748,24 +745,26 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
       }
     });
     at::Tensor gw = grad_w.narrow(0, v0, len);
-    if (own16 && sub_chunk.load()) {
-      // The rounded values of d in float32 products: grad_x for the rows that the own kernel left out (every row
-      // where it did not run), grad_linear_weight for all of them.
-      const at::Tensor wc32 = weight_chunk(p.w, v0, len);
-      for (int64_t i = 0; i < N;) {
-        int64_t e = i + 1;
-        const bool redo = !gx_own || sub_rows[i] != 0;
-        while (e < N && (!gx_own || sub_rows[e] != 0) == redo) ++e;
-        if (redo) grad_x.narrow(0, i, e - i).addmm_(d.narrow(0, i, e - i), wc32);
-        i = e;
-      }
-      gw.copy_(at::mm(d.t(), p.x));
-    } else if (own16) {
+    const bool sub_chunk = own16 && std::find(sub_rows.begin(), sub_rows.end(), uint8_t(1)) != sub_rows.end();
+    if (own16 && !sub_chunk) {
       const at::Tensor dbc = db.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, len);
       if (!gx_own) grad_x.addmm_(d, weight_chunk(p.w, v0, len));
       at::mm_out(gw, dbc.t(), p.xb.narrow(1, 0, H));
     } else {
-      grad_x.addmm_(d, wc);
+      // float32 products of d (on the own route with a subnormal: the rounded values; grad_x only for the blocks
+      // that the own kernel left out, where it ran)
+      const at::Tensor wf = own16 ? weight_chunk(p.w, v0, len) : wc;
+      if (!own16 || !gx_own) {
+        grad_x.addmm_(d, wf);
+      } else {
+        for (int64_t i = 0; i < N; ++i) {
+          if (sub_rows[i] == 0) continue;
+          int64_t e = i;
+          while (e < N && sub_rows[e] != 0) ++e;
+          grad_x.narrow(0, i, e - i).addmm_(d.narrow(0, i, e - i), wf);
+          i = e;
+        }
+      }
       if (w32) {
         at::mm_out(gw, d.t(), p.x);
       } else {
