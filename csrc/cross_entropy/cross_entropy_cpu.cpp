@@ -133,7 +133,7 @@ FASTEVAL_ALWAYS_INLINE void row_loss(const T* row, int64_t C, int64_t t, const f
   const float wt = w ? w[t] : 1.f;
   // lse - x_t as log(sumexp) - (x_t - max): no cancellation for rows of huge logits (NaN stays NaN).
   const float nll = std::isfinite(st.max) ? std::log(st.sumexp) - (static_cast<float>(row[t]) - st.max) : l;
-  float v = keep * wt * nll;
+  float v = keep * (wt * nll);  // torch's order: at eps = 1 an overflowing w_t * nll gives 0 * inf = NaN
   if constexpr (SMOOTH) {
     // W lse - sum_c w_c x_c = W log(sumexp) - sum_c w_c (x_c - max). From the raw sum the difference cancels
     // (or overflows) for rows of huge logits: those get the shifted sum in one more pass over the row.
@@ -216,7 +216,7 @@ void forward_lanes(const T* x, int64_t row_stride, const I* target, const float*
                                : _mm256_and_ps(counted, _mm256_set1_ps(1.f));
     // lse - x_t = log(s) - (x_t - m) and W lse - sum_c w_c x_c = W log(s) - sd: no cancellation of huge logits.
     const __m256 log_s = L::log_normal_ps(s);  // s >= 1 where it is used (redone and ignored lanes are replaced)
-    __m256 v = _mm256_mul_ps(_mm256_mul_ps(vkeep, wt), _mm256_sub_ps(log_s, _mm256_sub_ps(xt, m)));
+    __m256 v = _mm256_mul_ps(vkeep, _mm256_mul_ps(wt, _mm256_sub_ps(log_s, _mm256_sub_ps(xt, m))));  // as row_loss
     if constexpr (SMOOTH) v = _mm256_fmadd_ps(veps, _mm256_fmsub_ps(vwsum, log_s, sd), v);
     const int redo = _mm256_movemask_ps(_mm256_and_ps(counted, L::rows_need_row_pass(m, sx)));
     alignas(32) double lv[L::kLanes];

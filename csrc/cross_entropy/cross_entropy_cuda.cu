@@ -205,7 +205,7 @@ __device__ __forceinline__ LossSums finish_row(const ForwardParams<scalar_t, ind
     return {static_cast<double>(quiet_nan()), static_cast<double>(w_t)};
   }
   const float log_s = r.mse.log_sum();  // lse = m + log_s
-  float loss = p.one_minus_eps * w_t * ((m - x_t) + log_s);
+  float loss = p.one_minus_eps * (w_t * ((m - x_t) + log_s));  // torch's order (0 * inf = NaN at eps = 1)
   if (kSmooth) {
     const float w_sum = p.weight != nullptr ? *p.weight_sum : static_cast<float>(p.num_classes);
     loss += p.eps_over_c * (w_sum * ((m - pivot) + log_s) - r.smooth_sum);
