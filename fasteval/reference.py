@@ -719,6 +719,13 @@ def _m_phi(m: Tensor, p: Tensor, x: Tensor) -> Tensor:
     return torch.where(small, m * (xs * xs * acc), m - p * (1 - x))
 
 
+def _two_diff(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    """(s, e) with s = x - y rounded and x - y = s + e exactly (Knuth's TwoSum of x and -y)."""
+    s = x - y
+    bv = s - x
+    return s, (x - (s - bv)) - (y + bv)
+
+
 def _compare_rows(a: Tensor, b: Tensor, y_target: Optional[Tensor]):
     """Per-row comparison of float64 (P, C) logits (the math of the op's schema). y_target: the class of
     each row for delta-p and the losses (None: a's argmax).
@@ -734,18 +741,31 @@ def _compare_rows(a: Tensor, b: Tensor, y_target: Optional[Tensor]):
     amask, bmask = a == ninf, b == ninf
     inf, zero = torch.full((), float("inf"), dtype=a.dtype), torch.zeros((), dtype=a.dtype)
     live = ~amask & ~bmask & finite[:, None]
-    t = (a - b) - (a.logsumexp(1) - b.logsumexp(1))[:, None]
+    # t = (a - b) - (lse a - lse b) with both differences carried as two terms (as the kernels' log_ratio):
+    # a - b = s + e and max a - max b = d + e2 exactly, lse - max = log sum exp(x - max). Rounded once, a - b
+    # would lose every digit of a logit beside one near the float32 maximum in the other row.
+    ma = torch.where(finite, a.amax(1), zero)
+    mb = torch.where(finite, b.amax(1), zero)
+    s, e = _two_diff(a, b)
+    d, e2 = _two_diff(ma, mb)
+    ra = torch.log(torch.exp(a - ma[:, None]).sum(1))
+    rb = torch.log(torch.exp(b - mb[:, None]).sum(1))
+    t = (s - d[:, None]) + ((e - e2[:, None]) - (ra - rb)[:, None])
     t = torch.where(live, torch.where(torch.isfinite(t), t, la - lb), zero)
-    # log(q / m) = -log((1 + e^t) / 2), from log1p near 0 and logaddexp beyond; log(p / m) = t + log(q / m).
-    near = t.abs() < 1
-    lqm = torch.where(near, -torch.log1p(torch.expm1(torch.where(near, t, zero)) / 2),
-                      math.log(2.0) - torch.logaddexp(zero, t))
     m = (p + q) / 2
+    # log(q / m) = -log((1 + e^t) / 2) from log1p near 0, log(p / m) = t + log(q / m); beyond, each from its own
+    # log-probability (t + log(q / m) would cancel for rows far apart).
+    near = t.abs() < 1
+    lm = torch.log(m)
+    lqm = torch.where(near, -torch.log1p(torch.expm1(torch.where(near, t, zero)) / 2), lb - lm)
+    lpm = torch.where(near, t + lqm, la - lm)
     # 0 log 0 = 0 (a class masked in p adds nothing to KL(p||q)), p > 0 where q = 0 adds +inf; the limits of
     # the terms where one side is masked: q to KL(p||q) (a masked), q log 2 / 2 to JS.
     kl = torch.where(amask & bmask, zero, torch.where(bmask, inf, torch.where(amask, q, _m_phi(q, p, t)))).sum(1)
     rkl = torch.where(amask & bmask, zero, torch.where(amask, inf, torch.where(bmask, p, _m_phi(p, q, -t)))).sum(1)
-    js_live = 0.5 * (_m_phi(m, p, t + lqm) + _m_phi(m, q, lqm))
+    # m phi(log(p / m)) = p log(p / m) - p + m; beyond |t| = 1 the two terms' -p - q + 2m cancel exactly.
+    far_js = 0.5 * (torch.where(p > 0, p * lpm, zero) + torch.where(q > 0, q * lqm, zero))
+    js_live = torch.where(near, 0.5 * (_m_phi(m, p, lpm) + _m_phi(m, q, lqm)), far_js)
     js = torch.where(amask & bmask, zero, torch.where(amask | bmask, (p + q) * (math.log(2.0) / 2), js_live)).sum(1)
     nan = torch.full((), float("nan"), dtype=a.dtype)
     kl, rkl, js = (torch.where(finite, v, nan) for v in (kl, rkl, js))

@@ -147,6 +147,32 @@ def test_rows_whose_logits_differ_beyond_the_float32_range_are_nan():
         assert bool(out[k][:2].isnan().all()) and bool(out[k][2].isfinite()), k
 
 
+@pytest.mark.parametrize("use_kernel", [False, True], ids=["reference", "kernel"])
+def test_one_logit_at_the_float32_maximum_in_one_model(use_kernel):
+    # A class at +-3.4e38 in one model only (every difference still within float32's range): t = log p - log q
+    # of the other classes needs a - b and lse a - lse b to more digits than one rounding at 3.4e38 keeps (the
+    # reference's float64 once gave KL(q||p) 0.62 for 0.97 and JS 0.16 for 0.29 on the first row).
+    if use_kernel and not HAS_KERNEL:
+        pytest.skip("the compiled comparator is not loaded")
+    M = float(torch.finfo(torch.float32).max)
+    # The last two rows: maxima far apart, one at 3.4e38 and the other at 2^24 (the kernels once lost t's low
+    # bits there, KL 3.0 for 3.92).
+    a = torch.tensor([[0.3, -0.2, 0.5], [0.3, -0.2, 0.5], [2.0, 0.1, -1.0], [-M, -M * 0.999, 0.0],
+                      [0.99, M, -0.01], [M, 0.5, 0.2]])
+    b = torch.tensor([[0.1, M, 0.2], [0.1, -M, 0.2], [-M, 0.1, 0.4], [-M, -M, 1.0],
+                      [16777218.0, 16777215.0, 16777216.0], [262144.2, 262144.7, 262143.7]])
+    fn = torch.ops.fasteval.compare_update if use_kernel else R.compare_update
+    st, rs, _ = run(fn, a, b, None, None, [])
+    la, lb = logp(a), logp(b)
+    p, q = la.exp(), lb.exp()
+    lm = ((p + q) / 2).log()
+    kl = torch.where(p > 0, p * (la - lb), 0).sum(1)
+    rkl = torch.where(q > 0, q * (lb - la), 0).sum(1)
+    js = 0.5 * (torch.where(p > 0, p * (la - lm), 0) + torch.where(q > 0, q * (lb - lm), 0)).sum(1)
+    for col, want in enumerate((kl, rkl, js)):
+        torch.testing.assert_close(rs[:, col].double(), want, rtol=2e-6, atol=1e-7)
+
+
 def test_float64_near_identical_models_on_the_reference():
     # float64 runs on the reference: KL of ~1e-19 per row from per-class terms that are never negative (p (la - lb)
     # summed gave +-1e-16, a negative reverse KL, and a state that load_state_dict refused).

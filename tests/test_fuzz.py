@@ -898,6 +898,96 @@ def _rows_at_bin_edges(rows: torch.Tensor, boundaries: torch.Tensor) -> int:
 
 
 @st.composite
+def compare_case(draw, specials=LOSS_SPECIALS):
+    """compare_update inputs: reference logits a and candidate logits b of the same shape ((N, C) or (N, C, S)),
+    each in its own dtype and layout, b near a (a perturbed, quantised-like model), independent of it, equal to
+    it or a shifted copy (the same softmax); targets with ignored entries or none; top_k lists."""
+    n, c = draw(st.integers(0, 12)), draw(st.one_of(st.integers(1, 20), st.sampled_from([33, 100, 1003])))
+    extra = (draw(st.integers(1, 4)),) if draw(st.booleans()) else ()
+    da, db = draw(st.sampled_from(FLOATS)), draw(st.sampled_from(FLOATS))
+    a = draw(values(n, c, da, specials, extra))
+    how = draw(st.sampled_from(["near", "near", "independent", "same", "shifted"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if how == "near":
+        noise = torch.randn(a.shape, generator=g, dtype=torch.float64)
+        b = a + noise * draw(st.sampled_from([1e-4, 1e-2, 0.3])) * a.abs().nan_to_num(posinf=0.0, neginf=0.0).clamp(min=1)
+    elif how == "independent":
+        b = draw(values(n, c, db, specials, extra))
+    elif how == "same":
+        b = a.clone()
+    else:
+        b = a + 3.0
+    note(f"candidate: {how}, reference {da}, candidate {db}")
+    # Documented: where the float32 difference of two finite logits overflows, the kernels give NaN divergences
+    # (the float64 reference has the range for a number).
+    both = torch.isfinite(a) & torch.isfinite(b.to(db).to(torch.float64))
+    assume(not bool(torch.isinf(a[both].float() - b.to(db).to(torch.float64)[both].float()).any()))
+    a = place(a, draw(st.sampled_from(LAYOUTS)), da)
+    b = place(b.to(db).to(torch.float64), draw(st.sampled_from(LAYOUTS)), db)
+    t, ign = None, None
+    if draw(st.booleans()):
+        tdt = draw(st.sampled_from([torch.int64, torch.int32]))
+        ign = draw(st.sampled_from([None, -100, 0]))
+        t = draw(targets((n,) + extra, c, tdt, ign, draw(st.sampled_from(LAYOUTS))))
+    top_k = draw(st.lists(st.integers(1, c + 2), max_size=4))
+    return a, b, t, ign, top_k
+
+
+def _compare_state(k: int):
+    st_ = torch.zeros(7, 3, dtype=torch.float64)
+    st_[:, 2] = -math.inf
+    return [st_, torch.zeros(8 + k, dtype=torch.int64), torch.zeros(reference.KL_HIST_BINS, dtype=torch.int64),
+            torch.zeros(reference.DP_HIST_BINS, dtype=torch.int64)]
+
+
+@FUZZ
+@given(case=st.one_of(compare_case(), compare_case(specials=SPECIALS)))
+def test_compare_update_op(case):
+    """The compiled comparator against the reference (counts and per-position argmaxes bit for bit, divergences
+    within float32 error, histograms up to positions at a bin edge) and the argmaxes against torch.argmax."""
+    a, b, t, ign, top_k = case
+    p = a.shape[0] * (a.shape[2] if a.dim() == 3 else 1)
+    ref = _compare_state(len(top_k))
+    rs_ref, ra_ref = torch.full((p, 4), 7.0), torch.full((p, 2), 7, dtype=torch.int64)
+    reference.compare_update(a, b, t, ign, top_k, *ref, rs_ref, ra_ref)
+    rows = lambda x: x.movedim(1, -1).reshape(p, x.shape[1]) if x.dim() == 3 else x  # noqa: E731
+    counted = torch.ones(p, dtype=torch.bool) if t is None or ign is None else t.reshape(-1).long() != ign
+    for col, x in enumerate((a, b)):
+        want = torch.where(counted, oracle_argmax(rows(x).float()), -1)
+        assert_same(ra_ref[:, col], want, f"reference argmax of {'ab'[col]} vs torch.argmax")
+    assert int(ref[1][0]) == int(counted.sum()), "reference count"
+    assert int(ref[1][1]) == int((counted & (ra_ref[:, 0] == ra_ref[:, 1])).sum()), "reference agreement"
+    if not kernel("compare_update"):
+        return
+    ker = _compare_state(len(top_k))
+    rs_ker, ra_ker = torch.full((p, 4), 7.0), torch.full((p, 2), 7, dtype=torch.int64)
+    ops.compare_update(a, b, t, ign, top_k, *ker, rs_ker, ra_ker)
+    assert_same(ra_ker, ra_ref, "kernel row argmaxes vs reference")
+    assert_same(ker[1], ref[1], "kernel counts vs reference")
+    # (kl, reverse_kl, js, delta_p). delta_p: a difference of two probabilities up to 1, each from a float32 sum
+    # of C exps (16 partial sums, an error up to C / 16 ulps relative). The divergences do not depend on the
+    # error of those sums to first order (sum_c p_c - q_c = 0).
+    # A divergence at float32's maximum may round to inf in the kernel's float32 sums (beyond 2^127: accepted).
+    c = a.shape[1]
+    for col, atol in ((0, 2e-7), (1, 2e-7), (2, 2e-7), (3, 4e-7 + c * 2.0**-27)):
+        kv, rv = rs_ker[:, col].double(), rs_ref[:, col].double()
+        kv = torch.where((kv == math.inf) & (rv >= 2.0**127), rv, kv)
+        torch.testing.assert_close(kv, rv, rtol=2e-5, atol=atol,
+                                   equal_nan=True, msg=lambda m: f"kernel row stats[:, {col}] vs reference: {m}")
+    torch.testing.assert_close(ker[0], ref[0], rtol=2e-5, atol=2e-6, equal_nan=True,
+                               msg=lambda m: f"kernel stats vs reference: {m}")
+    # The histograms bin the float64 values behind those float32 ones: they may differ only by positions
+    # within that tolerance of a bin edge.
+    for name, hk, hr, binf, col, atol in (("kl_hist", ker[2], ref[2], reference.kl_bin, 0, 2e-7),
+                                          ("dp_hist", ker[3], ref[3], reference.dp_bin, 3, 4e-7 + c * 2.0**-27)):
+        v = rs_ref[counted, col].double()
+        tol = atol + 2e-5 * v.abs()
+        edge = int((torch.isfinite(v) & (binf(v - tol) != binf(v + tol))).sum())
+        assert int(hk.sum()) == int(hr.sum()), f"kernel {name} total vs reference"
+        assert int((hk.cumsum(0) - hr.cumsum(0)).abs().max()) <= edge, f"kernel {name} vs reference ({edge} at an edge)"
+
+
+@st.composite
 def evaluator_batches(draw):
     c = draw(st.integers(1, 12))
     layout = draw(st.sampled_from(["2d", "class_dim_1", "class_last"]))

@@ -88,24 +88,27 @@ FASTEVAL_CMP_HD float two_diff(float x, float y, float& e) {
   return s;
 }
 
-// D = lse a - lse b = (ma - mb) + (ra - rb) as hi + lo, hi = fl(ma - mb): with a - b carried as exactly,
-// t = ((a - b)_hi - hi) + ((a - b)_lo - lo), whose first difference is exact for close a - b and ma - mb. A
-// candidate whose logits are the reference's plus an offset c then keeps t to its own rounding instead of
-// ulp(c) (an error d in t common to all classes still adds about d^2 / 2 to KL).
+// D = lse a - lse b = (ma - mb) + (ra - rb) with ma - mb = hi + e exactly (hi = fl(ma - mb)) and r = ra - rb:
+// with a - b = s + e_ab carried as exactly, t = (s - hi) + ((e_ab - e) - r). The first difference is exact for
+// close a - b and ma - mb: a candidate whose logits are the reference's plus an offset c then keeps t to its
+// own rounding instead of ulp(c) (an error d in t common to all classes still adds about d^2 / 2 to KL). The
+// residuals are subtracted from each other before r is: where the maxima are far apart (one near the float32
+// maximum, the other at 2^20) both are large and cancel, and r added to one of them first would lose its
+// low bits (t off by up to ulp(2^20) / 2 = 0.06).
 struct LogShift {
-  float hi, lo;
+  float hi, e, r;
 };
 
 FASTEVAL_CMP_HD LogShift log_shift(float ma, float mb, float ra, float rb) {
   float e;
   const float hi = two_diff(ma, mb, e);
-  return {hi, (ra - rb) + e};
+  return {hi, e, ra - rb};
 }
 
 FASTEVAL_CMP_HD float log_ratio(float a, float b, LogShift D) {
   float e;
   const float s = two_diff(a, b, e);
-  return (s - D.hi) + (e - D.lo);
+  return (s - D.hi) + ((e - D.e) - D.r);
 }
 
 // Terms of one class (scalar; the CPU kernel has a vector form of the same arithmetic). In the pivoted

@@ -132,7 +132,7 @@ struct VAcc {
 
 // The terms of compare_common.h (add_class_terms) for one vector of classes.
 FASTEVAL_ALWAYS_INLINE void vterms(const fVec& a, const fVec& b, const fVec& vma, const fVec& vmb, const fVec& vra,
-                                   const fVec& vrb, const fVec& vDh, const fVec& vDl, VAcc& acc) {
+                                   const fVec& vrb, const fVec& vDh, const fVec& vDe, const fVec& vDr, VAcc& acc) {
   const fVec ninf = cpu::neg_inf_vec(), zero(0.f), one(1.f), half(0.5f);
   const fVec ai = a == ninf, bi = b == ninf;
   const fVec either = ai | bi;
@@ -142,7 +142,7 @@ FASTEVAL_ALWAYS_INLINE void vterms(const fVec& a, const fVec& b, const fVec& vma
   const fVec s = a - b;
   const fVec bv = s - a;
   const fVec e = (a - (s - bv)) - (b + bv);
-  const fVec t = fVec::blendv((s - vDh) + (e - vDl), zero, either);
+  const fVec t = fVec::blendv((s - vDh) + ((e - vDe) - vDr), zero, either);
   const fVec u = t * t;
   using at::vec::fmadd;
   const fVec E = u * fmadd(u, fmadd(u, fmadd(u, fmadd(u, fVec(1.f / 403200.f), fVec(1.f / 5760.f)), fVec(1.f / 144.f)),
@@ -184,19 +184,19 @@ FASTEVAL_ALWAYS_INLINE void vterms(const fVec& a, const fVec& b, const fVec& vma
 inline void row_divergences(const float* a, const float* b, int64_t C, float ma, float mb, float ra, float rb,
                             float& kl, float& rkl, float& js) {
   const LogShift D = log_shift(ma, mb, ra, rb);
-  const fVec vma(ma), vmb(mb), vra(ra), vrb(rb), vDh(D.hi), vDl(D.lo), ninf = cpu::neg_inf_vec();
+  const fVec vma(ma), vmb(mb), vra(ra), vrb(rb), vDh(D.hi), vDe(D.e), vDr(D.r), ninf = cpu::neg_inf_vec();
   VAcc acc;
   int64_t j = 0;
   for (; j + kChunk <= C; j += kChunk) {
     const Chunk ca = FL::load(a + j), cb = FL::load(b + j);
-    vterms(ca.lo, cb.lo, vma, vmb, vra, vrb, vDh, vDl, acc);
-    vterms(ca.hi, cb.hi, vma, vmb, vra, vrb, vDh, vDl, acc);
+    vterms(ca.lo, cb.lo, vma, vmb, vra, vrb, vDh, vDe, vDr, acc);
+    vterms(ca.hi, cb.hi, vma, vmb, vra, vrb, vDh, vDe, vDr, acc);
   }
   if (j < C) {
     const int64_t n = C - j;  // padding lanes: -inf in both, which adds nothing
     const Chunk ca = cpu::mask_tail(FL::load(a + j, n), n, ninf), cb = cpu::mask_tail(FL::load(b + j, n), n, ninf);
-    vterms(ca.lo, cb.lo, vma, vmb, vra, vrb, vDh, vDl, acc);
-    if (n > kVecWidth) vterms(ca.hi, cb.hi, vma, vmb, vra, vrb, vDh, vDl, acc);
+    vterms(ca.lo, cb.lo, vma, vmb, vra, vrb, vDh, vDe, vDr, acc);
+    if (n > kVecWidth) vterms(ca.hi, cb.hi, vma, vmb, vra, vrb, vDh, vDe, vDr, acc);
   }
   kl = any_lane(acc.kl_inf) ? std::numeric_limits<float>::infinity() : cpu::hsum(acc.kl);
   rkl = any_lane(acc.rkl_inf) ? std::numeric_limits<float>::infinity() : cpu::hsum(acc.rkl);

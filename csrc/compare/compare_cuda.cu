@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kBlock) compare_kernel(const TA* __restrict__ 
       lra = log1pf(sa - 1.f);
       lrb = log1pf(sb - 1.f);
     }
-    const LogShift D = finite ? log_shift(amax, bmax, lra, lrb) : LogShift{0.f, 0.f};
+    const LogShift D = finite ? log_shift(amax, bmax, lra, lrb) : LogShift{0.f, 0.f, 0.f};
     for (int64_t c = lane; c < C; c += 32) {
       const float a = load(ra, c, S), b = load(rb, c, S);
       rp.visit(b, c, bt, ia);
