@@ -63,6 +63,10 @@ def test_same_counts_across_thread_counts_and_runs():
     t = torch.randint(0, c, (n,), generator=g)
     s = torch.randn(n // 50, c, generator=g)
     p = torch.randint(0, c, (n,), generator=g)
+    # 90000 bins: 8-bit private counters with several threads; most samples in one cell make its counter wrap
+    # hundreds of times (each wrap carries 256 into the total).
+    crowd = torch.rand(n, generator=g) < 0.6
+    pc, tc = torch.where(crowd, 7, p), torch.where(crowd, 7, t)
     before = torch.get_num_threads()
     results = []
     try:
@@ -70,12 +74,13 @@ def test_same_counts_across_thread_counts_and_runs():
             torch.set_num_threads(threads)
             for _ in range(2):
                 results.append((ops.confusion_matrix(p, t, c, 5)[0], ops.confusion_matrix(s, t[: n // 50], c, None)[0],
-                                ops.class_counts(p, t, c, None)[0]))
+                                ops.class_counts(p, t, c, None)[0], ops.confusion_matrix(pc, tc, c, None)[0]))
     finally:
         torch.set_num_threads(before)
     for r in results[1:]:
         for a, b in zip(r, results[0]):
             assert torch.equal(a, b)
+    assert torch.equal(results[-1][3], torch.bincount(tc * c + pc, minlength=c * c).reshape(c, c))
 
 
 @needs_kernel("confusion_matrix", "cpu")

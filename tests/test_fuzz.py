@@ -1205,6 +1205,10 @@ def test_threads_agree():
     x[::7, 3] = math.nan
     x = torch.round(x * 2) / 2
     t = torch.randint(0, 37, (4099,), generator=g)
+    # Multilabel: 2049 x 37 = 75813 (position, label) pairs, two chunks of the histogram pass with 2 threads; the
+    # second starts mid-row (at pair 37907, label 19), where its label index must not restart at 0.
+    ml, thr = torch.rand(2049, 37, generator=g), torch.linspace(0, 1, 9, dtype=torch.float64)
+    mt = (torch.rand(2049, 37, generator=g) < 0.3).long()
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -1212,12 +1216,16 @@ def test_threads_agree():
             results.append([ops.confusion_matrix(x, t, 37, None)[0], ops.class_counts(x, t, 37, 5)[0],
                             ops.topk_rank(x, t, None)[0],
                             ops.binned_confusion_matrix(torch.sigmoid(x), t, torch.linspace(0, 1, 9,
-                                                        dtype=torch.float64), None)[0]])
+                                                        dtype=torch.float64), None)[0],
+                            ops.multilabel_confusion_matrix(ml, mt, 0.5, None)[0],
+                            ops.binned_confusion_matrix(ml, mt, thr, None)[0]])
         finally:
             torch.set_num_threads(1)
     for a, b in zip(*results):
         assert_same(a, b, "1 thread vs 2 threads")
-    assert_same(results[0][0], reference.confusion_matrix(x, t, 37, None)[0], "kernel vs reference")
+    assert_same(results[1][0], reference.confusion_matrix(x, t, 37, None)[0], "kernel vs reference")
+    assert_same(results[1][4], reference.multilabel_confusion_matrix(ml, mt, 0.5, None)[0], "kernel vs reference")
+    assert_same(results[1][5], reference.binned_confusion_matrix(ml, mt, thr, None)[0], "kernel vs reference")
 
 
 # ---------------------------------------------------------------------------------------------------
