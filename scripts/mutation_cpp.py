@@ -110,8 +110,8 @@ MUTANTS: Dict[str, Tuple[str, str, str, List[str]]] = {
                     COMPARE_TESTS),
     "cm-j-coef": (CM, "#define FASTEVAL_J_ODD 1.f / 16.f, 1.f / 384.f,", "#define FASTEVAL_J_ODD 1.f / 16.f, 1.f / 386.f,",
                   COMPARE_TESTS),
-    "cm-residuals": (CM, "return (s - D.hi) + ((e - D.e) - D.r);", "return (s - D.hi) + (e - (D.r + D.e));",
-                     COMPARE_TESTS),
+    "cm-residuals": ("csrc/compare/compare_cpu.cpp", "const fVec t = fVec::blendv((s - vDh) + ((e - vDe) - vDr), zero, either);",
+                     "const fVec t = fVec::blendv((s - vDh) + (e - (vDr + vDe)), zero, either);", COMPARE_TESTS),
 }
 
 EQUIVALENT = {

@@ -1462,12 +1462,14 @@ def test_one_class_weighted_smoothed_at_float_max():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("rows", [1, 40])  # one row: the per-row pass; 40: the rows-in-lanes pass
-def test_full_smoothing_with_an_overflowing_weighted_nll_is_nan_like_torch(rows, device):
+@pytest.mark.parametrize("rows,classes", [(40, 2), (3, 5000)])  # the rows-in-lanes pass; the per-row pass
+def test_full_smoothing_with_an_overflowing_weighted_nll_is_nan_like_torch(rows, classes, device):
     # torch's (1 - eps) * (w_t * nll): at eps = 1 a w_t * nll beyond float32's range gives 0 * inf = NaN;
     # the kernels once multiplied (1 - eps) * w_t first and returned the smoothing term's inf.
-    x = torch.tensor([[1.0486e06, 3.4028e38]], device=device).repeat(rows, 1)
-    t, w = torch.zeros(rows, dtype=torch.long, device=device), torch.tensor([1.0425, 1.5864], device=device)
+    x = torch.zeros(rows, classes, device=device)
+    x[:, 0], x[:, 1] = 1.0486e06, 3.4028e38
+    t = torch.zeros(rows, dtype=torch.long, device=device)
+    w = torch.linspace(1.0425, 1.5864, classes, device=device)
     for reduction in ("none", "sum", "mean"):
         ours = fasteval.cross_entropy(x, t, weight=w, label_smoothing=1.0, reduction=reduction)
         theirs = F.cross_entropy(x, t, weight=w, label_smoothing=1.0, reduction=reduction)
