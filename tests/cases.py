@@ -13,6 +13,7 @@ args)``: the op the case is for (``torch.ops.fasteval.<op>``, ``fasteval.referen
 the inputs, in the order each generator's docstring gives. ``params(cases, *fields)`` turns them into
 ``pytest.param`` objects with their ids.
 """
+import math
 import os
 from typing import List, NamedTuple, Optional
 
@@ -20,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fasteval import _loader, _ops
+from fasteval import _loader, _ops, reference
 
 # ---------------------------------------------------------------------------------------------------
 # Devices and kernels
@@ -219,6 +220,15 @@ def hostile(a, b, t, g):
         b[7, :] = b[7, 0]                     # ties everywhere in b
     if t is not None:
         t[2] = 0                              # a target on a class masked in both: nll = inf, p_y = q_y = 0
+
+
+def compare_state(k: int) -> List[torch.Tensor]:
+    """A fresh compare_update state for k top-k values: stats (7, 3) (sums 0, maxima -inf), counts, KL and
+    delta-p histograms."""
+    st = torch.zeros(7, 3, dtype=torch.float64)
+    st[:, 2] = -math.inf
+    return [st, torch.zeros(8 + k, dtype=torch.int64), torch.zeros(reference.KL_HIST_BINS, dtype=torch.int64),
+            torch.zeros(reference.DP_HIST_BINS, dtype=torch.int64)]
 
 
 def compare_cases(device="cpu") -> List[Case]:

@@ -11,23 +11,16 @@ import fasteval
 from fasteval import _loader, _ops
 from fasteval import reference as R
 
-from cases import INF, NAN, NINF, compare_cases, device_params, needs_kernel, params
+from cases import INF, NAN, NINF, compare_cases, compare_state, device_params, needs_kernel, params
 
 HAS_KERNEL = _loader.has_kernel("compare_update", "cpu")
-
-
-def new_state(k):
-    st = torch.zeros(7, 3, dtype=torch.float64)
-    st[:, 2] = NINF
-    return [st, torch.zeros(8 + k, dtype=torch.int64), torch.zeros(R.KL_HIST_BINS, dtype=torch.int64),
-            torch.zeros(R.DP_HIST_BINS, dtype=torch.int64)]
 
 
 SAMPLES = compare_cases()
 
 
 def run(fn, a, b, t, ignore, top_k):
-    st = new_state(len(top_k))
+    st = compare_state(len(top_k))
     p = a.shape[0] * (a.shape[2] if a.dim() == 3 else 1)
     rs, ra = torch.full((p, 4), 7.0), torch.full((p, 2), 7, dtype=torch.int64)
     fn(a, b, t, ignore, top_k, *st, rs, ra)
@@ -388,7 +381,7 @@ def op_error_cases():
 def test_op_errors_same_type_as_reference(name, args, exc):
     fns = [R.compare_update] + ([torch.ops.fasteval.compare_update] if HAS_KERNEL else [])
     for fn in fns:
-        st = new_state(1)
+        st = compare_state(1)
         before = [s.clone() for s in st]
         with pytest.raises(exc):
             fn(*args, None, [1], *st, None, None)
@@ -404,7 +397,7 @@ def test_cuda_rejected_batch_reads_as_ignored_everywhere():
     a = torch.randn(6, 5)
     t = torch.tensor([0, 1, 7, 2, -1, 4])
     for fn in (torch.ops.fasteval.compare_update, R.compare_update):
-        st = [s.cuda() for s in new_state(1)]
+        st = [s.cuda() for s in compare_state(1)]
         rs, ra = torch.full((6, 4), 7.0, device="cuda"), torch.full((6, 2), 7, dtype=torch.int64, device="cuda")
         fn(a.cuda(), (a + 0.1).cuda(), t.cuda(), None, [1], *st, rs, ra)
         assert rs.isnan().all() and (ra == -1).all(), fn
@@ -418,11 +411,11 @@ def test_opcheck():
     b = a + 0.1 * torch.randn(6, 10, generator=g)
     t = torch.randint(0, 10, (6,), generator=g)
     op = torch.ops.fasteval.compare_update.default
-    torch.library.opcheck(op, (a, b, t, None, [1, 3], *new_state(2), torch.empty(6, 4),
+    torch.library.opcheck(op, (a, b, t, None, [1, 3], *compare_state(2), torch.empty(6, 4),
                                torch.empty(6, 2, dtype=torch.int64)))
-    torch.library.opcheck(op, (a.bfloat16(), b, None, None, [], *new_state(0), None, None))
+    torch.library.opcheck(op, (a.bfloat16(), b, None, None, [], *compare_state(0), None, None))
     torch.library.opcheck(op, (a[:, :, None].expand(6, 10, 2).contiguous(), b[:, :, None].expand(6, 10, 2).contiguous(),
-                               t[:, None].expand(6, 2).contiguous(), 3, [1], *new_state(1), None, None))
+                               t[:, None].expand(6, 2).contiguous(), 3, [1], *compare_state(1), None, None))
 
 
 def test_torch_compile_matches_eager():

@@ -43,7 +43,7 @@ import fasteval
 from fasteval import _loader, reference
 from fasteval import metrics as fm
 
-from cases import DEVICES, needs_kernel
+from cases import DEVICES, compare_state, needs_kernel
 
 EXAMPLES = int(os.environ.get("FASTEVAL_FUZZ_EXAMPLES", "30"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -933,13 +933,6 @@ def compare_case(draw, specials=LOSS_SPECIALS):
     return a, b, t, ign, top_k
 
 
-def _compare_state(k: int):
-    st_ = torch.zeros(7, 3, dtype=torch.float64)
-    st_[:, 2] = -math.inf
-    return [st_, torch.zeros(8 + k, dtype=torch.int64), torch.zeros(reference.KL_HIST_BINS, dtype=torch.int64),
-            torch.zeros(reference.DP_HIST_BINS, dtype=torch.int64)]
-
-
 @FUZZ
 @given(case=st.one_of(compare_case(), compare_case(specials=SPECIALS)))
 def test_compare_update_op(case):
@@ -947,7 +940,7 @@ def test_compare_update_op(case):
     within float32 error, histograms up to positions at a bin edge) and the argmaxes against torch.argmax."""
     a, b, t, ign, top_k = case
     p = a.shape[0] * (a.shape[2] if a.dim() == 3 else 1)
-    ref = _compare_state(len(top_k))
+    ref = compare_state(len(top_k))
     rs_ref, ra_ref = torch.full((p, 4), 7.0), torch.full((p, 2), 7, dtype=torch.int64)
     reference.compare_update(a, b, t, ign, top_k, *ref, rs_ref, ra_ref)
     rows = lambda x: x.movedim(1, -1).reshape(p, x.shape[1]) if x.dim() == 3 else x  # noqa: E731
@@ -959,7 +952,7 @@ def test_compare_update_op(case):
     assert int(ref[1][1]) == int((counted & (ra_ref[:, 0] == ra_ref[:, 1])).sum()), "reference agreement"
     if not kernel("compare_update"):
         return
-    ker = _compare_state(len(top_k))
+    ker = compare_state(len(top_k))
     rs_ker, ra_ker = torch.full((p, 4), 7.0), torch.full((p, 2), 7, dtype=torch.int64)
     ops.compare_update(a, b, t, ign, top_k, *ker, rs_ker, ra_ker)
     assert_same(ra_ker, ra_ref, "kernel row argmaxes vs reference")
