@@ -644,6 +644,28 @@ def test_bfloat16_gradients_of_both_cpu_routes_agree(n, h, v, grad_dtype, monkey
         torch.testing.assert_close(a.float(), e.float(), rtol=2.0 ** -7, atol=2.0 ** -7 * e.abs().max().item())
 
 
+# On an AVX-512 CPU the gradient matmuls of the default backward are the own float32 kernels: grad_input by each
+# thread on its rows of a chunk, grad_linear_weight over blocks of the hidden states of at most 240 columns and
+# 65536 / that rows (273 at H = 401: 600 rows take three, the later ones added to the first), the last panel of
+# a block read under a mask (H = 17, 401, 1030 leave 17, 161 and 70 columns); the weight's 16-bit dtypes are
+# converted as the chunk is packed. float32 sums of float64 products on the same rounded inputs.
+@pytest.mark.parametrize("n,h,v", [(600, 401, 300), (4100, 17, 130), (70, 1030, 90)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gradient_matmuls_across_their_blocks(n, h, v, dtype, cpu_route):
+    x, w, b, t = make(n, h, v, dtype=dtype, scale=1.0 / h ** 0.5, seed=h)
+    t[::7] = -100
+    args = [a.clone().requires_grad_() for a in (x, w, b)]
+    loss = fasteval.linear_cross_entropy(args[0], args[1], t, linear_bias=args[2], label_smoothing=0.1,
+                                         reduction="sum")
+    got = torch.autograd.grad(loss, args)
+    ref_args = [a.double().requires_grad_() for a in (x, w, b)]
+    want = torch.autograd.grad(composition(*ref_args, t, label_smoothing=0.1, reduction="sum"), ref_args)
+    rtol = 1e-5 if dtype == torch.float32 else 2.0 ** -8  # 16 bits: one rounding of a float32-accurate value
+    for a, e in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=1e-5 * e.abs().max().item())
+
+
 @pytest.mark.parametrize("where", ["grad_input", "grad_weight", "hidden"])
 def test_bfloat16_subnormal_operands_of_the_rounded_gradient_count(where, monkeypatch):
     # VDPBF16PS (the own kernel, and torch's bfloat16 matmul with it) reads a subnormal operand as zero, also where

@@ -3,8 +3,10 @@
 // they are in its cache (linear_ce_cpu.cpp, for_chunk_rows). Two kernels, for x86-64 CPUs with AVX-512:
 //
 // * float32 (namespace f32): products and sums by fused multiply-adds, as a BLAS does them (in another order);
-//   the weights of any dtype are converted to float32 as they are packed. About 180 GFLOPS on two Zen 4 cores
-//   against 140 for torch's matmul on the chunks of (8192, 256, 32000).
+//   the weights of any dtype are converted to float32 as they are packed. About 215 GFLOPS on two Zen 4 cores
+//   (the FMA peak: 234) against 140-165 for torch's matmul on the chunks of (8192, 256, 32000). The backward's
+//   gradient matmuls use it too: grad_input += dL @ W_chunk (W_chunk packed by pack_rows: row copies) and
+//   grad_linear_weight = dL^T @ input (gemm_tn: the columns of dL broadcast, the input read in place).
 // * bfloat16 (namespace bf16), on CPUs with AVX512_BF16: VDPBF16PS (16 float32 lanes, each += a[2j] * b[2j] +
 //   a[2j + 1] * b[2j + 1]) on bfloat16 input and weight, 350-400 GFLOPS there. torch has no public CPU matmul
 //   that multiplies bfloat16 into float32 at the bfloat16 speed: its bfloat16 matmul rounds the logits to
@@ -21,7 +23,9 @@
 // H. Both zero-padded past len. X is read in place (bfloat16: as pairs of one row, the row stride an even number
 // of bfloat16: H rounded up, zero-padded by the caller). A micro-kernel keeps an (MR, kNR) tile of float32 sums
 // in 24 zmm registers: per k (bfloat16: per pair of k), kNR / 16 panel loads, MR broadcasts of the row's
-// element (pair), MR * kNR / 16 multiply-adds.
+// element (pair), MR * kNR / 16 multiply-adds. A panel of at most 16 or 32 columns (the last of a chunk or of
+// the gradient's H columns) takes a micro-kernel of one or two vectors (detail::by_panel_width): 256 columns,
+// five panels and 16 columns, take the multiply-adds of 256 columns, not of 288.
 #pragma once
 
 #include <algorithm>
@@ -48,7 +52,6 @@ namespace own {
 
 constexpr int kNR = 48;  // panel width: 3 zmm of float32 sums per row
 constexpr int kMR = 8;   // rows per micro-kernel tile
-constexpr int kNV = kNR / 16;
 
 // Whether the own kernels may run: compiled for x86-64, the CPU has AVX-512 (and the OS saves its state:
 // __builtin_cpu_supports checks both), and FASTEVAL_LCE_OWN_MATMUL is not "0" (read at each call, so that
@@ -77,13 +80,13 @@ inline bool bf16_available() {
 #if FASTEVAL_OWN_MATMUL
 namespace detail {
 
-// The bias of the tile's columns (masked past ncols) and the masked stores of its MR x kNR sums (ACC: added to
-// the tile's values in c, bias null).
-template <int MR, bool ACC = false>
-FASTEVAL_F32_TARGET inline void store_tile(__m512 (&acc)[MR][kNV], const float* bias, float* c, int64_t ldc,
+// The bias of the tile's columns (masked past ncols) and the masked stores of its MR x (16 NV) sums (ACC: added
+// to the tile's values in c, bias null).
+template <int MR, int NV, bool ACC = false>
+FASTEVAL_F32_TARGET inline void store_tile(__m512 (&acc)[MR][NV], const float* bias, float* c, int64_t ldc,
                                            int ncols) {
 #pragma GCC unroll 3
-  for (int j = 0; j < kNV; ++j) {
+  for (int j = 0; j < NV; ++j) {
     const int n = std::min(16, std::max(0, ncols - j * 16));
     if (n == 0) break;
     const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
@@ -171,6 +174,20 @@ inline void rows_by_tiles(int64_t r0, int64_t r1, const Tile& tile) {
   }
 }
 
+// The panel [p0, p0 + ncols) of a chunk with the micro-kernel of as many 16-column vectors as it needs:
+// micro(NV) for NV = ceil(ncols / 16) (a std::integral_constant), so that the last panel of a chunk whose width is
+// not a multiple of kNR (256 columns: five panels and 16 columns) does not multiply zeros.
+template <class Micro>
+inline void by_panel_width(int ncols, const Micro& micro) {
+  if (ncols > 32) {
+    micro(std::integral_constant<int, 3>());
+  } else if (ncols > 16) {
+    micro(std::integral_constant<int, 2>());
+  } else {
+    micro(std::integral_constant<int, 1>());
+  }
+}
+
 }  // namespace detail
 #endif
 
@@ -203,38 +220,86 @@ FASTEVAL_F32_TARGET void pack(const T* w, int64_t len, int64_t H, float* out, in
   }
 }
 
-// c[r][0:ncols] = sum_k a_r[k] b[k][0:ncols] (+ bias) for the MR rows a_r = a + r * lda.
-template <int MR>
-FASTEVAL_F32_TARGET void micro(const float* a, int64_t lda, const float* b, int64_t H, const float* bias, float* c,
-                               int64_t ldc, int ncols) {
-  __m512 acc[MR][kNV];
+// c[r][0:ncols] = sum_k a_r[k] b[k][0:ncols] (+ bias) for the MR rows a_r, ncols <= 16 NV, k < K: a_r[k] = a[r * lda
+// + k] (TA: a[k * lda + r], the columns of a row-major a), b[k] = b + k * ldb (MASKB: only its ncols elements are
+// read; otherwise 16 NV, the packed panels' zero padding). ACC: c[r] += the sums (bias null).
+template <int MR, int NV, bool ACC = false, bool TA = false, bool MASKB = false>
+FASTEVAL_F32_TARGET void micro(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t K, const float* bias,
+                               float* c, int64_t ldc, int ncols) {
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 3
-    for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < H; ++k) {
-    __m512 bv[kNV];
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int tail = ncols - 16 * (NV - 1);
+  const __mmask16 last = static_cast<__mmask16>(tail >= 16 ? 0xffffu : (1u << tail) - 1u);
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 bv[NV];
 #pragma GCC unroll 3
-    for (int j = 0; j < kNV; ++j) bv[j] = _mm512_loadu_ps(b + k * kNR + j * 16);
+    for (int j = 0; j < NV; ++j) {
+      bv[j] = MASKB && j == NV - 1 ? _mm512_maskz_loadu_ps(last, b + k * ldb + j * 16)
+                                   : _mm512_loadu_ps(b + k * ldb + j * 16);
+    }
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 av = _mm512_set1_ps(TA ? a[k * lda + r] : a[r * lda + k]);
 #pragma GCC unroll 3
-      for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
     }
   }
-  detail::store_tile<MR>(acc, bias, c, ldc, ncols);
+  detail::store_tile<MR, NV, ACC>(acc, bias, c, ldc, ncols);
 }
 
-// c[i - r0][0:len] = x[i] @ W_chunk^T (+ bias) for rows i in [r0, r1): x rows of ldx floats, packed =
-// pack(W_chunk), c with row stride ldc.
+// c[i - r0][0:len] = x[i] @ W_chunk^T (+ bias) for rows i in [r0, r1) (ACC: c[i - r0][0:len] += x[i] @ W_chunk^T,
+// bias null): x rows of ldx floats, packed = pack(W_chunk) or pack_rows, c with row stride ldc.
+template <bool ACC = false>
 inline void gemm_rows(const float* x, int64_t ldx, int64_t H, const float* packed, int64_t len, const float* bias,
                       int64_t r0, int64_t r1, float* c, int64_t ldc) {
   detail::rows_by_tiles(r0, r1, [&](auto mr, int64_t i) {
     constexpr int MR = decltype(mr)::value;
     for (int64_t p0 = 0; p0 < len; p0 += kNR) {
-      micro<MR>(x + i * ldx, ldx, packed + p0 * H, H, bias ? bias + p0 : nullptr, c + (i - r0) * ldc + p0, ldc,
-                static_cast<int>(std::min<int64_t>(kNR, len - p0)));
+      const int ncols = static_cast<int>(std::min<int64_t>(kNR, len - p0));
+      detail::by_panel_width(ncols, [&](auto nv) {
+        micro<MR, decltype(nv)::value, ACC>(x + i * ldx, ldx, packed + p0 * H, kNR, H, bias ? bias + p0 : nullptr,
+                                            c + (i - r0) * ldc + p0, ldc, ncols);
+      });
+    }
+  });
+}
+
+// Packs the panels [p0, p1) of the (K, n) row-major matrix w (row stride n, elements of T) as gemm_rows' weights
+// with K = K and n columns: panel p holds w[k][p kNR : p kNR + kNR] for each k, zero past n. The backward's
+// W_chunk (len, H) packs this way for grad_input += dL @ W_chunk: row copies, no transpose.
+template <typename T>
+FASTEVAL_F32_TARGET void pack_rows(const T* w, int64_t K, int64_t n, float* out, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    float* o = out + p * kNR * K;
+    for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 3
+      for (int j = 0; j < kNR; j += 16) {
+        const int64_t col = p * kNR + j;
+        const int m = static_cast<int>(std::min<int64_t>(16, n - col));
+        const __m512i v = m > 0 ? detail::load16_as_f32(w + k * n + col, m) : _mm512_setzero_si512();
+        _mm512_storeu_si512(o + k * kNR + j, v);
+      }
+    }
+  }
+}
+
+// c[r - r0][0:n] = sum_{k < K} a[k][r] b[k][0:n] (ACC: +=) for the columns r in [r0, r1) of the row-major a (row
+// stride lda) and the row-major b (row stride ldb, n columns read): a^T b without packing, e.g. the backward's
+// grad_linear_weight[chunk] = dL^T @ input over a block of K rows, with c of row stride ldc.
+template <bool ACC>
+inline void gemm_tn(const float* a, int64_t lda, int64_t r0, int64_t r1, const float* b, int64_t ldb, int64_t n,
+                    int64_t K, float* c, int64_t ldc) {
+  detail::rows_by_tiles(r0, r1, [&](auto mr, int64_t i) {
+    constexpr int MR = decltype(mr)::value;
+    for (int64_t p0 = 0; p0 < n; p0 += kNR) {
+      const int ncols = static_cast<int>(std::min<int64_t>(kNR, n - p0));
+      detail::by_panel_width(ncols, [&](auto nv) {
+        micro<MR, decltype(nv)::value, ACC, true, true>(a + i, lda, b + p0, ldb, K, nullptr, c + (i - r0) * ldc + p0,
+                                                        ldc, ncols);
+      });
     }
   });
 }
@@ -243,8 +308,14 @@ inline void gemm_rows(const float* x, int64_t ldx, int64_t H, const float* packe
 
 template <typename T>
 inline void pack(const T*, int64_t, int64_t, float*, int64_t, int64_t) {}
+template <bool ACC = false>
 inline void gemm_rows(const float*, int64_t, int64_t, const float*, int64_t, const float*, int64_t, int64_t, float*,
                       int64_t) {}
+template <typename T>
+inline void pack_rows(const T*, int64_t, int64_t, float*, int64_t, int64_t) {}
+template <bool ACC>
+inline void gemm_tn(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*,
+                    int64_t) {}
 
 #endif
 
@@ -324,27 +395,28 @@ inline uint32_t load_pair(const uint16_t* p) {
   return v;
 }
 
-// c[r][0:ncols] = sum_k a_r[k] b[k][0:ncols] (+ bias) for the MR rows a_r = a + r * lda (ACC: c[r] += the sums).
-template <int MR, bool ACC = false>
+// c[r][0:ncols] = sum_k a_r[k] b[k][0:ncols] (+ bias) for the MR rows a_r = a + r * lda (ACC: c[r] += the sums),
+// ncols <= 16 NV.
+template <int MR, int NV, bool ACC = false>
 FASTEVAL_BF16_TARGET void micro(const uint16_t* a, int64_t lda, const uint16_t* b, int64_t KP, const float* bias,
                                 float* c, int64_t ldc, int ncols) {
-  __m512 acc[MR][kNV];
+  __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 3
-    for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < KP; ++k) {
-    __m512bh bv[kNV];
+    __m512bh bv[NV];
 #pragma GCC unroll 3
-    for (int j = 0; j < kNV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + (k * kNR + j * 16) * 2);
+    for (int j = 0; j < NV; ++j) bv[j] = (__m512bh)_mm512_loadu_si512(b + (k * kNR + j * 16) * 2);
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
       const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(a + r * lda + 2 * k)));
 #pragma GCC unroll 3
-      for (int j = 0; j < kNV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, bv[j]);
     }
   }
-  detail::store_tile<MR, ACC>(acc, bias, c, ldc, ncols);
+  detail::store_tile<MR, NV, ACC>(acc, bias, c, ldc, ncols);
 }
 
 // c[i - r0][0:len] = x[i] @ W_chunk^T (+ bias) for rows i in [r0, r1) (ACC: c[i - r0][0:len] += x[i] @
@@ -357,8 +429,11 @@ inline void gemm_rows(const uint16_t* x, int64_t ldx, int64_t H, const uint16_t*
   detail::rows_by_tiles(r0, r1, [&](auto mr, int64_t i) {
     constexpr int MR = decltype(mr)::value;
     for (int64_t p0 = 0; p0 < len; p0 += kNR) {
-      micro<MR, ACC>(x + i * ldx, ldx, packed + p0 * KP * 2, KP, bias ? bias + p0 : nullptr, c + (i - r0) * ldc + p0,
-                     ldc, static_cast<int>(std::min<int64_t>(kNR, len - p0)));
+      const int ncols = static_cast<int>(std::min<int64_t>(kNR, len - p0));
+      detail::by_panel_width(ncols, [&](auto nv) {
+        micro<MR, decltype(nv)::value, ACC>(x + i * ldx, ldx, packed + p0 * KP * 2, KP, bias ? bias + p0 : nullptr,
+                                            c + (i - r0) * ldc + p0, ldc, ncols);
+      });
     }
   });
 }

@@ -28,12 +28,14 @@
 // Backward recomputes each chunk's logits (on the same route), turns them in place into the gradient of the
 // loss with respect to them (exact: nothing is filtered), and adds its contributions to the three gradients
 // with float32 matmuls: grad_input += dL @ W_chunk, grad_linear_weight[chunk] = dL^T @ input,
-// grad_linear_bias[chunk] = sum dL. (A bfloat16 product of dL would need dL as two bfloat16 terms, hi + lo,
-// to stay float32-accurate: as many multiply instructions as the float32 matmul, no faster.) With round_grad
-// dL is rounded to the input's dtype first, as eager torch's backward has it; for bfloat16 on an AVX512_BF16
-// CPU the gradient matmuls then multiply bfloat16: grad_input by the own kernel (each thread adds its rows'
-// dL @ W_chunk as soon as the row pass has rounded them), grad_linear_weight by torch's bfloat16 matmul (float32
-// sums, rounded once).
+// grad_linear_bias[chunk] = sum dL. On an AVX-512 CPU the first two are the own float32 kernels (grad_input by
+// each thread on its rows as soon as the row pass has turned them into dL, grad_linear_weight over blocks of
+// the input after the pass), elsewhere torch's. (A bfloat16 product of dL would need dL as two bfloat16 terms,
+// hi + lo, to stay float32-accurate: as many multiply instructions as the float32 matmul, no faster.) With
+// round_grad dL is rounded to the input's dtype first, as eager torch's backward has it; for bfloat16 on an
+// AVX512_BF16 CPU the gradient matmuls then multiply bfloat16: grad_input by the own kernel (each thread adds its
+// rows' dL @ W_chunk as soon as the row pass has rounded them), grad_linear_weight by torch's bfloat16 matmul
+// (float32 sums, rounded once).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -554,6 +556,29 @@ std::vector<RowAcc> forward_pass(const Prepared& p, const TargetLogits& tl, cons
   return acc;
 }
 
+// out (len, H) = d^T @ x for d (N, len) and x (N, H), row-major, float32 (own::f32::gemm_tn): the threads split
+// the len rows of out; each multiplies its rows by blocks of x of about 256 KiB (kb rows of at most 240 columns)
+// that stay in its L2 cache, its (kb, 8) slices of d in L1 meanwhile.
+void grad_weight_chunk(const float* d, int64_t N, int64_t len, const float* x, int64_t H, float* out) {
+  const int64_t hb = H <= 384 ? H : 5 * linear_ce::own::kNR;
+  const int64_t kb = std::clamp<int64_t>((int64_t(64) << 10) / std::max<int64_t>(hb, 1), 64, 1024);
+  at::parallel_for(0, len, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t h0 = 0; h0 < H; h0 += hb) {
+      const int64_t hn = std::min(hb, H - h0);
+      for (int64_t k0 = 0; k0 < N; k0 += kb) {
+        const int64_t kn = std::min(kb, N - k0);
+        if (k0 == 0) {
+          linear_ce::own::f32::gemm_tn<false>(d + k0 * len, len, c0, c1, x + k0 * H + h0, H, hn, kn,
+                                              out + c0 * H + h0, H);
+        } else {
+          linear_ce::own::f32::gemm_tn<true>(d + k0 * len, len, c0, c1, x + k0 * H + h0, H, hn, kn,
+                                             out + c0 * H + h0, H);
+        }
+      }
+    }
+  });
+}
+
 inline double weight_total(const float* w, int64_t V) {
   if (!w) return static_cast<double>(V);
   double s = 0;
@@ -672,6 +697,13 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   if (wide > vc) vc = linear_ce::chunk_columns(N, V, 4 * std::max<int64_t>(N, 1) * wide);
   // The packed W_chunk^T (H x vc bfloat16) stays within kPackBytes (it is shared by all threads, in the cache).
   if (own16) vc = std::min(vc, std::max<int64_t>(64, kPackBytes / (2 * std::max<int64_t>(H, 1)) / 64 * 64));
+  // Elsewhere on an AVX-512 CPU the gradient matmuls are the own float32 kernels: grad_x += dL @ W_chunk by each
+  // thread on its rows as the row pass hands them over (W_chunk packed once per chunk, row copies, within
+  // 2 kPackBytes: read from the last-level cache), grad_linear_weight[chunk] = dL^T @ input after the pass, the
+  // threads splitting the chunk's columns, over blocks of the input that stay in their L2 cache.
+  const bool own32 = p.own && !own16;
+  const int64_t h48 = linear_ce::own::f32::packed_size(H, 1);  // H rounded up to whole panels
+  if (own32) vc = std::min(vc, std::max<int64_t>(64, 2 * kPackBytes / (4 * std::max<int64_t>(h48, 1)) / 64 * 64));
   const at::Tensor ws = at::empty({N * vc}, f32);
   const int64_t ldd = vc + (vc & 1);
   const at::Tensor db = own16 ? at::zeros({N * ldd}, a.input.options()) : at::Tensor();
@@ -679,6 +711,8 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
   float* gxp = grad_x.data_ptr<float>();
   Packed packed;
   std::vector<uint16_t> wt_packed;
+  std::vector<float> wr_packed(own32 ? static_cast<size_t>(h48 * vc) : 0);
+  const at::Tensor gw32 = own32 && !w32 ? at::empty({vc, H}, f32) : at::Tensor();  // a chunk's float32 grad_w
   std::vector<uint8_t> sub_rows(own16 ? static_cast<size_t>(N) : 0);  // a chunk's rows whose dL has a subnormal
   for (int64_t v0 = 0; v0 < V; v0 += vc) {
     const int64_t len = std::min(vc, V - v0);
@@ -697,8 +731,17 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
         return linear_ce::own::bf16::pack(wtp, H, len, wt_packed.data(), q0, q1);
       });
     }
+    if (own32) {
+      FASTEVAL_DISPATCH_LOGITS_TYPES(p.w.scalar_type(), "linear_ce_pack_rows", [&] {
+        const scalar_t* wr = p.w.const_data_ptr<scalar_t>() + v0 * H;
+        pack_in_parallel((H + linear_ce::own::kNR - 1) / linear_ce::own::kNR, 1, [&](int64_t q0, int64_t q1) {
+          linear_ce::own::f32::pack_rows(wr, len, H, wr_packed.data(), q0, q1);
+          return true;
+        });
+      });
+    }
     uint16_t* dbp = own16 ? reinterpret_cast<uint16_t*>(db.data_ptr<at::BFloat16>()) : nullptr;
-    const at::Tensor wc = own16 ? at::Tensor() : weight_chunk(p.w, v0, len);
+    const at::Tensor wc = own16 || own32 ? at::Tensor() : weight_chunk(p.w, v0, len);
     for_chunk_rows(p, v0, len, ws, packed, wc, [&](int64_t r0, int64_t r1, float* rows) {
       for (int64_t i = r0; i < r1; ++i) {
         float* row = rows + (i - r0) * len;
@@ -743,8 +786,20 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
         linear_ce::own::bf16::gemm_rows<true>(dbp, ld, len, wt_packed.data(), H, nullptr, r0, r1,
                                               gxp + r0 * H, H);
       }
+      if (own32) {
+        linear_ce::own::f32::gemm_rows<true>(rows, len, len, wr_packed.data(), H, nullptr, 0, r1 - r0, gxp + r0 * H,
+                                             H);
+      }
     });
+    at::Tensor gb = grad_b.narrow(0, v0, len);
+    at::sum_out(gb, d, {0});
     at::Tensor gw = grad_w.narrow(0, v0, len);
+    if (own32) {
+      grad_weight_chunk(d.data_ptr<float>(), N, len, p.x.const_data_ptr<float>(), H,
+                        w32 ? gw.data_ptr<float>() : gw32.data_ptr<float>());
+      if (!w32) gw.copy_(gw32.narrow(0, 0, len));
+      continue;
+    }
     const bool sub_chunk = own16 && std::find(sub_rows.begin(), sub_rows.end(), uint8_t(1)) != sub_rows.end();
     if (own16 && !sub_chunk) {
       const at::Tensor dbc = db.narrow(0, 0, N * ld).view({N, ld}).narrow(1, 0, len);
@@ -771,8 +826,6 @@ Tensor3 Kernels<at::kCPU>::backward(const BackwardArgs& a) {
         gw.copy_(at::mm(d.t(), p.x));
       }
     }
-    at::Tensor gb = grad_b.narrow(0, v0, len);
-    at::sum_out(gb, d, {0});
   }
   return {grad_x.to(a.input.scalar_type()), grad_w, grad_b.to(a.input.scalar_type())};
 }
