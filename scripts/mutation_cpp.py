@@ -43,12 +43,15 @@ CE_TESTS = ["tests/test_cross_entropy.py", "tests/test_cross_entropy_autograd.py
 EVAL_TESTS = ["tests/test_evaluator.py", "tests/test_eval_paths.py", "tests/test_fuzz.py", "tests/test_edge_states.py",
               "tests/test_evaluate.py", "tests/test_exactness.py", "tests/test_masked_logits.py"]
 COMPARE_TESTS = ["tests/test_compare.py", "tests/test_fuzz.py"]
+LCE_TESTS = ["tests/test_linear_cross_entropy.py", "tests/test_fuzz.py"]
 
 CF = "csrc/confusion/confusion_cpu.cpp"
 HI = "csrc/common/histogram_cpu.h"
 CE = "csrc/cross_entropy/cross_entropy_cpu.cpp"
 EV = "csrc/evaluator/eval_update_cpu.cpp"
 CM = "csrc/compare/compare_common.h"
+LC = "csrc/linear_ce/linear_ce_cpu.cpp"
+MM = "csrc/linear_ce/chunk_matmul_cpu.h"
 
 _ML_ROW = ("    for (int64_t i = b; i < e; ++i, l = (l + 1 == L ? 0 : l + 1)) {\n"
            "      const int64_t t = static_cast<int64_t>(tp[i]);\n      if (has_ign && t == ign) continue;\n"
@@ -112,6 +115,15 @@ MUTANTS: Dict[str, Tuple[str, str, str, List[str]]] = {
                   COMPARE_TESTS),
     "cm-residuals": ("csrc/compare/compare_cpu.cpp", "const fVec t = fVec::blendv((s - vDh) + ((e - vDe) - vDr), zero, either);",
                      "const fVec t = fVec::blendv((s - vDh) + (e - (vDr + vDe)), zero, either);", COMPARE_TESTS),
+    "lce-gw-block-overwrites": (LC, "linear_ce::own::f32::gemm_tn<true>(", "linear_ce::own::f32::gemm_tn<false>(",
+                                LCE_TESTS),
+    "lce-gx-overwrites": (LC, "linear_ce::own::f32::gemm_rows<true>(rows,", "linear_ce::own::f32::gemm_rows<false>(rows,",
+                          LCE_TESTS),
+    "mm-ta-untransposed": (MM, "_mm512_set1_ps(TA ? a[k * lda + r] : a[r * lda + k]);", "_mm512_set1_ps(a[r * lda + k]);",
+                           LCE_TESTS),
+    "mm-tail-mask": (MM, "tail >= 16 ? 0xffffu : (1u << tail) - 1u", "tail >= 16 ? 0xffffu : (1u << (tail - 1)) - 1u",
+                     LCE_TESTS),
+    "mm-panel-width": (MM, "} else if (ncols > 16) {", "} else if (ncols > 17) {", LCE_TESTS),
 }
 
 EQUIVALENT = {
