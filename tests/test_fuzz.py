@@ -867,17 +867,23 @@ def _eval_update_case(case, opts):
     ker, ref2 = _state(c, len(top_k), bins, counts_only, init), _state(c, len(top_k), bins, counts_only, init)
     ops.eval_update(lg, tg, b, ign, ls, top_k, counts_only, *ker)
     reference.eval_update(lg, tg, b, ign, ls, top_k, counts_only, *ref2)
-    names = ("loss_sum", "confmat", "topk_hits", "calib_count", "calib_conf", "calib_correct", "count")
     xr, tr = _rows(lg, tg)
-    edge = _rows_at_bin_edges(xr[tr.long() != ign], b)
-    for name, a, r in zip(names, ker, ref2):
+    assert_eval_states(ker, ref2, _rows_at_bin_edges(xr[tr.long() != ign], b), row_spread(xr).sum(), tg.numel())
+
+
+def assert_eval_states(ker, ref, edge: int, loss_spread, rows: int) -> None:
+    """The kernel's evaluator state against the reference's after the same update (both from the same initial
+    state, whose sums add up to 50 at most): the loss sum within float32 error of the rows' spread, counts exact
+    but for the edge rows, whose confidence is within float32 rounding of a calibration bin edge."""
+    names = ("loss_sum", "confmat", "topk_hits", "calib_count", "calib_conf", "calib_correct", "count")
+    for name, a, r in zip(names, ker, ref):
         if name == "loss_sum":
-            assert_loss_close(a, r, row_spread(xr).sum() + 50, f"kernel {name} vs reference")  # + the initial state
+            assert_loss_close(a, r, loss_spread + 50, f"kernel {name} vs reference")
         elif name == "calib_conf" and edge:  # edge rows move their confidence (<= 1 each) between bins
-            assert_loss_close(a.sum(), r.sum(), max(1, tg.numel()) + 50, f"kernel {name} total vs reference")
+            assert_loss_close(a.sum(), r.sum(), max(1, rows) + 50, f"kernel {name} total vs reference")
             assert float((a - r).abs().max()) <= edge * (1 + 1e-6), f"kernel {name} vs reference: {a} vs {r}"
         elif name == "calib_conf":
-            assert_loss_close(a, r, max(1, tg.numel()) + 50, f"kernel {name} vs reference")
+            assert_loss_close(a, r, max(1, rows) + 50, f"kernel {name} vs reference")
         elif name in ("calib_count", "calib_correct") and edge:
             # A confidence within float32 rounding of a bin edge may fall on either side of it (the order of
             # the float32 sum decides): counts agree in total and per bin up to those rows.
@@ -1112,17 +1118,24 @@ def test_linear_ops(case, reduction, gseed):
             gk = ops.linear_cross_entropy_backward(gl, x, w, b, t, cw, got[1], got[2], ign, eps, reduction)
             gr = reference.linear_cross_entropy_backward(gl, x, w, b, t, cw, ref[1], ref[2], ign, eps, reduction)
             # Where the gradient cancels to about 0 (V = 1: a logit that cannot change the loss) the float32
-            # rounding of the terms that cancel stays: about 2^-24 of sum_i |g_i| (w_t + w_max), scaled as each
-            # gradient is (by |W| for the input's, |x| for the weight's, divided by the mean's total weight).
-            g_terms = float(gl.double().abs().sum()) * 2 * (float(cw.max()) if cw is not None and v else 1.0)
+            # rounding of the terms that cancel stays: about 2^-24 of |g_i| (w_t + w_max) in each row (g_i = the
+            # one grad_loss of a sum or mean, divided by the mean's total weight), summed over the counted rows in
+            # the weight's and the bias's gradients, scaled as each gradient is (by |W| for the input's, |x| for
+            # the weight's).
+            counted = int(((t.long() != ign) & (t.long() >= 0) & (t.long() < v)).sum()) if n else 0
+            g_abs = gl.double().abs()
+            g_row = float(g_abs.max()) if g_abs.numel() else 0.0
+            g_sum = float(g_abs.sum()) if reduction == 0 else float(g_abs) * counted
+            scale = 2 * (float(cw.max()) if cw is not None and v else 1.0)
             if reduction == 1:
-                g_terms /= max(float(ref[2]), 1e-30)
-            mags = {"input": float(w.double().abs().max()) if w.numel() else 0.0,
-                    "weight": float(x.double().abs().nan_to_num(0.0, 0.0, 0.0).max()) if x.numel() else 0.0,
-                    "bias": 1.0}
+                scale /= max(float(ref[2]), 1e-30)
+            cancel = {"input": g_row * scale * (float(w.double().abs().max()) if w.numel() else 0.0),
+                      "weight": g_sum * scale * (float(x.double().abs().nan_to_num(0.0, 0.0, 0.0).max())
+                                                 if x.numel() else 0.0),
+                      "bias": g_sum * scale}
             for name, a, e in zip(("input", "weight", "bias"), gk, gr):
                 tol = 1e-4 if x.dtype == torch.float32 else 1.6e-2
-                atol = tol * (float(e.double().abs().max()) if e.numel() else 0.0) + 1e-6 + 2.0**-20 * g_terms * mags[name]
+                atol = tol * (float(e.double().abs().max()) if e.numel() else 0.0) + 1e-6 + 2.0**-20 * cancel[name]
                 torch.testing.assert_close(a.double(), e.double(), rtol=tol, atol=atol,
                                            msg=f"kernel grad_{name} vs reference")
     if v == 0 or not kernel("linear_eval_update"):
@@ -1133,14 +1146,9 @@ def test_linear_ops(case, reduction, gseed):
     tt = t if ev_ign is not None else torch.where(t == -100, torch.zeros_like(t), t)
     ops.linear_eval_update(x, w, b, tt, bnd, ev_ign, eps, [1, 5], v > 64, *ker)
     reference.linear_eval_update(x, w, b, tt, bnd, ev_ign, eps, [1, 5], v > 64, *rf)
-    names = ("loss_sum", "confmat", "topk_hits", "calib_count", "calib_conf", "calib_correct", "count")
-    for name, a, e in zip(names, ker, rf):
-        if name == "loss_sum":
-            assert_loss_close(a, e, (row_spread(logits64).sum() if n else 0.0) + 50, f"kernel {name} vs reference")
-        elif name == "calib_conf":
-            assert_loss_close(a, e, max(1, n) + 50, f"kernel {name} vs reference")
-        else:
-            assert_same(a, e, f"kernel {name} vs reference")
+    counted = tt.long() != ev_ign if ev_ign is not None else torch.ones(n, dtype=torch.bool)
+    edge = _rows_at_bin_edges(logits64[counted], bnd)
+    assert_eval_states(ker, rf, edge, row_spread(logits64).sum() if n else 0.0, n)
 
 
 # ---------------------------------------------------------------------------------------------------
