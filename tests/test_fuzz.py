@@ -1122,10 +1122,10 @@ def test_linear_ops(case, reduction, gseed):
             # one grad_loss of a sum or mean, divided by the mean's total weight), summed over the counted rows in
             # the weight's and the bias's gradients, scaled as each gradient is (by |W| for the input's, |x| for
             # the weight's).
-            counted = int(((t.long() != ign) & (t.long() >= 0) & (t.long() < v)).sum()) if n else 0
+            n_counted = int(((t.long() != ign) & (t.long() >= 0) & (t.long() < v)).sum()) if n else 0
             g_abs = gl.double().abs()
             g_row = float(g_abs.max()) if g_abs.numel() else 0.0
-            g_sum = float(g_abs.sum()) if reduction == 0 else float(g_abs) * counted
+            g_sum = float(g_abs.sum()) if reduction == 0 else float(g_abs) * n_counted
             scale = 2 * (float(cw.max()) if cw is not None and v else 1.0)
             if reduction == 1:
                 scale /= max(float(ref[2]), 1e-30)
@@ -1146,8 +1146,8 @@ def test_linear_ops(case, reduction, gseed):
     tt = t if ev_ign is not None else torch.where(t == -100, torch.zeros_like(t), t)
     ops.linear_eval_update(x, w, b, tt, bnd, ev_ign, eps, [1, 5], v > 64, *ker)
     reference.linear_eval_update(x, w, b, tt, bnd, ev_ign, eps, [1, 5], v > 64, *rf)
-    counted = tt.long() != ev_ign if ev_ign is not None else torch.ones(n, dtype=torch.bool)
-    edge = _rows_at_bin_edges(logits64[counted], bnd)
+    ev_rows = tt.long() != ev_ign if ev_ign is not None else torch.ones(n, dtype=torch.bool)
+    edge = _rows_at_bin_edges(logits64[ev_rows], bnd)
     assert_eval_states(ker, rf, edge, row_spread(logits64).sum() if n else 0.0, n)
 
 

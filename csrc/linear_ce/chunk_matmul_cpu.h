@@ -286,19 +286,23 @@ FASTEVAL_F32_TARGET void pack_rows(const T* w, int64_t K, int64_t n, float* out,
   }
 }
 
-// c[r - r0][0:n] = sum_{k < K} a[k][r] b[k][0:n] (ACC: +=) for the columns r in [r0, r1) of the row-major a (row
+// c[r - r0][0:n] = sum_{k < K} a[k][r] b[k][0:n] (acc: +=) for the columns r in [r0, r1) of the row-major a (row
 // stride lda) and the row-major b (row stride ldb, n columns read): a^T b without packing, e.g. the backward's
 // grad_linear_weight[chunk] = dL^T @ input over a block of K rows, with c of row stride ldc.
-template <bool ACC>
 inline void gemm_tn(const float* a, int64_t lda, int64_t r0, int64_t r1, const float* b, int64_t ldb, int64_t n,
-                    int64_t K, float* c, int64_t ldc) {
+                    int64_t K, bool acc, float* c, int64_t ldc) {
   detail::rows_by_tiles(r0, r1, [&](auto mr, int64_t i) {
     constexpr int MR = decltype(mr)::value;
     for (int64_t p0 = 0; p0 < n; p0 += kNR) {
       const int ncols = static_cast<int>(std::min<int64_t>(kNR, n - p0));
+      float* ct = c + (i - r0) * ldc + p0;
       detail::by_panel_width(ncols, [&](auto nv) {
-        micro<MR, decltype(nv)::value, ACC, true, true>(a + i, lda, b + p0, ldb, K, nullptr, c + (i - r0) * ldc + p0,
-                                                        ldc, ncols);
+        constexpr int NV = decltype(nv)::value;
+        if (acc) {
+          micro<MR, NV, true, true, true>(a + i, lda, b + p0, ldb, K, nullptr, ct, ldc, ncols);
+        } else {
+          micro<MR, NV, false, true, true>(a + i, lda, b + p0, ldb, K, nullptr, ct, ldc, ncols);
+        }
       });
     }
   });
@@ -313,8 +317,7 @@ inline void gemm_rows(const float*, int64_t, int64_t, const float*, int64_t, con
                       int64_t) {}
 template <typename T>
 inline void pack_rows(const T*, int64_t, int64_t, float*, int64_t, int64_t) {}
-template <bool ACC>
-inline void gemm_tn(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*,
+inline void gemm_tn(const float*, int64_t, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, bool, float*,
                     int64_t) {}
 
 #endif

@@ -567,13 +567,8 @@ void grad_weight_chunk(const float* d, int64_t N, int64_t len, const float* x, i
       const int64_t hn = std::min(hb, H - h0);
       for (int64_t k0 = 0; k0 < N; k0 += kb) {
         const int64_t kn = std::min(kb, N - k0);
-        if (k0 == 0) {
-          linear_ce::own::f32::gemm_tn<false>(d + k0 * len, len, c0, c1, x + k0 * H + h0, H, hn, kn,
-                                              out + c0 * H + h0, H);
-        } else {
-          linear_ce::own::f32::gemm_tn<true>(d + k0 * len, len, c0, c1, x + k0 * H + h0, H, hn, kn,
-                                             out + c0 * H + h0, H);
-        }
+        linear_ce::own::f32::gemm_tn(d + k0 * len, len, c0, c1, x + k0 * H + h0, H, hn, kn, /*acc=*/k0 > 0,
+                                     out + c0 * H + h0, H);
       }
     }
   });
